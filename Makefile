@@ -1,0 +1,40 @@
+# densediff: `make demo` trains and evaluates the embedded default; `make test` runs the test suite.
+# Both create .venv and install what they need on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN ?= outputs/quickstart/demo-$(shell date +%Y-%m-%d_%H-%M-%S)
+
+.PHONY: help install demo test test-all bench clean-outputs
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: the CPU build lies on the project's machines; a plain `torch` may pull a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv with densediff and its test tools
+
+demo: $(STAMP)  ## E2E fine-tune the tiny backbone for depth on procedural scenes, then evaluate it
+	$(PY) evaluate.py backbone=tiny dataset=procedural hydra.run.dir=$(RUN)/untrained
+	$(PY) train.py experiment=quickstart hydra.run.dir=$(RUN)
+	$(PY) evaluate.py ckpt=$(RUN)/checkpoints/last.ckpt dataset=procedural hydra.run.dir=$(RUN)/evaluate
+	$(PY) -m densediff.compare $(RUN)/untrained $(RUN)/evaluate
+
+test: $(STAMP)  ## the test suite (what CI runs)
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: $(STAMP)  ## every test, including the slow demo-length training
+	$(PY) -m pytest -q
+
+bench: $(STAMP)  ## benchmarks, JSON in benchmarks/results/
+	@mkdir -p benchmarks/results
+	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+clean-outputs:  ## remove outputs/ (runs, checkpoints)
+	rm -rf outputs multirun

@@ -1,0 +1,137 @@
+"""Load a diffusers-format backbone (Marigold, E2E-FT, SD 1.5/2, the tiny one) from a local folder or a hub id.
+
+Everything goes through diffusers'/transformers' own `from_pretrained` (safetensors first, no remote code), so a
+folder that loads here also loads in diffusers, and vice versa.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+# What a folder must hold for this loader; shown in the error message when something is missing.
+REQUIRED_SUBFOLDERS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class BackboneNotFoundError(FileNotFoundError):
+    """The backbone path is neither a complete local diffusers folder nor a reachable hub model."""
+
+
+@dataclass
+class Backbone:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler: DDIMScheduler
+    empty_text_embedding: torch.Tensor  # [1, tokens, dim]: the unpadded "" prompt (DESIGN.md conventions)
+    path: str
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def _missing_message(path: str, what: str) -> str:
+    return (
+        f"backbone {what}: {path}\n"
+        f"  A backbone is a diffusers-format folder with the subfolders {', '.join(REQUIRED_SUBFOLDERS)} "
+        "(for example a local copy of prs-eth/marigold-depth-v1-0 made with "
+        "`huggingface-cli download prs-eth/marigold-depth-v1-0 --local-dir <dir>`).\n"
+        "  Set backbone.path=<that folder>, or use backbone=tiny to run without downloads."
+    )
+
+
+def resolve_backbone_path(path: str | os.PathLike) -> str:
+    """Return a local folder or a hub id, or raise BackboneNotFoundError naming what is missing."""
+    path = str(path)
+    local = Path(path).expanduser()
+    if local.is_dir():
+        missing = [sub for sub in REQUIRED_SUBFOLDERS if not (local / sub).is_dir()]
+        if missing:
+            raise BackboneNotFoundError(_missing_message(str(local / missing[0]), "folder is incomplete, missing"))
+        return str(local)
+    if _HUB_ID.match(path) and not path.startswith((".", "/", "~")):
+        return path  # a hub id: from_pretrained resolves it (or fails clearly below when offline)
+    raise BackboneNotFoundError(_missing_message(str(local), "not found"))
+
+
+def widen_conv_in(unet: UNet2DConditionModel, in_channels: int = 8, halve_bias: bool = False) -> None:
+    """Widen conv_in from 4 to `in_channels` for concatenation conditioning ([rgb_latent, target_latent]).
+
+    The 4-channel weight is tiled along the input channels and scaled by 4/in_channels (0.5 for 8), so that
+    with identical halves the layer initially computes what it did before. The bias is kept (Marigold's trainer)
+    or halved (E2E-FT's SD2 variant, `halve_bias=True`); see specs/e2e_ft_marigold.md section 6.
+    """
+    old = unet.conv_in
+    if old.in_channels == in_channels:
+        return
+    if in_channels % old.in_channels:
+        raise ValueError(f"cannot widen conv_in from {old.in_channels} to {in_channels} channels: not a multiple")
+    repeat = in_channels // old.in_channels
+    new = torch.nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding)
+    with torch.no_grad():
+        new.weight.copy_(old.weight.repeat(1, repeat, 1, 1) / repeat)
+        new.bias.copy_(old.bias / repeat if halve_bias else old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=in_channels)
+
+
+@torch.no_grad()
+def encode_empty_prompt(tokenizer, text_encoder) -> torch.Tensor:
+    """CLIP embedding of "" without padding (2 tokens, BOS+EOS): what Marigold and E2E-FT use at inference."""
+    ids = tokenizer("", padding="do_not_pad", return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0].float()
+
+
+def load_backbone(
+    path: str | os.PathLike,
+    unet_in_channels: int = 8,
+    halve_conv_in_bias: bool = False,
+    attention: str = "sdpa",
+    gradient_checkpointing: bool = False,
+) -> Backbone:
+    """Load UNet, VAE, scheduler and the empty-prompt embedding; widen conv_in if the UNet has 4 channels."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = resolve_backbone_path(path)
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", local_files_only=offline)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", local_files_only=offline)
+        # E2E-FT checkpoints save a DDPMScheduler config; DDIM reads the same betas and prediction type.
+        scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=offline)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=offline)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", local_files_only=offline)
+    except OSError as error:  # hub unreachable / model unknown / a file missing inside the folder
+        raise BackboneNotFoundError(_missing_message(source, f"could not be loaded ({error.__class__.__name__})")
+                                    + f"\n  Cause: {str(error).splitlines()[0] if str(error) else error!r}") from error
+
+    empty_text_embedding = encode_empty_prompt(tokenizer, text_encoder)
+    del text_encoder  # only the cached embedding is needed from here on
+
+    if unet.config.in_channels != unet_in_channels:
+        widen_conv_in(unet, unet_in_channels, halve_bias=halve_conv_in_bias)
+    set_attention_backend(unet, attention)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return Backbone(unet=unet, vae=vae, scheduler=scheduler, empty_text_embedding=empty_text_embedding, path=source)
+
+
+def set_attention_backend(unet: UNet2DConditionModel, attention: str) -> None:
+    """`sdpa` (torch scaled_dot_product_attention, diffusers' default) or `xformers` (optional extra, CUDA)."""
+    if attention == "sdpa":
+        return  # diffusers' default processor is AttnProcessor2_0, i.e. torch SDPA
+    if attention == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError as error:
+            raise RuntimeError("backbone.attention=xformers needs the optional extra: pip install 'densediff[xformers]' "
+                               "(CUDA only); the default backbone.attention=sdpa needs nothing") from error
+        unet.enable_xformers_memory_efficient_attention()
+        return
+    raise ValueError(f"backbone.attention must be 'sdpa' or 'xformers', got {attention!r}")

@@ -1,0 +1,177 @@
+"""The tiny backbone: the Stable Diffusion / Marigold architecture family at a size that trains on two CPU cores.
+
+It is shipped as a real diffusers folder in Marigold's layout (`densediff/assets/tiny`, model_index.json naming
+MarigoldDepthPipeline), so it goes through exactly the loading code that real checkpoints use, and diffusers' own
+pipelines can load it too. Its VAE is pretrained on procedural scenes (RGB and depth/normal maps rendered as
+images, which is what the SD VAE is asked to reconstruct in Marigold); its UNet is randomly initialised with a
+fixed seed, i.e. "the untrained tiny backbone". Rebuild it with:
+
+    python -m densediff.backbones.tiny --steps 1200 --output densediff/assets/tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+TEXT_DIM = 32
+
+
+def tiny_unet(in_channels: int = 8, seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=in_channels, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=16,
+    )
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    """Downsamples by 4 (SD's by 8): at the tiny resolutions an 8x latent would be a few pixels wide. The narrow
+    full-resolution level keeps the decoder (which E2E back-propagates through) cheap on a CPU."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64), sample_size=64,
+    )
+
+
+def tiny_scheduler() -> DDIMScheduler:
+    """Marigold / SD2 training schedule (specs/e2e_ft_marigold.md 1.5), trailing spacing as E2E-FT saves it."""
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        timestep_spacing="trailing",
+    )
+
+
+def tiny_text_encoder_and_tokenizer(seed: int = 0):
+    """A 2-layer CLIP text model with a hand-made character vocabulary (no download)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in "abcdefghijklmnopqrstuvwxyz0123456789":
+        vocab[symbol] = len(vocab)
+        vocab[symbol + "</w>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=TEXT_DIM, intermediate_size=64, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    return text_encoder, tokenizer
+
+
+def get_dummy_components(seed: int = 0) -> dict:
+    """All components with random weights (tests build tiny checkpoints from these)."""
+    text_encoder, tokenizer = tiny_text_encoder_and_tokenizer(seed)
+    return {"unet": tiny_unet(seed=seed), "vae": tiny_vae(seed), "scheduler": tiny_scheduler(),
+            "text_encoder": text_encoder, "tokenizer": tokenizer}
+
+
+def save_marigold_folder(components: dict, output: str | Path, prediction_type: str = "depth") -> Path:
+    """Write the components as a diffusers folder in Marigold's layout (loadable by MarigoldDepthPipeline)."""
+    output = Path(output)
+    for name in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
+        components[name].save_pretrained(output / name)
+    pipeline = "MarigoldDepthPipeline" if prediction_type == "depth" else "MarigoldNormalsPipeline"
+    model_index = {
+        "_class_name": pipeline, "_diffusers_version": __import__("diffusers").__version__,
+        "prediction_type": prediction_type, "scale_invariant": True, "shift_invariant": True,
+        "default_denoising_steps": 1, "default_processing_resolution": 0,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+    }
+    if prediction_type != "depth":
+        for key in ("scale_invariant", "shift_invariant"):
+            model_index.pop(key)
+        model_index["use_full_z_range"] = True
+    (output / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+    return output
+
+
+def _vae_training_images(batch: dict) -> torch.Tensor:
+    """RGB, depth (per-image min-max, grey) and normals, all as 3-channel images in [-1, 1]."""
+    rgb = batch["rgb"] * 2 - 1
+    depth = batch["depth"]
+    lo = depth.flatten(1).min(1).values[:, None, None]
+    hi = depth.flatten(1).max(1).values[:, None, None]
+    depth = ((depth - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1)[:, None].expand(-1, 3, -1, -1)
+    return torch.cat([rgb, depth, batch["normals"]])
+
+
+def pretrain_vae(vae: AutoencoderKL, steps: int, batch_size: int, height: int, width: int, lr: float,
+                 kl_weight: float, seed: int, crop: int = 32) -> float:
+    """Autoencode procedural RGB/depth/normal images; return the latent scaling factor (1 / latent std).
+    Trains on random crop x crop windows (4x cheaper than whole 64x80 images; the VAE is convolutional)."""
+    from torch.utils.data import DataLoader
+
+    from densediff.data.procedural import ProceduralScenes
+
+    scenes = ProceduralScenes("train", num_scenes=max(steps * batch_size, 1000), height=height, width=width,
+                              seed=seed, tasks=("depth", "normals"))
+    loader = DataLoader(scenes, batch_size=batch_size, shuffle=True, num_workers=1,
+                        generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
+    vae.train()
+    start, step = time.time(), 0
+    while step < steps:
+        for batch in loader:
+            images = _vae_training_images(batch)
+            top, left = (int(torch.randint(0, n - crop + 1, (1,))) for n in images.shape[-2:])
+            images = images[..., top:top + crop, left:left + crop]
+            posterior = vae.encode(images).latent_dist
+            reconstruction = vae.decode(posterior.sample()).sample
+            l1 = (reconstruction - images).abs().mean()
+            loss = l1 + kl_weight * posterior.kl().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step % 25 == 0 or step == steps:
+                print(f"step {step}/{steps}  l1 {l1.item():.4f}  {time.time() - start:.0f}s", flush=True)
+            if step == steps:
+                break
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(_vae_training_images(b)).latent_dist.mode()
+                             for b, _ in zip(loader, range(8))])
+    return float(1.0 / latents.std())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default=str(TINY_DIR))
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--batch-size", type=int, default=6)
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=80)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--kl-weight", type=float, default=1e-6)
+    parser.add_argument("--crop", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    components = get_dummy_components(args.seed)
+    scaling = pretrain_vae(components["vae"], args.steps, args.batch_size, args.height, args.width, args.lr,
+                           args.kl_weight, args.seed, args.crop)
+    components["vae"].register_to_config(scaling_factor=scaling)
+    print(f"latent scaling factor {scaling:.5f}")
+    print(f"wrote {save_marigold_folder(components, args.output)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Mixing datasets batch by batch: every batch comes from one dataset, with a fixed ratio of batches per epoch.
+
+E2E-FT trains on Hypersim (480x640) and Virtual KITTI 2 (352x1216) with `MixedDataLoader(hypersim, vkitti, 9, 1)`
+(specs/e2e_ft_marigold.md 2.5): the resolutions differ, so a batch cannot mix them. Each epoch it draws
+int(len1 * f1) batches of dataset 1 and int(len2 * f2) of dataset 2 (len = batches per loader,
+f1 = min(len2 / len1 * 9, 1), f2 = min(len1 / len2 / 9, 1)) in a shuffled order. Here the same construction is a
+batch sampler over a ConcatDataset, so one DataLoader (workers, pinning, DDP) serves all datasets:
+
+    ds = MixedDataset([Hypersim(root_h, hflip=True), VirtualKITTI2(root_v, hflip=True)])
+    sampler = MixedBatchSampler(ds.lengths, batch_size=2, ratios=(9, 1), seed=0,
+                                num_replicas=world_size, rank=rank)      # each rank: its own disjoint share
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=4)          # no batch_size/shuffle/sampler args
+    for epoch in range(n):
+        sampler.set_epoch(epoch); ds.set_epoch(epoch)                      # new order and new flips per epoch
+        for batch in loader: ...
+
+Lightning calls `batch_sampler.set_epoch(epoch)` itself. Under DDP give the sampler num_replicas/rank and build the
+Trainer with `use_distributed_sampler=False` (otherwise Lightning tries to rebuild this batch sampler around its own
+DistributedSampler).
+"""
+
+from fractions import Fraction
+
+import numpy as np
+from torch.utils.data import ConcatDataset, Sampler
+
+
+class MixedDataset(ConcatDataset):
+    """ConcatDataset that knows its parts' lengths (for MixedBatchSampler) and forwards set_epoch to them."""
+
+    @property
+    def lengths(self):
+        return [len(d) for d in self.datasets]
+
+    def set_epoch(self, epoch):
+        for d in self.datasets:
+            if hasattr(d, "set_epoch"):
+                d.set_epoch(epoch)
+
+
+def batches_per_dataset(num_batches, ratios):
+    """E2E's per-epoch batch counts, generalised to k datasets: n_i = floor(r_i * min_j(len_j / r_j)).
+    For two datasets this is int(len1 * min(len2/len1 * r1/r2, 1)) and int(len2 * min(len1/len2 * r2/r1, 1)) exactly;
+    we compute it in rationals, so a float product such as 8.999999 cannot lose a batch (E2E computes in floats)."""
+    scale = min(Fraction(n, r) for n, r in zip(num_batches, ratios) if r > 0)
+    return [int(r * scale) for r in ratios]
+
+
+class MixedBatchSampler(Sampler[list[int]]):
+    """Yields lists of indices into a ConcatDataset of datasets with `dataset_lengths`; each list from one dataset.
+
+    Per epoch (seeded by (seed, epoch), the same on every rank): each dataset's indices are permuted (if shuffle), cut
+    into batches of `batch_size` (the last short one dropped if drop_last; E2E's loaders keep it), the first n_i batches
+    of dataset i are taken with n_i from `batches_per_dataset`, and the batch order is shuffled (E2E's shuffled
+    boolean list). Without shuffle the batches are interleaved evenly instead, in index order.
+    DDP: the epoch's batch list is dealt round-robin to `num_replicas` ranks and cut to the same length on each, so the
+    shares are disjoint and equally long (at most num_replicas - 1 batches per epoch go unused).
+    """
+
+    def __init__(self, dataset_lengths, batch_size, ratios=(9, 1), seed=0, shuffle=True, drop_last=True,
+                 num_replicas=1, rank=0):
+        self.lengths, self.ratios = [int(n) for n in dataset_lengths], [Fraction(r) for r in ratios]
+        if len(self.lengths) != len(self.ratios):
+            raise ValueError(f"MixedBatchSampler: {len(self.lengths)} datasets but {len(self.ratios)} ratios")
+        if any(r < 0 for r in self.ratios) or not any(r > 0 for r in self.ratios):
+            raise ValueError(f"MixedBatchSampler: ratios must be >= 0 with one > 0, got {tuple(ratios)}")
+        if batch_size < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"MixedBatchSampler: need batch_size >= 1 and 0 <= rank < num_replicas, "
+                             f"got {batch_size}, {rank}, {num_replicas}")
+        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.offsets = np.cumsum([0] + self.lengths[:-1]).tolist()
+        full = [n // batch_size if drop_last else -(-n // batch_size) for n in self.lengths]
+        self.counts = batches_per_dataset(full, self.ratios)
+        if len(self) == 0:
+            raise ValueError(f"MixedBatchSampler: no batch per rank for dataset lengths {self.lengths}, batch size "
+                             f"{batch_size}, ratios {tuple(ratios)}, {num_replicas} replicas")
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return sum(self.counts) // self.num_replicas
+
+    def _epoch_batches(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        batches, keys = [], []
+        for i, (n, off, count) in enumerate(zip(self.lengths, self.offsets, self.counts)):
+            idx = rng.permutation(n) if self.shuffle else np.arange(n)
+            for k in range(count):
+                batches.append((idx[k * self.batch_size:(k + 1) * self.batch_size] + off).tolist())
+                keys.append((k + 0.5) / count)  # unshuffled: spread each dataset's batches evenly over the epoch
+        order = rng.permutation(len(batches)) if self.shuffle else np.argsort(keys, kind="stable")
+        return [batches[j] for j in order]
+
+    def __iter__(self):
+        batches = self._epoch_batches()
+        yield from batches[self.rank:len(self) * self.num_replicas:self.num_replicas]

@@ -1,0 +1,68 @@
+"""Single-step estimation (E2E-FT): one UNet call at t = T on a zero target latent, the x0 estimate decoded by the VAE.
+
+Conventions (DESIGN.md, specs/e2e_ft_marigold.md 1-2): RGB in [-1, 1], padded right/bottom by edge replication to a
+multiple of the VAE's downsampling (diffusers' Marigold pipeline) and cropped back; RGB latent = posterior mean x
+scaling factor; UNet input = [rgb_latent, target_latent]; the unpadded empty-prompt embedding; x0 from the model
+output by the training schedule's alpha_bar at t.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pad_to_multiple(image: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Replicate-pad [B,C,H,W] on the right/bottom to a multiple; return the padded image and the original size."""
+    height, width = image.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if pad_h or pad_w:
+        image = F.pad(image, (0, pad_w, 0, pad_h), mode="replicate")
+    return image, (height, width)
+
+
+def x0_from_model_output(output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor,
+                         prediction_type: str) -> torch.Tensor:
+    """Invert the three diffusers parameterisations at one timestep: x0 = sqrt(a) x_t - sqrt(1-a) v, etc."""
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * sample - (1 - alpha_bar).sqrt() * output
+    if prediction_type == "epsilon":
+        return (sample - (1 - alpha_bar).sqrt() * output) / alpha_bar.sqrt()
+    if prediction_type == "sample":
+        return output
+    raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
+
+
+class SingleStepEstimator(nn.Module):
+    """RGB [B,3,H,W] in [0,1] -> decoded 3-channel prediction image [B,3,H,W] (differentiable w.r.t. the UNet)."""
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, scheduler, empty_text_embedding: torch.Tensor,
+                 timestep: int = 999):
+        super().__init__()
+        self.unet, self.vae = unet, vae
+        self.timestep = int(timestep)
+        self.prediction_type = scheduler.config.prediction_type
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.downsampling = 2 ** (len(vae.config.block_out_channels) - 1)
+        # Buffers move with the module (device/dtype) and are rebuilt from the backbone, so not saved.
+        self.register_buffer("empty_text_embedding", empty_text_embedding.detach().clone(), persistent=False)
+        self.register_buffer("alpha_bar", scheduler.alphas_cumprod[self.timestep].detach().clone().float(),
+                             persistent=False)
+
+    @torch.no_grad()
+    def encode_rgb(self, rgb: torch.Tensor) -> torch.Tensor:
+        moments = self.vae.encode(rgb * 2 - 1).latent_dist
+        return moments.mode() * self.scaling_factor
+
+    def forward(self, rgb: torch.Tensor) -> torch.Tensor:
+        padded, (height, width) = pad_to_multiple(rgb, self.downsampling)
+        rgb_latent = self.encode_rgb(padded.to(self.vae.dtype))
+        target_latent = torch.zeros_like(rgb_latent)  # E2E-FT: zero "noise" at t = T
+        timesteps = torch.full((rgb.shape[0],), self.timestep, device=rgb.device, dtype=torch.long)
+        context = self.empty_text_embedding.to(rgb_latent.dtype).expand(rgb.shape[0], -1, -1)
+        output = self.unet(torch.cat([rgb_latent, target_latent], dim=1), timesteps,
+                           encoder_hidden_states=context).sample
+        x0 = x0_from_model_output(output, target_latent, self.alpha_bar.to(output.dtype), self.prediction_type)
+        image = self.vae.decode(x0 / self.scaling_factor).sample
+        return image[..., :height, :width]

@@ -1,0 +1,211 @@
+"""Everything the entry points do, built from the Hydra config. This is the only module that reads a DictConfig:
+it turns the config into plain arguments for the package's classes (DESIGN.md rules of the house)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from densediff.data.datamodule import DenseDataModule
+from densediff.paradigms import PARADIGMS
+
+log = logging.getLogger("densediff")
+ASSETS = Path(__file__).resolve().parent / "assets"
+OmegaConf.register_new_resolver("densediff_asset", lambda name: str(ASSETS / name), replace=True)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the entry points print it without a traceback."""
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn the errors a user can fix (bad config, missing path) into one clear line and exit code 1."""
+    try:
+        yield
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"\nerror: {error}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+def run_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _plain(node):
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def task_options(cfg: DictConfig) -> dict:
+    options = {k: v for k, v in _plain(cfg.task).items() if k != "name"}
+    if cfg.task.name == "depth":  # the valid GT range belongs to the dataset's protocol
+        options.update(min_depth=float(cfg.dataset.min_depth), max_depth=float(cfg.dataset.max_depth))
+    return options
+
+
+def model_arguments(cfg: DictConfig) -> dict:
+    b, a, o = cfg.backbone, cfg.adapter, cfg.objective
+    return dict(
+        backbone_path=str(b.path), task=cfg.task.name, task_options=task_options(cfg),
+        adapter=a.kind, adapter_rank=int(a.rank), adapter_alpha=float(a.alpha) if a.alpha else None,
+        unet_in_channels=int(b.unet_in_channels), halve_conv_in_bias=bool(b.halve_conv_in_bias),
+        attention=b.attention, gradient_checkpointing=bool(b.gradient_checkpointing),
+        timestep=int(o.timestep), lr=float(o.lr), weight_decay=float(o.weight_decay), betas=tuple(o.betas),
+        warmup_steps=int(o.warmup_steps), decay_steps=int(o.decay_steps), final_lr_ratio=float(o.final_lr_ratio),
+        gallery_size=int(cfg.gallery_size),
+    )
+
+
+def build_model(cfg: DictConfig) -> L.LightningModule:
+    if cfg.objective.name not in PARADIGMS:
+        raise ConfigError(f"objective={cfg.objective.name} is not implemented yet; available: {', '.join(PARADIGMS)}")
+    return PARADIGMS[cfg.objective.name](**model_arguments(cfg))
+
+
+def build_dataset(cfg: DictConfig, split: str):
+    node = cfg.dataset.get(split)
+    if node is None:
+        raise ConfigError(f"dataset={cfg.dataset.name} has no '{split}' split")
+    return instantiate(node, _convert_="all")
+
+
+def build_datamodule(cfg: DictConfig, splits: tuple[str, ...]) -> DenseDataModule:
+    datasets = {name: build_dataset(cfg, split) for name, split in zip(("train", "val", "test"), splits) if split}
+    return DenseDataModule(**datasets, batch_size=int(cfg.dataset.batch_size),
+                           val_batch_size=int(cfg.dataset.val_batch_size), num_workers=int(cfg.dataset.num_workers),
+                           mix_ratios=_plain(cfg.dataset.get("mix_ratios")), seed=int(cfg.seed))
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node and "_target_" in node]
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, model, loggers: list, checkpoints: bool,
+                  datamodule: DenseDataModule | None = None) -> L.Trainer:
+    options = _plain(cfg.trainer)
+    if datamodule is not None and datamodule.mixes_batches:
+        options["use_distributed_sampler"] = False  # the mixed batch sampler splits the data across ranks itself
+    max_batches = int(options["max_steps"]) * int(options.get("accumulate_grad_batches") or 1)
+    if isinstance(options.get("val_check_interval"), int) and options["val_check_interval"] > max_batches > 0:
+        options["val_check_interval"] = max_batches  # validate (and keep a best checkpoint) at least once
+    callbacks = [L.pytorch.callbacks.LearningRateMonitor("step")] if loggers else []
+    if checkpoints:
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=run_dir() / "checkpoints", filename="best-step{step}", auto_insert_metric_name=False,
+            monitor=f"val/{model.task.monitor}", mode=model.task.monitor_mode, save_top_k=1, save_last=True))
+    return L.Trainer(**options, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir()),
+                     enable_checkpointing=checkpoints)
+
+
+def write_metrics(values: dict, path: Path) -> Path:
+    """Flat JSON of metric name -> float, written atomically (temp file + rename)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({k: float(v) for k, v in values.items()}, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _strip_stage(results: list[dict], stage: str) -> dict:
+    merged = {k: v for result in results for k, v in result.items()}
+    return {k.split("/", 1)[1]: float(v) for k, v in merged.items() if k.startswith(f"{stage}/")}
+
+
+def print_summary(title: str, metrics: dict, directory: Path) -> None:
+    width = max(len(k) for k in metrics) if metrics else 0
+    lines = [f"\n{title}", f"  run directory: {directory}"]
+    lines += [f"  {k:<{width}}  {v:.4f}" for k, v in metrics.items()]
+    lines += [f"  metrics:       {directory / 'metrics.json'}", f"  gallery:       {directory / 'gallery.png'}"]
+    print("\n".join(lines), flush=True)
+
+
+def _finish_loggers() -> None:
+    if "wandb" in sys.modules:  # multirun jobs must not share one W&B run
+        import wandb
+        wandb.finish()
+
+
+def _check_fresh_run_dir(cfg: DictConfig) -> None:
+    """Never write over a finished run's checkpoints unless resuming it (rank 0 only: DDP children reuse the dir)."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or cfg.get("ckpt_path"):
+        return
+    existing = sorted((run_dir() / "checkpoints").glob("*.ckpt"))
+    if existing:
+        raise ConfigError(f"{run_dir()} already holds checkpoints ({existing[0].name}); choose another "
+                          f"hydra.run.dir, or resume with ckpt_path={existing[-1]}")
+
+
+def train(cfg: DictConfig) -> dict:
+    _check_fresh_run_dir(cfg)
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (a last.ckpt from an earlier run's "
+                                "checkpoints/ folder resumes it)")
+    L.seed_everything(int(cfg.seed), workers=True)
+    model = build_model(cfg)
+    datamodule = build_datamodule(cfg, ("train", "val", None))
+    loggers = build_loggers(cfg)
+    trainer = build_trainer(cfg, model, loggers, checkpoints=True, datamodule=datamodule)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        metrics = _strip_stage(trainer.validate(model, datamodule=datamodule, verbose=False), "val")
+        if trainer.is_global_zero:
+            write_metrics(metrics, run_dir() / "metrics.json")
+            print_summary(f"trained {cfg.task_name}: validation metrics after {trainer.global_step} steps",
+                          metrics, run_dir())
+            print(f"  checkpoints:   {run_dir() / 'checkpoints'}", flush=True)
+    finally:
+        _finish_loggers()
+    return metrics
+
+
+def load_checkpoint_model(cfg: DictConfig) -> L.LightningModule:
+    path = Path(cfg.ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt={path} does not exist: pass a checkpoint written by train.py "
+                                "(<run>/checkpoints/last.ckpt or best-step*.ckpt)")
+    overrides = {"task_options": task_options(cfg)} if _checkpoint_task(path) == cfg.task.name else {}
+    explicit = [o for o in HydraConfig.get().overrides.task if o.split("=")[0] in ("backbone.path", "backbone")]
+    if explicit:  # the checkpoint names its backbone; an explicit backbone on the command line replaces it
+        overrides["backbone_path"] = str(cfg.backbone.path)
+    paradigm = PARADIGMS[_checkpoint_field(path, "paradigm", "e2e")]
+    return paradigm.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
+
+
+def _checkpoint_field(path: Path, key: str, default):
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return checkpoint.get("hyper_parameters", {}).get(key, checkpoint.get(f"densediff_{key}", default))
+
+
+def _checkpoint_task(path: Path) -> str:
+    return _checkpoint_field(path, "task", None)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    L.seed_everything(int(cfg.seed), workers=True)
+    model = load_checkpoint_model(cfg) if cfg.get("ckpt") else build_model(cfg)
+    if cfg.get("ckpt") and model.task.name != cfg.task.name:
+        raise ConfigError(f"the checkpoint predicts {model.task.name} but task={cfg.task.name}; "
+                          f"pass task={model.task.name}")
+    datamodule = build_datamodule(cfg, (None, None, cfg.split))
+    loggers = build_loggers(cfg)
+    trainer = build_trainer(cfg, model, loggers, checkpoints=False)
+    try:
+        metrics = _strip_stage(trainer.test(model, datamodule=datamodule, verbose=False), "test")
+        write_metrics(metrics, run_dir() / "metrics.json")
+        source = cfg.ckpt or f"backbone={cfg.backbone.name} (not fine-tuned)"
+        print_summary(f"evaluated {source} on {cfg.dataset.name}/{cfg.split}", metrics, run_dir())
+    finally:
+        _finish_loggers()
+    return metrics

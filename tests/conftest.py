@@ -1,0 +1,41 @@
+"""Shared helpers: run the real entry points in a subprocess, as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Small but real: the tiny backbone on procedural scenes, a handful of steps and scenes.
+FAST = ["trainer.max_steps=2", "trainer.val_check_interval=2", "dataset.val.num_scenes=4",
+        "dataset.test.num_scenes=4", "dataset.batch_size=2", "dataset.val_batch_size=2",
+        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
+
+
+def run_cli(script: str, *overrides: str, expect_ok: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
+           "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    if expect_ok and result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(overrides)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def read_metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One short quickstart training shared by the tests that need a checkpoint."""
+    run = tmp_path_factory.mktemp("quickstart") / "run"
+    run_cli("train.py", "experiment=quickstart", "logger=csv", f"hydra.run.dir={run}", *FAST)
+    return run

@@ -1,0 +1,130 @@
+"""End to end through the real entry points (train.py, evaluate.py) on the tiny backbone and procedural scenes."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import FAST, read_metrics, run_cli
+
+DEPTH_METRICS = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3", "i_rmse", "silog"}
+
+
+def test_train_writes_metrics_checkpoints_gallery_and_logs(trained_run):
+    metrics = read_metrics(trained_run)
+    assert DEPTH_METRICS <= set(metrics)
+    assert 0 <= metrics["delta1"] <= 1 and metrics["abs_rel"] > 0  # fractions, not percents
+    checkpoints = sorted(p.name for p in (trained_run / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in checkpoints and any(name.startswith("best-step") for name in checkpoints)
+    assert (trained_run / "gallery.png").stat().st_size > 1000
+    assert list((trained_run / "csv").rglob("metrics.csv"))
+
+
+def test_checkpoint_holds_only_trainable_weights_and_resumes(trained_run, tmp_path):
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    keys = list(checkpoint["state_dict"])
+    assert keys and all(k.startswith("estimator.unet.") for k in keys)  # the frozen VAE is not written
+    assert checkpoint["global_step"] == 2
+    resumed = tmp_path / "resumed"
+    run_cli("train.py", "experiment=quickstart", "logger=csv", f"hydra.run.dir={resumed}", *FAST,
+            "trainer.max_steps=4", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}")
+    assert torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=True)["global_step"] == 4
+
+
+def test_evaluate_trained_checkpoint_and_untrained_backbone_on_the_same_scenes(trained_run, tmp_path):
+    trained, untrained = tmp_path / "trained", tmp_path / "untrained"
+    out = run_cli("evaluate.py", f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}", "dataset=procedural",
+                  "dataset.test.num_scenes=4", f"hydra.run.dir={trained}")
+    run_cli("evaluate.py", "backbone=tiny", "dataset=procedural", "dataset.test.num_scenes=4",
+            f"hydra.run.dir={untrained}")
+    assert DEPTH_METRICS <= set(read_metrics(trained)) and DEPTH_METRICS <= set(read_metrics(untrained))
+    assert read_metrics(trained) != read_metrics(untrained)
+    assert "abs_rel" in out.stdout and str(trained) in out.stdout and "gallery.png" in out.stdout
+    assert (trained / "gallery.png").is_file()
+
+
+def test_refuses_to_overwrite_a_finished_run(trained_run):
+    result = run_cli("train.py", "experiment=quickstart", "logger=csv", f"hydra.run.dir={trained_run}", *FAST,
+                     expect_ok=False)
+    assert result.returncode == 1 and "already holds checkpoints" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wandb_is_the_default_logger_and_works_offline(tmp_path):
+    run = tmp_path / "run"
+    run_cli("train.py", "experiment=quickstart", f"hydra.run.dir={run}", *FAST, "trainer.max_steps=1",
+            "trainer.val_check_interval=1")
+    offline_runs = list((run / "wandb").glob("offline-run-*"))
+    assert offline_runs and list(offline_runs[0].glob("*.wandb"))
+    assert "abs_rel" in read_metrics(run)
+
+
+def test_multirun_sweep_runs_every_job_in_its_own_directory(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli("train.py", "-m", "experiment=quickstart", "adapter=lora,full", "logger=csv", *FAST,
+            f"hydra.sweep.dir={sweep}")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job in jobs:
+        assert "abs_rel" in read_metrics(job) and (job / "checkpoints" / "last.ckpt").is_file()
+    overrides = [(job / ".hydra" / "overrides.yaml").read_text() for job in jobs]
+    assert "adapter=lora" in overrides[0] and "adapter=full" in overrides[1]
+    # LoRA checkpoints hold only the adapter weights: far smaller than the full UNet's
+    lora, full = (torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+                  for job in jobs)
+    assert all("lora" in k for k in lora) and sum(v.numel() for v in lora.values()) < sum(
+        v.numel() for v in full.values()) / 5
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    run = tmp_path / "ddp"
+    run_cli("train.py", "experiment=quickstart", "logger=csv", f"hydra.run.dir={run}", *FAST,
+            "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu", "trainer.max_steps=4",
+            "trainer.val_check_interval=4")
+    assert "abs_rel" in read_metrics(run)
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 4
+    assert not list(run.parent.glob("ddp?*"))  # the second rank wrote into the same run directory
+
+
+def test_published_recipe_stops_with_a_clear_message_without_weights(tmp_path):
+    result = run_cli("train.py", "experiment=e2e_ft_depth", f"hydra.run.dir={tmp_path / 'r'}",
+                     "paths.models_dir=" + str(tmp_path / "models"), expect_ok=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert str(tmp_path / "models" / "marigold-depth-v1-0") in result.stderr
+    assert "unet, vae, scheduler" in result.stderr
+
+
+def test_published_recipe_stops_with_a_clear_message_without_data(tmp_path):
+    result = run_cli("train.py", "experiment=e2e_ft_normals", "backbone=tiny", f"hydra.run.dir={tmp_path / 'r'}",
+                     "paths.data_dir=" + str(tmp_path / "data"), expect_ok=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert str(tmp_path / "data" / "hypersim") in result.stderr
+
+
+@pytest.mark.parametrize("experiment", ["e2e_ft_depth", "e2e_ft_normals"])
+def test_published_recipe_runs_on_tiny_and_procedural(experiment, tmp_path):
+    run = tmp_path / experiment
+    run_cli("train.py", f"experiment={experiment}", "backbone=tiny", "dataset=procedural", "logger=csv",
+            f"hydra.run.dir={run}", *FAST, "trainer.max_steps=1", "trainer.accumulate_grad_batches=2")
+    metrics = read_metrics(run)
+    assert ("abs_rel" if experiment.endswith("depth") else "angular_mean") in metrics
+    config = (run / ".hydra" / "config.yaml").read_text()
+    assert "lr: 3.0e-05" in config and "decay_steps: 20000" in config and "timestep: 999" in config
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["experiment=no_such_experiment"], "no_such_experiment"),
+    (["task=no_such_task"], "no_such_task"),
+    (["trainer.no_such_key=1"], "no_such_key"),
+])
+def test_bad_config_values_are_reported_by_name(overrides, message, tmp_path):
+    result = run_cli("train.py", *overrides, f"hydra.run.dir={tmp_path / 'r'}", expect_ok=False)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_missing_checkpoint_is_reported_by_path(tmp_path):
+    missing = tmp_path / "nope.ckpt"
+    result = run_cli("evaluate.py", f"ckpt={missing}", f"hydra.run.dir={tmp_path / 'r'}", expect_ok=False)
+    assert result.returncode == 1 and str(missing) in result.stderr and "Traceback" not in result.stderr
