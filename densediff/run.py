@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +21,8 @@ from densediff.data.datamodule import DenseDataModule
 from densediff.paradigms import PARADIGMS
 
 log = logging.getLogger("densediff")
+# The frozen VAE stays in eval mode on purpose; Lightning would warn about it at every fit.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 ASSETS = Path(__file__).resolve().parent / "assets"
 OmegaConf.register_new_resolver("densediff_asset", lambda name: str(ASSETS / name), replace=True)
 

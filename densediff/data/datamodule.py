@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from densediff.data.mixed import MixedBatchSampler, MixedDataset
+
+
+class ResumableShuffleSampler(DistributedSampler):
+    """A shuffle fixed by (seed, epoch), split across processes, that can start partway through an epoch.
+
+    A run resumed from a mid-epoch checkpoint then sees exactly the samples the interrupted run would have seen next
+    (Lightning restarts a plain DataLoader's epoch from its first batch, with a different shuffle)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0  # samples of this process to skip once, in the epoch being resumed
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip:]
+        self.skip = 0
+        return iter(indices)
 
 
 class DenseDataModule(L.LightningDataModule):
@@ -37,7 +53,15 @@ class DenseDataModule(L.LightningDataModule):
                                         seed=self.seed, num_replicas=trainer.world_size if trainer else 1,
                                         rank=trainer.global_rank if trainer else 0)
             return self._loader("train", batch_sampler=sampler)
-        return self._loader("train", batch_size=self.batch_size, shuffle=True, drop_last=True)
+        trainer = self.trainer
+        sampler = ResumableShuffleSampler(self.datasets["train"], num_replicas=trainer.world_size if trainer else 1,
+                                          rank=trainer.global_rank if trainer else 0, seed=self.seed)
+        if trainer is not None and trainer.global_step > 0:  # resuming: continue where the checkpoint stopped
+            batches_done = trainer.global_step * trainer.accumulate_grad_batches
+            per_epoch = len(sampler) // self.batch_size
+            sampler.set_epoch(batches_done // per_epoch)
+            sampler.skip = batches_done % per_epoch * self.batch_size
+        return self._loader("train", batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", batch_size=self.val_batch_size, shuffle=False)

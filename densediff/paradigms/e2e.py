@@ -58,6 +58,7 @@ class E2EFineTune(L.LightningModule):
                                  halve_conv_in_bias=halve_conv_in_bias, attention=attention,
                                  gradient_checkpointing=gradient_checkpointing)
         backbone.vae.requires_grad_(False).eval()
+        backbone.unet.train()  # from_pretrained returns eval mode and Lightning keeps each module's mode
         apply_adapter(backbone.unet, adapter, rank=adapter_rank, alpha=adapter_alpha)
         self.estimator = SingleStepEstimator(backbone.unet, backbone.vae, backbone.scheduler,
                                              backbone.empty_text_embedding, timestep=timestep)
