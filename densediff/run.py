@@ -36,7 +36,7 @@ def user_errors():
     """Turn the errors a user can fix (bad config, missing path) into one clear line and exit code 1."""
     try:
         yield
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, FileExistsError) as error:
         print(f"\nerror: {error}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
 
@@ -51,7 +51,7 @@ def _plain(node):
 
 def task_options(cfg: DictConfig) -> dict:
     options = {k: v for k, v in _plain(cfg.task).items() if k != "name"}
-    if cfg.task.name == "depth":  # the valid GT range belongs to the dataset's protocol
+    if cfg.task.name == "depth" and "dataset" in cfg:  # the valid GT range belongs to the dataset's protocol
         options.update(min_depth=float(cfg.dataset.min_depth), max_depth=float(cfg.dataset.max_depth))
     return options
 
@@ -65,7 +65,7 @@ def model_arguments(cfg: DictConfig) -> dict:
         attention=b.attention, gradient_checkpointing=bool(b.gradient_checkpointing),
         timestep=int(o.timestep), lr=float(o.lr), weight_decay=float(o.weight_decay), betas=tuple(o.betas),
         warmup_steps=int(o.warmup_steps), decay_steps=int(o.decay_steps), final_lr_ratio=float(o.final_lr_ratio),
-        gallery_size=int(cfg.gallery_size),
+        gallery_size=int(cfg.get("gallery_size", 4)),
     )
 
 
@@ -212,3 +212,17 @@ def evaluate(cfg: DictConfig) -> dict:
     finally:
         _finish_loggers()
     return metrics
+
+
+def predict(cfg: DictConfig) -> None:
+    from densediff.inference.predict import check_outputs, predict_images
+
+    task = _checkpoint_task(Path(cfg.ckpt)) if cfg.get("ckpt") and Path(cfg.ckpt).is_file() else cfg.task.name
+    check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite))  # fail fast, before loading a model
+    model = load_checkpoint_model(cfg) if cfg.get("ckpt") else build_model(cfg)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    written, skipped = predict_images(model, cfg.input, cfg.output, device, overwrite=bool(cfg.overwrite))
+    print(f"\nwrote {written} predictions to {cfg.output}" + (f"; skipped {len(skipped)} unreadable:" if skipped else ""))
+    for message in skipped:
+        print(f"  {message}")

@@ -1,7 +1,5 @@
 """End to end through the real entry points (train.py, evaluate.py) on the tiny backbone and procedural scenes."""
 
-import json
-
 import pytest
 import torch
 
@@ -58,10 +56,10 @@ def test_refuses_to_overwrite_a_finished_run(trained_run):
     assert "Traceback" not in result.stderr
 
 
-def test_wandb_is_the_default_logger_and_works_offline(tmp_path):
+def test_wandb_is_the_default_logger_and_works_offline_with_bf16_mixed_precision(tmp_path):
     run = tmp_path / "run"
     run_cli("train.py", "experiment=quickstart", f"hydra.run.dir={run}", *FAST, "trainer.max_steps=1",
-            "trainer.val_check_interval=1")
+            "trainer.val_check_interval=1", "trainer.precision=bf16-mixed")
     offline_runs = list((run / "wandb").glob("offline-run-*"))
     assert offline_runs and list(offline_runs[0].glob("*.wandb"))
     assert "abs_rel" in read_metrics(run)
@@ -159,3 +157,27 @@ def test_demo_training_reaches_the_promised_margin(tmp_path):
     trained, untrained = _train_and_compare_with_untrained(tmp_path, steps=600)
     assert trained["abs_rel"] <= 0.7 * untrained["abs_rel"]
     assert trained["delta1"] > untrained["delta1"]
+
+
+def test_predict_writes_npy_png_and_16bit_png_and_skips_unreadable_images(trained_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (30, 37, 3), dtype=np.uint8)).save(images / "a.png")
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(images / "sub" / "b.jpg")
+    (images / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "predictions"
+    result = run_cli("predict.py", f"input={images}", f"output={out}",
+                     f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}")
+    assert "broken.png" in result.stdout and "wrote 2 predictions" in result.stdout
+    depth = np.load(out / "a.npy")
+    assert depth.shape == (30, 37) and depth.dtype == np.float32 and 0 <= depth.min() and depth.max() <= 1
+    assert np.load(out / "sub" / "b.npy").shape == (48, 64)
+    png16 = np.asarray(Image.open(out / "a_16bit.png"))
+    assert png16.dtype == np.uint16 and np.allclose(png16 / 65535, depth, atol=1 / 65535)
+    assert np.asarray(Image.open(out / "sub" / "b.png")).shape == (48, 64, 3)
+    again = run_cli("predict.py", f"input={images}", f"output={out}", expect_ok=False)
+    assert again.returncode == 1 and "a.npy exists" in again.stderr and "Traceback" not in again.stderr

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from densediff.data.hypersim import DataReadError, DatasetLayoutError, Hypersim, flip_seed
+from densediff.data.common import DataReadError, DatasetLayoutError, flip_seed
+from densediff.data.hypersim import Hypersim
 from densediff.data.mixed import MixedBatchSampler, MixedDataset, batches_per_dataset
 from densediff.data.vkitti2 import VirtualKITTI2
 

@@ -1,0 +1,87 @@
+"""Predict a folder of images with a trained model: float .npy at input resolution, a coloured PNG, a 16-bit PNG.
+
+Used by predict.py. Unreadable images are reported by name and skipped; the rest finish.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def find_images(source: str | Path) -> tuple[Path, list[Path]]:
+    """(root, images): one image file, or every image below a folder, sorted."""
+    source = Path(source)
+    if source.is_file():
+        return source.parent, [source]
+    if source.is_dir():
+        images = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not images:
+            raise FileNotFoundError(f"input={source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return source, images
+    raise FileNotFoundError(f"input={source} does not exist (an image file or a folder of images)")
+
+
+def output_paths(image: Path, root: Path, output: Path, task: str) -> dict[str, Path]:
+    stem = output / image.relative_to(root).with_suffix("")
+    paths = {"npy": stem.with_suffix(".npy"), "png": stem.with_name(stem.name + ".png")}
+    if task == "depth":
+        paths["png16"] = stem.with_name(stem.name + "_16bit.png")
+    return paths
+
+
+def check_outputs(source: str | Path, output: str | Path, task: str, overwrite: bool) -> tuple[Path, list[Path]]:
+    """Find the images and refuse, before any work, to replace a file that is already there."""
+    root, images = find_images(source)
+    if not overwrite:
+        for image in images:
+            clash = next((p for p in output_paths(image, root, Path(output), task).values() if p.exists()), None)
+            if clash is not None:
+                raise FileExistsError(f"{clash} exists; choose another output= or pass overwrite=true")
+    return root, images
+
+
+def load_rgb(path: Path) -> torch.Tensor:
+    """[1,3,H,W] float in [0,1]; raises ValueError naming the file when it cannot be decoded."""
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def predict_images(model, source: str | Path, output: str | Path, device: torch.device,
+                   overwrite: bool = False) -> tuple[int, list[str]]:
+    """Write the predictions of every image under `source`; return (written, list of skipped-file messages)."""
+    task = model.task.name
+    root, images = check_outputs(source, output, task, overwrite)
+    output = Path(output)
+    model.eval().to(device)
+    written, skipped = 0, []
+    for image in tqdm(images, desc=f"predict {task}", unit="image"):
+        try:
+            rgb = load_rgb(image)
+        except ValueError as error:
+            skipped.append(str(error))
+            log.warning("%s: skipped", error)
+            continue
+        prediction = model.predict(rgb.to(device))[0].float().cpu()
+        paths = output_paths(image, root, output, task)
+        paths["npy"].parent.mkdir(parents=True, exist_ok=True)
+        if task == "depth":
+            np.save(paths["npy"], prediction.numpy().astype(np.float32))  # HxW affine-invariant depth in [0,1]
+            Image.fromarray((prediction.clamp(0, 1).numpy() * 65535 + 0.5).astype(np.uint16)).save(paths["png16"])
+        else:
+            np.save(paths["npy"], prediction.permute(1, 2, 0).numpy().astype(np.float32))  # HxWx3 canonical normals
+        Image.fromarray(model.task.colorize(prediction)).save(paths["png"])
+        written += 1
+    return written, skipped
