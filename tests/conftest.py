@@ -19,9 +19,12 @@ FAST = ["trainer.max_steps=2", "trainer.val_check_interval=2", "dataset.val.num_
 
 
 def run_cli(script: str, *overrides: str, expect_ok: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run an entry point (`train.py`, ...) or a module (`"-m", "densediff.export"`) with key=value arguments."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
            "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=ROOT, env=env,
+    command = [sys.executable, *(["-m", overrides[0]] if script == "-m" else [str(ROOT / script)])]
+    overrides = overrides[1:] if script == "-m" else overrides
+    result = subprocess.run([*command, *overrides], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if expect_ok and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(overrides)} failed ({result.returncode}):\n"

@@ -80,6 +80,19 @@ def test_multirun_sweep_runs_every_job_in_its_own_directory(tmp_path):
                   for job in jobs)
     assert all("lora" in k for k in lora) and sum(v.numel() for v in lora.values()) < sum(
         v.numel() for v in full.values()) / 5
+    # export of the LoRA job: the adapter alone in diffusers/peft format, and a UNet with it merged
+    from diffusers import UNet2DConditionModel
+
+    from densediff.backbones.tiny import TINY_DIR
+
+    exported = tmp_path / "lora_export"
+    run_cli("-m", "densediff.export", f"ckpt={jobs[0] / 'checkpoints' / 'last.ckpt'}", f"output={exported}")
+    with_adapter = UNet2DConditionModel.from_pretrained(TINY_DIR, subfolder="unet")
+    with_adapter.load_lora_adapter(exported, prefix=None, weight_name="pytorch_lora_weights.safetensors")
+    merged = UNet2DConditionModel.from_pretrained(exported, subfolder="unet")
+    x, context = torch.randn(1, 8, 16, 20), torch.randn(1, 2, 32)
+    with torch.no_grad():
+        assert torch.allclose(with_adapter(x, 999, context).sample, merged(x, 999, context).sample, atol=1e-4)
 
 
 def test_ddp_two_cpu_processes(tmp_path):
@@ -181,3 +194,26 @@ def test_predict_writes_npy_png_and_16bit_png_and_skips_unreadable_images(traine
     assert np.asarray(Image.open(out / "sub" / "b.png")).shape == (48, 64, 3)
     again = run_cli("predict.py", f"input={images}", f"output={out}", expect_ok=False)
     assert again.returncode == 1 and "a.npy exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_export_loads_in_diffusers_marigold_pipeline_and_matches_our_prediction(trained_run, tmp_path):
+    import numpy as np
+    from diffusers import MarigoldDepthPipeline
+
+    from densediff.data.procedural import ProceduralScenes
+    from densediff.paradigms import E2EFineTune
+
+    ckpt, folder = trained_run / "checkpoints" / "last.ckpt", tmp_path / "exported"
+    run_cli("-m", "densediff.export", f"ckpt={ckpt}", f"output={folder}")
+    pipe = MarigoldDepthPipeline.from_pretrained(folder)
+    assert pipe.scheduler.config.timestep_spacing == "trailing" and pipe.default_denoising_steps == 1
+    model = E2EFineTune.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    rgb = ProceduralScenes("test", 1, 64, 80)[0]["rgb"][None]
+    ours = model.predict(rgb)[0].numpy()
+    theirs = pipe(rgb, num_inference_steps=1, latents=torch.zeros(1, 4, 16, 20), processing_resolution=0,
+                  output_type="pt").prediction[0, 0].numpy()
+    # documented differences: diffusers returns DDIM's prev_sample (not x0) and does not min-max normalise
+    assert ours.shape == theirs.shape == (64, 80)
+    assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.999
+    again = run_cli("-m", "densediff.export", f"ckpt={ckpt}", f"output={folder}", expect_ok=False)
+    assert again.returncode != 0 and "not empty" in again.stderr

@@ -63,7 +63,7 @@ def tiny_text_encoder_and_tokenizer(seed: int = 0):
     for symbol in "abcdefghijklmnopqrstuvwxyz0123456789":
         vocab[symbol] = len(vocab)
         vocab[symbol + "</w>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=TEXT_DIM, intermediate_size=64, num_attention_heads=4,

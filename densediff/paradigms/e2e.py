@@ -7,6 +7,7 @@ by the frozen VAE (gradients flow through the decoder), and the task loss is app
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -18,6 +19,11 @@ from densediff.backbones import load_backbone
 from densediff.inference import SingleStepEstimator
 from densediff.tasks import build_task
 from densediff.visualize import rgb_to_uint8, save_gallery
+
+
+# Checkpoints omit the frozen weights on purpose (they come from the backbone folder); on_load_checkpoint checks
+# that every trainable weight is there, so Lightning's list of the omitted keys is noise.
+warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
 
 
 def exponential_schedule(step: int, warmup_steps: int, decay_steps: int, final_ratio: float) -> float:
