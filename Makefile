@@ -23,8 +23,8 @@ install: $(STAMP)  ## create .venv with densediff and its test tools
 demo: $(STAMP)  ## E2E fine-tune the tiny backbone for depth on procedural scenes, then evaluate it
 	$(PY) evaluate.py backbone=tiny dataset=procedural hydra.run.dir=$(RUN)/untrained
 	$(PY) train.py experiment=quickstart hydra.run.dir=$(RUN)
-	$(PY) evaluate.py ckpt=$(RUN)/checkpoints/last.ckpt dataset=procedural hydra.run.dir=$(RUN)/evaluate
-	$(PY) -m densediff.compare $(RUN)/untrained $(RUN)/evaluate
+	$(PY) evaluate.py ckpt=$(RUN)/checkpoints/last.ckpt dataset=procedural hydra.run.dir=$(RUN)/trained
+	$(PY) -m densediff.compare $(RUN)/untrained $(RUN)/trained
 
 test: $(STAMP)  ## the test suite (what CI runs)
 	$(PY) -m pytest -m "not slow" -q

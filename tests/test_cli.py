@@ -167,7 +167,7 @@ def test_short_training_learns_depth(tmp_path):
 @pytest.mark.slow
 def test_demo_training_reaches_the_promised_margin(tmp_path):
     """The demo's claim (README, experiments/quickstart): abs_rel at most 0.7x the untrained backbone's."""
-    trained, untrained = _train_and_compare_with_untrained(tmp_path, steps=600)
+    trained, untrained = _train_and_compare_with_untrained(tmp_path, steps=900)
     assert trained["abs_rel"] <= 0.7 * untrained["abs_rel"]
     assert trained["delta1"] > untrained["delta1"]
 
