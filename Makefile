@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN ?= outputs/quickstart/demo-$(shell date +%Y-%m-%d_%H-%M-%S)
+DEMO_ARGS ?=   # extra train.py overrides, e.g. make demo DEMO_ARGS="trainer.max_steps=100"
 
 .PHONY: help install demo test test-all bench clean-outputs
 
@@ -22,7 +23,7 @@ install: $(STAMP)  ## create .venv with densediff and its test tools
 
 demo: $(STAMP)  ## E2E fine-tune the tiny backbone for depth on procedural scenes, then evaluate it
 	$(PY) evaluate.py backbone=tiny dataset=procedural hydra.run.dir=$(RUN)/untrained
-	$(PY) train.py experiment=quickstart hydra.run.dir=$(RUN)
+	$(PY) train.py experiment=quickstart hydra.run.dir=$(RUN) $(DEMO_ARGS)
 	$(PY) evaluate.py ckpt=$(RUN)/checkpoints/last.ckpt dataset=procedural hydra.run.dir=$(RUN)/trained
 	$(PY) -m densediff.compare $(RUN)/untrained $(RUN)/trained
 

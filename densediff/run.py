@@ -178,21 +178,20 @@ def load_checkpoint_model(cfg: DictConfig) -> L.LightningModule:
     if not path.is_file():
         raise FileNotFoundError(f"ckpt={path} does not exist: pass a checkpoint written by train.py "
                                 "(<run>/checkpoints/last.ckpt or best-step*.ckpt)")
-    overrides = {"task_options": task_options(cfg)} if _checkpoint_task(path) == cfg.task.name else {}
+    paradigm, task = checkpoint_identity(path)
+    overrides = {"task_options": task_options(cfg)} if task == cfg.task.name else {}
     explicit = [o for o in HydraConfig.get().overrides.task if o.split("=")[0] in ("backbone.path", "backbone")]
     if explicit:  # the checkpoint names its backbone; an explicit backbone on the command line replaces it
         overrides["backbone_path"] = str(cfg.backbone.path)
-    paradigm = PARADIGMS[_checkpoint_field(path, "paradigm", "e2e")]
-    return paradigm.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
+    if paradigm not in PARADIGMS:
+        raise ConfigError(f"{path} was written by paradigm {paradigm!r}, unknown here ({', '.join(PARADIGMS)})")
+    return PARADIGMS[paradigm].load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
 
 
-def _checkpoint_field(path: Path, key: str, default):
+def checkpoint_identity(path: Path) -> tuple[str, str]:
+    """(paradigm, task) of a train.py checkpoint, read without building the model."""
     checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    return checkpoint.get("hyper_parameters", {}).get(key, checkpoint.get(f"densediff_{key}", default))
-
-
-def _checkpoint_task(path: Path) -> str:
-    return _checkpoint_field(path, "task", None)
+    return checkpoint.get("densediff_paradigm", "e2e"), checkpoint.get("hyper_parameters", {}).get("task")
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -217,7 +216,7 @@ def evaluate(cfg: DictConfig) -> dict:
 def predict(cfg: DictConfig) -> None:
     from densediff.inference.predict import check_outputs, predict_images
 
-    task = _checkpoint_task(Path(cfg.ckpt)) if cfg.get("ckpt") and Path(cfg.ckpt).is_file() else cfg.task.name
+    task = checkpoint_identity(Path(cfg.ckpt))[1] if cfg.get("ckpt") and Path(cfg.ckpt).is_file() else cfg.task.name
     check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite))  # fail fast, before loading a model
     model = load_checkpoint_model(cfg) if cfg.get("ckpt") else build_model(cfg)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else

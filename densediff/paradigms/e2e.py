@@ -37,6 +37,8 @@ def exponential_schedule(step: int, warmup_steps: int, decay_steps: int, final_r
 
 
 class E2EFineTune(L.LightningModule):
+    paradigm = "e2e"  # written into checkpoints so evaluate/predict/export rebuild the right class
+
     def __init__(
         self,
         backbone_path: str,
@@ -156,6 +158,7 @@ class E2EFineTune(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self._trainable_keys()
+        checkpoint["densediff_paradigm"] = self.paradigm
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
