@@ -28,6 +28,9 @@ def compare_table(runs: list[str]) -> str:
         if len(runs) == 2:
             row += f"  {tables[1][name] / tables[0][name]:>8.3f}" if tables[0][name] else f"  {'-':>8}"
         rows.append(row)
+    for run in runs:
+        gallery = Path(run) / "gallery.png"
+        rows.append(f"{Path(run).name[-14:]:>14}: {run}" + (f"  (picture: {gallery})" if gallery.is_file() else ""))
     return "\n".join(rows)
 
 
