@@ -118,3 +118,19 @@ def test_padding_replicates_edges_to_a_multiple():
     padded, size = pad_to_multiple(image, 4)
     assert padded.shape == (1, 1, 4, 8) and size == (3, 5)
     assert torch.equal(padded[..., 3, :5], image[..., 2, :]) and torch.equal(padded[..., :3, 7], image[..., :, 4])
+
+
+def test_normals_task_reports_both_poolings_under_distinct_names():
+    from densediff.tasks import NormalsTask
+
+    metrics = NormalsTask(pooling="pixels").metrics()
+    target = torch.zeros(2, 3, 2, 2)
+    target[:, 2] = 1.0
+    pred = target.clone()
+    pred[0, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0])  # one pixel at 90 degrees in image 0
+    mask = torch.ones(2, 2, 2, dtype=torch.bool)
+    mask[1, 1:] = False  # image 1 has 2 valid pixels, image 0 has 4
+    metrics.update(pred, target, mask)
+    values = metrics.compute()
+    assert values["angular_mean"].item() == pytest.approx(90 / 6, abs=1e-3)  # pooled over the 6 valid pixels
+    assert values["angular_mean_per_image"].item() == pytest.approx((90 / 4 + 0) / 2, abs=1e-3)

@@ -6,8 +6,8 @@ import torch
 
 
 def count_ids(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """bincount(idx, minlength=n) as int64. Integer counts are exact either way, but torch refuses CUDA
-    bincount under `use_deterministic_algorithms(True)` (Lightning `deterministic=True`); a sort-based
+    """bincount(idx, minlength=n) as int64. Integer counts are exact either way, but older torch releases refuse
+    CUDA bincount under `use_deterministic_algorithms(True)` (Lightning `deterministic=True`); a sort-based
     `unique` count is used there instead (torchmetrics' own fallback builds an N x n matrix, too big here)."""
     if idx.is_cuda and torch.are_deterministic_algorithms_enabled():
         values, counts = torch.unique(idx, return_counts=True)

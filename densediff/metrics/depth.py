@@ -66,8 +66,10 @@ class DepthMetrics(Metric):
         g = torch.where(valid, target.double(), 1.0)  # 1.0 keeps logs/divisions finite off the mask
         n = valid.sum((-1, -2)).double()
 
-        def mean(x):  # masked per-image mean
-            return torch.where(valid, x, 0.0).sum((-1, -2)) / n.clamp_min(1)
+        weight = valid.double() / n.clamp_min(1)[:, None, None]
+
+        def mean(x):  # masked per-image mean (everything is finite off the mask, so a product is enough)
+            return (x * weight).sum((-1, -2))
 
         diff = p - g
         dlog = torch.log(p) - torch.log(g)

@@ -1,31 +1,35 @@
-"""Boundary detection ODS/OIS F-measure and AP (specs/multitask_diff2in1.md A4: the DiffusionMTL/ATRC numbers come
-from MATLAB SEISM, as wrapped by prismformore/Boundary-Detection-Evaluation-Tools (BDET); no Python repo computes them).
+"""Boundary detection ODS/OIS F-measure and AP (specs/multitask_diff2in1.md A4). DiffusionMTL/ATRC report odsF from
+MATLAB SEISM as wrapped by prismformore/Boundary-Detection-Evaluation-Tools (BDET); no Python repo computes it.
 
-What SEISM does, and what we do (same order):
-1. prediction = 255*sigmoid saved as uint8 PNG, read back /255                | we take the float map (no uint8
-                                                                              |   round trip; quantise yourself)
-2. NMS: edgesNmsMex(E, O, 1, 5, 1.01), O from convTri(E,4)+gradient2         | same (morphology.edge_nms, checked
-                                                                              |   against pyEdgeEval's port)
-3. binary map E > thr for the 101 thresholds of parameters/HED.txt           | same thresholds and strict `>`
-4. bwmorph(E1, 'thin', Inf); GT = bwmorph(seg2bmap(G), 'thin', Inf)          | same thinning of both; the GT
-                                                                              |   boundary map (seg2bmap) is made by
-                                                                              |   the caller/loader
-5. correspondPixels(E1, G, maxDist): one-to-one min-cost matching of pred and | matching="bipartite": maximum-
-   GT pixels within maxDist * image diagonal (BSDS CSA, outlier cost 100)     |   cardinality matching (scipy
-                                                                              |   Hopcroft-Karp, CPU), see below;
-                                                                              | matching="distance" (default): a
-                                                                              |   pixel counts as matched when the
-                                                                              |   other map has a pixel within the
-                                                                              |   radius (not one-to-one)
-6. per image/threshold cntR, sumR, cntP, sumP; ODS = max over thresholds of  | same, including SEISM's zero-count
-   F(sum over images); OIS = F of the counts at each image's best threshold;  |   conventions (sumR=0: R=1,P=0;
-   AP = mean of interp1(R, P, 0:.01:1) over the ODS curve (general_ap.m)      |   sumP=0: R=0,P=1) and beta = 1
-Matching: BSDS's assignment pays `outlier cost` (100x the radius) for every unmatched pixel and at most the radius
-per matched pair, so its matched count equals the maximum matching unless an augmenting path of >= 199 edges
-exists; with realistic maps the bipartite counts are BSDS's counts. The `distance` rule lets several pixels share
-one partner, so its precision and recall are upper bounds of the one-to-one values (they coincide when the two
-boundaries run parallel within the tolerance, the usual case; they differ for doubled or clustered responses).
-Tolerance: max_dist * sqrt(H^2 + W^2) of the tensor given, so pass unpadded images (PASCAL 0.0075, NYUD 0.011).
+SEISM/BDET pipeline, step by step, and how this module relates to it:
+1. The prediction is saved as a uint8 PNG of 255*sigmoid and read back /255.
+   Here: the float map is used as given (quantise before `update` to mimic the PNG round trip).
+2. NMS: edgesNmsMex(E, O, r=1, s=5, m=1.01), O from gradient2(convTri(E, 4)) (`io/read_one_cont_png.m`).
+   Here: identical (morphology.edge_nms; same output as pyEdgeEval's Cython port up to float ties).
+3. Binary map E > thr for the 101 thresholds of `parameters/HED.txt`. Here: same list and strict `>`,
+   compared in float64 as MATLAB compares single maps with double thresholds.
+4. bwmorph(E1, 'thin', Inf) on the prediction; GT = bwmorph(seg2bmap(G), 'thin', Inf).
+   Here: the same thinning of both (identical to skimage.morphology.thin); seg2bmap is the loader's job.
+5. correspondPixels(E1, G, maxDist): one-to-one matching of predicted and GT pixels within
+   maxDist * sqrt(H^2 + W^2) (BSDS CSA min-cost assignment with outlier cost 100 x radius).
+   Here, `matching` picks one of two rules:
+   - "distance" (default; vectorised torch, CPU or GPU): a predicted pixel is matched if a GT pixel lies within
+     the radius, a GT pixel is matched if a predicted pixel does. Not one-to-one: several pixels may share a
+     partner, so precision and recall are upper bounds of BSDS's (typically +0.01 F).
+   - "bipartite" (scipy Hopcroft-Karp on the CPU, one call per chunk of thresholds): maximum-cardinality
+     one-to-one matching. BSDS's assignment also maximises the number of matches in principle (each match saves
+     ~100x the radius), but its sparse random outlier graph makes it fall slightly short and vary between runs.
+   Measured against pyEdgeEval's build of the BSDS code on 4 synthetic 150x200 scenes: bipartite counted 0-5 more
+   matches per ~600 GT pixels and F within 0.0025 (BSDS's own run-to-run spread: 0.0006); distance gave F +0.004
+   to +0.014. Bipartite is a validation tool for small images: scipy's Hopcroft-Karp needs long augmenting paths
+   along parallel curves and took 5 s for a single threshold of one 480x640 map (6.5k x 5.5k pixels).
+6. Per image and threshold: cntR, sumR, cntP, sumP (`edgesEvalImg.m`). ODS = max over thresholds of F of the
+   counts summed over images; OIS = F of the counts summed at each image's best threshold (`general_ois.m`,
+   first maximum); AP = sum over recall 0:.01:1 of the precision linearly interpolated along the ODS curve at
+   its unique recall values, / 100 (`general_ap.m`; MATLAB's `unique` keeps the first occurrence since R2013a).
+   F uses beta = 1 and SEISM's conventions: sumR = 0 gives R = 1, P = 0; sumP = 0 gives R = 0, P = 1.
+   Here: identical; counts are int64 sums, so DDP results equal single-process ones.
+The tolerance uses the size of the tensor given: pass unpadded images (PASCAL-Context 0.0075, NYUD 0.011).
 Pixels outside `mask` or where target == ignore_index are removed from both maps (after NMS, before thinning).
 """
 
@@ -70,25 +74,30 @@ def _neighbourhood(b, y, x, offs, h, w):
     return b[:, None] * (h * w) + ny.clamp(0, h - 1) * w + nx.clamp(0, w - 1), inside
 
 
-def _dilate(gt: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) mask of pixels within the disk of some GT pixel (scatter from the sparse GT pixels)."""
+def _gt_disks(gt: torch.Tensor, offs: torch.Tensor):
+    """Image index (sorted) of every GT pixel and the flat indices (K, n) of its disk; positions outside the
+    image point at index B*H*W, one past the end, where callers keep a zero."""
     b, h, w = gt.shape
-    idx, inside = _neighbourhood(*gt.nonzero(as_tuple=True), offs, h, w)
-    hits = torch.zeros(b * h * w, dtype=torch.int32, device=gt.device)
-    hits.index_put_((idx[inside],), torch.ones((), dtype=torch.int32, device=gt.device), accumulate=True)
-    return (hits > 0).view(b, h, w)
-
-
-def _recall_from_bits(words: torch.Tensor, gt: torch.Tensor, offs: torch.Tensor, n_t: int) -> torch.Tensor:
-    """(T, B): GT pixels with a kept predicted pixel within the disk, for every threshold at once. `words` holds
-    bit t of every pixel kept at threshold t; OR-ing the words over the disk of a GT pixel gives its thresholds."""
-    b, h, w = gt.shape
-    gb, gy, gx = gt.nonzero(as_tuple=True)  # sorted by image
+    gb, gy, gx = gt.nonzero(as_tuple=True)
     idx, inside = _neighbourhood(gb, gy, gx, offs, h, w)
-    acc = torch.zeros(words.shape[0], len(gb), dtype=torch.long, device=gt.device)
-    for k in range(len(offs)):  # loop over the ~100 disk offsets, vectorised over pixels and thresholds
-        acc |= torch.where(inside[:, k], words[:, idx[:, k]], 0)
-    t = torch.arange(n_t, device=gt.device)
+    return gb, torch.where(inside, idx, b * h * w).T.contiguous()
+
+
+def _dilate(gt: torch.Tensor, disks: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) mask of pixels within the disk of some GT pixel (scatter from the sparse GT pixels)."""
+    hits = torch.zeros(gt.numel() + 1, dtype=torch.int32, device=gt.device)
+    hits.index_put_((disks.flatten(),), torch.ones((), dtype=torch.int32, device=gt.device), accumulate=True)
+    return (hits[:-1] > 0).view(gt.shape)
+
+
+def _recall_from_bits(words: torch.Tensor, gb: torch.Tensor, disks: torch.Tensor, b: int, n_t: int):
+    """(T, B): GT pixels with a kept predicted pixel within the disk, for every threshold at once. `words` holds
+    bit t of every pixel kept at threshold t (plus a zero column at the end); OR-ing the words over the disk of a
+    GT pixel gives the thresholds at which it is matched."""
+    acc = torch.zeros(words.shape[0], disks.shape[1], dtype=torch.long, device=words.device)
+    for k in range(disks.shape[0]):  # loop over the ~100 disk offsets, vectorised over pixels and thresholds
+        acc |= words[:, disks[k]]
+    t = torch.arange(n_t, device=words.device)
     hit = (acc[t // 63] >> (t % 63)[:, None]) & 1  # (T, n_gt)
     return _segment_sum(hit, gb, b)
 
@@ -169,7 +178,8 @@ class EdgeMetrics(Metric):
         b, h, w = e.shape
         dev, thr = e.device, self.thresholds.to(e.device)
         offs = disk_offsets(self.max_dist * math.sqrt(h * h + w * w), dev)
-        near_gt = _dilate(gt, offs)
+        gb, disks = _gt_disks(gt, offs)
+        near_gt = _dilate(gt, disks)
         pb, py, px = (e > thr.min()).nonzero(as_tuple=True)
         order = e[pb, py, px].argsort(descending=True, stable=True)
         pb, py, px = pb[order], py[order], px[order]
@@ -181,7 +191,7 @@ class EdgeMetrics(Metric):
         n_t = len(thr)
         sum_p = torch.zeros(n_t, b, dtype=torch.long, device=dev)
         cnt_p, cnt_r = torch.zeros_like(sum_p), torch.zeros_like(sum_p)
-        words = torch.zeros((n_t + 62) // 63, b * h * w, dtype=torch.long, device=dev)  # bit t: pixel kept at t
+        words = torch.zeros((n_t + 62) // 63, b * h * w + 1, dtype=torch.long, device=dev)  # bit t: kept at t
         chunk = max(1, _BUDGET // (b * ph * pw))
         for i in range(0, n_t, chunk):
             tc = min(chunk, n_t - i)
@@ -199,13 +209,13 @@ class EdgeMetrics(Metric):
             if self.matching == "distance":
                 cnt_p[i:i + tc] = count_ids(slot[near[rank]], tc * b).view(tc, b)
                 t_abs = tid + i  # set bit t of the kept pixels (unique (pixel, t) pairs: add == or)
-                words.view(-1).index_put_((t_abs // 63 * (b * h * w) + flat[rank],), 1 << (t_abs % 63),
+                words.view(-1).index_put_((t_abs // 63 * (b * h * w + 1) + flat[rank],), 1 << (t_abs % 63),
                                           accumulate=True)
             else:
                 m = _max_matching(tid, pb[rank], py[rank], px[rank], near[rank], gt, offs, tc)
                 cnt_p[i:i + tc] = cnt_r[i:i + tc] = m
         if self.matching == "distance":
-            cnt_r = _recall_from_bits(words, gt, offs, n_t)
+            cnt_r = _recall_from_bits(words, gb, disks, b, n_t)
         sum_r = gt.flatten(1).sum(1).expand(n_t, b)
         return torch.stack([cnt_r, sum_r, cnt_p, sum_p], -1)
 

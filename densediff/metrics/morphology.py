@@ -65,18 +65,22 @@ def thin_padded(buf: torch.Tensor, width: int, cand: torch.Tensor | None = None)
     offs_t = torch.tensor(offs, device=buf.device)
     luts = [lut.to(buf.device) for lut in _LUTS]
     cand = buf.nonzero()[:, 0] if cand is None else cand
-    todo = [cand, cand]  # pending candidates of subiteration 0 and 1
+    # pending candidates of subiteration 0 and 1; the first pass of subiteration 0 sees every 1-pixel and tells
+    # which of them subiteration 1 would delete as things stand (the rest wait until a neighbour changes)
+    todo = [cand, cand.new_zeros(0)]
     step = 0
     while todo[0].numel() or todo[1].numel():
         k = step % 2
         cand = todo[k]
         cand = cand[buf[cand] == 1]  # drop pixels deleted meanwhile
-        deleted = cand[luts[k][_codes(buf, cand, offs).long()]]
+        code = _codes(buf, cand, offs).long()
+        delete = luts[k][code]
+        deleted = cand[delete]
         buf[deleted] = 0  # every decision above saw the state before this subiteration (parallel update)
         touched = (deleted[:, None] + offs_t).flatten()
-        touched = torch.unique(touched[buf[touched] == 1])
-        todo[k] = touched
-        todo[1 - k] = torch.unique(torch.cat([todo[1 - k], touched]))
+        touched = touched[buf[touched] == 1]
+        todo[k] = torch.unique(touched)
+        todo[1 - k] = torch.unique(torch.cat([todo[1 - k], touched, cand[~delete & luts[1 - k][code]]]))
         step += 1
 
 

@@ -3,14 +3,14 @@
 Two poolings, chosen explicitly (the peers disagree):
 - `pixels` (default, DSINE `utils/utils.py::compute_normal_metrics`, also Bae/Diff-2-in-1): every valid pixel of the
   dataset is one sample; mean, exact median and rmse of the pooled errors, fractions below the thresholds.
-- `images` (Marigold v1.1 `script/normals/eval.py`): the same statistics per image, then the mean over images.
+- `images` (Marigold v1.1 `script/normals/eval.py`): the same statistics per image, then the mean over images
+  (the per-image median also uses numpy's definition: mean of the two middle values).
 The two give different numbers; the task module must log them under distinct names (e.g. a MetricCollection postfix).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
@@ -26,9 +26,15 @@ def angular_error_deg(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     acos(clamp(cos, -1, 1)) but stays accurate near 0 deg, where acos loses ~0.02 deg to float32 rounding.
     A zero prediction gives 90 deg, as DSINE's cosine similarity of 0 does.
     """
-    p = F.normalize(pred.float(), dim=1, eps=1e-12)
-    g = F.normalize(target.float(), dim=1, eps=1e-12)
-    return torch.rad2deg(2 * torch.atan2((p - g).norm(dim=1), (p + g).norm(dim=1)))
+    p = pred.float() / _length(pred.float()).clamp_min(1e-12)[:, None]
+    g = target.float() / _length(target.float()).clamp_min(1e-12)[:, None]
+    return torch.rad2deg(2 * torch.atan2(_length(p - g), _length(p + g)))
+
+
+def _length(v: torch.Tensor) -> torch.Tensor:
+    """L2 norm over the 3 channels of (B, 3, H, W), written out: torch's strided vector_norm over dim 1 is ~30x
+    slower on CPU for image-sized tensors."""
+    return (v[:, 0] * v[:, 0] + v[:, 1] * v[:, 1] + v[:, 2] * v[:, 2]).sqrt()
 
 
 def _median_sorted(sorted_vals: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -74,7 +80,7 @@ class NormalMetrics(Metric):
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         err = angular_error_deg(pred, target)  # (B, H, W)
-        valid = target.float().norm(dim=1) > self.min_target_norm
+        valid = _length(target.float()) > self.min_target_norm
         if mask is not None:
             valid = valid & (mask[:, 0] if mask.dim() == 4 else mask).bool()
         thr = torch.tensor(list(NORMAL_THRESHOLDS.values()), device=err.device)

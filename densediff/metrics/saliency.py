@@ -42,17 +42,18 @@ class SaliencyMetrics(Metric):
         if self.legacy_sigmoid:
             prob = torch.sigmoid(prob)
         valid = torch.ones_like(target, dtype=torch.bool) if self.ignore_index is None else target != self.ignore_index
-        p, pos = prob[valid], target[valid] > 0.5
+        pos = (target > 0.5) & valid
         # level = number of thresholds <= p, so p counts as positive exactly at thresholds with index < level;
-        # one histogram of levels replaces a (thresholds x pixels) comparison
+        # one histogram of (level, is-positive) replaces a (thresholds x pixels) comparison; invalid -> last bin
         t = len(self.thresholds)
-        level = torch.bucketize(p, self.thresholds.to(p.device), right=True)
-        hist_all = count_ids(level, t + 1)
-        hist_pos = count_ids(level[pos], t + 1)
+        level = torch.bucketize(prob, self.thresholds.to(prob.device), right=True)
+        bins = torch.where(valid, level + (t + 1) * pos, 2 * (t + 1))
+        hist = count_ids(bins.flatten(), 2 * (t + 1) + 1)[:-1].view(2, t + 1)
+        hist_all, hist_pos = hist.sum(0), hist[1]
         # positives at threshold k = pixels with level > k = reverse cumulative sum from level k+1
         self.pp += hist_all.flip(0).cumsum(0).flip(0)[1:]
         self.tp += hist_pos.flip(0).cumsum(0).flip(0)[1:]
-        self.ap += pos.sum()
+        self.ap += hist_pos.sum()
 
     def compute(self) -> dict[str, torch.Tensor]:
         tp, pp, ap = self.tp.double(), self.pp.double(), self.ap.double()

@@ -41,9 +41,10 @@ class SegmentationMetrics(Metric):
         valid = (target >= 0) & (target < c)
         if self.ignore_index is not None:
             valid &= target != self.ignore_index
-        p = torch.where((pred >= 0) & (pred < c), pred, c)[valid]
-        idx = target[valid] * (c + 1) + p
-        self.confmat += count_ids(idx, c * (c + 1)).view(c, c + 1)
+        p = torch.where((pred >= 0) & (pred < c), pred, c)
+        # invalid pixels go to one extra bin that is dropped (cheaper than boolean indexing)
+        idx = torch.where(valid, target * (c + 1) + p, c * (c + 1))
+        self.confmat += count_ids(idx.flatten(), c * (c + 1) + 1)[:-1].view(c, c + 1)
 
     def compute(self) -> dict[str, torch.Tensor]:
         cm = self.confmat.double()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torchmetrics import MetricCollection
 
 from densediff.metrics import NormalMetrics
 from densediff.visualize import colorize_normals
@@ -16,6 +17,21 @@ def angular_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
     return (torch.acos(cosine) * m).sum() / m.sum().clamp_min(1)
 
 
+class NormalMetricsBothPoolings(MetricCollection):
+    """Normal metrics under both protocols (DESIGN.md): the chosen pooling under the plain names (`angular_mean`,
+    ...; DSINE's pixel pooling by default), the other under suffixed names (`angular_mean_per_image` or
+    `angular_mean_pooled`)."""
+
+    def __init__(self, pooling: str = "pixels"):
+        other = {"pixels": "images", "images": "pixels"}[pooling]
+        super().__init__({"chosen": NormalMetrics(pooling), "other": NormalMetrics(other)}, compute_groups=False)
+        self.other_suffix = "_per_image" if other == "images" else "_pooled"
+
+    def compute(self) -> dict:
+        other = {f"{k}{self.other_suffix}": v for k, v in self["other"].compute().items()}
+        return {**self["chosen"].compute(), **other}
+
+
 class NormalsTask:
     name = "normals"
     target_key = "normals"
@@ -23,6 +39,8 @@ class NormalsTask:
     monitor_mode = "min"
 
     def __init__(self, pooling: str = "pixels"):
+        if pooling not in ("pixels", "images"):
+            raise ValueError(f"task.pooling must be 'pixels' or 'images', got {pooling!r}")
         self.pooling = pooling
 
     def decode(self, image: torch.Tensor) -> torch.Tensor:
@@ -36,10 +54,10 @@ class NormalsTask:
     def to_output(self, pred: torch.Tensor) -> torch.Tensor:
         return pred / pred.norm(dim=1, keepdim=True).clamp_min(1e-6)
 
-    def metrics(self) -> NormalMetrics:
-        return NormalMetrics(pooling=self.pooling)
+    def metrics(self) -> NormalMetricsBothPoolings:
+        return NormalMetricsBothPoolings(self.pooling)
 
-    def update_metrics(self, metrics: NormalMetrics, output: torch.Tensor, batch: dict) -> None:
+    def update_metrics(self, metrics: NormalMetricsBothPoolings, output: torch.Tensor, batch: dict) -> None:
         metrics.update(output.float(), batch["normals"].float(), batch["valid_mask"])
 
     def colorize(self, values: torch.Tensor, valid: torch.Tensor | None = None):

@@ -1,0 +1,120 @@
+"""Throughput of every densediff metric: update + compute on batches of 8 x 480 x 640, fixed seed.
+
+    python benchmarks/bench_metrics.py [--out benchmarks/results/metrics.json] [--reps 3] [--device cpu|cuda]
+                                       [--threads N] [--only NAME ...]
+
+Inputs are random with a fixed seed. Edges get structured inputs instead (random Voronoi boundaries, a blurred and
+shifted copy as the prediction plus a faint smooth background, quantised to uint8 levels like the PNGs SEISM reads):
+on i.i.d. noise NMS keeps most pixels and the timing says nothing about real maps. `edges_noise` times that worst
+case once. EdgeMetrics(matching="bipartite") is left out: it is a validation tool for small images (see edges.py).
+Not a test: numbers depend on the machine (and on other load: they are wall-clock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from densediff.metrics import (DepthMetrics, EdgeMetrics, IntrinsicMetrics, NormalMetrics, SaliencyMetrics,
+                               SegmentationMetrics)
+from densediff.metrics.morphology import thin
+
+B, H, W = 8, 480, 640
+
+
+def edge_scene(g: torch.Generator, regions: int = 40):
+    """(prob, gt) for one image: thin Voronoi boundaries; prediction = shifted, blurred copy + smooth background."""
+    pts = torch.rand(regions, 2, generator=g) * torch.tensor([H, W])
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    seg = ((yy[None] - pts[:, 0, None, None]) ** 2 + (xx[None] - pts[:, 1, None, None]) ** 2).argmin(0)
+    bnd = torch.zeros(H, W, dtype=torch.bool)
+    bnd[:, :-1] |= seg[:, :-1] != seg[:, 1:]
+    bnd[:-1] |= seg[:-1] != seg[1:]
+    gt = thin(bnd)
+    shift = [int(v) for v in torch.randint(-2, 3, (2,), generator=g)]
+    k = torch.tensor([1.0, 4, 6, 4, 1])
+    k = (k[:, None] * k[None]) / 256
+    resp = F.conv2d(torch.roll(gt.float(), shift, (0, 1))[None, None], k[None, None], padding=2)[0, 0]
+    bg = F.interpolate(torch.rand(1, 1, 14, 18, generator=g), size=(H, W), mode="bicubic")[0, 0].clamp(0, 1)
+    prob = (2.5 * resp + 0.02 * bg).clamp(0, 1)
+    return torch.floor(prob * 255) / 255, gt.float()
+
+
+def make_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g)
+
+    depth_gt = rand(B, H, W) * 9 + 0.5
+    normal_gt = rand(B, 3, H, W) - 0.5
+    edges = [edge_scene(g) for _ in range(B)]
+    edge_prob, edge_gt = torch.stack([e[0] for e in edges]), torch.stack([e[1] for e in edges])
+    return {
+        "depth": (lambda: DepthMetrics(), (rand(B, H, W), depth_gt, rand(B, H, W) > 0.1)),
+        "normals_pixels": (lambda: NormalMetrics("pixels"), (normal_gt + 0.3 * (rand(B, 3, H, W) - 0.5), normal_gt)),
+        "normals_images": (lambda: NormalMetrics("images"), (normal_gt + 0.3 * (rand(B, 3, H, W) - 0.5), normal_gt)),
+        "segmentation_40": (lambda: SegmentationMetrics(40),
+                            ((rand(B, H, W) * 40).long(), (rand(B, H, W) * 41).long())),
+        "saliency": (lambda: SaliencyMetrics(), (rand(B, H, W), (rand(B, H, W) > 0.7).long())),
+        "intrinsic": (lambda: IntrinsicMetrics(), (rand(B, 3, H, W), rand(B, 3, H, W))),
+        "edges": (lambda: EdgeMetrics(), (edge_prob, edge_gt)),
+        "edges_noise": (lambda: EdgeMetrics(), (rand(B, H, W), edge_gt)),
+    }
+
+
+def bench(factory, args, reps: int, device: str) -> dict:
+    args = tuple(a.to(device) for a in args)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = []
+    for _ in range(reps):
+        metric = factory().to(device)
+        sync()
+        t0 = time.perf_counter()
+        metric.update(*args)
+        result = metric.compute()
+        sync()
+        times.append(time.perf_counter() - t0)
+    best, mean = min(times), sum(times) / len(times)
+    return {"seconds_per_batch_min": best, "seconds_per_batch_mean": mean, "images_per_second": B / best,
+            "reps": reps, "result": {k: round(float(v), 6) for k, v in result.items() if v.numel() == 1}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/metrics.json")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", nargs="*", help="subset of metric names")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    inputs = make_inputs()
+    report = {"batch": [B, H, W], "device": args.device, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
+              "metrics": {}}
+    if args.device.startswith("cuda"):
+        report["gpu"] = torch.cuda.get_device_name()
+    for name, (factory, data) in inputs.items():
+        if args.only and name not in args.only:
+            continue
+        reps = 1 if name == "edges_noise" else args.reps  # the slow one: once
+        bench(factory, tuple(d[:1] for d in data), 1, args.device)  # warm-up (allocator, lazy init)
+        report["metrics"][name] = r = bench(factory, data, reps, args.device)
+        print(f"{name:16s} {r['seconds_per_batch_min'] * 1e3:9.1f} ms/batch  {r['images_per_second']:8.1f} img/s",
+              flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
