@@ -79,3 +79,24 @@ def test_missing_and_incomplete_folders_are_named(tmp_path):
 def test_unknown_attention_backend_is_rejected(sd_like_folder):
     with pytest.raises(ValueError, match="sdpa"):
         load_backbone(sd_like_folder, attention="flash-magic")
+
+
+def test_hub_id_without_network_access_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneNotFoundError, match="densediff-test/not-a-model"):
+        load_backbone("densediff-test/not-a-model")
+
+
+@pytest.mark.parametrize("name", ["tiny", "sd15", "sd2", "marigold_depth", "marigold_normals"])
+def test_every_backbone_config_composes_and_names_its_folder(name):
+    from hydra import compose, initialize_config_dir
+
+    import densediff.run  # noqa: F401  (registers the densediff_asset resolver)
+    from conftest import ROOT
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose(config_name="train", overrides=[f"backbone={name}", "paths.models_dir=/models",
+                                                      "paths.root_dir=/repo"])
+    assert cfg.backbone.name == name and cfg.backbone.attention == "sdpa"
+    expected = str(TINY_DIR) if name == "tiny" else "/models/"
+    assert str(cfg.backbone.path).startswith(expected)
