@@ -47,6 +47,11 @@ def test_evaluate_trained_checkpoint_and_untrained_backbone_on_the_same_scenes(t
     assert read_metrics(trained) != read_metrics(untrained)
     assert "abs_rel" in out.stdout and str(trained) in out.stdout and "gallery.png" in out.stdout
     assert (trained / "gallery.png").is_file()
+    import csv  # one row per test scene; their mean is the dataset score (the Marigold protocol)
+    rows = list(csv.DictReader(open(trained / "per_image.csv")))
+    assert [row["name"] for row in rows] == [f"procedural/test/{i:06d}" for i in range(4)]
+    mean_abs_rel = sum(float(row["abs_rel"]) for row in rows) / len(rows)
+    assert mean_abs_rel == pytest.approx(read_metrics(trained)["abs_rel"], rel=1e-5)
 
 
 def test_refuses_to_overwrite_a_finished_run(trained_run):

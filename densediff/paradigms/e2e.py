@@ -6,6 +6,7 @@ by the frozen VAE (gradients flow through the decoder), and the task loss is app
 
 from __future__ import annotations
 
+import csv
 import math
 import warnings
 from pathlib import Path
@@ -76,6 +77,7 @@ class E2EFineTune(L.LightningModule):
         # Frozen weights come from the backbone folder, so checkpoints hold only what trains (see on_save_checkpoint).
         self.strict_loading = False
         self._gallery: list[list[np.ndarray]] = []
+        self._test_rows: list[dict] = []  # per-image test metrics, written as per_image.csv
 
     # ---- model ----------------------------------------------------------------------------------------------
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -110,23 +112,32 @@ class E2EFineTune(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- validation / test ----------------------------------------------------------------------------------
-    def _evaluate_step(self, batch: dict, batch_idx: int, metrics) -> None:
+    def _evaluate_step(self, batch: dict, batch_idx: int, metrics) -> torch.Tensor:
         output = self.predict(batch["rgb"])
         self.task.update_metrics(metrics, output, batch)
         if batch_idx == 0 and self.trainer.is_global_zero:
             self._collect_gallery(batch, output)
+        return output
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate_step(batch, batch_idx, self.val_metrics)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate_step(batch, batch_idx, self.test_metrics)
+        output = self._evaluate_step(batch, batch_idx, self.test_metrics)
+        if hasattr(self.task, "per_image_rows"):
+            self._test_rows += self.task.per_image_rows(self.test_metrics, output, batch)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, "val")
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
+        if self._test_rows and self.trainer.is_global_zero:
+            with open(Path(self.trainer.default_root_dir) / "per_image.csv", "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=list(self._test_rows[0]))
+                writer.writeheader()
+                writer.writerows(self._test_rows)
+        self._test_rows = []
 
     def _log_metrics(self, metrics, stage: str) -> None:
         values = metrics.compute()  # synchronised across processes by torchmetrics

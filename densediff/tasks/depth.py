@@ -78,6 +78,11 @@ class DepthTask:
     def update_metrics(self, metrics: DepthMetrics, output: torch.Tensor, batch: dict) -> None:
         metrics.update(output.float(), batch["depth"].float(), batch["valid_mask"])
 
+    def per_image_rows(self, metrics: DepthMetrics, output: torch.Tensor, batch: dict) -> list[dict]:
+        """One row per image with the same numbers `update_metrics` adds up (for evaluate.py's per_image.csv)."""
+        values = metrics.per_image(output.float(), batch["depth"].float(), batch["valid_mask"])
+        return [{"name": name, **{k: float(v[i]) for k, v in values.items()}} for i, name in enumerate(batch["name"])]
+
     def colorize(self, values: torch.Tensor, valid: torch.Tensor | None = None):
         """Depth map (any units) -> uint8 RGB, normalised over the valid pixels."""
         return colorize_depth(values, valid)
