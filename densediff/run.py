@@ -197,6 +197,7 @@ def checkpoint_identity(path: Path) -> tuple[str, str]:
 def evaluate(cfg: DictConfig) -> dict:
     L.seed_everything(int(cfg.seed), workers=True)
     model = load_checkpoint_model(cfg) if cfg.get("ckpt") else build_model(cfg)
+    model.processing_res = int(cfg.processing_res)
     if cfg.get("ckpt") and model.task.name != cfg.task.name:
         raise ConfigError(f"the checkpoint predicts {model.task.name} but task={cfg.task.name}; "
                           f"pass task={model.task.name}")
@@ -219,6 +220,7 @@ def predict(cfg: DictConfig) -> None:
     task = checkpoint_identity(Path(cfg.ckpt))[1] if cfg.get("ckpt") and Path(cfg.ckpt).is_file() else cfg.task.name
     check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite))  # fail fast, before loading a model
     model = load_checkpoint_model(cfg) if cfg.get("ckpt") else build_model(cfg)
+    model.processing_res = int(cfg.processing_res)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     written, skipped = predict_images(model, cfg.input, cfg.output, device, overwrite=bool(cfg.overwrite))

@@ -91,9 +91,10 @@ def test_hub_id_without_network_access_is_one_clear_error(monkeypatch):
 def test_every_backbone_config_composes_and_names_its_folder(name):
     from hydra import compose, initialize_config_dir
 
-    import densediff.run  # noqa: F401  (registers the densediff_asset resolver)
     from conftest import ROOT
+    from densediff.run import ASSETS  # importing densediff.run registers the ${densediff_asset:} resolver
 
+    assert TINY_DIR == ASSETS / "tiny"
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         cfg = compose(config_name="train", overrides=[f"backbone={name}", "paths.models_dir=/models",
                                                       "paths.root_dir=/repo"])

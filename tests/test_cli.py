@@ -197,6 +197,9 @@ def test_predict_writes_npy_png_and_16bit_png_and_skips_unreadable_images(traine
     png16 = np.asarray(Image.open(out / "a_16bit.png"))
     assert png16.dtype == np.uint16 and np.allclose(png16 / 65535, depth, atol=1 / 65535)
     assert np.asarray(Image.open(out / "sub" / "b.png")).shape == (48, 64, 3)
+    resized = tmp_path / "resized"  # processing_res: inference at long edge 32, output back at the input size
+    run_cli("predict.py", f"input={images / 'sub'}", f"output={resized}", "processing_res=32")
+    assert np.load(resized / "b.npy").shape == (48, 64)
     again = run_cli("predict.py", f"input={images}", f"output={out}", expect_ok=False)
     assert again.returncode == 1 and "a.npy exists" in again.stderr and "Traceback" not in again.stderr
 

@@ -134,3 +134,11 @@ def test_normals_task_reports_both_poolings_under_distinct_names():
     values = metrics.compute()
     assert values["angular_mean"].item() == pytest.approx(90 / 6, abs=1e-3)  # pooled over the 6 valid pixels
     assert values["angular_mean_per_image"].item() == pytest.approx((90 / 4 + 0) / 2, abs=1e-3)
+
+
+@pytest.mark.parametrize("size, res, expected", [((480, 640), 768, (576, 768)), ((4032, 6048), 756, (504, 756)),
+                                                  ((375, 1242), 768, (231, 768))])
+def test_processing_resolution_keeps_aspect_with_truncation_like_marigold(size, res, expected):
+    from densediff.inference.single_step import resize_to_max_edge
+
+    assert tuple(resize_to_max_edge(torch.zeros(1, 1, *size), res).shape[-2:]) == expected

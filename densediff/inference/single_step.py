@@ -22,6 +22,22 @@ def pad_to_multiple(image: torch.Tensor, multiple: int) -> tuple[torch.Tensor, t
     return image, (height, width)
 
 
+def resize_to_max_edge(image: torch.Tensor, max_edge: int, mode: str = "bilinear") -> torch.Tensor:
+    """Resize [B,C,H,W] keeping the aspect ratio so that the long edge is `max_edge` (Marigold/E2E-FT
+    `resize_max_res`: f = min(res/W, res/H), new size = int(H f) x int(W f), antialiased)."""
+    height, width = image.shape[-2:]
+    scale = min(max_edge / width, max_edge / height)
+    return resize_to(image, (int(height * scale), int(width * scale)), mode)
+
+
+def resize_to(image: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    if mode == "nearest":  # torchvision's NEAREST_EXACT, as Marigold maps "nearest"
+        return F.interpolate(image, size=size, mode="nearest-exact")
+    return F.interpolate(image, size=size, mode=mode, antialias=True, align_corners=False)
+
+
 def x0_from_model_output(output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor,
                          prediction_type: str) -> torch.Tensor:
     """Invert the three diffusers parameterisations at one timestep: x0 = sqrt(a) x_t - sqrt(1-a) v, etc."""

@@ -18,6 +18,7 @@ import torch
 from densediff.adapters import apply_adapter
 from densediff.backbones import load_backbone
 from densediff.inference import SingleStepEstimator
+from densediff.inference.single_step import resize_to, resize_to_max_edge
 from densediff.tasks import build_task
 from densediff.visualize import rgb_to_uint8, save_gallery
 
@@ -78,6 +79,7 @@ class E2EFineTune(L.LightningModule):
         self.strict_loading = False
         self._gallery: list[list[np.ndarray]] = []
         self._test_rows: list[dict] = []  # per-image test metrics, written as per_image.csv
+        self.processing_res = 0  # evaluate/predict: long edge the image is resized to (0 = native resolution)
 
     # ---- model ----------------------------------------------------------------------------------------------
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -86,8 +88,16 @@ class E2EFineTune(L.LightningModule):
 
     @torch.no_grad()
     def predict(self, rgb: torch.Tensor) -> torch.Tensor:
-        """The user-facing prediction: affine-invariant depth in [0,1] or unit canonical normals."""
-        return self.task.to_output(self(rgb).float())
+        """The user-facing prediction at the input's size: affine-invariant depth in [0,1] or unit canonical normals.
+        With processing_res > 0 the image is first resized so its long edge is processing_res, and the prediction
+        is resized back to the exact input size (E2E-FT: normalise, resize back, clip)."""
+        size = tuple(rgb.shape[-2:])
+        if self.processing_res:
+            rgb = resize_to_max_edge(rgb, self.processing_res)
+        output = self.task.to_output(self(rgb).float())
+        if output.shape[-2:] != size:
+            output = self.task.resize_output(output, size)
+        return output
 
     def train(self, mode: bool = True):
         super().train(mode)

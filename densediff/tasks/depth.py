@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from densediff.inference.single_step import resize_to
 from densediff.metrics import DepthMetrics
 from densediff.visualize import colorize_depth
 
@@ -71,6 +72,9 @@ class DepthTask:
         lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
         span = hi - lo
         return torch.where(span > 0, (pred - lo) / span.clamp_min(1e-12), torch.zeros_like(pred))
+
+    def resize_output(self, output: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return resize_to(output[:, None], size)[:, 0].clamp(0, 1)
 
     def metrics(self) -> DepthMetrics:
         return DepthMetrics(alignment="least_squares", min_depth=self.min_depth, max_depth=self.max_depth)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import MetricCollection
 
+from densediff.inference.single_step import resize_to
 from densediff.metrics import NormalMetrics
 from densediff.visualize import colorize_normals
 
@@ -53,6 +54,9 @@ class NormalsTask:
 
     def to_output(self, pred: torch.Tensor) -> torch.Tensor:
         return pred / pred.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+    def resize_output(self, output: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.to_output(resize_to(output, size))  # back to unit length after interpolation
 
     def metrics(self) -> NormalMetricsBothPoolings:
         return NormalMetricsBothPoolings(self.pooling)
