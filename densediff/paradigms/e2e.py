@@ -18,7 +18,7 @@ import torch
 from densediff.adapters import apply_adapter
 from densediff.backbones import load_backbone
 from densediff.inference import SingleStepEstimator
-from densediff.inference.single_step import resize_to, resize_to_max_edge
+from densediff.inference.single_step import resize_to_max_edge
 from densediff.tasks import build_task
 from densediff.visualize import rgb_to_uint8, save_gallery
 
