@@ -225,3 +225,10 @@ def test_export_loads_in_diffusers_marigold_pipeline_and_matches_our_prediction(
     assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.999
     again = run_cli("-m", "densediff.export", f"ckpt={ckpt}", f"output={folder}", expect_ok=False)
     assert again.returncode != 0 and "not empty" in again.stderr
+
+
+def test_debug_config_runs_one_batch_of_everything(tmp_path):
+    run = tmp_path / "fdr"
+    run_cli("train.py", "debug=fdr", f"hydra.run.dir={run}", "dataset.val.num_scenes=4")
+    assert "abs_rel" in read_metrics(run) and not (run / "wandb").exists()  # debug=fdr turns the logger off
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 1
