@@ -39,8 +39,9 @@ def export(ckpt: str | Path, output: str | Path) -> Path:
     unet = model.estimator.unet
     output.mkdir(parents=True, exist_ok=True)
     lora = model.hparams.adapter.startswith("lora")
+    staging = output.parent / f".{output.name}.lora"
     if lora:  # save the adapter beside the folder first: save_pretrained below clears stray weight files
-        unet.save_lora_adapter(output.parent / f".{output.name}.lora")
+        unet.save_lora_adapter(staging)
         unet.fuse_lora()
         unet.unload_lora()
     scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", timestep_spacing="trailing")
@@ -54,7 +55,6 @@ def export(ckpt: str | Path, output: str | Path) -> Path:
         prediction_type=model.task.name, default_denoising_steps=1, default_processing_resolution=0, **extra)
     pipeline.save_pretrained(output, safe_serialization=True)
     if lora:
-        staging = output.parent / f".{output.name}.lora"
         (staging / "pytorch_lora_weights.safetensors").rename(output / "pytorch_lora_weights.safetensors")
         staging.rmdir()
     return output

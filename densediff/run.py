@@ -218,12 +218,12 @@ def predict(cfg: DictConfig) -> None:
     from densediff.inference.predict import check_outputs, predict_images
 
     task = checkpoint_identity(Path(cfg.ckpt))[1] if cfg.get("ckpt") and Path(cfg.ckpt).is_file() else cfg.task.name
-    check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite))  # fail fast, before loading a model
+    root, images = check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite))  # before loading a model
     model = load_checkpoint_model(cfg) if cfg.get("ckpt") else build_model(cfg)
     model.processing_res = int(cfg.processing_res)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
-    written, skipped = predict_images(model, cfg.input, cfg.output, device, overwrite=bool(cfg.overwrite))
+    written, skipped = predict_images(model, root, images, cfg.output, device)
     print(f"\nwrote {written} predictions to {cfg.output}" + (f"; skipped {len(skipped)} unreadable:" if skipped else ""))
     for message in skipped:
         print(f"  {message}")

@@ -59,11 +59,11 @@ def load_rgb(path: Path) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)[None]
 
 
-def predict_images(model, source: str | Path, output: str | Path, device: torch.device,
-                   overwrite: bool = False) -> tuple[int, list[str]]:
-    """Write the predictions of every image under `source`; return (written, list of skipped-file messages)."""
+def predict_images(model, root: Path, images: list[Path], output: str | Path,
+                   device: torch.device) -> tuple[int, list[str]]:
+    """Write the predictions of `images` (found and checked by check_outputs) mirrored from `root` into `output`;
+    return (written, list of skipped-file messages)."""
     task = model.task.name
-    root, images = check_outputs(source, output, task, overwrite)
     output = Path(output)
     model.eval().to(device)
     written, skipped = 0, []
