@@ -22,7 +22,9 @@ def _squeeze_channel(x: torch.Tensor) -> torch.Tensor:
 class DepthMetrics(Metric):
     """Depth metrics averaged over images. `update(pred, target, mask=None)` with (B, H, W) (or (B, 1, H, W)).
 
-    Valid pixels: min_depth < target < max_depth (strict, MG `get_valid_mask`) and `mask`. Per image:
+    Valid pixels: min_depth < target < max_depth (strict, MG `get_valid_mask`) and `mask`; with
+    `range_mask=False` only `mask` and target > 0 (DIODE: Marigold trusts the mask file and uses the range only to
+    clip the prediction). Per image:
     1. align (`least_squares`: depth space, MG default for every E2E/MG table; `least_squares_disparity`: MG's
        unused variant, see alignment.py; `none`: metric-depth predictions), the fit optionally on Marigold's
        `alignment_max_res` subsample (ETH3D: 1024);
@@ -38,12 +40,12 @@ class DepthMetrics(Metric):
     full_state_update = False
 
     def __init__(self, alignment: str = "least_squares", min_depth: float = 1e-3, max_depth: float = 10.0,
-                 alignment_max_res: int | None = None, **kwargs) -> None:
+                 alignment_max_res: int | None = None, range_mask: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
         if alignment not in _ALIGNMENTS:
             raise ValueError(f"alignment must be one of {_ALIGNMENTS}, got {alignment!r}")
         self.alignment, self.min_depth, self.max_depth = alignment, min_depth, max_depth
-        self.alignment_max_res = alignment_max_res
+        self.alignment_max_res, self.range_mask = alignment_max_res, range_mask
         for key in DEPTH_KEYS:  # sums of per-image values; float64 so long evaluations do not drift
             self.add_state(f"sum_{key}", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("images", default=torch.tensor(0), dist_reduce_fx="sum")
@@ -53,7 +55,7 @@ class DepthMetrics(Metric):
         """Per-image metrics as a dict of (B,) float64 tensors (NaN where an image has no valid pixel), plus
         `n_valid` (B,). `update` uses exactly this; evaluate.py can write it as a per-image CSV."""
         pred, target = _squeeze_channel(pred), _squeeze_channel(target)
-        valid = (target > self.min_depth) & (target < self.max_depth)
+        valid = (target > self.min_depth) & (target < self.max_depth) if self.range_mask else target > 0
         if mask is not None:
             valid = valid & _squeeze_channel(mask).bool()
         if self.alignment == "least_squares":

@@ -79,6 +79,17 @@ def test_mask_and_depth_range_are_honoured():
     assert r["abs_rel"] == pytest.approx(0.0) and r["rmse"] == pytest.approx(0.0)
 
 
+def test_range_mask_off_trusts_the_mask_alone_like_marigold_diode():
+    target = torch.tensor([[[0.2, 2.0, 4.0, 400.0]]])  # outside DIODE's 0.6..350 m but inside its mask file
+    pred = torch.tensor([[[0.5, 2.0, 4.0, 300.0]]])
+    mask = torch.tensor([[[True, True, True, False]]])
+    r = _metrics(pred, target, mask, alignment="none", min_depth=0.6, max_depth=350.0, range_mask=False)
+    # 0.2 m counts; the prediction is still clipped to [0.6, 350]: |0.6 - 0.2| / 0.2 = 2 -> mean over 3 pixels
+    assert r["abs_rel"] == pytest.approx(2.0 / 3)
+    r = _metrics(pred, target, mask, alignment="none", min_depth=0.6, max_depth=350.0)
+    assert r["abs_rel"] == pytest.approx(0.0)  # default: the range removes the 0.2 m pixel
+
+
 def test_prediction_is_clipped_to_the_depth_range():
     r = _metrics(torch.tensor([[[20.0]]]), torch.tensor([[[5.0]]]), alignment="none", max_depth=10.0)
     assert r["abs_rel"] == pytest.approx(1.0)  # 20 -> 10, |10 - 5| / 5

@@ -1,0 +1,432 @@
+"""Format tests for the depth benchmarks (Marigold's extracted eval tars) and DSINE's normal eval sets
+(specs/e2e_ft_marigold.md 3.3, 4). Every fixture is written here in the real on-disk layout, at a tiny size."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, read_metrics, run_cli
+from densediff.data.common import DataReadError, DatasetLayoutError
+from densediff.data.depth_benchmarks import DIODE, ETH3D, KITTI, NYUv2, ScanNet, marigold_prediction_name
+from densediff.data.normal_benchmarks import IBims, NYUv2Normals, Sintel, contrast_stretch, read_exr
+
+RNG = np.random.default_rng(0)
+
+
+def rgb_image(h, w, lo=0, hi=256):
+    return RNG.integers(lo, hi, (h, w, 3), dtype=np.uint8)
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+# ----------------------------------------------------------------------------- fixtures in the real layouts
+
+
+def make_nyuv2(root, n=2):
+    """Marigold's nyu_labeled_extracted.tar, extracted: test/<scene>/{rgb,depth,filled}_XXXX.png at 480x640."""
+    lines = []
+    for i in range(1, n + 1):
+        d = root / "test" / f"kitchen_{i:04d}"
+        d.mkdir(parents=True)
+        Image.fromarray(rgb_image(480, 640)).save(d / f"rgb_{i:04d}.png")
+        depth = np.full((480, 640), 2000 + i, np.uint16)  # 2.001 m, ...
+        depth[100, 100] = 0  # no Kinect return
+        depth[101, 100] = 12000  # 12 m: beyond NYU's 10 m
+        Image.fromarray(depth).save(d / f"depth_{i:04d}.png")
+        Image.fromarray(np.full((480, 640), 3000, np.uint16)).save(d / f"filled_{i:04d}.png")  # must not be used
+        rel = f"test/kitchen_{i:04d}"
+        lines.append(f"{rel}/rgb_{i:04d}.png {rel}/depth_{i:04d}.png {rel}/filled_{i:04d}.png")
+    write_lines(root / "filename_list_test.txt", lines)
+    return root
+
+
+KITTI_H, KITTI_W = 356, 1220  # KB crop: top margin 4, left margin 2
+KITTI_DRIVE = "2011_09_26_drive_0002_sync"
+
+
+def make_kitti(root):
+    lines = []
+    for i, has_gt in enumerate([True, False, True]):
+        rgb_rel = f"2011_09_26/{KITTI_DRIVE}/image_02/data/{i:010d}.png"
+        gt_rel = f"{KITTI_DRIVE}/proj_depth/groundtruth/image_02/{i:010d}.png"
+        (root / rgb_rel).parent.mkdir(parents=True, exist_ok=True)
+        img = np.zeros((KITTI_H, KITTI_W, 3), np.uint8)
+        img[..., 0] = np.arange(KITTI_W) % 256
+        img[..., 1] = (np.arange(KITTI_H) % 256)[:, None]
+        Image.fromarray(img).save(root / rgb_rel)
+        if has_gt:
+            (root / gt_rel).parent.mkdir(parents=True, exist_ok=True)
+            gt = np.full((KITTI_H, KITTI_W), 10 * 256 + i, np.uint16)  # 10 m (+ i/256)
+            gt[200, 600] = 90 * 256  # 90 m: beyond 80 m
+            Image.fromarray(gt).save(root / gt_rel)
+        lines.append(f"{rgb_rel} {gt_rel if has_gt else 'None'} 721.5377")
+    write_lines(root / "eigen_test_files_with_gt.txt", lines)
+    return root
+
+
+ETH_H, ETH_W = 6, 8
+
+
+def make_eth3d(root):
+    lines = []
+    for scene in ["courtyard", "delivery_area"]:
+        rgb_rel = f"rgb/{scene}/images/dslr_images/DSC_0001.JPG"
+        gt_rel = f"depth/{scene}_dslr_depth/{scene}/ground_truth_depth/dslr_images/DSC_0001.JPG"
+        (root / rgb_rel).parent.mkdir(parents=True)
+        (root / gt_rel).parent.mkdir(parents=True)
+        Image.fromarray(rgb_image(ETH_H, ETH_W)).save(root / rgb_rel, format="JPEG")
+        gt = np.arange(ETH_H * ETH_W, dtype=np.float32).reshape(ETH_H, ETH_W) * 0.5 + 1.0
+        gt[0, 1] = np.inf  # unknown
+        gt.astype("<f4").tofile(root / gt_rel)
+        lines.append(f"{rgb_rel} {gt_rel}")
+    write_lines(root / "eth3d_filename_list.txt", lines)
+    return root
+
+
+def make_scannet(root):
+    lines = []
+    for frame in [0, 100]:
+        d = root / "scene0568_00"
+        (d / "color").mkdir(parents=True, exist_ok=True)
+        (d / "depth").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb_image(48, 64)).save(d / "color" / f"{frame:06d}.jpg")
+        depth = np.full((48, 64), 1500, np.uint16)
+        depth[3, 4] = 0
+        Image.fromarray(depth).save(d / "depth" / f"{frame:06d}.png")
+        lines.append(f"scene0568_00/color/{frame:06d}.jpg scene0568_00/depth/{frame:06d}.png")
+    write_lines(root / "scannet_val_sampled_list_800_1.txt", lines)
+    return root
+
+
+def make_diode(root):
+    lines = []
+    for kind, name in [("indoors", "00019_00183_indoors_000_010"), ("outdoor", "00022_00192_outdoor_000_000")]:
+        d = root / kind / "scene_00019" / "scan_00183"
+        d.mkdir(parents=True)
+        Image.fromarray(rgb_image(48, 64)).save(d / f"{name}.png")
+        depth = np.full((48, 64, 1), 5.0, np.float32)  # DIODE stores (H, W, 1)
+        depth[0, 0, 0] = 0.2  # below min_depth 0.6 but inside the mask: still valid (mask file only)
+        mask = np.ones((48, 64), np.float32)
+        mask[10, 10] = 0.0
+        np.save(d / f"{name}_depth.npy", depth)
+        np.save(d / f"{name}_depth_mask.npy", mask)
+        rel = f"{kind}/scene_00019/scan_00183/{name}"
+        lines.append(f"{rel}.png {rel}_depth.npy {rel}_depth_mask.npy")
+    write_lines(root / "diode_val_all_filename_list.txt", lines)
+    return root
+
+
+DSINE_N = np.array([0.6, 0.0, 0.8])  # DSINE frame: x LEFT, y up, z toward the viewer
+
+
+def encode_normals_u8(n):
+    return np.round((np.asarray(n, np.float64) + 1) / 2 * 255).astype(np.uint8)
+
+
+def make_dsine_png(root, subdir, ids, h=48, w=64):
+    """nyuv2 / scannet: <id>_img.png, <id>_normal.png (uint8), <id>_intrins.npy."""
+    (root / subdir).mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        Image.fromarray(rgb_image(h, w, 50, 151)).save(root / subdir / f"{i}_img.png")
+        n = np.broadcast_to(encode_normals_u8(DSINE_N), (h, w, 3)).copy()
+        n[2, 3] = 0  # no GT
+        Image.fromarray(n).save(root / subdir / f"{i}_normal.png")
+        np.save(root / subdir / f"{i}_intrins.npy", np.eye(3, dtype=np.float32))
+    return root
+
+
+def write_exr(path, rgb, compression=3, half=False):
+    """A scanline OpenEXR file with channels B, G, R (alphabetical, as OpenEXR sorts them), written from the spec:
+    header attributes, a null byte, the line-offset table, then chunks of (y, size, data). compression 0 = NONE,
+    2 = ZIPS (1 line per chunk), 3 = ZIP (16 lines)."""
+    h, w, _ = rgb.shape
+    dt, ptype = (np.dtype("<f2"), 1) if half else (np.dtype("<f4"), 2)
+
+    def attr(name, kind, value):
+        return name.encode() + b"\0" + kind.encode() + b"\0" + struct.pack("<i", len(value)) + value
+    chlist = b"".join(c.encode() + b"\0" + struct.pack("<iB3xii", ptype, 0, 1, 1) for c in "BGR") + b"\0"
+    box = struct.pack("<iiii", 0, 0, w - 1, h - 1)
+    header = (struct.pack("<ii", 20000630, 2) + attr("channels", "chlist", chlist)
+              + attr("compression", "compression", bytes([compression])) + attr("dataWindow", "box2i", box)
+              + attr("displayWindow", "box2i", box) + attr("lineOrder", "lineOrder", b"\0")
+              + attr("pixelAspectRatio", "float", struct.pack("<f", 1.0))
+              + attr("screenWindowCenter", "v2f", struct.pack("<ff", 0, 0))
+              + attr("screenWindowWidth", "float", struct.pack("<f", 1.0)) + b"\0")
+    per_chunk = {0: 1, 2: 1, 3: 16}[compression]
+    chunks = []
+    for y in range(0, h, per_chunk):
+        raw = b"".join(rgb[yy, :, c].astype(dt).tobytes() for yy in range(y, min(y + per_chunk, h)) for c in (2, 1, 0))
+        if compression:
+            b = np.frombuffer(raw, np.uint8)
+            t = np.concatenate([b[0::2], b[1::2]]).astype(np.int64)  # reorder: even bytes, then odd bytes
+            t[1:] = (np.diff(t) + 128) % 256  # predictor: differences + 128
+            packed = zlib.compress(t.astype(np.uint8).tobytes())
+            raw = packed if len(packed) < len(raw) else raw
+        chunks.append(struct.pack("<ii", y, len(raw)) + raw)
+    table_end = len(header) + 8 * len(chunks)
+    offsets, pos = [], table_end
+    for c in chunks:
+        offsets.append(pos)
+        pos += len(c)
+    path.write_bytes(header + struct.pack(f"<{len(chunks)}Q", *offsets) + b"".join(chunks))
+
+
+def exr_normals(h, w):
+    n = np.broadcast_to(DSINE_N.astype(np.float32), (h, w, 3)).copy()
+    n[1, 2] = 0.0  # no GT (|n| < 0.5)
+    n[4, 5] = [0.0, -0.6, 0.8]
+    return n
+
+
+def make_dsine_exr(root, subdir, ids, h=20, w=24, compression=3):
+    """ibims / sintel: <id>_img.png, <id>_normal.exr (float), <id>_intrins.npy."""
+    (root / subdir).mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        Image.fromarray(rgb_image(h, w)).save(root / subdir / f"{i}_img.png")
+        write_exr(root / subdir / f"{i}_normal.exr", exr_normals(h, w), compression)
+        np.save(root / subdir / f"{i}_intrins.npy", np.eye(3, dtype=np.float32))
+    return root
+
+
+MAKERS = {
+    "nyuv2": make_nyuv2, "kitti": make_kitti, "eth3d": make_eth3d, "scannet": make_scannet, "diode": make_diode,
+    "nyuv2_normals": lambda r: make_dsine_png(r, "test", ["000001", "000002"]),
+    "scannet_normals": lambda r: make_dsine_png(r, "scene0001_01", ["000000"]),
+    "ibims": lambda r: make_dsine_exr(r, "ibims", ["corridor_01", "lab_02"]),
+    "sintel": lambda r: make_dsine_exr(r, "alley_1", ["frame_0001"]),
+}
+
+
+@pytest.fixture
+def fixture_root(tmp_path):
+    def make(name):
+        return MAKERS[name](tmp_path / name)
+    return make
+
+
+# ----------------------------------------------------------------------------- depth sets
+
+
+def test_nyuv2_reads_raw_depth_in_metres_with_the_eigen_crop(fixture_root):
+    ds = NYUv2(fixture_root("nyuv2"))
+    assert len(ds) == 2
+    s = ds[0]
+    assert set(s) == {"rgb", "depth", "valid_mask", "name", "relative_path"}
+    assert s["relative_path"] == "test/kitchen_0001/rgb_0001.png"
+    assert s["rgb"].shape == (3, 480, 640) and s["rgb"].dtype == torch.float32
+    expected_rgb = np.asarray(Image.open(ds.root + "/" + s["relative_path"])).transpose(2, 0, 1) / 255.0
+    assert torch.allclose(s["rgb"], torch.from_numpy(expected_rgb).float())
+    assert s["depth"].dtype == torch.float32 and s["depth"][200, 200] == pytest.approx(2.001)  # raw, not filled
+    v = s["valid_mask"]
+    region = torch.zeros(480, 640, dtype=torch.bool)
+    region[45:471, 41:601] = True
+    expected = region.clone()
+    expected[100, 100] = expected[101, 100] = False  # 0 m and 12 m
+    assert torch.equal(v, expected)
+    assert s["depth"][~v].eq(0).all() and s["depth"][v].gt(0).all()
+    assert NYUv2(ds.root, eigen_crop=False)[0]["valid_mask"].sum() == 480 * 640 - 2
+
+
+def test_kitti_kb_crop_eval_crops_and_none_lines(fixture_root):
+    root = fixture_root("kitti")
+    ds = KITTI(root)
+    assert len(ds) == 2  # the "None" GT line is dropped (Marigold issue #96)
+    s = ds[1]
+    assert s["relative_path"] == f"2011_09_26/{KITTI_DRIVE}/image_02/data/{2:010d}.png"
+    assert s["rgb"].shape == (3, 352, 1216) and s["depth"].shape == (352, 1216)
+    # KB crop: bottom 352 rows (top margin 4), centre 1216 columns (left margin 2)
+    assert s["rgb"][0, 0, 0] * 255 == pytest.approx(2) and s["rgb"][1, 0, 0] * 255 == pytest.approx(4)
+    assert s["depth"][200, 200] == pytest.approx(10 + 2 / 256)
+    eigen = torch.zeros(352, 1216, dtype=torch.bool)
+    eigen[117:321, 43:1172] = True
+    eigen[200 - 4, 600 - 2] = False  # 90 m > 80 m, moved by the KB crop
+    assert torch.equal(s["valid_mask"], eigen)
+    garg = KITTI(root, eval_crop="garg")[0]["valid_mask"]
+    expected = torch.zeros(352, 1216, dtype=torch.bool)
+    expected[143:349, 43:1172] = True
+    expected[196, 598] = False
+    assert torch.equal(garg, expected)
+    assert KITTI(root, eval_crop="none")[0]["valid_mask"].sum() == 352 * 1216 - 1
+    assert KITTI(root, kb_crop=False, eval_crop="none")[0]["depth"].shape == (KITTI_H, KITTI_W)
+    with pytest.raises(ValueError, match="eval_crop"):
+        KITTI(root, eval_crop="bts")
+
+
+def test_eth3d_raw_float32_inf_to_zero_and_wrong_size(fixture_root):
+    root = fixture_root("eth3d")
+    ds = ETH3D(root, gt_shape=(ETH_H, ETH_W))
+    s = ds[0]
+    gt = np.arange(ETH_H * ETH_W, dtype=np.float32).reshape(ETH_H, ETH_W) * 0.5 + 1.0
+    gt[0, 1] = 0.0
+    assert torch.equal(s["depth"], torch.from_numpy(gt))
+    assert s["valid_mask"].sum() == ETH_H * ETH_W - 1 and not s["valid_mask"][0, 1]
+    assert s["rgb"].shape == (3, ETH_H, ETH_W)
+    with pytest.raises(DataReadError, match=r"DSC_0001\.JPG: 192 bytes, expected 384 .*6x16"):
+        ETH3D(root, gt_shape=(ETH_H, ETH_W * 2))[0]
+
+
+def test_scannet_and_diode(fixture_root):
+    s = ScanNet(fixture_root("scannet"))[1]
+    assert s["relative_path"] == "scene0568_00/color/000100.jpg"
+    assert s["depth"][0, 0] == pytest.approx(1.5) and not s["valid_mask"][3, 4]
+    assert s["valid_mask"].sum() == 48 * 64 - 1
+
+    d = DIODE(fixture_root("diode"))[0]
+    assert d["depth"].shape == (48, 64) and d["depth"][5, 5] == pytest.approx(5.0)
+    assert d["valid_mask"][0, 0] and d["depth"][0, 0] == pytest.approx(0.2)  # mask file only: 0.2 m stays valid
+    assert not d["valid_mask"][10, 10] and d["depth"][10, 10] == 0
+    assert d["valid_mask"].sum() == 48 * 64 - 1
+
+
+def test_marigold_prediction_names():
+    assert marigold_prediction_name("nyuv2", "test/kitchen_0001/rgb_0001.png") == "test/kitchen_0001/pred_0001.npy"
+    assert marigold_prediction_name("kitti", "2011_09_26/d/image_02/data/0000000005.png") == \
+        "2011_09_26/d/image_02/data/pred_0000000005.npy"
+    assert marigold_prediction_name("eth3d", "rgb/a/images/dslr_images/DSC_0001.JPG") == \
+        "rgb/a/images/dslr_images/pred_DSC_0001.npy"
+    assert marigold_prediction_name("scannet", "scene0568_00/color/000100.jpg") == "scene0568_00/color/pred_000100.npy"
+    assert marigold_prediction_name("diode", "indoors/s/t/00019_x.png") == "indoors/s/t/pred_00019_x.npy"
+
+
+def test_missing_root_list_or_file_fail_at_construction(fixture_root, tmp_path):
+    with pytest.raises(DatasetLayoutError, match=r"NYUv2 root .*nowhere does not exist.*nyu_labeled_extracted\.tar"):
+        NYUv2(tmp_path / "nowhere")
+    root = fixture_root("nyuv2")
+    (root / "filename_list_test.txt").rename(root / "list.txt")
+    with pytest.raises(DatasetLayoutError, match=r"filename_list_test\.txt does not exist.*data_split/nyu/labeled"):
+        NYUv2(root)
+    assert len(NYUv2(root, filename_list=root / "list.txt")) == 2
+    (root / "test" / "kitchen_0002" / "depth_0002.png").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"kitchen_0002/depth_0002\.png .*does not exist"):
+        NYUv2(root, filename_list=root / "list.txt")
+    with pytest.raises(DatasetLayoutError, match=r"(?i)ibims.* holds no \*_img\.png"):
+        IBims(tmp_path)
+    with pytest.raises(ValueError, match="depth benchmark"):
+        ScanNet(fixture_root("scannet"), tasks=["normals"])
+
+
+def test_corrupt_files_raise_data_read_error_naming_them(fixture_root):
+    root = fixture_root("scannet")
+    (root / "scene0568_00" / "depth" / "000100.png").write_bytes(b"not a png")
+    ds = ScanNet(root)
+    ds[0]
+    with pytest.raises(DataReadError, match=r"depth/000100\.png"):
+        ds[1]
+    root = fixture_root("diode")
+    mask = next(root.rglob("*outdoor*_depth_mask.npy"))
+    mask.write_bytes(b"garbage")
+    with pytest.raises(DataReadError, match=mask.name):
+        DIODE(root)[1]
+    root = fixture_root("ibims")
+    (root / "ibims" / "lab_02_normal.exr").write_bytes(b"v/1\x01 truncated")
+    with pytest.raises(DataReadError, match=r"lab_02_normal\.exr"):
+        IBims(root)[1]
+
+
+# ----------------------------------------------------------------------------- DSINE normal sets
+
+
+def test_dsine_png_normals_negate_x_and_mask(fixture_root):
+    root = fixture_root("nyuv2_normals")
+    ds = NYUv2Normals(root, contrast_stretch=False)
+    assert len(ds) == 2
+    s = ds[0]
+    assert set(s) == {"rgb", "normals", "valid_mask", "name", "relative_path"}
+    assert s["relative_path"] == "test/000001_img.png"
+    v = encode_normals_u8(DSINE_N).astype(np.float32) / 255 * 2 - 1  # DSINE: not renormalised
+    assert torch.allclose(s["normals"][:, 0, 0], torch.tensor([-v[0], v[1], v[2]]))  # x negated: x RIGHT
+    assert not s["valid_mask"][2, 3] and s["normals"][:, 2, 3].eq(0).all()
+    assert s["valid_mask"].sum() == 48 * 64 - 1
+    raw = np.asarray(Image.open(root / "test" / "000001_img.png"))
+    assert torch.allclose(s["rgb"], torch.from_numpy(raw.transpose(2, 0, 1) / 255.0).float())
+
+
+def test_contrast_stretch_is_on_by_default(fixture_root):
+    root = fixture_root("nyuv2_normals")
+    s = NYUv2Normals(root)[0]
+    assert s["rgb"].min() == 0 and s["rgb"].max() == 1  # stretched from [50, 150]
+    raw = np.asarray(Image.open(root / "test" / "000001_img.png"))
+    expected = ((raw.astype(np.float32) - raw.min()) / (raw.max() - raw.min()) * 255).astype(np.uint8)
+    assert torch.allclose(s["rgb"], torch.from_numpy(expected.transpose(2, 0, 1) / 255.0).float())
+    assert np.array_equal(contrast_stretch(np.full((2, 2, 3), 7, np.uint8)), np.full((2, 2, 3), 7, np.uint8))
+
+
+@pytest.mark.parametrize("compression", [0, 2, 3])
+@pytest.mark.parametrize("half", [False, True])
+def test_exr_reader(tmp_path, compression, half):
+    a = RNG.normal(size=(37, 21, 3)).astype(np.float32)  # 37 lines: ZIP's 16-line chunks end short
+    a[:20] = 0.25  # compressible region
+    write_exr(tmp_path / "x.exr", a, compression, half)
+    planes = read_exr(tmp_path / "x.exr")
+    got = np.stack([planes[c] for c in "RGB"], -1)
+    expected = a.astype(np.float16).astype(np.float32) if half else a
+    assert np.array_equal(got, expected)
+
+
+def test_dsine_exr_normals(fixture_root):
+    ds = IBims(fixture_root("ibims"), contrast_stretch=False)
+    assert [s[0] for s in ds.samples] == ["ibims/corridor_01_img.png", "ibims/lab_02_img.png"]
+    s = ds[1]
+    n = exr_normals(20, 24)
+    assert torch.allclose(s["normals"][:, 0, 0], torch.tensor([-0.6, 0.0, 0.8]))
+    assert torch.allclose(s["normals"][:, 4, 5], torch.tensor([0.0, -0.6, 0.8]))
+    assert not s["valid_mask"][1, 2] and s["valid_mask"].sum() == n.shape[0] * n.shape[1] - 1
+    assert Sintel(fixture_root("sintel"))[0]["relative_path"] == "alley_1/frame_0001_img.png"
+
+
+# ----------------------------------------------------------------------------- configs and the CLI
+
+CONFIGS = {"nyuv2": "depth", "kitti": "depth", "eth3d": "depth", "scannet": "depth", "diode": "depth",
+           "nyuv2_normals": "normals", "scannet_normals": "normals", "ibims": "normals", "sintel": "normals"}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_benchmark_config_instantiates_on_its_fixture(name, fixture_root):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    import densediff.run  # noqa: F401  (registers the config resolvers)
+
+    root = fixture_root(name)
+    overrides = [f"dataset={name}", f"task={CONFIGS[name]}", f"dataset.root={root}", "paths.root_dir=/repo"]
+    if name == "eth3d":
+        overrides.append(f"dataset.test.gt_shape=[{ETH_H},{ETH_W}]")
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose(config_name="evaluate", overrides=overrides)
+    assert cfg.dataset.name == name and cfg.dataset.val_batch_size == 1
+    assert cfg.dataset.processing_res == {"eth3d": 756, "diode": 640}.get(name, 0)
+    assert cfg.dataset.alignment_max_res == (1024 if name == "eth3d" else None)
+    if CONFIGS[name] == "depth":
+        assert float(cfg.dataset.min_depth) > 0 and float(cfg.dataset.max_depth) > 1
+        from densediff.run import task_options
+        from densediff.tasks import build_task
+
+        metrics = build_task("depth", **task_options(cfg)).metrics()  # the protocol reaches the metrics
+        assert metrics.alignment_max_res == (1024 if name == "eth3d" else None)
+        assert metrics.range_mask == (name != "diode")  # DIODE: valid = the mask file only
+    ds = instantiate(cfg.dataset.test, _convert_="all")
+    assert len(ds) >= 1 and CONFIGS[name] in ds[0]
+
+
+def test_evaluate_cli_on_nyuv2_depth(tmp_path):
+    root = make_nyuv2(tmp_path / "nyuv2", n=1)
+    run = tmp_path / "run"
+    run_cli("evaluate.py", "dataset=nyuv2", f"dataset.root={root}", "dataset.num_workers=0",
+            "dataset.processing_res=64", "logger=csv", f"hydra.run.dir={run}", "trainer.enable_progress_bar=false")
+    metrics = read_metrics(run)
+    assert {"abs_rel", "delta1", "rmse"} <= set(metrics)
+
+
+def test_evaluate_cli_on_nyuv2_normals(tmp_path):
+    root = make_dsine_png(tmp_path / "nyuv2", "test", ["000001"])
+    run = tmp_path / "run"
+    run_cli("evaluate.py", "task=normals", "dataset=nyuv2_normals", f"dataset.root={root}", "dataset.num_workers=0",
+            "logger=csv", f"hydra.run.dir={run}", "trainer.enable_progress_bar=false")
+    metrics = read_metrics(run)
+    assert "angular_mean" in metrics
