@@ -5,7 +5,38 @@ from __future__ import annotations
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from densediff.data.mixed import MixedBatchSampler, MixedDataset
+from densediff.data.mixed import EpochIndex, MixedBatchSampler, MixedDataset
+from densediff.data.shards import StreamingShards
+
+
+class EpochAwareDataset(Dataset):
+    """Gives a dataset with set_epoch (random flips seeded by (seed, epoch, index)) the epoch each index was drawn in
+    (EpochIndex from the samplers), in whichever process fetches it: Lightning sets the epoch on samplers only, and a
+    set_epoch on the main process's dataset would not reach persistent DataLoader workers."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        epoch = getattr(index, "epoch", None)
+        if epoch is not None and getattr(self.dataset, "epoch", None) != epoch:
+            self.dataset.set_epoch(epoch)
+        return self.dataset[int(index)]
+
+
+class EpochLoader(DataLoader):
+    """DataLoader over a StreamingShards that sets the dataset's epoch before each pass (Lightning sets it on samplers
+    only, and an IterableDataset has none). Workers are not persistent, so each pass's workers see the new epoch."""
+
+    epoch_source = None  # callable returning the current epoch; else passes are counted
+
+    def __iter__(self):
+        self.passes = getattr(self, "passes", -1) + 1
+        self.dataset.set_epoch(self.epoch_source() if self.epoch_source else self.passes)
+        return super().__iter__()
 
 
 class ResumableShuffleSampler(DistributedSampler):
@@ -21,7 +52,7 @@ class ResumableShuffleSampler(DistributedSampler):
     def __iter__(self):
         indices = list(super().__iter__())[self.skip:]
         self.skip = 0
-        return iter(indices)
+        return iter([EpochIndex(i, self.epoch) for i in indices])
 
 
 class DenseDataModule(L.LightningDataModule):
@@ -40,18 +71,57 @@ class DenseDataModule(L.LightningDataModule):
         """Every batch from one dataset: the trainer must not wrap this loader in a DistributedSampler."""
         return isinstance(self.datasets["train"], MixedDataset)
 
+    @property
+    def streams(self) -> bool:
+        """Training from webdataset shards (an IterableDataset that batches and splits across processes itself)."""
+        return isinstance(self.datasets["train"], StreamingShards)
+
     def _loader(self, split: str, **kwargs) -> DataLoader:
         dataset = self.datasets[split]
         if dataset is None:
             raise ValueError(f"this dataset config has no {split} split")
+        if hasattr(dataset, "set_epoch"):
+            dataset = EpochAwareDataset(dataset)
         return DataLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0, **kwargs)
 
+    def _batches_done(self) -> int:
+        """Training batches this process has already drawn (a run resumed from a checkpoint), else 0."""
+        trainer = self.trainer
+        if trainer is None or trainer.global_step == 0:
+            return 0
+        return trainer.global_step * trainer.accumulate_grad_batches
+
+    def _stream_loader(self) -> DataLoader:
+        trainer, dataset = self.trainer, self.datasets["train"]
+        dataset.configure(self.batch_size, world_size=trainer.world_size if trainer else 1,
+                          rank=trainer.global_rank if trainer else 0, num_workers=self.num_workers, seed=self.seed)
+        done = self._batches_done()
+        per_epoch = dataset.batches_per_process
+        dataset.skip_batches = done % per_epoch  # resuming: continue where the checkpoint stopped (first pass only)
+        loader = EpochLoader(dataset, batch_size=None, num_workers=self.num_workers)
+        first = [done // per_epoch]
+
+        def epoch():  # the resumed epoch, then Lightning's own epoch count
+            if first:
+                return first.pop()
+            dataset.skip_batches = 0
+            return trainer.current_epoch if trainer is not None else loader.passes
+
+        loader.epoch_source = epoch
+        return loader
+
     def train_dataloader(self) -> DataLoader:
+        if self.streams:
+            return self._stream_loader()
         if self.mixes_batches:
             trainer = self.trainer
             sampler = MixedBatchSampler(self.datasets["train"].lengths, self.batch_size, ratios=self.mix_ratios,
                                         seed=self.seed, num_replicas=trainer.world_size if trainer else 1,
                                         rank=trainer.global_rank if trainer else 0)
+            done = self._batches_done()
+            if done:  # resuming: continue where the checkpoint stopped
+                sampler.set_epoch(done // len(sampler))
+                sampler.skip = done % len(sampler)
             return self._loader("train", batch_sampler=sampler)
         trainer = self.trainer
         sampler = ResumableShuffleSampler(self.datasets["train"], num_replicas=trainer.world_size if trainer else 1,

@@ -14,15 +14,32 @@ batch sampler over a ConcatDataset, so one DataLoader (workers, pinning, DDP) se
         sampler.set_epoch(epoch); ds.set_epoch(epoch)                      # new order and new flips per epoch
         for batch in loader: ...
 
-Lightning calls `batch_sampler.set_epoch(epoch)` itself. Under DDP give the sampler num_replicas/rank and build the
-Trainer with `use_distributed_sampler=False` (otherwise Lightning tries to rebuild this batch sampler around its own
-DistributedSampler).
+Lightning calls `set_epoch(epoch)` on `loader.batch_sampler.sampler`, which is the batch sampler itself here. Under DDP
+give the sampler num_replicas/rank and build the Trainer with `use_distributed_sampler=False` (otherwise Lightning
+tries to rebuild this batch sampler around its own DistributedSampler). The indices carry their epoch (EpochIndex), so
+a dataset wrapped in EpochAwareDataset (densediff/data/datamodule.py) flips per epoch even in persistent workers.
 """
 
 from fractions import Fraction
 
 import numpy as np
 from torch.utils.data import ConcatDataset, Sampler
+
+
+class EpochIndex(int):
+    """A dataset index that carries the epoch it was drawn in (an int everywhere else). Samplers yield these, so the
+    epoch reaches the dataset copies in DataLoader workers, persistent ones included, without set_epoch calls there."""
+
+    def __new__(cls, value, epoch):
+        obj = super().__new__(cls, value)
+        obj.epoch = int(epoch)
+        return obj
+
+    def __reduce__(self):
+        return EpochIndex, (int(self), self.epoch)
+
+    def __repr__(self):
+        return f"EpochIndex({int(self)}, epoch={self.epoch})"
 
 
 class MixedDataset(ConcatDataset):
@@ -69,6 +86,7 @@ class MixedBatchSampler(Sampler[list[int]]):
                              f"got {batch_size}, {rank}, {num_replicas}")
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.skip = 0  # batches of this rank to skip once, in the epoch being resumed
         self.offsets = np.cumsum([0] + self.lengths[:-1]).tolist()
         full = [n // batch_size if drop_last else -(-n // batch_size) for n in self.lengths]
         self.counts = batches_per_dataset(full, self.ratios)
@@ -78,6 +96,11 @@ class MixedBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+
+    @property
+    def sampler(self):
+        """Lightning sets the epoch on `batch_sampler.sampler` (never on the batch sampler): point it here."""
+        return self
 
     def __len__(self):
         return sum(self.counts) // self.num_replicas
@@ -94,5 +117,9 @@ class MixedBatchSampler(Sampler[list[int]]):
         return [batches[j] for j in order]
 
     def __iter__(self):
-        batches = self._epoch_batches()
-        yield from batches[self.rank:len(self) * self.num_replicas:self.num_replicas]
+        """This rank's batches of the epoch; after a mid-epoch resume (skip = batches already trained on), the rest of
+        them, exactly the ones the interrupted run would have drawn next."""
+        batches = self._epoch_batches()[self.rank:len(self) * self.num_replicas:self.num_replicas]
+        skip, self.skip = self.skip, 0
+        for batch in batches[skip:]:
+            yield [EpochIndex(i, self.epoch) for i in batch]
