@@ -30,6 +30,8 @@ class Backbone:
     scheduler: DDIMScheduler
     empty_text_embedding: torch.Tensor  # [1, tokens, dim]: the unpadded "" prompt (DESIGN.md conventions)
     path: str
+    text_encoder: object = None  # kept only when asked (prompt-conditioned training, DMP)
+    tokenizer: object = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -64,19 +66,26 @@ def widen_conv_in(unet: UNet2DConditionModel, in_channels: int = 8, halve_bias: 
     """Widen conv_in from 4 to `in_channels` for concatenation conditioning ([rgb_latent, target_latent]).
 
     The 4-channel weight is tiled along the input channels and scaled by 4/in_channels (0.5 for 8), so that
-    with identical halves the layer initially computes what it did before. The bias is kept (Marigold's trainer)
+    with identical halves the layer initially computes what it did before. Asked for fewer channels (an 8-channel
+    UNet for a 4-channel conditioning), the channel groups are summed: the narrowed layer computes on x what the
+    wide one did on [x, x]. The bias is kept (Marigold's trainer)
     or halved (E2E-FT's SD2 variant, `halve_bias=True`); see specs/e2e_ft_marigold.md section 6.
     """
     old = unet.conv_in
     if old.in_channels == in_channels:
         return
-    if in_channels % old.in_channels:
-        raise ValueError(f"cannot widen conv_in from {old.in_channels} to {in_channels} channels: not a multiple")
-    repeat = in_channels // old.in_channels
+    if in_channels % old.in_channels and old.in_channels % in_channels:
+        raise ValueError(f"cannot change conv_in from {old.in_channels} to {in_channels} channels: not a multiple")
     new = torch.nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding)
     with torch.no_grad():
-        new.weight.copy_(old.weight.repeat(1, repeat, 1, 1) / repeat)
-        new.bias.copy_(old.bias / repeat if halve_bias else old.bias)
+        if in_channels > old.in_channels:
+            repeat = in_channels // old.in_channels
+            new.weight.copy_(old.weight.repeat(1, repeat, 1, 1) / repeat)
+            new.bias.copy_(old.bias / repeat if halve_bias else old.bias)
+        else:  # the inverse, e.g. an 8-channel UNet for DMP's 4-channel input: sum the channel groups
+            groups = old.in_channels // in_channels
+            new.weight.copy_(old.weight.unflatten(1, (groups, in_channels)).sum(dim=1))
+            new.bias.copy_(old.bias)
     unet.conv_in = new
     unet.register_to_config(in_channels=in_channels)
 
@@ -94,8 +103,10 @@ def load_backbone(
     halve_conv_in_bias: bool = False,
     attention: str = "sdpa",
     gradient_checkpointing: bool = False,
+    keep_text_encoder: bool = False,
 ) -> Backbone:
-    """Load UNet, VAE, scheduler and the empty-prompt embedding; widen conv_in if the UNet has 4 channels."""
+    """Load UNet, VAE, scheduler and the empty-prompt embedding; widen conv_in if the UNet has 4 channels. The text
+    encoder is dropped after the empty prompt is encoded unless `keep_text_encoder` (prompts per sample)."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = resolve_backbone_path(path)
@@ -112,14 +123,16 @@ def load_backbone(
                                     + f"\n  Cause: {str(error).splitlines()[0] if str(error) else error!r}") from error
 
     empty_text_embedding = encode_empty_prompt(tokenizer, text_encoder)
-    del text_encoder  # only the cached embedding is needed from here on
+    if not keep_text_encoder:
+        text_encoder = tokenizer = None  # only the cached embedding is needed from here on
 
     if unet.config.in_channels != unet_in_channels:
         widen_conv_in(unet, unet_in_channels, halve_bias=halve_conv_in_bias)
     set_attention_backend(unet, attention)
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    return Backbone(unet=unet, vae=vae, scheduler=scheduler, empty_text_embedding=empty_text_embedding, path=source)
+    return Backbone(unet=unet, vae=vae, scheduler=scheduler, empty_text_embedding=empty_text_embedding, path=source,
+                    text_encoder=text_encoder, tokenizer=tokenizer)
 
 
 def set_attention_backend(unet: UNet2DConditionModel, attention: str) -> None:
