@@ -29,7 +29,7 @@ def test_class_names():
 def test_camera_facing_wall_head_on():
     # 1 m in front of the wall z = 0, looking straight at it (yaw 0 looks along -z): the wall fills the image
     s = render_scene_from_params(controlled((2.0, 1.5, 1.0)), 24, 32)
-    assert (s["instance"] == 2).all() and (s["semantic"] == CLASS_NAMES.index("wall")).all()
+    assert (s["instance"] == 2).all() and (s["segmentation"] == CLASS_NAMES.index("wall")).all()
     np.testing.assert_allclose(s["depth"], 1.0, atol=1e-5)
     np.testing.assert_allclose(s["normals"], np.broadcast_to([0, 0, 1], s["normals"].shape), atol=1e-6)
     assert not s["saliency"].any() and not s["edges"].any()
@@ -48,7 +48,7 @@ def test_planar_depth_constant_on_fronto_parallel_wall():
 def test_level_camera_floor_normal_and_depth():
     h, w, cam_height = 48, 64, 1.2
     s = render_scene_from_params(controlled((4.0, cam_height, 4.0), yaw=0.7, room=(8.0, 3.0, 8.0)), h, w)
-    floor = s["semantic"] == CLASS_NAMES.index("floor")
+    floor = s["segmentation"] == CLASS_NAMES.index("floor")
     assert floor[-1].all() and not floor[0].any()
     np.testing.assert_allclose(s["normals"][floor], np.broadcast_to([0, 1, 0], (floor.sum(), 3)), atol=1e-6)
     # a ray through row v descends (v + 0.5 - cy) / fy per metre of planar depth and meets the floor at cam_height
@@ -56,7 +56,7 @@ def test_level_camera_floor_normal_and_depth():
     rows = np.broadcast_to(np.arange(h)[:, None], (h, w))[floor]
     np.testing.assert_allclose(s["depth"][floor], cam_height * K[1, 1] / (rows + 0.5 - K[1, 2]), rtol=1e-5)
     # a level camera sees the ceiling with normal (0, -1, 0)
-    ceiling = s["semantic"] == CLASS_NAMES.index("ceiling")
+    ceiling = s["segmentation"] == CLASS_NAMES.index("ceiling")
     assert ceiling.any()
     np.testing.assert_allclose(s["normals"][ceiling], np.broadcast_to([0, -1, 0], (ceiling.sum(), 3)), atol=1e-6)
 
@@ -76,15 +76,15 @@ def test_output_contract(scenes):
         assert s["rgb"].shape == s["albedo"].shape == s["shading"].shape == s["normals"].shape == (48, 64, 3)
         for key in ("rgb", "albedo", "shading", "depth", "normals", "intrinsics"):
             assert s[key].dtype == np.float32, key
-        assert s["semantic"].dtype == s["instance"].dtype == np.int64
+        assert s["segmentation"].dtype == s["instance"].dtype == np.int64
         assert s["edges"].dtype == s["saliency"].dtype == bool
         assert (s["rgb"] == s["albedo"] * s["shading"]).all()  # exactly, by construction
         for key in ("rgb", "albedo", "shading"):
             assert s[key].min() >= 0 and s[key].max() <= 1, key
         assert (s["depth"] > 0).all() and np.isfinite(s["depth"]).all()
         np.testing.assert_allclose(np.linalg.norm(s["normals"], axis=-1), 1, atol=1e-5)
-        assert s["semantic"].min() >= 0 and s["semantic"].max() < len(CLASS_NAMES)
-        np.testing.assert_array_equal(s["saliency"], s["semantic"] >= CLASS_NAMES.index("box"))
+        assert s["segmentation"].min() >= 0 and s["segmentation"].max() < len(CLASS_NAMES)
+        np.testing.assert_array_equal(s["saliency"], s["segmentation"] >= CLASS_NAMES.index("box"))
     assert any(s["saliency"].any() for s in scenes)  # furniture is usually in view
 
 
@@ -137,7 +137,7 @@ def test_hard_shadow_of_a_sphere():
     light = params["light"]
     light.update(position=np.array([2.0, 2.8, 1.5]), ambient=0.2, falloff=10.0)
     s = render_scene_from_params(params, 48, 64)
-    floor = s["semantic"] == CLASS_NAMES.index("floor")
+    floor = s["segmentation"] == CLASS_NAMES.index("floor")
     points, _ = _camera_points(s)
     R = procedural.camera_to_world(params["camera"])
     world = points[floor] @ R.T + params["camera"]["position"]
@@ -165,8 +165,8 @@ def test_same_scene_at_two_resolutions():
         pooled = hi["depth"].reshape(32, 2, 40, 2).mean((1, 3))
         rel = np.abs(pooled - lo["depth"]) / lo["depth"]
         assert np.median(rel) < 0.01 and (rel > 0.05).mean() < 0.1
-        # the semantic map agrees except along boundaries
-        assert (hi["semantic"][::2, ::2] == lo["semantic"]).mean() > 0.9
+        # the segmentation map agrees except along boundaries
+        assert (hi["segmentation"][::2, ::2] == lo["segmentation"]).mean() > 0.9
 
 
 def test_dataset_item():
@@ -175,11 +175,11 @@ def test_dataset_item():
     item = ds[2]
     assert item["name"] == "procedural/val/000002"
     assert item["rgb"].shape == item["normals"].shape == item["albedo"].shape == item["shading"].shape == (3, 24, 32)
-    for key in ("depth", "valid_mask", "semantic", "edges", "saliency"):
+    for key in ("depth", "valid_mask", "segmentation", "edges", "saliency"):
         assert item[key].shape == (24, 32), key
     assert item["intrinsics"].shape == (3, 3)
     assert item["valid_mask"].dtype == torch.bool and item["valid_mask"].all()
-    assert item["semantic"].dtype == torch.int64
+    assert item["segmentation"].dtype == torch.int64
     for key in ("rgb", "depth", "normals", "albedo", "shading", "edges", "saliency", "intrinsics"):
         assert item[key].dtype == torch.float32, key
     assert set(item["edges"].unique().tolist()) <= {0.0, 1.0}
@@ -193,7 +193,7 @@ def test_dataset_item():
 
 def test_dataset_tasks_filter():
     item = ProceduralScenes(num_scenes=2, height=16, width=16, tasks=("depth",))[0]
-    assert set(item) == {"rgb", "valid_mask", "name", "intrinsics", "depth"}
+    assert set(item) == {"rgb", "valid_mask", "name", "relative_path", "intrinsics", "depth"}
 
 
 def test_splits_are_disjoint():

@@ -3,7 +3,7 @@
 A vectorised numpy ray caster renders a random box room (4 walls, floor, ceiling) with 2-6 furniture primitives
 (yaw-rotated boxes, spheres, vertical cylinders), procedural solid textures and one point light with hard shadows, and
 returns exact ground truth for every task: planar depth, canonical normals, albedo, shading (rgb == albedo * shading),
-semantic and instance ids, edges and saliency.
+segmentation (semantic class) and instance ids, edges and saliency.
 
 Everything about a scene (room, camera, objects, colours, light) is drawn from `seed` by `sample_scene_params`, before
 any pixel exists, so one seed is one picture at every resolution. `render_scene_from_params` turns those plain
@@ -23,7 +23,7 @@ import torch
 CLASS_NAMES = ("wall", "floor", "ceiling", "box", "sphere", "cylinder")
 WALL, FLOOR, CEILING, BOX, SPHERE, CYLINDER = range(len(CLASS_NAMES))
 PATTERNS = ("plain", "checker", "stripes", "noise")
-TASKS = ("depth", "normals", "albedo", "shading", "semantic", "edges", "saliency")
+TASKS = ("depth", "normals", "albedo", "shading", "segmentation", "edges", "saliency")
 SPLITS = ("train", "val", "test")
 SCENES_PER_SPLIT = 10**7  # seed-space stride between splits; makes split seed ranges disjoint by construction
 
@@ -351,7 +351,7 @@ def render_scene_from_params(params, height, width):
         "shading": shading,
         "depth": depth,
         "normals": hwc(R.T @ normal),  # world -> camera frame
-        "semantic": classes[instance].astype(np.int64),
+        "segmentation": classes[instance].astype(np.int64),
         "instance": instance,
         "edges": _edges(instance, depth),
         "saliency": instance >= 6,
@@ -406,6 +406,7 @@ class ProceduralScenes(torch.utils.data.Dataset):
             "valid_mask": torch.ones(self.height, self.width, dtype=torch.bool),  # every ray hits something
             "intrinsics": torch.from_numpy(s["intrinsics"]),
             "name": f"procedural/{self.split}/{index:06d}",
+            "relative_path": f"{self.split}/{index:06d}.png",  # where a precomputed prediction is looked up
         }
         for task in self.tasks:
             a = s[task]
@@ -432,11 +433,11 @@ def _colourise(a, lo=None, hi=None):
 
 
 def mosaic(scene):
-    """2 x 4 uint8 grid: rgb | depth | normals | semantic / albedo | shading | edges | saliency."""
+    """2 x 4 uint8 grid: rgb | depth | normals | segmentation / albedo | shading | edges | saliency."""
     palette = np.array([[0.6, 0.6, 0.6], [0.55, 0.35, 0.2], [0.9, 0.9, 0.8], [0.9, 0.2, 0.2], [0.2, 0.5, 0.9],
                         [0.3, 0.8, 0.3]])
     grey = lambda m: np.repeat(m.astype(np.float32)[..., None], 3, -1)
-    tiles = [scene["rgb"], _colourise(scene["depth"]), (scene["normals"] + 1) / 2, palette[scene["semantic"]],
+    tiles = [scene["rgb"], _colourise(scene["depth"]), (scene["normals"] + 1) / 2, palette[scene["segmentation"]],
              scene["albedo"], scene["shading"], grey(scene["edges"]), grey(scene["saliency"])]
     rows = [np.concatenate(tiles[:4], 1), np.concatenate(tiles[4:], 1)]
     return (np.clip(np.concatenate(rows, 0), 0, 1) * 255).round().astype(np.uint8)
@@ -452,7 +453,7 @@ def main():
     ap.add_argument("--out", default="scene.png")
     args = ap.parse_args()
     Image.fromarray(mosaic(render_scene(args.seed, args.height, args.width))).save(args.out)
-    print(f"wrote {args.out} (rgb | depth | normals | semantic / albedo | shading | edges | saliency)")
+    print(f"wrote {args.out} (rgb | depth | normals | segmentation / albedo | shading | edges | saliency)")
 
 
 if __name__ == "__main__":

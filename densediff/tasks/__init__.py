@@ -1,9 +1,13 @@
 """Tasks: how a task's values become a 3-channel image for the VAE and back, its loss, metrics and colours."""
 
+from densediff.tasks.albedo import AlbedoTask
 from densediff.tasks.depth import DepthTask
 from densediff.tasks.normals import NormalsTask
+from densediff.tasks.segmentation import SegmentationTask
+from densediff.tasks.shading import ShadingTask
 
-TASKS = {"depth": DepthTask, "normals": NormalsTask}
+TASKS = {"depth": DepthTask, "normals": NormalsTask, "albedo": AlbedoTask, "shading": ShadingTask,
+         "segmentation": SegmentationTask}
 
 
 def build_task(name: str, **kwargs):
@@ -12,4 +16,4 @@ def build_task(name: str, **kwargs):
     return TASKS[name](**kwargs)
 
 
-__all__ = ["DepthTask", "NormalsTask", "TASKS", "build_task"]
+__all__ = ["AlbedoTask", "DepthTask", "NormalsTask", "SegmentationTask", "ShadingTask", "TASKS", "build_task"]

@@ -1,28 +1,54 @@
-"""Affine-invariant depth (Marigold / E2E-FT).
+"""Depth: two codecs between metres and the 3-channel image in [-1, 1] the VAE encodes (`encoding`).
 
-The model's decoded 3-channel image is averaged over channels and clipped to [-1, 1] (Marigold `decode_depth`);
-the user-facing prediction is that map min-max normalised to [0, 1], near = 0 (E2E-FT `__call__`), i.e. depth,
-not disparity (DESIGN.md). Evaluation aligns it to metres by least squares (DepthMetrics).
+`affine` (default; Marigold / GeoWizard / E2E-FT): the target image is the depth normalised per image by the 2nd/98th
+percentiles of its valid pixels, ((d - p2) / (p98 - p2) - 0.5) * 2 clipped to [-1, 1], repeated x3 (specs
+e2e_ft_marigold.md 2.6, dmp_geowizard.md B2). Decoding averages the channels and clips to [-1, 1] (Marigold
+`decode_depth`); the user-facing prediction is that map min-max normalised to [0, 1], near = 0 (E2E-FT `__call__`),
+i.e. depth, not disparity (DESIGN.md). Evaluation aligns it to metres by least squares (DepthMetrics).
+
+`float` (DMP target_mode 'F', specs/dmp_geowizard.md A4/A5): image = d / target_scale * 2 - 1 (no clamp: depth beyond
+target_scale exceeds 1), or the per-image min-max of the valid pixels when target_scale = -1. Decoding: channel mean,
+/ 2 + 0.5, clamp(min=0), * target_scale, so the model-space prediction and the output are metres (target_scale > 0;
+DMP's npz 'x') or a [0, 1] relative map (target_scale = -1, min-max normalised per image like DMP).
+
+Invalid pixels (outside valid_mask or (min_depth, max_depth)) are encoded as the far end of the image's valid range:
+p98 -> +1 in `affine` (exactly Marigold's ScaleShiftDepthNormalizer and E2E-FT's loader, so checkpoints see what
+they were trained on), the largest valid depth in `float` (the same "far plane" choice; DMP's pseudo GT has no invalid
+pixels, so it prescribes nothing). A nearest-valid fill would avoid an artificial edge but needs a distance transform
+per image; these pixels are masked from every loss and metric anyway. An image without valid pixels, or whose p2 ==
+p98, encodes as zeros (E2E-FT: zero map, empty mask).
 """
 
 from __future__ import annotations
 
 import torch
 
+from densediff.inference.ensemble import ensemble_depth
 from densediff.inference.single_step import resize_to
 from densediff.metrics import DepthMetrics
 from densediff.visualize import colorize_depth
 
 
-def masked_quantile_clip(depth: torch.Tensor, valid: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_quantiles(depth: torch.Tensor, valid: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image (lo, hi) = the [q, 1-q] quantiles of the valid pixels (torch.quantile, linear), NaN without any."""
+    lo = torch.full(depth.shape[:1], float("nan"), device=depth.device)
+    hi = lo.clone()
+    for i in range(depth.shape[0]):  # torch.quantile has no mask argument; a batch holds a few images
+        values = depth[i][valid[i]]
+        if values.numel():
+            lo[i], hi[i] = torch.quantile(values.float(), torch.tensor([quantile, 1 - quantile], device=depth.device))
+    return lo, hi
+
+
+def masked_quantile_clip(depth: torch.Tensor, valid: torch.Tensor,
+                         quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
     """E2E-FT's GT treatment (specs 2.6): clamp each image to its [q, 1-q] valid-pixel quantiles, set invalid
     pixels to the upper one; images whose two quantiles coincide lose their mask."""
     clipped, valid = depth.clone(), valid.clone()
-    for i in range(depth.shape[0]):  # torch.quantile has no mask argument; a batch holds a few images
-        values = depth[i][valid[i]]
-        if values.numel() == 0:
+    los, his = masked_quantiles(depth, valid, quantile)
+    for i, (lo, hi) in enumerate(zip(los, his)):
+        if lo.isnan():  # no valid pixel
             continue
-        lo, hi = torch.quantile(values.float(), torch.tensor([quantile, 1 - quantile], device=depth.device))
         if lo == hi:
             valid[i] = False
             continue
@@ -54,30 +80,98 @@ class DepthTask:
     monitor = "abs_rel"  # the metric that picks the best checkpoint
     monitor_mode = "min"
 
-    def __init__(self, min_depth: float = 1e-3, max_depth: float = 80.0, quantile: float = 0.02):
+    def __init__(self, min_depth: float = 1e-3, max_depth: float = 80.0, quantile: float = 0.02,
+                 alignment_max_res: int | None = None, range_mask: bool = True, encoding: str = "affine",
+                 target_scale: float = 8.0):
+        if encoding not in ("affine", "float"):
+            raise ValueError(f"task.encoding must be 'affine' or 'float', got {encoding!r}")
+        if not (target_scale > 0 or target_scale == -1):
+            raise ValueError(f"task.target_scale must be > 0 (metres per unit) or -1 (per-image min-max), "
+                             f"got {target_scale}")
         self.min_depth, self.max_depth, self.quantile = min_depth, max_depth, quantile
+        # evaluation protocol of the dataset (DepthMetrics): ETH3D aligns at <= 1024 px, DIODE trusts its mask file
+        self.alignment_max_res, self.range_mask = alignment_max_res, range_mask
+        # float: DMP's README uses 8 (metres) for depth; only read when encoding == "float"
+        self.encoding, self.target_scale = encoding, float(target_scale)
+
+    @property
+    def metric_output(self) -> bool:
+        """True when predictions are metres (float codec with a fixed target_scale), not [0, 1] relative depth."""
+        return self.encoding == "float" and self.target_scale > 0
+
+    def valid(self, batch: dict) -> torch.Tensor:
+        return batch["valid_mask"] & (batch["depth"] > self.min_depth) & (batch["depth"] < self.max_depth)
+
+    def encode(self, batch: dict) -> torch.Tensor:
+        """Ground-truth depth (metres) -> [B,3,H,W] target image (see the module docstring)."""
+        depth, valid = batch["depth"].float(), self.valid(batch)
+        image = torch.zeros_like(depth)
+        if self.encoding == "affine":
+            lo, hi = masked_quantiles(depth, valid, self.quantile)
+            for i in range(depth.shape[0]):
+                if not (hi[i] > lo[i]):  # NaN (nothing valid) or a flat image: zeros
+                    continue
+                d = torch.where(valid[i], depth[i], hi[i])
+                image[i] = (((d - lo[i]) / (hi[i] - lo[i]) - 0.5) * 2).clamp(-1, 1)
+        else:
+            for i in range(depth.shape[0]):
+                if not valid[i].any():
+                    continue
+                values = depth[i][valid[i]]
+                d = torch.where(valid[i], depth[i], values.max())
+                if self.target_scale > 0:
+                    unit = d / self.target_scale
+                else:
+                    lo, hi = values.min(), values.max()
+                    unit = (d - lo) / (hi - lo) if hi > lo else torch.zeros_like(d)
+                image[i] = unit * 2 - 1
+        return image[:, None].expand(-1, 3, -1, -1).contiguous()
 
     def decode(self, image: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] decoded VAE image -> [B,H,W] depth in [-1, 1]."""
-        return image.mean(dim=1).clamp(-1, 1)
+        """[B,3,H,W] decoded VAE image -> [B,H,W]: affine depth in [-1, 1]; float: DMP's decoding (metres, or a
+        relative map >= 0 when target_scale = -1)."""
+        mean = image.mean(dim=1)
+        if self.encoding == "affine":
+            return mean.clamp(-1, 1)
+        unit = (mean / 2 + 0.5).clamp_min(0)
+        return unit * self.target_scale if self.target_scale > 0 else unit
 
     def loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
-        valid = batch["valid_mask"] & (batch["depth"] > self.min_depth) & (batch["depth"] < self.max_depth)
+        """E2E-FT's scale-and-shift-invariant L1 against the quantile-clipped GT (either codec: it is affine
+        invariant, so the float codec's metres train the same way)."""
+        valid = self.valid(batch)
         target, valid = masked_quantile_clip(batch["depth"], valid, self.quantile)
         return scale_shift_invariant_l1(pred, target, valid)
 
     def to_output(self, pred: torch.Tensor) -> torch.Tensor:
-        """[-1,1] model depth -> [0,1] affine-invariant depth, min-max normalised per image (E2E-FT)."""
+        """[-1,1] model depth -> [0,1] affine-invariant depth, min-max normalised per image (E2E-FT). Float codec:
+        metres stay metres (target_scale > 0); a relative map is min-max normalised (DMP, target_scale = -1)."""
+        if self.metric_output:
+            return pred.clamp_min(0)
         flat = pred.flatten(1)
         lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
         span = hi - lo
         return torch.where(span > 0, (pred - lo) / span.clamp_min(1e-12), torch.zeros_like(pred))
 
-    def resize_output(self, output: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return resize_to(output[:, None], size)[:, 0].clamp(0, 1)
+    def ensemble(self, members: torch.Tensor, reduction: str = "median") -> torch.Tensor:
+        """[E,H,W] model-space members of one image -> [H,W]; aligned in [0, 1] units like Marigold's (d + 1) / 2,
+        so that the range regulariser means what it does there. to_output min-max normalises the result.
+        Float codec in metres: the members share one scale, so they are merged without alignment."""
+        if self.metric_output:
+            if reduction not in ("median", "mean"):
+                raise ValueError(f"inference.ensemble_reduction must be 'median' or 'mean', got {reduction!r}")
+            return members.median(dim=0).values if reduction == "median" else members.mean(dim=0)
+        if self.encoding == "float":  # relative map in [0, 1]
+            return ensemble_depth(members, reduction=reduction)
+        return ensemble_depth((members + 1) / 2, reduction=reduction)
+
+    def resize_output(self, output: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+        resized = resize_to(output[:, None], size, mode)[:, 0]
+        return resized.clamp_min(0) if self.metric_output else resized.clamp(0, 1)
 
     def metrics(self) -> DepthMetrics:
-        return DepthMetrics(alignment="least_squares", min_depth=self.min_depth, max_depth=self.max_depth)
+        return DepthMetrics(alignment="least_squares", min_depth=self.min_depth, max_depth=self.max_depth,
+                            alignment_max_res=self.alignment_max_res, range_mask=self.range_mask)
 
     def update_metrics(self, metrics: DepthMetrics, output: torch.Tensor, batch: dict) -> None:
         metrics.update(output.float(), batch["depth"].float(), batch["valid_mask"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import MetricCollection
 
+from densediff.inference.ensemble import ensemble_normals
 from densediff.inference.single_step import resize_to
 from densediff.metrics import NormalMetrics
 from densediff.visualize import colorize_normals
@@ -39,14 +40,33 @@ class NormalsTask:
     monitor = "angular_mean"
     monitor_mode = "min"
 
-    def __init__(self, pooling: str = "pixels"):
+    def __init__(self, pooling: str = "pixels", model_frame: str = "canonical"):
         if pooling not in ("pixels", "images"):
             raise ValueError(f"task.pooling must be 'pixels' or 'images', got {pooling!r}")
+        if model_frame not in ("canonical", "x_left"):
+            raise ValueError(f"backbone.normals_frame must be 'canonical' or 'x_left', got {model_frame!r}")
         self.pooling = pooling
+        # The frame the backbone's decoded images use. E2E-FT's normals checkpoints were trained in DSINE's frame
+        # (x left, y up, z toward the viewer; specs/e2e_ft_marigold.md 3.3), so their x is negated here, at the
+        # boundary: everything after decode (loss, metrics, outputs) is canonical (x right).
+        self.model_frame = model_frame
+
+    def _to_model_frame(self, normals: torch.Tensor) -> torch.Tensor:
+        """canonical <-> model frame (its own inverse: x_left negates x)."""
+        if self.model_frame == "x_left":
+            normals = normals * normals.new_tensor([-1.0, 1.0, 1.0]).view(1, 3, 1, 1)
+        return normals
+
+    def encode(self, batch: dict) -> torch.Tensor:
+        """Ground truth -> [B,3,H,W] target image: the unit vector itself in the model's frame (Marigold/E2E-FT:
+        n in [-1, 1]); pixels without a normal (invalid, or the zero vector) are the zero vector (E2E-FT loader)."""
+        normals = batch["normals"].float()
+        valid = batch["valid_mask"] & (normals.norm(dim=1) > 0.5)
+        return self._to_model_frame(torch.where(valid[:, None], normals, torch.zeros_like(normals)).clamp(-1, 1))
 
     def decode(self, image: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] decoded image -> unit vectors (E2E-FT decode_normal: divide by norm + 1e-5, then clip)."""
-        return (image / (image.norm(dim=1, keepdim=True) + 1e-5)).clamp(-1, 1)
+        """[B,3,H,W] decoded image -> unit canonical vectors (E2E-FT decode_normal: divide by norm + 1e-5, clip)."""
+        return self._to_model_frame((image / (image.norm(dim=1, keepdim=True) + 1e-5)).clamp(-1, 1))
 
     def loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
         valid = batch["valid_mask"] & (batch["normals"].norm(dim=1) > 0.5)
@@ -55,8 +75,12 @@ class NormalsTask:
     def to_output(self, pred: torch.Tensor) -> torch.Tensor:
         return pred / pred.norm(dim=1, keepdim=True).clamp_min(1e-6)
 
-    def resize_output(self, output: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return self.to_output(resize_to(output, size))  # back to unit length after interpolation
+    def ensemble(self, members: torch.Tensor, reduction: str = "closest") -> torch.Tensor:
+        """[E,3,H,W] unit members of one image -> [3,H,W], per pixel the member closest to the mean direction."""
+        return ensemble_normals(members)
+
+    def resize_output(self, output: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+        return self.to_output(resize_to(output, size, mode))  # back to unit length after interpolation
 
     def metrics(self) -> NormalMetricsBothPoolings:
         return NormalMetricsBothPoolings(self.pooling)
