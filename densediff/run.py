@@ -4,6 +4,7 @@ it turns the config into plain arguments for the package's classes (DESIGN.md ru
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -17,8 +18,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from densediff.data.common import DataReadError
 from densediff.data.datamodule import DenseDataModule
+from densediff.inference.predictor import InferenceOptions
 from densediff.paradigms import PARADIGMS
+from densediff.paradigms.precomputed import PrecomputedPredictions
 
 log = logging.getLogger("densediff")
 # The frozen VAE stays in eval mode on purpose; Lightning would warn about it at every fit.
@@ -33,10 +37,11 @@ class ConfigError(ValueError):
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn the errors a user can fix (bad config, missing path) into one clear line and exit code 1."""
+    """Turn the errors a user can fix (bad config, missing path, a file that cannot be read) into one clear line
+    and exit code 1."""
     try:
         yield
-    except (ConfigError, FileNotFoundError, FileExistsError) as error:
+    except (ConfigError, FileNotFoundError, FileExistsError, DataReadError) as error:
         print(f"\nerror: {error}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
 
@@ -53,29 +58,76 @@ def task_options(cfg: DictConfig) -> dict:
     options = {k: v for k, v in _plain(cfg.task).items() if k != "name"}
     if cfg.task.name == "depth" and "dataset" in cfg:  # the valid GT range belongs to the dataset's protocol
         options.update(min_depth=float(cfg.dataset.min_depth), max_depth=float(cfg.dataset.max_depth))
+        if cfg.dataset.get("alignment_max_res"):
+            options["alignment_max_res"] = int(cfg.dataset.alignment_max_res)
+        if cfg.dataset.get("range_mask") is not None:
+            options["range_mask"] = bool(cfg.dataset.range_mask)
     return options
 
 
 def model_arguments(cfg: DictConfig) -> dict:
-    b, a, o = cfg.backbone, cfg.adapter, cfg.objective
+    """The paradigm's constructor arguments: backbone, adapter and task, plus every key of the objective group (its
+    training options: lr, schedule, timestep or noise, ...) under the same names."""
+    b, a = cfg.backbone, cfg.adapter
+    objective = {k: v for k, v in _plain(cfg.objective).items() if k != "name"}
+    if "betas" in objective:
+        objective["betas"] = tuple(objective["betas"])
     return dict(
         backbone_path=str(b.path), task=cfg.task.name, task_options=task_options(cfg),
         adapter=a.kind, adapter_rank=int(a.rank), adapter_alpha=float(a.alpha) if a.alpha else None,
         unet_in_channels=int(b.unet_in_channels), halve_conv_in_bias=bool(b.halve_conv_in_bias),
         attention=b.attention, gradient_checkpointing=bool(b.gradient_checkpointing),
-        timestep=int(o.timestep), lr=float(o.lr), weight_decay=float(o.weight_decay), betas=tuple(o.betas),
-        warmup_steps=int(o.warmup_steps), decay_steps=int(o.decay_steps), final_lr_ratio=float(o.final_lr_ratio),
-        gallery_size=int(cfg.get("gallery_size", 4)),
+        normals_frame=str(b.get("normals_frame", "canonical")), gallery_size=int(cfg.get("gallery_size", 4)),
+        **objective,
     )
+
+
+def inference_options(cfg: DictConfig, stage: str) -> InferenceOptions:
+    try:
+        options = InferenceOptions(**_plain(cfg.inference))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error).replace("__init__() got an ", "inference: ")) from error
+    if options.half and stage == "train":
+        raise ConfigError("inference.half applies to evaluate.py and predict.py; training validates in the "
+                          "trainer's precision (trainer.precision=16-mixed for fp16)")
+    return options
+
+
+def use_half_precision(model: L.LightningModule, device: torch.device) -> None:
+    """inference.half: fp16 weights for the UNet and VAE (Marigold's --fp16); fp16 convolutions need CUDA."""
+    if device.type != "cuda":
+        raise ConfigError("inference.half=true needs a CUDA device (fp16 inference is not supported on CPU)")
+    model.estimator.half()
 
 
 def build_model(cfg: DictConfig) -> L.LightningModule:
     if cfg.objective.name not in PARADIGMS:
         raise ConfigError(f"objective={cfg.objective.name} is not implemented yet; available: {', '.join(PARADIGMS)}")
-    return PARADIGMS[cfg.objective.name](**model_arguments(cfg))
+    if cfg.backbone.name == "geowizard":
+        raise ConfigError("backbone=geowizard (joint depth + normal UNet, CLIP image conditioning) is loaded by "
+                          "densediff.backbones.geowizard but no training objective drives it yet; objective=e2e "
+                          "takes Marigold / Stable Diffusion / E2E-FT layouts")
+    paradigm = PARADIGMS[cfg.objective.name]
+    arguments = model_arguments(cfg)
+    unknown = sorted(set(arguments) - set(inspect.signature(paradigm.__init__).parameters))
+    if unknown:
+        raise ConfigError(f"objective={cfg.objective.name} has no option {unknown[0]!r} (objective.{unknown[0]})")
+    try:
+        return paradigm(**arguments)
+    except ValueError as error:  # an option value the paradigm rejects, named in its message
+        raise ConfigError(str(error)) from error
 
 
-def build_dataset(cfg: DictConfig, split: str):
+def build_dataset(cfg: DictConfig, split: str, stream: bool = False):
+    """The dataset of `split`: read by the dataset config's loader (dataset.format=folder, the default), or from
+    webdataset shards (dataset.format=shards dataset.shards=<dir or pattern>), streamed if `stream` (training)."""
+    data_format = cfg.dataset.get("format") or "folder"
+    if data_format == "shards":
+        from densediff.data.shards import shard_dataset
+        return shard_dataset(cfg.dataset.get("shards"), split, stream=stream, seed=int(cfg.seed),
+                             shuffle_buffer=int(cfg.dataset.get("shuffle_buffer") or 1000))
+    if data_format != "folder":
+        raise ConfigError(f"dataset.format={data_format} is unknown: folder (the dataset's own files) or shards")
     node = cfg.dataset.get(split)
     if node is None:
         raise ConfigError(f"dataset={cfg.dataset.name} has no '{split}' split")
@@ -83,7 +135,8 @@ def build_dataset(cfg: DictConfig, split: str):
 
 
 def build_datamodule(cfg: DictConfig, splits: tuple[str, ...]) -> DenseDataModule:
-    datasets = {name: build_dataset(cfg, split) for name, split in zip(("train", "val", "test"), splits) if split}
+    datasets = {name: build_dataset(cfg, split, stream=name == "train")
+                for name, split in zip(("train", "val", "test"), splits) if split}
     return DenseDataModule(**datasets, batch_size=int(cfg.dataset.batch_size),
                            val_batch_size=int(cfg.dataset.val_batch_size), num_workers=int(cfg.dataset.num_workers),
                            mix_ratios=_plain(cfg.dataset.get("mix_ratios")), seed=int(cfg.seed))
@@ -156,7 +209,9 @@ def train(cfg: DictConfig) -> dict:
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (a last.ckpt from an earlier run's "
                                 "checkpoints/ folder resumes it)")
     L.seed_everything(int(cfg.seed), workers=True)
+    options = inference_options(cfg, "train")
     model = build_model(cfg)
+    model.inference = options
     datamodule = build_datamodule(cfg, ("train", "val", None))
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, model, loggers, checkpoints=True, datamodule=datamodule)
@@ -183,6 +238,7 @@ def load_checkpoint_model(cfg: DictConfig) -> L.LightningModule:
     explicit = [o for o in HydraConfig.get().overrides.task if o.split("=")[0] in ("backbone.path", "backbone")]
     if explicit:  # the checkpoint names its backbone; an explicit backbone on the command line replaces it
         overrides["backbone_path"] = str(cfg.backbone.path)
+        overrides["normals_frame"] = str(cfg.backbone.get("normals_frame", "canonical"))
     if paradigm not in PARADIGMS:
         raise ConfigError(f"{path} was written by paradigm {paradigm!r}, unknown here ({', '.join(PARADIGMS)})")
     return PARADIGMS[paradigm].load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
@@ -196,8 +252,17 @@ def checkpoint_identity(path: Path) -> tuple[str, str]:
 
 def evaluate(cfg: DictConfig) -> dict:
     L.seed_everything(int(cfg.seed), workers=True)
-    model = load_checkpoint_model(cfg) if cfg.get("ckpt") else build_model(cfg)
-    model.processing_res = int(cfg.processing_res)
+    if cfg.get("predictions") and cfg.get("ckpt"):
+        raise ConfigError("pass either ckpt= (predict, then score) or predictions= (score files), not both")
+    if cfg.get("predictions"):
+        model = PrecomputedPredictions(cfg.predictions, cfg.task.name, cfg.dataset.name, task_options(cfg),
+                                       int(cfg.gallery_size), flip_normals_x=bool(cfg.predictions_flip_normals_x))
+    else:
+        options = inference_options(cfg, "evaluate")
+        model = load_checkpoint_model(cfg) if cfg.get("ckpt") else build_model(cfg)
+        model.inference = options
+        if options.half:
+            use_half_precision(model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.get("ckpt") and model.task.name != cfg.task.name:
         raise ConfigError(f"the checkpoint predicts {model.task.name} but task={cfg.task.name}; "
                           f"pass task={model.task.name}")
@@ -207,7 +272,8 @@ def evaluate(cfg: DictConfig) -> dict:
     try:
         metrics = _strip_stage(trainer.test(model, datamodule=datamodule, verbose=False), "test")
         write_metrics(metrics, run_dir() / "metrics.json")
-        source = cfg.ckpt or f"backbone={cfg.backbone.name} (not fine-tuned)"
+        source = cfg.ckpt or (f"predictions={cfg.predictions}" if cfg.get("predictions") else
+                              f"backbone={cfg.backbone.name} (not fine-tuned)")
         print_summary(f"evaluated {source} on {cfg.dataset.name}/{cfg.split}", metrics, run_dir())
     finally:
         _finish_loggers()
@@ -219,10 +285,13 @@ def predict(cfg: DictConfig) -> None:
 
     task = checkpoint_identity(Path(cfg.ckpt))[1] if cfg.get("ckpt") and Path(cfg.ckpt).is_file() else cfg.task.name
     root, images = check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite))  # before loading a model
+    options = inference_options(cfg, "predict")
     model = load_checkpoint_model(cfg) if cfg.get("ckpt") else build_model(cfg)
-    model.processing_res = int(cfg.processing_res)
+    model.inference = options
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
+    if options.half:
+        use_half_precision(model, device)
     written, skipped = predict_images(model, root, images, cfg.output, device)
     print(f"\nwrote {written} predictions to {cfg.output}" + (f"; skipped {len(skipped)} unreadable:" if skipped else ""))
     for message in skipped:

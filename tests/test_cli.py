@@ -141,6 +141,9 @@ def test_published_recipe_runs_on_tiny_and_procedural(experiment, tmp_path):
     (["experiment=no_such_experiment"], "no_such_experiment"),
     (["task=no_such_task"], "no_such_task"),
     (["trainer.no_such_key=1"], "no_such_key"),
+    (["inference.noise=bogus"], "inference.noise must be one of zeros, gaussian, pyramid"),
+    (["inference.ensemble=3"], "use inference.noise=gaussian or pyramid"),
+    (["inference.half=true"], "inference.half applies to evaluate.py and predict.py"),
 ])
 def test_bad_config_values_are_reported_by_name(overrides, message, tmp_path):
     result = run_cli("train.py", *overrides, f"hydra.run.dir={tmp_path / 'r'}", expect_ok=False)
@@ -189,7 +192,7 @@ def test_predict_writes_npy_png_and_16bit_png_and_skips_unreadable_images(traine
     (images / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "predictions"
     result = run_cli("predict.py", f"input={images}", f"output={out}",
-                     f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}")
+                     f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path}/r1")
     assert "broken.png" in result.stdout and "wrote 2 predictions" in result.stdout
     depth = np.load(out / "a.npy")
     assert depth.shape == (30, 37) and depth.dtype == np.float32 and 0 <= depth.min() and depth.max() <= 1
@@ -198,9 +201,10 @@ def test_predict_writes_npy_png_and_16bit_png_and_skips_unreadable_images(traine
     assert png16.dtype == np.uint16 and np.allclose(png16 / 65535, depth, atol=1 / 65535)
     assert np.asarray(Image.open(out / "sub" / "b.png")).shape == (48, 64, 3)
     resized = tmp_path / "resized"  # processing_res: inference at long edge 32, output back at the input size
-    run_cli("predict.py", f"input={images / 'sub'}", f"output={resized}", "processing_res=32")
+    run_cli("predict.py", f"input={images / 'sub'}", f"output={resized}", "inference.processing_res=32",
+            "inference.steps=2", "inference.ensemble=2", "inference.noise=gaussian", f"hydra.run.dir={tmp_path}/r2")
     assert np.load(resized / "b.npy").shape == (48, 64)
-    again = run_cli("predict.py", f"input={images}", f"output={out}", expect_ok=False)
+    again = run_cli("predict.py", f"input={images}", f"output={out}", f"hydra.run.dir={tmp_path}/r3", expect_ok=False)
     assert again.returncode == 1 and "a.npy exists" in again.stderr and "Traceback" not in again.stderr
 
 

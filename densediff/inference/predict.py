@@ -59,6 +59,14 @@ def load_rgb(path: Path) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)[None]
 
 
+def depth_full_scale(task) -> float:
+    """Depth value written as 65535 in the 16-bit PNG: 1 for [0,1] depth, target_scale for DMP's metres (DMP's
+    preview: (depth / target_scale).clip(0, 1) * 65535)."""
+    if getattr(task, "encoding", "affine") == "float" and getattr(task, "target_scale", -1) > 0:
+        return float(task.target_scale)
+    return 1.0
+
+
 def predict_images(model, root: Path, images: list[Path], output: str | Path,
                    device: torch.device) -> tuple[int, list[str]]:
     """Write the predictions of `images` (found and checked by check_outputs) mirrored from `root` into `output`;
@@ -74,14 +82,18 @@ def predict_images(model, root: Path, images: list[Path], output: str | Path,
             skipped.append(str(error))
             log.warning("%s: skipped", error)
             continue
-        prediction = model.predict(rgb.to(device))[0].float().cpu()
+        prediction = model.predict(rgb.to(device))[0].cpu()
         paths = output_paths(image, root, output, task)
         paths["npy"].parent.mkdir(parents=True, exist_ok=True)
-        if task == "depth":
-            np.save(paths["npy"], prediction.numpy().astype(np.float32))  # HxW affine-invariant depth in [0,1]
-            Image.fromarray((prediction.clamp(0, 1).numpy() * 65535 + 0.5).astype(np.uint16)).save(paths["png16"])
-        else:
-            np.save(paths["npy"], prediction.permute(1, 2, 0).numpy().astype(np.float32))  # HxWx3 canonical normals
+        if task == "depth":  # HxW: affine-invariant depth in [0,1], or metres with DMP's float codec
+            np.save(paths["npy"], prediction.float().numpy())
+            full_scale = depth_full_scale(model.task)  # the 16-bit PNG maps [0, full_scale] to [0, 65535]
+            preview = (prediction.float() / full_scale).clamp(0, 1).numpy()
+            Image.fromarray((preview * 65535 + 0.5).astype(np.uint16)).save(paths["png16"])
+        elif prediction.dim() == 2:  # HxW class ids (segmentation)
+            np.save(paths["npy"], prediction.long().numpy())
+        else:  # HxWx3: canonical normals, albedo, shading
+            np.save(paths["npy"], prediction.float().permute(1, 2, 0).numpy())
         Image.fromarray(model.task.colorize(prediction)).save(paths["png"])
         written += 1
     return written, skipped

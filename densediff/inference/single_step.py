@@ -54,17 +54,35 @@ class SingleStepEstimator(nn.Module):
     """RGB [B,3,H,W] in [0,1] -> decoded 3-channel prediction image [B,3,H,W] (differentiable w.r.t. the UNet)."""
 
     def __init__(self, unet: nn.Module, vae: nn.Module, scheduler, empty_text_embedding: torch.Tensor,
-                 timestep: int = 999):
+                 timestep: int = 999, conditioning: str = "concat", text_encoder: nn.Module | None = None,
+                 tokenizer=None):
         super().__init__()
         self.unet, self.vae = unet, vae
         self.timestep = int(timestep)
+        # How the image conditions the UNet: "concat" ([rgb_latent, target_latent], Marigold/E2E-FT) or
+        # "interpolate" (DMP: the image latent is the starting point of the denoising; used by the predictor).
+        self.conditioning = conditioning
+        # Per-sample prompts (DMP) need the frozen text encoder; everything else uses the cached empty prompt.
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        if text_encoder is not None:
+            text_encoder.requires_grad_(False).eval()
         self.prediction_type = scheduler.config.prediction_type
+        self.scheduler_config = dict(scheduler.config)  # multi-step inference builds its DDIM schedule from it
         self.scaling_factor = float(vae.config.scaling_factor)
         self.downsampling = 2 ** (len(vae.config.block_out_channels) - 1)
         # Buffers move with the module (device/dtype) and are rebuilt from the backbone, so not saved.
         self.register_buffer("empty_text_embedding", empty_text_embedding.detach().clone(), persistent=False)
         self.register_buffer("alpha_bar", scheduler.alphas_cumprod[self.timestep].detach().clone().float(),
                              persistent=False)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP embeddings [B, 77, D] of the prompts, padded to the tokenizer's length as DMP tokenises them."""
+        if self.text_encoder is None:
+            raise RuntimeError("this model was built without its text encoder; prompts need objective.prompts=dataset")
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
     @torch.no_grad()
     def encode_rgb(self, rgb: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,170 @@
+"""The one predictor behind validation, evaluate.py and predict.py: RGB in, the task's user-facing prediction out.
+
+Every option of E2E-FT's / Marigold's inference (specs/e2e_ft_marigold.md section 1) is an `InferenceOptions`
+field, set from the `inference` config group. The defaults are E2E-FT's: 1 step, trailing spacing (t = 999), a
+zero target latent, no ensemble, native resolution. With them the prediction is exactly the single-step estimate
+the E2E paradigm trains (`SingleStepEstimator.forward`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+
+from densediff.inference.single_step import SingleStepEstimator, pad_to_multiple, resize_to_max_edge
+
+NOISES = ("zeros", "gaussian", "pyramid")
+SPACINGS = ("trailing", "leading", "linspace")
+RESAMPLES = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass
+class InferenceOptions:
+    steps: int = 1                    # DDIM steps
+    ensemble: int = 1                 # predictions merged per image (inference/ensemble.py)
+    ensemble_reduction: str = "median"  # depth members: median or mean after alignment
+    timestep_spacing: str = "trailing"  # trailing: 1 step is t = 999 (E2E-FT's fix); leading: t = 1 (Marigold v1.0)
+    noise: str = "zeros"              # initial target latent: zeros (E2E-FT), gaussian (Marigold), pyramid
+    processing_res: int = 0           # long edge the image is resized to first (0 = native resolution)
+    resample: str = "bilinear"        # resize of the input and of the prediction back to the input size
+    half: bool = False                # fp16 weights and activations (CUDA only; set up by run.py)
+    batch_size: int = 0               # images x members per UNet call (0 = the whole batch at once)
+    seed: int | None = None           # noise generator seed (None = the global torch RNG)
+    final_step: str = "x0"            # last DDIM step returns the x0 estimate (E2E-FT) or prev_sample (Marigold)
+    ddim: str = "original"            # interpolate conditioning (DMP): DDIM direction from the model (original) or
+                                      # from the true image latent (oracle)
+    guidance: float = 1.0             # classifier-free guidance scale when prompts are given (DMP: 2); 1 = none
+
+    def __post_init__(self):
+        problems = []
+        if self.steps < 1:
+            problems.append(f"inference.steps must be >= 1, got {self.steps}")
+        if self.ensemble < 1:
+            problems.append(f"inference.ensemble must be >= 1, got {self.ensemble}")
+        for key, value, allowed in (("noise", self.noise, NOISES), ("timestep_spacing", self.timestep_spacing,
+                                    SPACINGS), ("resample", self.resample, RESAMPLES),
+                                    ("ensemble_reduction", self.ensemble_reduction, ("median", "mean")),
+                                    ("final_step", self.final_step, ("x0", "prev_sample")),
+                                    ("ddim", self.ddim, ("original", "oracle"))):
+            if value not in allowed:
+                problems.append(f"inference.{key} must be one of {', '.join(allowed)}; got {value!r}")
+        if self.processing_res < 0 or self.batch_size < 0:
+            problems.append("inference.processing_res and inference.batch_size must be >= 0")
+        if self.ensemble > 1 and self.noise == "zeros":
+            problems.append("inference.ensemble > 1 with noise=zeros repeats one deterministic prediction (DDIM is "
+                            "deterministic); use inference.noise=gaussian or pyramid to ensemble")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def pyramid_noise(shape: tuple[int, ...], generator: torch.Generator | None, discount: float | torch.Tensor = 0.9,
+                  levels: int = 10) -> torch.Tensor:
+    """Multi-resolution noise (Marigold/E2E `pyramid_noise_like`, spec 1.3): Gaussian noise plus up-sampled coarser
+    Gaussian noise, level i weighted discount**i, its size shrunk cumulatively by r**i with r ~ U[2, 4), stopping at
+    1 px; the sum is divided by its global std. Level 0 adds a second full-size noise, as the reference does.
+    `discount` may be a [B] tensor: Marigold's training anneals it per sample (0.9 x t / T)."""
+    batch, channels, height, width = shape
+    if torch.is_tensor(discount):
+        discount = discount.float().cpu().view(batch, 1, 1, 1)
+    noise = torch.randn(shape, generator=generator)
+    h, w = height, width
+    for i in range(levels):
+        r = 2 + 2 * torch.rand((), generator=generator).item()
+        h, w = max(1, int(h / r ** i)), max(1, int(w / r ** i))
+        coarse = torch.randn(batch, channels, h, w, generator=generator)
+        noise += F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False) * discount ** i
+        if h == 1 or w == 1:
+            break
+    return noise / noise.std()
+
+
+def initial_latent(like: torch.Tensor, noise: str, generator: torch.Generator | None) -> torch.Tensor:
+    """The starting target latent. Random draws happen on the CPU so a seed gives the same noise on every device
+    (diffusers' randn_tensor does the same with a CPU generator)."""
+    if noise == "zeros":
+        return torch.zeros_like(like)
+    shape = tuple(like.shape)
+    drawn = torch.randn(shape, generator=generator) if noise == "gaussian" else pyramid_noise(shape, generator)
+    return drawn.to(device=like.device, dtype=like.dtype)
+
+
+@torch.no_grad()
+def denoise(estimator: SingleStepEstimator, rgb: torch.Tensor, options: InferenceOptions,
+            generator: torch.Generator | None = None, prompts: list[str] | None = None) -> torch.Tensor:
+    """RGB [B,3,H,W] in [0,1] -> the decoded 3-channel prediction image [B,3,H,W] after `options.steps` DDIM steps.
+
+    concat (Marigold's loop): the UNet sees [rgb_latent, latent], the latent starts from `options.noise`.
+    interpolate (DMP): the latent starts as the image latent itself and the UNet sees it alone; with ddim=oracle
+    the DDIM direction term uses the true image latent instead of the model's implied one (DMP's ddim.py).
+    The last step returns the x0 estimate (E2E-FT) unless final_step=prev_sample (Marigold v1.1, diffusers, DMP).
+    With `prompts` the UNet is conditioned on them, with classifier-free guidance against the padded empty prompt
+    when options.guidance != 1 (DMP: out = uncond + s (cond - uncond))."""
+    padded, (height, width) = pad_to_multiple(rgb, estimator.downsampling)
+    rgb_latent = estimator.encode_rgb(padded.to(estimator.vae.dtype))
+    interpolate = estimator.conditioning == "interpolate"
+    latent = rgb_latent.clone() if interpolate else initial_latent(rgb_latent, options.noise, generator)
+    scheduler = DDIMScheduler.from_config(estimator.scheduler_config, timestep_spacing=options.timestep_spacing)
+    scheduler.set_timesteps(options.steps, device=rgb.device)
+    guided = prompts is not None and options.guidance != 1
+    if prompts is None:
+        context = estimator.empty_text_embedding.to(rgb_latent.dtype).expand(rgb.shape[0], -1, -1)
+    else:
+        context = estimator.encode_prompts(prompts).to(rgb_latent.dtype)
+        if guided:
+            context = torch.cat([context, estimator.encode_prompts([""] * len(prompts)).to(rgb_latent.dtype)])
+    for index, t in enumerate(scheduler.timesteps):
+        unet_input = latent if interpolate else torch.cat([rgb_latent, latent], dim=1)
+        if guided:
+            conditional, unconditional = estimator.unet(unet_input.repeat(2, 1, 1, 1), t,
+                                                        encoder_hidden_states=context).sample.chunk(2)
+            output = unconditional + options.guidance * (conditional - unconditional)
+        else:
+            output = estimator.unet(unet_input, t, encoder_hidden_states=context).sample
+        step = scheduler.step(output, t, latent, generator=generator)
+        last = index == len(scheduler.timesteps) - 1
+        if last and options.final_step == "x0":
+            latent = step.pred_original_sample
+        elif interpolate and options.ddim == "oracle":
+            previous = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+            a_prev = (scheduler.alphas_cumprod[previous] if previous >= 0 else scheduler.final_alpha_cumprod).to(latent)
+            latent = a_prev.sqrt() * step.pred_original_sample + (1 - a_prev).sqrt() * rgb_latent
+        else:
+            latent = step.prev_sample
+    image = estimator.vae.decode(latent / estimator.scaling_factor).sample
+    return image[..., :height, :width]
+
+
+@torch.no_grad()
+def predict(estimator: SingleStepEstimator, task, rgb: torch.Tensor, options: InferenceOptions,
+            generator: torch.Generator | None = None, prompts: list[str] | None = None) -> torch.Tensor:
+    """RGB [B,3,H,W] in [0,1] -> the task's prediction at the input's exact size (depth [B,H,W] in [0,1],
+    normals [B,3,H,W] unit canonical). Resize to processing_res, predict `ensemble` members per image in chunks of
+    `batch_size`, merge, resize back (E2E-FT: normalise, resize back, clip)."""
+    size = tuple(rgb.shape[-2:])
+    if options.processing_res:
+        rgb = resize_to_max_edge(rgb, options.processing_res, options.resample)
+    members = rgb.repeat_interleave(options.ensemble, dim=0)  # image 0's members first, then image 1's, ...
+    chunk = options.batch_size or members.shape[0]
+    member_prompts = None if prompts is None else [p for p in prompts for _ in range(options.ensemble)]
+    decoded = torch.cat([task.decode(denoise(estimator, part, options, generator,
+                                             None if member_prompts is None else member_prompts[i:i + chunk]).float())
+                         for part, i in zip(members.split(chunk), range(0, members.shape[0], chunk))])
+    if options.ensemble > 1:
+        grouped = decoded.unflatten(0, (rgb.shape[0], options.ensemble))
+        decoded = torch.stack([task.ensemble(group, options.ensemble_reduction) for group in grouped])
+    output = task.to_output(decoded)
+    if output.shape[-2:] != size:
+        output = task.resize_output(output, size, options.resample)
+    return output
+
+
+def timesteps(steps: int, spacing: str, num_train_timesteps: int = 1000, steps_offset: int = 1) -> list[int]:
+    """The timesteps a DDIM run visits (for docs and tests): trailing 1 step = [999], leading 1 step = [1]."""
+    scheduler = DDIMScheduler(num_train_timesteps=num_train_timesteps, steps_offset=steps_offset,
+                              timestep_spacing=spacing)
+    scheduler.set_timesteps(steps)
+    return [int(t) for t in scheduler.timesteps]
+

@@ -1,0 +1,188 @@
+"""The diffusion estimator: the UNet learns to denoise the target's latent, conditioned on the image
+(Marigold, GeoWizard, DMP; specs/dmp_geowizard.md A3, B2 and specs/e2e_ft_marigold.md 1.3-1.7).
+
+Per batch: the target image from the task's codec (`task.encode`, in [-1, 1]) and the RGB are VAE-encoded; a
+timestep t is drawn uniformly from the training schedule per sample; the target latent y is noised and the UNet
+predicts `v` (or `epsilon` / `sample`: the scheduler config's prediction_type unless `prediction_type` is set).
+Two ways for the image x to condition it (`conditioning`):
+- `concat` (Marigold, GeoWizard): x_t = sqrt(a) y + sqrt(1 - a) n with Gaussian or multi-resolution ("pyramid")
+  noise n; the UNet sees [rgb_latent, x_t] (8 channels).
+- `interpolate` (DMP): no Gaussian noise at all; the image latent takes the place of the noise,
+  x_t = sqrt(a) y + sqrt(1 - a) x, and the UNet keeps its 4 input channels.
+Loss: MSE between the UNet output and the prediction type's target, over the latent pixels whose whole footprint
+is valid ground truth (Marigold's min-pooled mask), all pixels when a sample has none.
+Inference (shared predictor, densediff/inference/predictor.py): DDIM from the noise (concat) or from the image
+latent (interpolate; `inference.ddim=oracle` uses the true image latent in the DDIM direction term, DMP's
+oracle DDIM).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from densediff.adapters import apply_adapter
+from densediff.backbones import load_backbone
+from densediff.inference import SingleStepEstimator
+from densediff.inference.predictor import InferenceOptions, pyramid_noise
+from densediff.paradigms.e2e import exponential_schedule
+from densediff.paradigms.evaluation import LatentModel
+
+CONDITIONINGS = ("concat", "interpolate")
+PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
+
+
+def cosine_schedule(step: int, warmup_steps: int, total_steps: int, final_ratio: float = 0.0) -> float:
+    """DMP's diffusers `get_scheduler("cosine")`: linear warm-up, then half a cosine from 1 to final_ratio."""
+    if step < warmup_steps:
+        return step / max(warmup_steps, 1)
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return final_ratio + (1 - final_ratio) * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+
+
+def latent_valid_mask(valid: torch.Tensor, factor: int) -> torch.Tensor:
+    """[B,H,W] pixel mask -> [B,1,h,w]: a latent pixel is valid when its whole factor x factor footprint is
+    (Marigold's `~max_pool(~mask)`)."""
+    invalid = F.max_pool2d((~valid).float()[:, None], kernel_size=factor, stride=factor, ceil_mode=True)
+    return invalid < 0.5
+
+
+class DiffusionEstimator(LatentModel):
+    paradigm = "diffusion"  # written into checkpoints so evaluate/predict/export rebuild the right class
+
+    def __init__(
+        self,
+        backbone_path: str,
+        task: str = "depth",
+        task_options: dict | None = None,
+        adapter: str = "full",
+        adapter_rank: int = 8,
+        adapter_alpha: float | None = None,
+        unet_in_channels: int = 8,
+        halve_conv_in_bias: bool = False,
+        attention: str = "sdpa",
+        gradient_checkpointing: bool = False,
+        normals_frame: str = "canonical",
+        conditioning: str = "concat",
+        prediction_type: str | None = None,
+        noise: str = "gaussian",
+        noise_annealing: bool = True,
+        pyramid_discount: float = 0.9,
+        latent: str = "mean",
+        prompts: str = "empty",
+        lr: float = 3e-5,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        lr_schedule: str = "exponential",
+        warmup_steps: int = 100,
+        decay_steps: int = 25000,
+        final_lr_ratio: float = 0.01,
+        gallery_size: int = 4,
+    ):
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"objective.conditioning must be one of {', '.join(CONDITIONINGS)}, got {conditioning!r}")
+        if prediction_type not in (None, *PREDICTION_TYPES):
+            raise ValueError(f"objective.prediction_type must be null (the scheduler's) or one of "
+                             f"{', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+        if noise not in ("gaussian", "pyramid"):
+            raise ValueError(f"objective.noise must be gaussian or pyramid, got {noise!r}")
+        if latent not in ("mean", "sample"):
+            raise ValueError(f"objective.latent must be mean (Marigold) or sample (DMP), got {latent!r}")
+        if prompts not in ("empty", "dataset"):
+            raise ValueError(f"objective.prompts must be empty or dataset (the samples' captions), got {prompts!r}")
+        if lr_schedule not in ("exponential", "cosine", "constant"):
+            raise ValueError(f"objective.lr_schedule must be exponential, cosine or constant, got {lr_schedule!r}")
+        in_channels = 8 if conditioning == "concat" else 4
+        if unet_in_channels != in_channels:
+            raise ValueError(f"objective.conditioning={conditioning} needs a {in_channels}-channel UNet; "
+                             f"backbone.unet_in_channels is {unet_in_channels}")
+        frame = {"model_frame": normals_frame} if task == "normals" else {}
+        super().__init__(task, {**(task_options or {}), **frame}, gallery_size)
+        self.save_hyperparameters()
+        backbone = load_backbone(backbone_path, unet_in_channels=unet_in_channels,
+                                 halve_conv_in_bias=halve_conv_in_bias, attention=attention,
+                                 gradient_checkpointing=gradient_checkpointing,
+                                 keep_text_encoder=prompts == "dataset")
+        backbone.vae.requires_grad_(False).eval()
+        backbone.unet.train()
+        apply_adapter(backbone.unet, adapter, rank=adapter_rank, alpha=adapter_alpha)
+        if prediction_type:  # DMP re-registers the training prediction type on the scheduler (spec A1)
+            backbone.scheduler.register_to_config(prediction_type=prediction_type)
+        self.prediction_type = backbone.scheduler.config.prediction_type
+        self.estimator = SingleStepEstimator(backbone.unet, backbone.vae, backbone.scheduler,
+                                             backbone.empty_text_embedding, conditioning=conditioning,
+                                             text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer)
+        self.register_buffer("alphas_cumprod", backbone.scheduler.alphas_cumprod.clone().float(), persistent=False)
+        self.num_train_timesteps = int(backbone.scheduler.config.num_train_timesteps)
+        self.strict_loading = False  # checkpoints hold only what trains (on_save_checkpoint)
+        # Marigold-style inference by default: Gaussian start, DDIM, x0 at the last step; DMP: see its experiments.
+        self.inference = InferenceOptions(steps=10, noise="gaussian" if conditioning == "concat" else "zeros")
+
+    # ---- training -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] in [-1,1] -> latent x scaling (posterior mean: Marigold; a posterior sample: DMP)."""
+        distribution = self.estimator.vae.encode(image.to(self.estimator.vae.dtype)).latent_dist
+        latent = distribution.mode() if self.hparams.latent == "mean" else distribution.sample()
+        return latent * self.estimator.scaling_factor
+
+    def noisy_input(self, target_latent: torch.Tensor, rgb_latent: torch.Tensor,
+                    timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(UNet input, the model output's regression target) for one batch."""
+        if self.hparams.conditioning == "interpolate":
+            noise = rgb_latent  # DMP: the image latent is the "noise"
+        elif self.hparams.noise == "pyramid":
+            # Marigold's multi-resolution noise, annealed: level discount 0.9 x t/T per sample (MG trainer)
+            discount = self.hparams.pyramid_discount
+            if self.hparams.noise_annealing:
+                discount = discount * timesteps.float() / self.num_train_timesteps
+            noise = pyramid_noise(tuple(target_latent.shape), None, discount=discount).to(target_latent)
+        else:
+            noise = torch.randn_like(target_latent)
+        a = self.alphas_cumprod[timesteps].to(target_latent.dtype)[:, None, None, None]
+        noisy = a.sqrt() * target_latent + (1 - a).sqrt() * noise
+        if self.prediction_type == "v_prediction":
+            regression_target = a.sqrt() * noise - (1 - a).sqrt() * target_latent
+        elif self.prediction_type == "epsilon":
+            regression_target = noise
+        else:
+            regression_target = target_latent
+        unet_input = noisy if self.hparams.conditioning == "interpolate" else torch.cat([rgb_latent, noisy], dim=1)
+        return unet_input, regression_target
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        rgb = batch["rgb"]
+        target_image = self.task.encode(batch)
+        rgb_latent = self.encode(rgb * 2 - 1)
+        target_latent = self.encode(target_image)
+        timesteps = torch.randint(0, self.num_train_timesteps, (rgb.shape[0],), device=rgb.device)
+        unet_input, regression_target = self.noisy_input(target_latent, rgb_latent, timesteps)
+        if self.hparams.prompts == "dataset":  # DMP: the sample's caption, padded to 77 tokens
+            if "prompt" not in batch:
+                raise ValueError("objective.prompts=dataset needs captions: this dataset's samples have no 'prompt'")
+            context = self.estimator.encode_prompts(batch["prompt"]).to(unet_input.dtype)
+        else:
+            context = self.estimator.empty_text_embedding.to(unet_input.dtype).expand(rgb.shape[0], -1, -1)
+        output = self.estimator.unet(unet_input, timesteps, encoder_hidden_states=context).sample
+        mask = latent_valid_mask(batch["valid_mask"], self.estimator.downsampling)
+        mask = mask | ~mask.flatten(1).any(1)[:, None, None, None]  # a sample without a valid footprint: all pixels
+        error = (output.float() - regression_target.float()).pow(2) * mask
+        loss = error.sum() / (mask.sum() * output.shape[1]).clamp_min(1)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite diffusion loss at step {self.global_step} (batch {batch_idx}); "
+                                     "lower objective.lr or check the data")
+        self.log("train/loss", loss, prog_bar=True, batch_size=rgb.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        if hp.lr_schedule == "cosine":
+            factor = lambda step: cosine_schedule(step, hp.warmup_steps, hp.decay_steps, hp.final_lr_ratio)
+        elif hp.lr_schedule == "exponential":
+            factor = lambda step: exponential_schedule(step, hp.warmup_steps, hp.decay_steps, hp.final_lr_ratio)
+        else:
+            factor = lambda step: min(1.0, step / hp.warmup_steps) if hp.warmup_steps else 1.0
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,134 @@
+"""What every model does in validation and test, whatever trains it: predict, update the task's metrics, log them,
+write the gallery (input | ground truth | prediction) and, on test, one row of metrics per image (per_image.csv).
+
+The latent paradigms subclass `LatentModel` (below); `PrecomputedPredictions` (evaluate.py predictions=<dir>)
+subclasses `DenseEvaluation` and implements `predict_batch` by reading files instead.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from densediff.inference.predictor import InferenceOptions, predict
+from densediff.tasks import build_task
+from densediff.visualize import rgb_to_uint8, save_gallery
+
+
+class DenseEvaluation(L.LightningModule):
+    def __init__(self, task: str, task_options: dict | None, gallery_size: int):
+        super().__init__()
+        self.task = build_task(task, **(task_options or {}))
+        self.val_metrics = self.task.metrics()
+        self.test_metrics = self.task.metrics()
+        self.gallery_size = gallery_size
+        self._gallery: list[list[np.ndarray]] = []
+        self._test_rows: list[dict] = []  # per-image test metrics, written as per_image.csv
+
+    def predict(self, rgb: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict_batch(self, batch: dict) -> torch.Tensor:
+        return self.predict(batch["rgb"])
+
+    def _evaluate_step(self, batch: dict, batch_idx: int, metrics) -> torch.Tensor:
+        output = self.predict_batch(batch)
+        self.task.update_metrics(metrics, output, batch)
+        if batch_idx == 0 and self.trainer.is_global_zero:
+            self._collect_gallery(batch, output)
+        return output
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate_step(batch, batch_idx, self.val_metrics)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        output = self._evaluate_step(batch, batch_idx, self.test_metrics)
+        if hasattr(self.task, "per_image_rows"):
+            self._test_rows += self.task.per_image_rows(self.test_metrics, output, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+        if self._test_rows and self.trainer.is_global_zero:
+            with open(Path(self.trainer.default_root_dir) / "per_image.csv", "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=list(self._test_rows[0]))
+                writer.writeheader()
+                writer.writerows(self._test_rows)
+        self._test_rows = []
+
+    def _log_metrics(self, metrics, stage: str) -> None:
+        values = metrics.compute()  # synchronised across processes by torchmetrics
+        metrics.reset()
+        scalars = {f"{stage}/{k}": v for k, v in values.items() if torch.as_tensor(v).numel() == 1}
+        self.log_dict(scalars, sync_dist=False)
+        self._write_gallery(stage)
+
+    def _collect_gallery(self, batch: dict, output: torch.Tensor) -> None:
+        target, valid = batch[self.task.target_key], batch["valid_mask"]
+        for i in range(min(self.gallery_size, output.shape[0])):
+            self._gallery.append([rgb_to_uint8(batch["rgb"][i]), self.task.colorize(target[i], valid[i]),
+                                  self.task.colorize(output[i])])
+
+    def _write_gallery(self, stage: str) -> None:
+        if not self._gallery or not self.trainer.is_global_zero:
+            self._gallery = []
+            return
+        path = save_gallery(self._gallery, Path(self.trainer.default_root_dir) / "gallery.png")
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):  # W&B gets the same picture
+                logger.log_image(key=f"{stage}/gallery", images=[str(path)], step=self.global_step,
+                                 caption=["input | ground truth | prediction"])
+        self._gallery = []
+
+
+class LatentModel(DenseEvaluation):
+    """What the latent paradigms (E2E, diffusion) share: an `estimator` (UNet, frozen VAE, scheduler, empty-prompt
+    embedding), prediction through the shared predictor with `self.inference`, and checkpoints that hold only the
+    trainable weights (the frozen rest comes from the backbone folder)."""
+
+    paradigm = ""  # written into checkpoints so evaluate/predict/export rebuild the right class
+
+    @property
+    def inference(self) -> InferenceOptions:
+        return self._inference
+
+    @inference.setter
+    def inference(self, options: InferenceOptions) -> None:
+        self._inference = options
+        # One generator per options: a seeded run draws the same noise for the same images in the same order.
+        self._generator = None if options.seed is None else torch.Generator().manual_seed(int(options.seed))
+
+    @torch.no_grad()
+    def predict(self, rgb: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
+        """The user-facing prediction at the input's size (affine-invariant depth in [0,1], unit canonical normals,
+        ...), made by the shared predictor with `self.inference` (steps, ensemble, processing_res, ...)."""
+        return predict(self.estimator, self.task, rgb, self.inference, self._generator, prompts)
+
+    def predict_batch(self, batch: dict) -> torch.Tensor:
+        prompts = batch.get("prompt") if self.estimator.text_encoder is not None else None
+        return self.predict(batch["rgb"], prompts)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.estimator.vae.eval()  # frozen: no dropout/statistics updates even in training mode
+        return self
+
+    def _trainable_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self._trainable_keys()
+        checkpoint["densediff_paradigm"] = self.paradigm
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = sorted(self._trainable_keys() - set(checkpoint["state_dict"]))
+        if missing:
+            raise RuntimeError(f"checkpoint lacks {len(missing)} trainable weights of this model (first: {missing[0]}); "
+                               "was it trained with a different adapter or backbone?")

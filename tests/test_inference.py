@@ -1,0 +1,172 @@
+"""The shared predictor (densediff/inference/predictor.py): every inference option against its definition and
+against diffusers' own Marigold pipeline on the same weights."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, MarigoldDepthPipeline, MarigoldNormalsPipeline
+
+from densediff.backbones import load_backbone
+from densediff.inference import SingleStepEstimator
+from densediff.inference.ensemble import ensemble_depth, ensemble_normals
+from densediff.inference.predictor import InferenceOptions, predict, pyramid_noise, timesteps
+from densediff.run import ASSETS
+from densediff.tasks import build_task
+
+TINY = ASSETS / "tiny"
+
+
+@pytest.fixture(scope="module")
+def estimator():
+    backbone = load_backbone(TINY)
+    return SingleStepEstimator(backbone.unet.eval(), backbone.vae.eval(), backbone.scheduler,
+                               backbone.empty_text_embedding)
+
+
+def rgb_batch(n=2, height=32, width=40, seed=0):
+    return torch.rand(n, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def test_timestep_spacings_match_the_spec():
+    assert timesteps(1, "trailing") == [999]  # E2E-FT's fix
+    assert timesteps(4, "trailing") == [999, 749, 499, 249]
+    assert timesteps(1, "leading") == [1]  # Marigold v1.0's flaw: one step at t = 1
+    assert timesteps(10, "leading") == list(range(901, 0, -100))
+
+
+def test_default_options_are_exactly_the_single_step_estimate(estimator):
+    depth = build_task("depth")
+    rgb = rgb_batch(height=30, width=37)  # odd size: padded to the VAE multiple and cropped back
+    with torch.no_grad():
+        expected = depth.to_output(depth.decode(estimator(rgb)))
+    assert torch.allclose(predict(estimator, depth, rgb, InferenceOptions()), expected, atol=1e-6)
+
+
+def test_multistep_gaussian_ensemble_matches_diffusers_marigold_depth_pipeline(estimator):
+    rgb = rgb_batch(n=1)
+    options = InferenceOptions(steps=4, ensemble=3, noise="gaussian", final_step="prev_sample")
+    ours = predict(estimator, build_task("depth"), rgb, options, torch.Generator().manual_seed(7))
+    pipe = MarigoldDepthPipeline.from_pretrained(TINY)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    theirs = pipe(rgb, num_inference_steps=4, ensemble_size=3, processing_resolution=0, batch_size=3,
+                  generator=torch.Generator().manual_seed(7), output_type="pt").prediction[:, 0]
+    assert ours.shape == theirs.shape == (1, 32, 40)
+    assert torch.allclose(ours, theirs, atol=2e-3), (ours - theirs).abs().max()
+    # and the options matter: E2E-FT's x0 at the last step gives a different map
+    assert not torch.allclose(ours, predict(estimator, build_task("depth"), rgb, InferenceOptions(
+        steps=4, ensemble=3, noise="gaussian"), torch.Generator().manual_seed(7)), atol=1e-3)
+
+
+def test_normals_single_step_matches_diffusers_marigold_normals_pipeline_up_to_x0(estimator):
+    rgb = rgb_batch(n=1)
+    ours = predict(estimator, build_task("normals"), rgb, InferenceOptions(final_step="prev_sample"))
+    pipe = MarigoldNormalsPipeline.from_pretrained(TINY)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    theirs = pipe(rgb, num_inference_steps=1, processing_resolution=0, latents=torch.zeros(1, 4, 8, 10),
+                  output_type="pt").prediction
+    # diffusers clips to [-1, 1] before normalising, E2E-FT normalises (+1e-5) then clips: same direction
+    cosine = (ours * theirs).sum(1)
+    assert ours.shape == theirs.shape == (1, 3, 32, 40) and cosine.min() > 0.999
+
+
+def test_depth_ensemble_equals_diffusers_ensemble_depth():
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(1, 24, 30, generator=g)
+    members = base * torch.tensor([1.0, 0.5, 2.0])[:, None, None] + torch.tensor([0.0, 0.2, -0.3])[:, None, None]
+    members = members + 0.01 * torch.randn(members.shape, generator=g)
+    for reduction in ("median", "mean"):
+        ours = ensemble_depth(members, reduction=reduction)
+        ours = (ours - ours.min()) / (ours.max() - ours.min())
+        theirs, _ = MarigoldDepthPipeline.ensemble_depth(members[:, None], reduction=reduction)
+        assert torch.allclose(ours, theirs[0, 0], atol=1e-5)
+    # the alignment undoes the members' affine differences: the merged map is the base map up to noise
+    assert np.corrcoef(ours.ravel(), base.ravel())[0, 1] > 0.99
+
+
+def test_normal_ensemble_picks_the_member_closest_to_the_mean_per_pixel():
+    up, right, out = torch.tensor([0.0, 1, 0]), torch.tensor([1.0, 0, 0]), torch.tensor([0.0, 0, 1])
+    tilted = torch.nn.functional.normalize(up + 0.3 * right, dim=0)
+    members = torch.stack([up, tilted, out])[:, :, None, None].expand(3, 3, 2, 2).clone()
+    members[2, :, 1, 1] = up  # at this pixel two members agree exactly
+    merged = ensemble_normals(members)
+    mean = torch.nn.functional.normalize(up + tilted + out, dim=0)
+    best = max((up, tilted, out), key=lambda n: float(n @ mean))
+    assert torch.equal(merged[:, 0, 0], best) and torch.equal(merged[:, 1, 1], up)
+
+
+def test_pyramid_noise_has_unit_std_and_is_seeded():
+    a = pyramid_noise((2, 4, 24, 32), torch.Generator().manual_seed(1))
+    b = pyramid_noise((2, 4, 24, 32), torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.std().item() == pytest.approx(1.0, abs=1e-5)
+    # coarse levels make neighbouring latents correlated, unlike white noise
+    white = torch.randn(2, 4, 24, 32, generator=torch.Generator().manual_seed(1))
+    neighbour = lambda x: torch.corrcoef(torch.stack([x[..., :-1].ravel(), x[..., 1:].ravel()]))[0, 1]
+    assert neighbour(a) > neighbour(white) + 0.2
+
+
+def test_processing_res_batch_size_and_seed(estimator):
+    depth = build_task("depth")
+    rgb = rgb_batch(n=3, height=48, width=64)
+    options = dict(steps=2, ensemble=2, noise="gaussian")
+    whole = predict(estimator, depth, rgb, InferenceOptions(**options), torch.Generator().manual_seed(3))
+    chunked = predict(estimator, depth, rgb, InferenceOptions(**options, batch_size=2),
+                      torch.Generator().manual_seed(3))
+    assert whole.shape == (3, 48, 64) and torch.isfinite(whole).all()
+    assert not torch.allclose(whole, predict(estimator, depth, rgb, InferenceOptions(**options),
+                                             torch.Generator().manual_seed(4)))
+    # chunks draw their noise one after the other, so the same seed gives other noise per member: only check sanity
+    assert chunked.shape == whole.shape and 0 <= chunked.min() and chunked.max() <= 1
+    resized = predict(estimator, depth, rgb, InferenceOptions(processing_res=32))
+    assert resized.shape == (3, 48, 64) and not torch.allclose(resized, predict(estimator, depth, rgb,
+                                                                                InferenceOptions()))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(noise="blue"), "inference.noise must be one of"),
+    (dict(steps=0), "inference.steps must be >= 1"),
+    (dict(ensemble=2), "noise=zeros repeats one deterministic prediction"),
+    (dict(timestep_spacing="middle"), "inference.timestep_spacing"),
+])
+def test_bad_options_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        InferenceOptions(**bad)
+
+
+def _aligned_abs_rel(prediction, gt, valid, min_depth=0.1, max_depth=20.0):
+    """Marigold's protocol by hand: numpy least squares [pred, 1] -> gt over the valid pixels, clip, abs_rel."""
+    A = np.stack([prediction[valid], np.ones(valid.sum())], axis=1)
+    (scale, shift), *_ = np.linalg.lstsq(A.astype(np.float64), gt[valid].astype(np.float64), rcond=None)
+    aligned = np.clip(scale * prediction + shift, min_depth, max_depth)
+    return float(np.mean(np.abs(aligned[valid] - gt[valid]) / gt[valid]))
+
+
+def test_evaluate_scores_precomputed_predictions_by_hand(tmp_path):
+    """evaluate.py predictions=<dir>: files at the RGB's relative path (.npy) or Marigold's pred_<name>.npy."""
+    import csv
+
+    from conftest import read_metrics, run_cli
+    from densediff.data.procedural import ProceduralScenes
+
+    scenes = ProceduralScenes("test", 3, 64, 80, tasks=("depth",))
+    folder = tmp_path / "preds" / "test"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    expected = []
+    for index in range(3):
+        sample = scenes[index]
+        gt, valid = sample["depth"].numpy(), sample["valid_mask"].numpy()
+        prediction = (0.5 * gt + 0.2 + rng.normal(0, 0.3, gt.shape)).astype(np.float32)
+        name = f"{index:06d}.npy" if index != 1 else "pred_000001.npy"  # Marigold's naming for one of them
+        np.save(folder / name, prediction)
+        expected.append(_aligned_abs_rel(prediction, gt, valid))
+    run = tmp_path / "run"
+    run_cli("evaluate.py", f"predictions={tmp_path / 'preds'}", "dataset.test.num_scenes=3",
+            f"hydra.run.dir={run}")
+    rows = list(csv.DictReader(open(run / "per_image.csv")))
+    assert [float(row["abs_rel"]) for row in rows] == pytest.approx(expected, rel=1e-4)
+    assert read_metrics(run)["abs_rel"] == pytest.approx(np.mean(expected), rel=1e-4)
+    (folder / "000002.npy").unlink()
+    missing = run_cli("evaluate.py", f"predictions={tmp_path / 'preds'}", "dataset.test.num_scenes=3",
+                      f"hydra.run.dir={tmp_path / 'run2'}", expect_ok=False)
+    assert missing.returncode == 1 and "no prediction for test/000002.png" in missing.stderr
+    assert "Traceback" not in missing.stderr
