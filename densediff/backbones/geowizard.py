@@ -393,3 +393,139 @@ def load_geowizard(path: str | os.PathLike = HUB_ID, attention: str = "sdpa", jo
         unet.enable_gradient_checkpointing()
     return GeoWizard(unet=unet, vae=vae, scheduler=scheduler, image_encoder=image_encoder,
                      feature_extractor=feature_extractor, path=source)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Building a GeoWizard folder from Stable Diffusion (B1) and the tiny one
+# ---------------------------------------------------------------------------------------------------------------
+def geowizard_unet_from_sd(sd_unet: UNet2DConditionModel, cross_attention_dim: int,
+                           seed: int = 0) -> UNet2DConditionModel:
+    """GeoWizard's UNet initialised from a Stable Diffusion UNet as its trainer builds it (specs B1):
+    `from_pretrained(..., in_channels=8, class_embed_type='projection', projection_class_embeddings_input_dim=10,
+    cross_attention_dim=768, ignore_mismatched_sizes=True)`. Every weight whose shape still matches is copied; the
+    class embedding and, when the cross-attention width changes (SD2 1024 -> CLIP 768), the cross-attention K/V are
+    freshly initialised (seeded). A 4-channel conv_in is widened to 8 by repeating its kernel and halving it, bias
+    kept (Marigold / GeoWizard's trainer)."""
+    config = dict(sd_unet.config)
+    config.update(in_channels=8, class_embed_type="projection", projection_class_embeddings_input_dim=CLASS_LABEL_DIM,
+                  cross_attention_dim=int(cross_attention_dim))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(config)
+    source = dict(sd_unet.state_dict())
+    conv_in = source["conv_in.weight"]
+    if conv_in.shape[1] == 4:
+        source["conv_in.weight"] = conv_in.repeat(1, 2, 1, 1) / 2
+    state = unet.state_dict()
+    state.update({k: v for k, v in source.items() if k in state and state[k].shape == v.shape})
+    unet.load_state_dict(state)
+    return unet
+
+
+def save_geowizard(output: str | os.PathLike, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler,
+                   image_encoder, feature_extractor) -> Path:
+    """Write the published layout (unet, vae, scheduler, image_encoder, feature_extractor, model_index.json)."""
+    import json
+
+    output = Path(output)
+    unet.save_pretrained(output / "unet")
+    vae.save_pretrained(output / "vae")
+    DDIMScheduler.from_config(scheduler.config).save_pretrained(output / "scheduler")
+    image_encoder.save_pretrained(output / "image_encoder")
+    feature_extractor.save_pretrained(output / "feature_extractor")
+    (output / "model_index.json").write_text(json.dumps({
+        "_class_name": "DepthNormalEstimationPipeline", "_diffusers_version": __import__("diffusers").__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "feature_extractor": ["transformers", "CLIPImageProcessor"]}, indent=2) + "\n")
+    return output
+
+
+def build_geowizard_from_sd(sd_path: str | os.PathLike, image_encoder_path: str | os.PathLike,
+                            output: str | os.PathLike, seed: int = 0) -> Path:
+    """A GeoWizard folder to train from scratch: UNet from `sd_path`/unet (`geowizard_unet_from_sd`), VAE and
+    scheduler (as DDIM) from `sd_path`, CLIP image encoder + processor from `image_encoder_path` (GeoWizard:
+    lambdalabs/sd-image-variations-diffusers, subfolders image_encoder and feature_extractor)."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    sd_unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(sd_path, subfolder="vae")
+    scheduler = DDIMScheduler.from_pretrained(sd_path, subfolder="scheduler")
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(image_encoder_path, subfolder="image_encoder")
+    feature_extractor = CLIPImageProcessor.from_pretrained(image_encoder_path, subfolder="feature_extractor")
+    unet = geowizard_unet_from_sd(sd_unet, image_encoder.config.projection_dim, seed=seed)
+    return save_geowizard(output, unet, vae, scheduler, image_encoder, feature_extractor)
+
+
+def tiny_clip_image_encoder(projection_dim: int, seed: int = 0):
+    """A 2-layer CLIP vision model (32 x 32 input) and its processor with CLIP's mean/std: no download."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, projection_dim=projection_dim, num_attention_heads=4,
+        num_hidden_layers=2, image_size=32, patch_size=8))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                   image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                   image_std=[0.26862954, 0.26130258, 0.27577711])
+    return encoder, processor
+
+
+TINY_GEOWIZARD_VERSION = 1  # bump when the recipe below changes: the cache folder name carries it
+
+
+def tiny_geowizard_folder(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The tiny GeoWizard backbone (backbone=tiny_geowizard), built on first use into a cache folder.
+
+    It is GeoWizard's recipe applied to the shipped tiny backbone (densediff/assets/tiny): its UNet converted by
+    `geowizard_unet_from_sd` (the 8-channel conv_in and the 32-d cross-attention kept, a fresh class embedding), its
+    pretrained VAE and scheduler, and a seeded random tiny CLIP image encoder. Deterministic, so it is generated
+    rather than shipped (~10 MB); the folder is written to a temporary sibling and renamed, so concurrent runs
+    (DDP, multirun) never see a half-written one. Cache: $DENSEDIFF_CACHE or ~/.cache/densediff.
+    """
+    import shutil
+    import tempfile
+
+    from densediff.backbones.tiny import TINY_DIR
+
+    root = Path(cache_dir or os.environ.get("DENSEDIFF_CACHE") or Path.home() / ".cache" / "densediff")
+    stamp = (TINY_DIR / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    stamp += (TINY_DIR / "vae" / "diffusion_pytorch_model.safetensors").stat().st_size
+    folder = root / f"tiny_geowizard-v{TINY_GEOWIZARD_VERSION}-{stamp}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    sd_unet = UNet2DConditionModel.from_pretrained(TINY_DIR, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(TINY_DIR, subfolder="vae")
+    scheduler = DDIMScheduler.from_pretrained(TINY_DIR, subfolder="scheduler")
+    image_encoder, processor = tiny_clip_image_encoder(int(sd_unet.config.cross_attention_dim))
+    unet = geowizard_unet_from_sd(sd_unet, int(sd_unet.config.cross_attention_dim))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
+    try:
+        save_geowizard(tmp, unet, vae, scheduler, image_encoder, processor)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first
+            if not (folder / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a GeoWizard folder whose UNet is initialised from Stable "
+                                                 "Diffusion (GeoWizard's training start point, specs B1).")
+    parser.add_argument("--sd", required=True, help="Stable Diffusion 2 folder (unet, vae, scheduler)")
+    parser.add_argument("--image-encoder", required=True,
+                        help="folder with image_encoder/ and feature_extractor/ (lambdalabs/sd-image-variations-"
+                             "diffusers)")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_geowizard_from_sd(args.sd, args.image_encoder, args.output, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

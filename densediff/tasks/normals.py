@@ -34,6 +34,10 @@ class NormalMetricsBothPoolings(MetricCollection):
         return {**self["chosen"].compute(), **other}
 
 
+# Axes of a backbone's normal images relative to the canonical frame (x right, y up, z toward the viewer).
+MODEL_FRAMES = {"canonical": (1.0, 1.0, 1.0), "x_left": (-1.0, 1.0, 1.0), "opencv": (1.0, -1.0, -1.0)}
+
+
 class NormalsTask:
     name = "normals"
     target_key = "normals"
@@ -43,18 +47,19 @@ class NormalsTask:
     def __init__(self, pooling: str = "pixels", model_frame: str = "canonical"):
         if pooling not in ("pixels", "images"):
             raise ValueError(f"task.pooling must be 'pixels' or 'images', got {pooling!r}")
-        if model_frame not in ("canonical", "x_left"):
-            raise ValueError(f"backbone.normals_frame must be 'canonical' or 'x_left', got {model_frame!r}")
+        if model_frame not in MODEL_FRAMES:
+            raise ValueError(f"backbone.normals_frame must be one of {', '.join(MODEL_FRAMES)}, got {model_frame!r}")
         self.pooling = pooling
         # The frame the backbone's decoded images use. E2E-FT's normals checkpoints were trained in DSINE's frame
         # (x left, y up, z toward the viewer; specs/e2e_ft_marigold.md 3.3), so their x is negated here, at the
-        # boundary: everything after decode (loss, metrics, outputs) is canonical (x right).
+        # boundary: everything after decode (loss, metrics, outputs) is canonical (x right). GeoWizard trains in
+        # OpenCV's camera frame (x right, y down, z away from the viewer; specs/dmp_geowizard.md B2).
         self.model_frame = model_frame
 
     def _to_model_frame(self, normals: torch.Tensor) -> torch.Tensor:
-        """canonical <-> model frame (its own inverse: x_left negates x)."""
-        if self.model_frame == "x_left":
-            normals = normals * normals.new_tensor([-1.0, 1.0, 1.0]).view(1, 3, 1, 1)
+        """canonical <-> model frame (each its own inverse: x_left negates x, opencv negates y and z)."""
+        if self.model_frame != "canonical":
+            normals = normals * normals.new_tensor(MODEL_FRAMES[self.model_frame]).view(1, 3, 1, 1)
         return normals
 
     def encode(self, batch: dict) -> torch.Tensor:
@@ -87,6 +92,17 @@ class NormalsTask:
 
     def update_metrics(self, metrics: NormalMetricsBothPoolings, output: torch.Tensor, batch: dict) -> None:
         metrics.update(output.float(), batch["normals"].float(), batch["valid_mask"])
+
+    def per_image_rows(self, metrics, output: torch.Tensor, batch: dict) -> list[dict]:
+        """One row of angular metrics per image (evaluate.py's per_image.csv); their mean is `angular_*_per_image`
+        (or the plain names with task.pooling=images). Images without a valid pixel get no row."""
+        rows = []
+        for i, name in enumerate(batch["name"]):
+            single = NormalMetrics("images").to(output.device)
+            single.update(output[i:i + 1].float(), batch["normals"][i:i + 1].float(), batch["valid_mask"][i:i + 1])
+            if single.count > 0:
+                rows.append({"name": name, **{k: float(v) for k, v in single.compute().items()}})
+        return rows
 
     def colorize(self, values: torch.Tensor, valid: torch.Tensor | None = None):
         return colorize_normals(values, valid)
