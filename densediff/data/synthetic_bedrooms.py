@@ -18,7 +18,8 @@ Values are PNG bytes or an npz (np.savez_compressed, array 'x', float16 from get
     albedo        PNG RGB (per-image min-max to 0..255 by getintr.py) -> [0, 1]; an npz holds [0, 1] floats.
     shading       PNG grey or RGB -> replicated to 3 channels, [0, 1].
     segmentation  a class-index PNG (grey or palette; color2cls.py output) -> int64 ids. A colour-coded map (the
-                  DMP training targets) needs `segmentation_palette` (list of RGB triplets; index = class id), colours
+                  DMP training targets) needs `segmentation_palette` (RGB triplets, index = class id, or a palette
+                  name: ade20k, bedroom, procedural; the config passes dataset.palette), colours
                   not in it -> 255 (ignore).
 Sample: "rgb", "valid_mask" (all True; pseudo GT covers every pixel), "name" (file_name), "prompt" (str, "" if none),
 "labelled" (all True) and the requested tasks.
@@ -111,6 +112,10 @@ class SyntheticBedrooms(torch.utils.data.Dataset):
         self.hflip = bool(hflip) and "normals" not in self.tasks
         if hflip and "normals" in self.tasks:
             log.info("SyntheticBedrooms: no horizontal flips with normals among the tasks (DMP does not flip normals)")
+        if isinstance(segmentation_palette, str):  # a palette name (dataset.palette): ade20k, bedroom, procedural
+            from densediff.tasks.palettes import palette_info
+
+            segmentation_palette = palette_info(segmentation_palette)[0]
         self.palette = None if segmentation_palette is None else np.asarray(segmentation_palette, np.int64)
         self.normals_axes, self.seed, self.epoch = tuple(normals_axes), seed, 0
         what = ("expected DMP's layout: an image folder with metadata.jsonl and one LMDB per target "

@@ -1,0 +1,1 @@
+"""Command-line tools that prepare data (DMP's data pipeline: densediff.tools.dmp_data)."""
