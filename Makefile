@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RUN ?= outputs/quickstart/demo-$(shell date +%Y-%m-%d_%H-%M-%S)
 DEMO_ARGS ?=   # extra train.py overrides, e.g. make demo DEMO_ARGS="trainer.max_steps=100"
 
-.PHONY: help install demo test test-all bench clean-outputs
+.PHONY: help install demo test test-all bench app clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -36,6 +36,9 @@ test-all: $(STAMP)  ## every test, including the slow demo-length training
 bench: $(STAMP)  ## benchmarks, JSON in benchmarks/results/
 	@mkdir -p benchmarks/results
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+app: $(STAMP)  ## the Gradio demo (APP_ARGS="ckpt=<run>/checkpoints/last.ckpt"; default backbone=tiny)
+	$(PY) -m densediff.app $(or $(APP_ARGS),backbone=tiny)
 
 clean-outputs:  ## remove outputs/ (runs, checkpoints)
 	rm -rf outputs multirun

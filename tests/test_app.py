@@ -1,0 +1,178 @@
+"""The Gradio demo (densediff/app.py): launched as a user would (python -m densediff.app backbone=tiny) on
+127.0.0.1 and driven through gradio_client, as the browser's API calls do."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from densediff.app import main, parse_args
+
+pytest.importorskip("gradio", reason="the demo needs the optional extra: pip install -e '.[app]'")
+gradio_client = pytest.importorskip("gradio_client", reason="the demo test drives the app with gradio_client "
+                                                           "(installed with gradio: pip install -e '.[app]')")
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 120  # s: torch + diffusers + gradio imports on a busy 2-core machine
+
+
+def _env(tmp: Path) -> dict:
+    tmp.mkdir(parents=True, exist_ok=True)
+    # TMPDIR: the app's request folders and Gradio's upload cache land there, so the test sees what it leaves
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+            "TMPDIR": str(tmp), "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: Path):
+        self.cwd, self.tmp, self.log = base / "cwd", base / "tmp", base / "app.log"
+        self.cwd.mkdir(parents=True)
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        port = self.url.rsplit(":", 1)[1]
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "densediff.app", "backbone=tiny", "server_name=127.0.0.1",
+                 f"server_port={port}"], cwd=self.cwd, env=_env(self.tmp), stdout=log, stderr=subprocess.STDOUT)
+
+    def wait(self) -> None:
+        import httpx
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the app exited ({self.process.returncode}):\n{self.log.read_text()[-4000:]}")
+            try:
+                if httpx.get(self.url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"the app did not answer within {START_TIMEOUT} s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> int | None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    app = Server(tmp_path_factory.mktemp("app"))
+    try:
+        app.wait()
+        yield app
+    finally:
+        app.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server, tmp_path_factory):
+    return gradio_client.Client(server.url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+
+
+def test_parse_args_splits_app_options_from_hydra_overrides():
+    ckpts, server, overrides = parse_args(["ckpt=a.ckpt", "ckpt=b dir/c.ckpt", "inference.steps=4",
+                                           "server_port=7000", "share=true", "backbone.path=/m"])
+    assert ckpts == ["a.ckpt", "b dir/c.ckpt"]
+    assert server == {"server_name": "127.0.0.1", "server_port": 7000, "share": True}
+    assert overrides == ["inference.steps=4", "backbone.path=/m"]
+
+
+def test_app_predicts_depth_and_serves_npy_and_16bit_png(client, tmp_path):
+    height, width = 37, 50  # odd, non-square: padded to a multiple of 8 and cropped back
+    rng = np.random.default_rng(0)
+    image = tmp_path / "room.png"
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(image)
+
+    coloured, npy, png16 = client.predict(gradio_client.handle_file(str(image)), "depth", 1, 1,
+                                          api_name="/predict")
+
+    assert Path(npy).name == "room.npy" and Path(png16).name == "room_16bit.png"
+    with Image.open(coloured) as picture:
+        assert picture.size == (width, height) and picture.mode == "RGB"
+    depth = np.load(npy)
+    assert depth.shape == (height, width) and depth.dtype == np.float32
+    assert np.isfinite(depth).all() and depth.min() >= 0 and depth.max() <= 1
+    with Image.open(png16) as picture:
+        sixteen = np.asarray(picture)
+    assert sixteen.dtype == np.uint16 and sixteen.shape == (height, width)
+    np.testing.assert_allclose(sixteen / 65535.0, depth, rtol=0, atol=1 / 65535)
+
+
+def test_app_shows_missing_and_unreadable_images_as_messages(client, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(gradio_client.exceptions.AppError, match="cannot read image broken.png"):
+        client.predict(gradio_client.handle_file(str(broken)), "depth", 1, 1, api_name="/predict")
+    with pytest.raises(gradio_client.exceptions.AppError, match="upload an image first"):
+        client.predict(None, "depth", 1, 1, api_name="/predict")
+
+
+def test_app_stops_on_sigterm_and_leaves_no_files(server, client):
+    assert server.stop() == 0
+    assert not list(server.cwd.iterdir()), "the app wrote into its working directory"
+    assert not list(server.tmp.glob("densediff-app-*")), "the app left its temporary folder behind"
+
+
+def test_app_bad_argument_exits_with_one_line_error(tmp_path):
+    """The real process: exit status 1 and one line on stderr."""
+    result = subprocess.run([sys.executable, "-m", "densediff.app", "server_port=http"], check=False,
+                            cwd=tmp_path, env=_env(tmp_path / "t"), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["error: server_port=http is not a port number (0-65535)"], result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("argument, message", [
+    ("ckpt=/nonexistent/last.ckpt", "error: ckpt=/nonexistent/last.ckpt does not exist: pass a checkpoint"),
+    ("backbone=no_such_backbone", "error: In 'predict': Could not find 'backbone/no_such_backbone'"),
+    ("inference.stepz=3", "error: Could not override 'inference.stepz'."),
+    ("inference.noise=bad", "error: inference.noise must be one of zeros, gaussian, pyramid"),
+])
+def test_app_config_errors_are_one_line(argument, message, capsys):
+    assert main([argument]) == 1  # in-process: the same code path as the CLI, without another interpreter start
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+
+
+def test_demo_serves_one_model_per_task(tmp_path):
+    """Two tasks in one demo (what several ckpt= give), called without the server: normals write no 16-bit PNG;
+    an ensemble over a zeros-noise model starts from gaussian noise instead of failing."""
+    from densediff.app import Demo, build_ui, load_models
+
+    depth, _, device = load_models([], ["backbone=tiny", "task=depth"])
+    normals, _, _ = load_models([], ["backbone=tiny", "task=normals", "inference.steps=3"])
+    demo = Demo({**depth, **normals}, {"depth": "backbone=tiny", "normals": "backbone=tiny"}, device, tmp_path)
+    assert demo.defaults("depth") == (1, 1) and demo.defaults("normals") == (3, 1)
+    image = tmp_path / "wall.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(image)
+
+    coloured, npy, png16 = demo.predict(image, "normals", 1, 2)
+
+    assert png16 is None and Path(npy).name == "wall.npy"
+    values = np.load(npy)
+    assert values.shape == (24, 40, 3)
+    np.testing.assert_allclose(np.linalg.norm(values, axis=-1), 1, atol=1e-3)
+    with Image.open(coloured) as picture:
+        assert picture.size == (40, 24)
+    assert demo.models["normals"].inference.ensemble == 1  # the request's options do not stick
+    build_ui(demo)  # the page builds with both tasks in the selector
