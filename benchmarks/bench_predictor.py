@@ -58,17 +58,21 @@ def sd_sized_folder(root: Path) -> Path:
                                  "scheduler": scheduler}, root / "sd")
 
 
-def timed(call, reps: int, device: torch.device) -> list[float]:
-    call()  # warm-up: allocator, kernels, lazy initialisation
-    times = []
+def timed(calls: dict, reps: int, device: torch.device) -> dict[str, list[float]]:
+    """Wall-clock seconds of each call, `reps` times after one warm-up, alternating between the calls so that
+    changing load on the machine hits both sides alike."""
+    for call in calls.values():
+        call()  # warm-up: allocator, kernels, lazy initialisation, cached schedulers
+    times = {name: [] for name in calls}
     for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        for name, call in calls.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            call()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -102,14 +106,16 @@ def main() -> None:
         results = []
         for name, setting in SETTINGS.items():
             options = InferenceOptions(**setting, batch_size=setting["ensemble"])
-            ours = timed(lambda: predict(estimator, task, rgb, options, torch.Generator().manual_seed(0)),
-                         args.reps, device)
             latent_shape = (1, 4, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
             latents = torch.zeros(latent_shape, device=device) if setting["noise"] == "zeros" else None
-            theirs = timed(lambda: pipe(rgb, num_inference_steps=setting["steps"], ensemble_size=setting["ensemble"],
-                                        processing_resolution=0, batch_size=setting["ensemble"], latents=latents,
-                                        generator=torch.Generator().manual_seed(0), output_type="pt"),
-                           args.reps, device)
+            times = timed({
+                "densediff": lambda: predict(estimator, task, rgb, options, torch.Generator().manual_seed(0)),
+                "diffusers": lambda: pipe(rgb, num_inference_steps=setting["steps"], ensemble_size=setting["ensemble"],
+                                          processing_resolution=0, batch_size=setting["ensemble"], latents=latents,
+                                          generator=None if latents is not None else torch.Generator().manual_seed(0),
+                                          output_type="pt"),
+            }, args.reps, device)
+            ours, theirs = times["densediff"], times["diffusers"]
             for who, times in (("densediff", ours), ("diffusers", theirs)):
                 latency = statistics.median(times)
                 results.append({"setting": name, "implementation": who, "latency_s": round(latency, 5),

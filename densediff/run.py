@@ -31,6 +31,15 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 OmegaConf.register_new_resolver("densediff_asset", lambda name: str(ASSETS / name), replace=True)
 
 
+def _tiny_geowizard() -> str:
+    from densediff.backbones.geowizard import tiny_geowizard_folder
+    return str(tiny_geowizard_folder())
+
+
+# backbone=tiny_geowizard: generated from the shipped tiny backbone into a cache folder on first use (~10 MB)
+OmegaConf.register_new_resolver("densediff_tiny_geowizard", _tiny_geowizard, replace=True, use_cache=True)
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the entry points print it without a traceback."""
 
@@ -54,9 +63,16 @@ def _plain(node):
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def task_options(cfg: DictConfig) -> dict:
-    options = {k: v for k, v in _plain(cfg.task).items() if k != "name"}
-    if cfg.task.name == "depth" and "dataset" in cfg:  # the valid GT range belongs to the dataset's protocol
+# Task options that belong to the evaluation dataset's protocol rather than to the model (task_options below).
+DATASET_PROTOCOL_KEYS = ("min_depth", "max_depth", "alignment_max_res", "range_mask")
+
+
+def task_options(cfg: DictConfig, name: str | None = None) -> dict:
+    """Options of the configured task, or of task `name` (its defaults plus the dataset's protocol) when another
+    task is needed next to it (GeoWizard predicts depth and normals whatever `task` is)."""
+    name = name or cfg.task.name
+    options = {k: v for k, v in _plain(cfg.task).items() if k != "name"} if name == cfg.task.name else {}
+    if name == "depth" and "dataset" in cfg:  # the valid GT range belongs to the dataset's protocol
         options.update(min_depth=float(cfg.dataset.min_depth), max_depth=float(cfg.dataset.max_depth))
         if cfg.dataset.get("alignment_max_res"):
             options["alignment_max_res"] = int(cfg.dataset.alignment_max_res)
@@ -82,6 +98,17 @@ def model_arguments(cfg: DictConfig) -> dict:
     )
 
 
+def geowizard_arguments(cfg: DictConfig) -> dict:
+    """What GeoWizardEstimator takes besides model_arguments: the domain label, joint attention, and the options of
+    the geometry that is not `task` (both are predicted and scored)."""
+    if cfg.task.name not in ("depth", "normals"):
+        raise ConfigError(f"backbone={cfg.backbone.name} predicts depth and normals; task={cfg.task.name} is neither")
+    other = "normals" if cfg.task.name == "depth" else "depth"
+    return dict(domain=str(cfg.backbone.get("domain", "indoor")),
+                joint_attention=bool(cfg.backbone.get("joint_attention", True)),
+                other_task_options=task_options(cfg, other))
+
+
 def inference_options(cfg: DictConfig, stage: str) -> InferenceOptions:
     try:
         options = InferenceOptions(**_plain(cfg.inference))
@@ -103,12 +130,15 @@ def use_half_precision(model: L.LightningModule, device: torch.device) -> None:
 def build_model(cfg: DictConfig) -> L.LightningModule:
     if cfg.objective.name not in PARADIGMS:
         raise ConfigError(f"objective={cfg.objective.name} is not implemented yet; available: {', '.join(PARADIGMS)}")
-    if cfg.backbone.name == "geowizard":
-        raise ConfigError("backbone=geowizard (joint depth + normal UNet, CLIP image conditioning) is loaded by "
-                          "densediff.backbones.geowizard but no training objective drives it yet; objective=e2e "
-                          "takes Marigold / Stable Diffusion / E2E-FT layouts")
     paradigm = PARADIGMS[cfg.objective.name]
     arguments = model_arguments(cfg)
+    if cfg.backbone.get("layout") == "geowizard":  # GeoWizard's joint depth + normal UNet (backbones/geowizard.py)
+        if cfg.objective.name != "diffusion":
+            raise ConfigError(f"backbone={cfg.backbone.name} (GeoWizard: joint depth + normal UNet, CLIP image "
+                              f"conditioning) trains with objective=diffusion (experiment=geowizard), not "
+                              f"objective={cfg.objective.name}")
+        paradigm = PARADIGMS["geowizard"]
+        arguments.update(geowizard_arguments(cfg))
     unknown = sorted(set(arguments) - set(inspect.signature(paradigm.__init__).parameters))
     if unknown:
         raise ConfigError(f"objective={cfg.objective.name} has no option {unknown[0]!r} (objective.{unknown[0]})")
@@ -234,13 +264,29 @@ def load_checkpoint_model(cfg: DictConfig) -> L.LightningModule:
         raise FileNotFoundError(f"ckpt={path} does not exist: pass a checkpoint written by train.py "
                                 "(<run>/checkpoints/last.ckpt or best-step*.ckpt)")
     paradigm, task = checkpoint_identity(path)
-    overrides = {"task_options": task_options(cfg)} if task == cfg.task.name else {}
-    explicit = [o for o in HydraConfig.get().overrides.task if o.split("=")[0] in ("backbone.path", "backbone")]
+    command_line = HydraConfig.get().overrides.task
+    overrides = {}
+    if task == cfg.task.name:
+        # The checkpoint's own task options (its codec: DMP float depth, a palette, ...), updated with the dataset's
+        # protocol (valid range, alignment) and whatever task.* the command line sets explicitly.
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("hyper_parameters", {})
+        current = task_options(cfg)
+        explicit = {o.split("=")[0].lstrip("+~").removeprefix("task.") for o in command_line
+                    if o.lstrip("+~").startswith("task.")}
+        protocol = {k: current[k] for k in DATASET_PROTOCOL_KEYS if k in current}
+        overrides["task_options"] = {**(saved.get("task_options") or {}), **protocol,
+                                     **{k: current[k] for k in explicit if k in current}}
+    explicit = [o for o in command_line if o.split("=")[0] in ("backbone.path", "backbone")]
     if explicit:  # the checkpoint names its backbone; an explicit backbone on the command line replaces it
         overrides["backbone_path"] = str(cfg.backbone.path)
         overrides["normals_frame"] = str(cfg.backbone.get("normals_frame", "canonical"))
     if paradigm not in PARADIGMS:
         raise ConfigError(f"{path} was written by paradigm {paradigm!r}, unknown here ({', '.join(PARADIGMS)})")
+    if paradigm == "geowizard":  # one model, both geometries: task=depth|normals picks the one it returns
+        overrides.update(task=cfg.task.name, task_options=task_options(cfg), **geowizard_arguments(cfg))
+        overrides.pop("joint_attention")  # how it was trained
+        if "backbone.domain" not in {o.split("=")[0] for o in HydraConfig.get().overrides.task}:
+            overrides.pop("domain")  # the checkpoint's, unless given on the command line
     return PARADIGMS[paradigm].load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
 
 
@@ -284,6 +330,8 @@ def predict(cfg: DictConfig) -> None:
     from densediff.inference.predict import check_outputs, predict_images
 
     task = checkpoint_identity(Path(cfg.ckpt))[1] if cfg.get("ckpt") and Path(cfg.ckpt).is_file() else cfg.task.name
+    if cfg.get("ckpt") and Path(cfg.ckpt).is_file() and checkpoint_identity(Path(cfg.ckpt))[0] == "geowizard":
+        task = cfg.task.name  # a GeoWizard checkpoint predicts either geometry
     root, images = check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite))  # before loading a model
     options = inference_options(cfg, "predict")
     model = load_checkpoint_model(cfg) if cfg.get("ckpt") else build_model(cfg)

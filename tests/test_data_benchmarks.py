@@ -414,19 +414,68 @@ def test_every_benchmark_config_instantiates_on_its_fixture(name, fixture_root):
     assert len(ds) >= 1 and CONFIGS[name] in ds[0]
 
 
-def test_evaluate_cli_on_nyuv2_depth(tmp_path):
-    root = make_nyuv2(tmp_path / "nyuv2", n=1)
-    run = tmp_path / "run"
-    run_cli("evaluate.py", "dataset=nyuv2", f"dataset.root={root}", "dataset.num_workers=0",
-            "dataset.processing_res=64", "logger=csv", f"hydra.run.dir={run}", "trainer.enable_progress_bar=false")
-    metrics = read_metrics(run)
-    assert {"abs_rel", "delta1", "rmse"} <= set(metrics)
+def test_evaluate_nyuv2_predictions_match_the_protocol_by_hand(tmp_path):
+    """evaluate.py predictions= on the NYUv2 fixture (Marigold's pred_XXXX.npy names): raw depth in mm, the Eigen
+    crop, 1e-3 < d < 10, least squares in depth space, clip, per-image mean: computed here by hand."""
+    import csv
 
-
-def test_evaluate_cli_on_nyuv2_normals(tmp_path):
-    root = make_dsine_png(tmp_path / "nyuv2", "test", ["000001"])
+    root = make_nyuv2(tmp_path / "nyuv2", n=2)
+    rows, cols = np.mgrid[0:480, 0:640]
+    preds, expected = tmp_path / "preds", []
+    for i in (1, 2):
+        folder = root / "test" / f"kitchen_{i:04d}"
+        gt_mm = (1000 + 10 * rows + 3 * cols + 500 * i).astype(np.uint16)
+        gt_mm[50:60, 50:60] = 0  # no return
+        gt_mm[200, 300] = 12000  # beyond 10 m
+        Image.fromarray(gt_mm).save(folder / f"depth_{i:04d}.png")
+        prediction = RNG.uniform(0, 1, (480, 640)).astype(np.float32) + (rows + cols) / 1000
+        (preds / "test" / f"kitchen_{i:04d}").mkdir(parents=True)
+        np.save(preds / "test" / f"kitchen_{i:04d}" / f"pred_{i:04d}.npy", prediction.astype(np.float32))
+        gt = gt_mm / 1000.0
+        valid = (gt > 1e-3) & (gt < 10)
+        crop = np.zeros_like(valid)
+        crop[45:471, 41:601] = True  # Eigen crop
+        valid &= crop
+        A = np.stack([prediction[valid], np.ones(valid.sum())], 1).astype(np.float64)
+        (scale, shift), *_ = np.linalg.lstsq(A, gt[valid], rcond=None)
+        aligned = np.clip(np.clip(scale * prediction + shift, 1e-3, 10), 1e-6, None)[valid]
+        ratio = np.maximum(aligned / gt[valid], gt[valid] / aligned)
+        expected.append((np.mean(np.abs(aligned - gt[valid]) / gt[valid]), np.mean(ratio < 1.25)))
     run = tmp_path / "run"
-    run_cli("evaluate.py", "task=normals", "dataset=nyuv2_normals", f"dataset.root={root}", "dataset.num_workers=0",
+    run_cli("evaluate.py", "dataset=nyuv2", f"dataset.root={root}", f"predictions={preds}", "dataset.num_workers=0",
             "logger=csv", f"hydra.run.dir={run}", "trainer.enable_progress_bar=false")
     metrics = read_metrics(run)
-    assert "angular_mean" in metrics
+    assert metrics["abs_rel"] == pytest.approx(np.mean([e[0] for e in expected]), rel=1e-4)
+    assert metrics["delta1"] == pytest.approx(np.mean([e[1] for e in expected]), rel=1e-4)
+    per_image = list(csv.DictReader(open(run / "per_image.csv")))
+    assert [float(r["abs_rel"]) for r in per_image] == pytest.approx([e[0] for e in expected], rel=1e-4)
+
+
+def test_evaluate_nyuv2_normals_predictions_pool_pixels_by_hand(tmp_path):
+    """evaluate.py predictions= on the DSINE NYUv2 fixture: GT converted from x-left, mask = channel sum > 0, errors
+    pooled over every valid pixel (DSINE) and per image (Marigold), computed here by hand."""
+    import csv
+
+    root = make_dsine_png(tmp_path / "nyuv2", "test", ["000001", "000002"])
+    gt = np.array([-1, 1, 1]) * (encode_normals_u8(DSINE_N) / 255 * 2 - 1)  # DSINE x-left -> canonical
+    gt = gt / np.linalg.norm(gt)
+    preds, errors = tmp_path / "preds", []
+    for name in ("000001", "000002"):
+        n = RNG.normal(size=(48, 64, 3)) + np.array([0, 0, 2.0])
+        n /= np.linalg.norm(n, axis=-1, keepdims=True)
+        (preds / "test").mkdir(parents=True, exist_ok=True)
+        np.save(preds / "test" / f"{name}_img.npy", n.astype(np.float32))
+        angle = np.degrees(np.arccos(np.clip(n @ gt, -1, 1)))
+        valid = np.ones((48, 64), bool)
+        valid[2, 3] = False  # the fixture's pixel without GT
+        errors.append(angle[valid])
+    run = tmp_path / "run"
+    run_cli("evaluate.py", "task=normals", "dataset=nyuv2_normals", f"dataset.root={root}", f"predictions={preds}",
+            "dataset.num_workers=0", "logger=csv", f"hydra.run.dir={run}", "trainer.enable_progress_bar=false")
+    metrics, pooled = read_metrics(run), np.concatenate(errors)
+    assert metrics["angular_mean"] == pytest.approx(pooled.mean(), rel=1e-4)
+    assert metrics["angular_median"] == pytest.approx(np.median(pooled), rel=1e-4)
+    assert metrics["angular_11_25"] == pytest.approx(np.mean(pooled < 11.25), abs=1e-6)
+    assert metrics["angular_mean_per_image"] == pytest.approx(np.mean([e.mean() for e in errors]), rel=1e-4)
+    rows = list(csv.DictReader(open(run / "per_image.csv")))
+    assert [float(r["angular_mean"]) for r in rows] == pytest.approx([e.mean() for e in errors], rel=1e-4)

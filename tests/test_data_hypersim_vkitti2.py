@@ -280,3 +280,21 @@ def test_mixed_loader_keeps_resolutions_apart(hypersim_root, vkitti_root):
     ds.set_epoch(1)
     batches = list(torch.utils.data.DataLoader(ds, batch_sampler=sampler))
     assert sorted(tuple(b["depth"].shape) for b in batches) == [(2, *CROP), (2, H, W)]
+
+
+@pytest.mark.parametrize("dataset", ["hypersim", "hypersim_vkitti2"])
+def test_quickstart_trains_two_steps_from_the_fixtures(dataset, hypersim_root, vkitti_root, tmp_path):
+    """The real CLI on the real-layout fixtures (alone, and mixed 9:1 with VKITTI): two steps and a validation."""
+    from conftest import FAST, read_metrics, run_cli
+
+    fast = [o for o in FAST if "num_scenes" not in o]  # those are procedural's
+    train = "dataset.train" if dataset == "hypersim" else "dataset.train.datasets.0"
+    sizes = [f"+{train}.height={H}", f"+{train}.width={W}", f"+dataset.val.height={H}", f"+dataset.val.width={W}",
+             "dataset.val.split=train"]  # the fixture holds the train folder only
+    if dataset == "hypersim_vkitti2":
+        sizes += [f"dataset.train.datasets.1.root={vkitti_root}", f"+dataset.train.datasets.1.crop_size=[{CROP[0]},"
+                  f"{CROP[1]}]"]
+    run = tmp_path / "run"
+    run_cli("train.py", "experiment=quickstart", f"dataset={dataset}", f"paths.data_dir={hypersim_root.parent.parent}",
+            "dataset.num_workers=0", "logger=csv", f"hydra.run.dir={run}", *fast, *sizes)
+    assert "abs_rel" in read_metrics(run)

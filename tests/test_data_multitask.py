@@ -541,3 +541,24 @@ def test_dataset_config_composes_and_builds_the_train_split(name, pascal_root, n
     s = ds[0]
     assert s["normals"].shape[0] == 3 and s["labelled"] == {"normals": torch.tensor(True)}
     assert s["rgb"].shape[1:] == s["valid_mask"].shape
+
+
+@pytest.mark.parametrize("name, task, sizes", [
+    ("nyud", "depth", ["+dataset.train.crop_size=[32,48]", "+dataset.train.pad_size=[32,48]",
+                       "+dataset.val.pad_size=[32,48]"]),
+    ("pascal_context", "normals", ["+dataset.train.crop_size=[32,48]", "+dataset.train.pad_size=[32,48]",
+                                   "+dataset.val.pad_size=[32,48]"]),
+    ("synthetic_bedrooms", "normals", []),
+])
+def test_quickstart_trains_two_steps_from_each_fixture(name, task, sizes, pascal_root, nyud_root, bedrooms_root,
+                                                       tmp_path):
+    """The real CLI on each real-layout fixture: two optimizer steps and a validation, metrics written."""
+    from conftest import FAST, read_metrics, run_cli
+
+    fast = [o for o in FAST if "num_scenes" not in o]  # those are procedural's
+    run = tmp_path / "run"
+    val = [f"dataset.val.root={bedrooms_root}"] if name == "synthetic_bedrooms" else []  # the fixture has one split
+    run_cli("train.py", "experiment=quickstart", f"dataset={name}", f"task={task}",
+            f"paths.data_dir={pascal_root.parent}", "dataset.num_workers=0", "logger=csv", f"hydra.run.dir={run}",
+            *fast, *sizes, *val)
+    assert ("abs_rel" if task == "depth" else "angular_mean") in read_metrics(run)

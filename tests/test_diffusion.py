@@ -103,6 +103,17 @@ def test_diffusion_recipe_runs_on_tiny_and_procedural(experiment, tmp_path):
         assert all("lora_" in key for key in checkpoint["state_dict"])  # only the adapter is saved
     else:
         assert "conditioning: concat" in config and "noise: pyramid" in config and "lr: 3.0e-05" in config
+    if experiment == "dmp_depth":  # predict.py keeps the checkpoint's DMP float codec (metres), not the default one
+        import numpy as np
+        from PIL import Image
+
+        Image.fromarray(np.full((32, 40, 3), 120, np.uint8)).save(tmp_path / "a.png")
+        run_cli("predict.py", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"input={tmp_path / 'a.png'}",
+                f"output={tmp_path / 'pred'}", "inference.steps=2", f"hydra.run.dir={tmp_path / 'p'}")
+        depth = np.load(tmp_path / "pred" / "a.npy")
+        assert not (depth.min() == 0 and depth.max() == 1)  # an affine codec would min-max normalise to [0, 1]
+        png16 = np.asarray(Image.open(tmp_path / "pred" / "a_16bit.png")) / 65535
+        assert np.allclose(png16, np.clip(depth / 8.0, 0, 1), atol=1 / 65535)  # full scale = target_scale 8 m
     if experiment == "dmp_normal":  # evaluate.py rebuilds the paradigm from the checkpoint, with DMP's oracle DDIM
         evaluated = tmp_path / "eval"
         run_cli("evaluate.py", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "task=normals",
@@ -131,3 +142,30 @@ def test_dmp_normal_learns_on_tiny(tmp_path):
             f"hydra.run.dir={tmp_path / 'trained'}", timeout=1200)
     untrained = read_metrics(tmp_path / "untrained")["angular_mean"]
     assert read_metrics(tmp_path / "trained")["angular_mean"] < 0.7 * untrained
+
+
+def test_prompts_and_classifier_free_guidance_follow_dmp():
+    """objective.prompts=dataset keeps the text encoder; inference with prompts and guidance s gives
+    uncond + s (cond - uncond) against the padded empty prompt (DMP's target_guidance_scale)."""
+    model = DiffusionEstimator(TINY, task="normals", conditioning="interpolate", unet_in_channels=4,
+                               adapter="lora", adapter_rank=4, prompts="dataset").eval()
+    estimator = model.estimator
+    rgb = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0))
+    options = InferenceOptions(steps=1, timestep_spacing="leading", guidance=2.0)
+    guided = denoise(estimator, rgb, options, prompts=["a bed"])
+    with torch.no_grad():
+        x = estimator.encode_rgb(rgb)
+        cond = estimator.encode_prompts(["a bed"])
+        uncond = estimator.encode_prompts([""])
+        assert cond.shape == (1, 77, 32)  # padded to the tokenizer's length, as DMP tokenises
+        v = lambda context: estimator.unet(x, 1, encoder_hidden_states=context).sample
+        out = v(uncond) + 2.0 * (v(cond) - v(uncond))
+        a = model.alphas_cumprod[1]
+        expected = estimator.vae.decode((a.sqrt() * x - (1 - a).sqrt() * out) / estimator.scaling_factor).sample
+    assert torch.allclose(guided, expected, atol=1e-4)
+    unguided = denoise(estimator, rgb, InferenceOptions(steps=1, timestep_spacing="leading"), prompts=["a bed"])
+    assert not torch.allclose(guided, unguided, atol=1e-4)
+    # training reads the samples' captions
+    batch = {"rgb": rgb, "normals": torch.nn.functional.normalize(torch.rand(1, 3, 32, 40), dim=1),
+             "valid_mask": torch.ones(1, 32, 40, dtype=torch.bool), "prompt": ["a bed"]}
+    assert torch.isfinite(model.training_step(batch, 0))

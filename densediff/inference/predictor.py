@@ -8,6 +8,7 @@ the E2E paradigm trains (`SingleStepEstimator.forward`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,21 +62,31 @@ class InferenceOptions:
 
 
 def pyramid_noise(shape: tuple[int, ...], generator: torch.Generator | None, discount: float | torch.Tensor = 0.9,
-                  levels: int = 10) -> torch.Tensor:
+                  levels: int = 10, strength: float | torch.Tensor = 1.0,
+                  scale_range: tuple[float, float] = (2.0, 4.0), cumulative: bool = True) -> torch.Tensor:
     """Multi-resolution noise (Marigold/E2E `pyramid_noise_like`, spec 1.3): Gaussian noise plus up-sampled coarser
     Gaussian noise, level i weighted discount**i, its size shrunk cumulatively by r**i with r ~ U[2, 4), stopping at
     1 px; the sum is divided by its global std. Level 0 adds a second full-size noise, as the reference does.
-    `discount` may be a [B] tensor: Marigold's training anneals it per sample (0.9 x t / T)."""
+    `discount` may be a [B] tensor: Marigold's training anneals it per sample (0.9 x t / T).
+    GeoWizard's training variant (its `pyramid_noise_like`): every level, the first included, is weighted
+    `strength` x discount**i with strength = t / T per sample, r ~ U[1.5, 3) and each level's size taken from the
+    full size (`cumulative=False`): pyramid_noise(shape, g, 0.9, strength=t / T, scale_range=(1.5, 3.0),
+    cumulative=False)."""
     batch, channels, height, width = shape
     if torch.is_tensor(discount):
         discount = discount.float().cpu().view(batch, 1, 1, 1)
+    if torch.is_tensor(strength):
+        strength = strength.float().cpu().view(batch, 1, 1, 1)
+    low, high = scale_range
     noise = torch.randn(shape, generator=generator)
     h, w = height, width
     for i in range(levels):
-        r = 2 + 2 * torch.rand((), generator=generator).item()
+        r = low + (high - low) * torch.rand((), generator=generator).item()
+        h, w = (h, w) if cumulative else (height, width)
         h, w = max(1, int(h / r ** i)), max(1, int(w / r ** i))
         coarse = torch.randn(batch, channels, h, w, generator=generator)
-        noise += F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False) * discount ** i
+        level = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+        noise += level * discount ** i * strength
         if h == 1 or w == 1:
             break
     return noise / noise.std()
@@ -93,7 +104,8 @@ def initial_latent(like: torch.Tensor, noise: str, generator: torch.Generator | 
 
 @torch.no_grad()
 def denoise(estimator: SingleStepEstimator, rgb: torch.Tensor, options: InferenceOptions,
-            generator: torch.Generator | None = None, prompts: list[str] | None = None) -> torch.Tensor:
+            generator: torch.Generator | None = None, prompts: list[str] | None = None, branches: int = 1,
+            conditioning: Callable[[torch.Tensor], dict] | None = None) -> torch.Tensor:
     """RGB [B,3,H,W] in [0,1] -> the decoded 3-channel prediction image [B,3,H,W] after `options.steps` DDIM steps.
 
     concat (Marigold's loop): the UNet sees [rgb_latent, latent], the latent starts from `options.noise`.
@@ -101,28 +113,40 @@ def denoise(estimator: SingleStepEstimator, rgb: torch.Tensor, options: Inferenc
     the DDIM direction term uses the true image latent instead of the model's implied one (DMP's ddim.py).
     The last step returns the x0 estimate (E2E-FT) unless final_step=prev_sample (Marigold v1.1, diffusers, DMP).
     With `prompts` the UNet is conditioned on them, with classifier-free guidance against the padded empty prompt
-    when options.guidance != 1 (DMP: out = uncond + s (cond - uncond))."""
+    when options.guidance != 1 (DMP: out = uncond + s (cond - uncond)).
+    GeoWizard: with `branches` = k > 1 the UNet batch is [branch 1 of every image, ..., branch k of every image]
+    (e.g. [depth_1..depth_B, normal_1..normal_B]), the image latent repeated k times and one initial noise per image
+    shared by all its branches; the result is k x B decoded images in that order. `conditioning(rgb)` gives the
+    UNet's keyword arguments for that batch (e.g. encoder_hidden_states = CLIP image tokens, class_labels) in place
+    of the empty prompt."""
     padded, (height, width) = pad_to_multiple(rgb, estimator.downsampling)
     rgb_latent = estimator.encode_rgb(padded.to(estimator.vae.dtype))
     interpolate = estimator.conditioning == "interpolate"
+    if branches > 1 and (interpolate or prompts is not None):
+        raise ValueError("several branches per image need concat conditioning and no prompts (GeoWizard)")
     latent = rgb_latent.clone() if interpolate else initial_latent(rgb_latent, options.noise, generator)
-    scheduler = DDIMScheduler.from_config(estimator.scheduler_config, timestep_spacing=options.timestep_spacing)
-    scheduler.set_timesteps(options.steps, device=rgb.device)
+    if branches > 1:
+        rgb_latent, latent = rgb_latent.repeat(branches, 1, 1, 1), latent.repeat(branches, 1, 1, 1)
+    scheduler = estimator.ddim(options.timestep_spacing, options.steps, rgb.device)
     guided = prompts is not None and options.guidance != 1
-    if prompts is None:
+    if conditioning is not None:
+        unet_kwargs = conditioning(rgb)
+    elif prompts is None:
         context = estimator.empty_text_embedding.to(rgb_latent.dtype).expand(rgb.shape[0], -1, -1)
     else:
         context = estimator.encode_prompts(prompts).to(rgb_latent.dtype)
         if guided:
             context = torch.cat([context, estimator.encode_prompts([""] * len(prompts)).to(rgb_latent.dtype)])
+    if conditioning is None:
+        unet_kwargs = {"encoder_hidden_states": context}
     for index, t in enumerate(scheduler.timesteps):
         unet_input = latent if interpolate else torch.cat([rgb_latent, latent], dim=1)
         if guided:
             conditional, unconditional = estimator.unet(unet_input.repeat(2, 1, 1, 1), t,
-                                                        encoder_hidden_states=context).sample.chunk(2)
+                                                        **unet_kwargs).sample.chunk(2)
             output = unconditional + options.guidance * (conditional - unconditional)
         else:
-            output = estimator.unet(unet_input, t, encoder_hidden_states=context).sample
+            output = estimator.unet(unet_input, t, **unet_kwargs).sample
         step = scheduler.step(output, t, latent, generator=generator)
         last = index == len(scheduler.timesteps) - 1
         if last and options.final_step == "x0":
@@ -139,26 +163,38 @@ def denoise(estimator: SingleStepEstimator, rgb: torch.Tensor, options: Inferenc
 
 @torch.no_grad()
 def predict(estimator: SingleStepEstimator, task, rgb: torch.Tensor, options: InferenceOptions,
-            generator: torch.Generator | None = None, prompts: list[str] | None = None) -> torch.Tensor:
+            generator: torch.Generator | None = None, prompts: list[str] | None = None,
+            conditioning: Callable[[torch.Tensor], dict] | None = None):
     """RGB [B,3,H,W] in [0,1] -> the task's prediction at the input's exact size (depth [B,H,W] in [0,1],
     normals [B,3,H,W] unit canonical). Resize to processing_res, predict `ensemble` members per image in chunks of
-    `batch_size`, merge, resize back (E2E-FT: normalise, resize back, clip)."""
+    `batch_size`, merge, resize back (E2E-FT: normalise, resize back, clip).
+    `task` may be a list of tasks, one per branch of a joint model (GeoWizard: [depth, normals]; see `denoise`):
+    then the list of their predictions is returned, each decoded, ensembled and resized by its own task."""
+    tasks = list(task) if isinstance(task, (list, tuple)) else [task]
     size = tuple(rgb.shape[-2:])
     if options.processing_res:
         rgb = resize_to_max_edge(rgb, options.processing_res, options.resample)
     members = rgb.repeat_interleave(options.ensemble, dim=0)  # image 0's members first, then image 1's, ...
     chunk = options.batch_size or members.shape[0]
     member_prompts = None if prompts is None else [p for p in prompts for _ in range(options.ensemble)]
-    decoded = torch.cat([task.decode(denoise(estimator, part, options, generator,
-                                             None if member_prompts is None else member_prompts[i:i + chunk]).float())
-                         for part, i in zip(members.split(chunk), range(0, members.shape[0], chunk))])
-    if options.ensemble > 1:
-        grouped = decoded.unflatten(0, (rgb.shape[0], options.ensemble))
-        decoded = torch.stack([task.ensemble(group, options.ensemble_reduction) for group in grouped])
-    output = task.to_output(decoded)
-    if output.shape[-2:] != size:
-        output = task.resize_output(output, size, options.resample)
-    return output
+    decoded = [[] for _ in tasks]
+    for part, i in zip(members.split(chunk), range(0, members.shape[0], chunk)):
+        images = denoise(estimator, part, options, generator,
+                         None if member_prompts is None else member_prompts[i:i + chunk], branches=len(tasks),
+                         conditioning=conditioning).float()
+        for decoded_task, branch, image in zip(decoded, tasks, images.chunk(len(tasks))):
+            decoded_task.append(branch.decode(image))
+    outputs = []
+    for branch, parts in zip(tasks, decoded):
+        merged = torch.cat(parts)
+        if options.ensemble > 1:
+            grouped = merged.unflatten(0, (rgb.shape[0], options.ensemble))
+            merged = torch.stack([branch.ensemble(group, options.ensemble_reduction) for group in grouped])
+        output = branch.to_output(merged)
+        if output.shape[-2:] != size:
+            output = branch.resize_output(output, size, options.resample)
+        outputs.append(output)
+    return outputs if isinstance(task, (list, tuple)) else outputs[0]
 
 
 def timesteps(steps: int, spacing: str, num_train_timesteps: int = 1000, steps_offset: int = 1) -> list[int]:

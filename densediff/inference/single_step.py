@@ -68,12 +68,25 @@ class SingleStepEstimator(nn.Module):
             text_encoder.requires_grad_(False).eval()
         self.prediction_type = scheduler.config.prediction_type
         self.scheduler_config = dict(scheduler.config)  # multi-step inference builds its DDIM schedule from it
+        self._ddim_schedulers: dict = {}
         self.scaling_factor = float(vae.config.scaling_factor)
         self.downsampling = 2 ** (len(vae.config.block_out_channels) - 1)
         # Buffers move with the module (device/dtype) and are rebuilt from the backbone, so not saved.
         self.register_buffer("empty_text_embedding", empty_text_embedding.detach().clone(), persistent=False)
         self.register_buffer("alpha_bar", scheduler.alphas_cumprod[self.timestep].detach().clone().float(),
                              persistent=False)
+
+    def ddim(self, timestep_spacing: str, steps: int, device: torch.device):
+        """The DDIM scheduler for (spacing, steps), built once: from_config costs milliseconds per call, which is a
+        sizable share of a small model's single-step prediction. DDIM's step() keeps no state between calls."""
+        from diffusers import DDIMScheduler
+
+        key = (timestep_spacing, int(steps), str(device))
+        if key not in self._ddim_schedulers:
+            scheduler = DDIMScheduler.from_config(self.scheduler_config, timestep_spacing=timestep_spacing)
+            scheduler.set_timesteps(int(steps), device=device)
+            self._ddim_schedulers[key] = scheduler
+        return self._ddim_schedulers[key]
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:

@@ -1,8 +1,11 @@
-"""One LightningModule per paradigm (DESIGN.md): e2e (E2E-FT) and diffusion (Marigold, GeoWizard, DMP)."""
+"""One LightningModule per paradigm (DESIGN.md): e2e (E2E-FT), diffusion (Marigold, DMP) and geowizard (the
+diffusion objective on GeoWizard's joint depth + normal backbone)."""
 
 from densediff.paradigms.diffusion import DiffusionEstimator
 from densediff.paradigms.e2e import E2EFineTune
+from densediff.paradigms.geowizard import GeoWizardEstimator
 
-PARADIGMS = {"e2e": E2EFineTune, "diffusion": DiffusionEstimator}
+# Keys are the names written into checkpoints (`densediff_paradigm`); run.py picks "geowizard" from the backbone.
+PARADIGMS = {"e2e": E2EFineTune, "diffusion": DiffusionEstimator, "geowizard": GeoWizardEstimator}
 
-__all__ = ["DiffusionEstimator", "E2EFineTune", "PARADIGMS"]
+__all__ = ["DiffusionEstimator", "E2EFineTune", "GeoWizardEstimator", "PARADIGMS"]

@@ -174,10 +174,14 @@ class DiffusionEstimator(LatentModel):
         self.log("train/loss", loss, prog_bar=True, batch_size=rgb.shape[0])
         return loss
 
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups (a group's "lr" defaults to objective.lr; the schedule scales them all)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
     def configure_optimizers(self):
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas),
+                                      weight_decay=hp.weight_decay)
         if hp.lr_schedule == "cosine":
             factor = lambda step: cosine_schedule(step, hp.warmup_steps, hp.decay_steps, hp.final_lr_ratio)
         elif hp.lr_schedule == "exponential":

@@ -8,6 +8,7 @@ subclasses `DenseEvaluation` and implements `predict_batch` by reading files ins
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import lightning as L
@@ -125,9 +126,12 @@ class LatentModel(DenseEvaluation):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self._trainable_keys()
         checkpoint["densediff_paradigm"] = self.paradigm
+        checkpoint["densediff_inference"] = dataclasses.asdict(self.inference)  # export's pipeline defaults
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "densediff_inference" in checkpoint:  # how it predicted in training; evaluate/predict set their own
+            self.inference = InferenceOptions(**checkpoint["densediff_inference"])
         missing = sorted(self._trainable_keys() - set(checkpoint["state_dict"]))
         if missing:
             raise RuntimeError(f"checkpoint lacks {len(missing)} trainable weights of this model (first: {missing[0]}); "
