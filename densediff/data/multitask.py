@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from densediff.data.common import DataReadError, flip_seed
+
 # Fill values of padding (ATRC PadImage: 255 for the label maps, 0 for image/normals/depth). Saliency and edges are
 # float 0/1 maps in our sample, so their padding is 0 and only valid_mask marks it.
 PAD_FILL = {"rgb": 0, "segmentation": 255, "human_parts": 255, "saliency": 0.0, "edges": 0.0, "normals": 0.0,
@@ -218,3 +220,20 @@ class AtrcDataset(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+
+    @staticmethod
+    def _check(a, path, shape, ndim):
+        if a.ndim != ndim or a.shape[:2] != shape:
+            raise DataReadError(f"cannot read {path}: shape {a.shape} does not match the image {shape}")
+        return a
+
+    def load_arrays(self, index):
+        raise NotImplementedError  # the dataset's files of sample `index` as numpy arrays, one per task
+
+    def __getitem__(self, index):
+        arrays = self.load_arrays(index)
+        rng = np.random.default_rng(flip_seed(self.seed, self.epoch, index))
+        arrays, valid = augment_and_pad(arrays, rng, train=self.train, scale_range=self.scale_range,
+                                        crop_size=self.crop_size, hflip_enabled=self.hflip, pad_size=self.pad_size,
+                                        cat_max_ratio=self.cat_max_ratio)
+        return to_sample(arrays, valid, self.tasks, self.ids[index], self.labels[self.ids[index]])

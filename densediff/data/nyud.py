@@ -33,7 +33,7 @@ import os
 import numpy as np
 
 from densediff.data import multitask as mt
-from densediff.data.common import DATA_HELP, DataReadError, DatasetLayoutError, flip_seed, read_image
+from densediff.data.common import DATA_HELP, DataReadError, DatasetLayoutError, read_image
 from densediff.data.partial_labels import NYU_FILE_ORDER, label_sets
 
 TASKS = ("segmentation", "depth", "normals", "edges")
@@ -99,17 +99,3 @@ class NYUD(mt.AtrcDataset):
         if "edges" in self.tasks:
             a["edges"] = self._check(read_image(s["edges"], "L"), s["edges"], shape, 2).astype(np.float32) / 255.0
         return a
-
-    @staticmethod
-    def _check(a, path, shape, ndim):
-        if a.ndim != ndim or a.shape[:2] != shape:
-            raise DataReadError(f"cannot read {path}: shape {a.shape} does not match the image {shape}")
-        return a
-
-    def __getitem__(self, index):
-        arrays = self.load_arrays(index)
-        rng = np.random.default_rng(flip_seed(self.seed, self.epoch, index))
-        arrays, valid = mt.augment_and_pad(arrays, rng, train=self.train, scale_range=self.scale_range,
-                                           crop_size=self.crop_size, hflip_enabled=self.hflip, pad_size=self.pad_size,
-                                           cat_max_ratio=self.cat_max_ratio)
-        return mt.to_sample(arrays, valid, self.tasks, self.ids[index], self.labels[self.ids[index]])

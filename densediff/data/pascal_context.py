@@ -38,7 +38,7 @@ import numpy as np
 import scipy.io as sio
 
 from densediff.data import multitask as mt
-from densediff.data.common import DATA_HELP, DataReadError, DatasetLayoutError, flip_seed, read_image
+from densediff.data.common import DATA_HELP, DataReadError, DatasetLayoutError, read_image
 from densediff.data.partial_labels import PASCAL_FILE_ORDER, label_sets
 
 log = logging.getLogger(__name__)
@@ -200,17 +200,3 @@ class PascalContext(mt.AtrcDataset):
             n = mt.decode_normals_png(enc, self.normals_axes)
             a["normals"] = n * np.isin(label_map, self.normal_classes)[..., None]
         return a
-
-    @staticmethod
-    def _check(a, path, shape, ndim):
-        if a.ndim != ndim or a.shape[:2] != shape:
-            raise DataReadError(f"cannot read {path}: shape {a.shape} does not match the image {shape}")
-        return a
-
-    def __getitem__(self, index):
-        arrays = self.load_arrays(index)
-        rng = np.random.default_rng(flip_seed(self.seed, self.epoch, index))
-        arrays, valid = mt.augment_and_pad(arrays, rng, train=self.train, scale_range=self.scale_range,
-                                           crop_size=self.crop_size, hflip_enabled=self.hflip, pad_size=self.pad_size,
-                                           cat_max_ratio=self.cat_max_ratio)
-        return mt.to_sample(arrays, valid, self.tasks, self.ids[index], self.labels[self.ids[index]])
