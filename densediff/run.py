@@ -139,6 +139,8 @@ def build_model(cfg: DictConfig) -> L.LightningModule:
                               f"objective={cfg.objective.name}")
         paradigm = PARADIGMS["geowizard"]
         arguments.update(geowizard_arguments(cfg))
+        if cfg.backbone.name == "tiny":  # a GeoWizard recipe on backbone=tiny: the tiny backbone in GeoWizard's layout
+            arguments["backbone_path"] = _tiny_geowizard()
     unknown = sorted(set(arguments) - set(inspect.signature(paradigm.__init__).parameters))
     if unknown:
         raise ConfigError(f"objective={cfg.objective.name} has no option {unknown[0]!r} (objective.{unknown[0]})")
