@@ -105,7 +105,8 @@ def initial_latent(like: torch.Tensor, noise: str, generator: torch.Generator | 
 @torch.no_grad()
 def denoise(estimator: SingleStepEstimator, rgb: torch.Tensor, options: InferenceOptions,
             generator: torch.Generator | None = None, prompts: list[str] | None = None, branches: int = 1,
-            conditioning: Callable[[torch.Tensor], dict] | None = None) -> torch.Tensor:
+            conditioning: Callable[[torch.Tensor], dict] | None = None,
+            rgb_latent: torch.Tensor | None = None) -> torch.Tensor:
     """RGB [B,3,H,W] in [0,1] -> the decoded 3-channel prediction image [B,3,H,W] after `options.steps` DDIM steps.
 
     concat (Marigold's loop): the UNet sees [rgb_latent, latent], the latent starts from `options.noise`.
@@ -119,8 +120,9 @@ def denoise(estimator: SingleStepEstimator, rgb: torch.Tensor, options: Inferenc
     shared by all its branches; the result is k x B decoded images in that order. `conditioning(rgb)` gives the
     UNet's keyword arguments for that batch (e.g. encoder_hidden_states = CLIP image tokens, class_labels) in place
     of the empty prompt."""
-    padded, (height, width) = pad_to_multiple(rgb, estimator.downsampling)
-    rgb_latent = estimator.encode_rgb(padded.to(estimator.vae.dtype))
+    height, width = rgb.shape[-2:]
+    if rgb_latent is None:  # `predict` encodes each image once and passes its latent to all its ensemble members
+        rgb_latent = estimator.encode_rgb(pad_to_multiple(rgb, estimator.downsampling)[0].to(estimator.vae.dtype))
     interpolate = estimator.conditioning == "interpolate"
     if branches > 1 and (interpolate or prompts is not None):
         raise ValueError("several branches per image need concat conditioning and no prompts (GeoWizard)")
@@ -175,13 +177,17 @@ def predict(estimator: SingleStepEstimator, task, rgb: torch.Tensor, options: In
     if options.processing_res:
         rgb = resize_to_max_edge(rgb, options.processing_res, options.resample)
     members = rgb.repeat_interleave(options.ensemble, dim=0)  # image 0's members first, then image 1's, ...
+    # one VAE encoding per image, shared by its members (the members differ only in their noise)
+    latents = estimator.encode_rgb(pad_to_multiple(rgb, estimator.downsampling)[0].to(estimator.vae.dtype))
+    if options.ensemble > 1:
+        latents = latents.repeat_interleave(options.ensemble, dim=0)
     chunk = options.batch_size or members.shape[0]
     member_prompts = None if prompts is None else [p for p in prompts for _ in range(options.ensemble)]
     decoded = [[] for _ in tasks]
     for part, i in zip(members.split(chunk), range(0, members.shape[0], chunk)):
         images = denoise(estimator, part, options, generator,
                          None if member_prompts is None else member_prompts[i:i + chunk], branches=len(tasks),
-                         conditioning=conditioning).float()
+                         conditioning=conditioning, rgb_latent=latents[i:i + chunk]).float()
         for decoded_task, branch, image in zip(decoded, tasks, images.chunk(len(tasks))):
             decoded_task.append(branch.decode(image))
     outputs = []
