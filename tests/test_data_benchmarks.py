@@ -1,7 +1,14 @@
-"""Format tests for the depth benchmarks (Marigold's extracted eval tars) and DSINE's normal eval sets
+"""Format tests for the depth benchmarks (Marigold's eval tars, extracted or as .tar) and DSINE's normal eval sets
 (specs/e2e_ft_marigold.md 3.3, 4). Every fixture is written here in the real on-disk layout, at a tiny size."""
 
+import gzip
+import os
+import pickle
+import posixpath
+import re
+import shutil
 import struct
+import tarfile
 import zlib
 
 import numpy as np
@@ -329,6 +336,145 @@ def test_corrupt_files_raise_data_read_error_naming_them(fixture_root):
         IBims(root)[1]
 
 
+# ----------------------------------------------------------------------------- the same sets read from the .tar
+
+DEPTH_SETS = {"nyuv2": (NYUv2, {}), "kitti": (KITTI, {}), "eth3d": (ETH3D, {"gt_shape": (ETH_H, ETH_W)}),
+              "scannet": (ScanNet, {}), "diode": (DIODE, {})}
+
+
+def pack_tar(folder, style="dot", drop=()):
+    """Pack an extracted fixture folder as a Marigold evaluation tar, the filename list left out of it and copied next
+    to it (`<folder>_tar/<name>.tar`). style "dot": members `./<rel>`, as `tar -cf x.tar -C folder .` writes them and
+    Marigold reads them (`extractfile("./" + rel)`); "plain": `<rel>`; "top": `<name>/<rel>` (one top-level folder).
+    Members whose name ends with one of `drop` are left out."""
+    out = folder.parent / f"{folder.name}_tar_{style}"
+    out.mkdir()
+    for listed in folder.glob("*.txt"):
+        shutil.copy(listed, out / listed.name)
+
+    def keep(info):
+        return None if info.name.endswith(".txt") or info.name.endswith(tuple(drop)) else info
+    tar_path = out / f"{folder.name}.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        if style == "plain":
+            for path in sorted(folder.rglob("*")):
+                tar.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False, filter=keep)
+        else:
+            tar.add(folder, arcname="." if style == "dot" else folder.name, filter=keep)
+    return tar_path
+
+
+def assert_same_samples(a, b):
+    assert len(a) == len(b) and a.samples == b.samples
+    for i in range(len(a)):
+        x, y = a[i], b[i]
+        assert x.keys() == y.keys()
+        for key in x:
+            if isinstance(x[key], torch.Tensor):
+                assert x[key].dtype == y[key].dtype and x[key].shape == y[key].shape, key
+                assert torch.equal(x[key].view(-1).view(torch.uint8) if x[key].dtype != torch.bool else x[key],
+                                   y[key].view(-1).view(torch.uint8) if y[key].dtype != torch.bool else y[key]), key
+            else:
+                assert x[key] == y[key], key
+
+
+@pytest.mark.parametrize("name", list(DEPTH_SETS))
+def test_tar_root_yields_the_same_samples_as_the_folder(name, fixture_root):
+    cls, kwargs = DEPTH_SETS[name]
+    folder = fixture_root(name)
+    tar_path = pack_tar(folder)
+    with tarfile.open(tar_path) as tar:
+        assert all(n == "." or n.startswith("./") for n in tar.getnames())  # Marigold's member names
+        assert not any(n.endswith(".txt") for n in tar.getnames())  # the list stays outside the tar
+    from_tar = cls(tar_path, **kwargs)  # the filename list is found next to the tar
+    assert from_tar.files.is_tar and from_tar.filename_list == str(tar_path.parent / posixpath.basename(
+        cls.list_in_marigold))
+    assert_same_samples(from_tar, cls(folder, **kwargs))
+    assert from_tar.prediction_name(0) == cls(folder, **kwargs).prediction_name(0)
+
+
+@pytest.mark.parametrize("style", ["plain", "top"])
+def test_tar_members_without_dot_or_under_one_top_folder_and_links(style, fixture_root):
+    folder = fixture_root("scannet")
+    depth = folder / "scene0568_00" / "depth"
+    (depth / "000100.png").rename(depth / "real_000100.png")
+    os.symlink("real_000100.png", depth / "000100.png")  # stored as a symlink member, followed
+    tar_path = pack_tar(folder, style)
+    with tarfile.open(tar_path) as tar:
+        names = tar.getnames()
+        assert tar.getmember(next(n for n in names if n.endswith("depth/000100.png"))).issym()
+    assert all(n.startswith("scannet/") or n == "scannet" for n in names) if style == "top" else \
+        not any(n.startswith(("./", "scannet")) for n in names)
+    assert_same_samples(ScanNet(tar_path), ScanNet(folder))
+
+
+def test_tar_missing_corrupt_truncated_or_not_a_tar(fixture_root, tmp_path):
+    tar_path = pack_tar(fixture_root("nyuv2"), drop=("kitchen_0002/depth_0002.png",))
+    with pytest.raises(DatasetLayoutError, match=re.escape(f"{tar_path}:test/kitchen_0002/depth_0002.png (listed in ")
+                       + r".* is not a member of the tar.*nyu_labeled_extracted\.tar"):
+        NYUv2(tar_path)
+
+    folder = fixture_root("scannet")
+    (folder / "scene0568_00" / "depth" / "000100.png").write_bytes(b"not a png")
+    tar_path = pack_tar(folder)
+    ds = ScanNet(tar_path)
+    ds[0]
+    with pytest.raises(DataReadError, match=re.escape(f"cannot read {tar_path}:./scene0568_00/depth/000100.png: ")):
+        ds[1]
+
+    folder = fixture_root("diode")
+    tar_path = pack_tar(folder)
+    ds = DIODE(tar_path)
+    last = max(ds.files.index.values(), key=lambda info: info.offset_data)
+    with open(tar_path, "r+b") as fh:
+        fh.truncate(last.offset_data + 10)  # cut inside the last member, after the index was built
+    i = next(i for i, s in enumerate(ds.samples) if last.name.endswith(tuple(s)))
+    with pytest.raises(DataReadError, match=re.escape(f"cannot read {tar_path}:{last.name}: ")):
+        ds[i]
+
+    with pytest.raises(DatasetLayoutError, match=r"nyuv2_tar_dot[/\\]filename_list_test\.txt is a file but not a \.tar"):
+        NYUv2(tmp_path / "nyuv2_tar_dot" / "filename_list_test.txt")
+    zipped = tmp_path / "zipped" / "scannet.tar"  # a gzipped tar named .tar: refused, no random access
+    zipped.parent.mkdir()
+    zipped.write_bytes(gzip.compress((tmp_path / "scannet_tar_dot" / "scannet.tar").read_bytes()))
+    with pytest.raises(DatasetLayoutError, match=r"zipped[/\\]scannet\.tar as an uncompressed tar"):
+        ScanNet(zipped, filename_list=tmp_path / "scannet_tar_dot" / "scannet_val_sampled_list_800_1.txt")
+
+
+class WithReaderPid(torch.utils.data.Dataset):
+    """A sample together with the pid of the process that read it and the pid its tar handle was opened in."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, index):
+        return self.ds[index], os.getpid(), self.ds.files._pid
+
+
+def test_tar_read_by_dataloader_workers(fixture_root):
+    folder = fixture_root("kitti")
+    ds = KITTI(pack_tar(folder), eval_crop="garg")
+    ds[0]  # the parent opens its handle first: forked workers must not use it
+    assert ds.files._pid == os.getpid()
+    loader = torch.utils.data.DataLoader(WithReaderPid(ds), batch_size=None, num_workers=2,
+                                         multiprocessing_context="fork")
+    read = list(loader)
+    assert all(pid == handle_pid != os.getpid() for _, pid, handle_pid in read)  # each worker opened its own
+    assert len({pid for _, pid, _ in read}) == 2
+    from_workers = [sample for sample, _, _ in read]
+    expected = KITTI(folder, eval_crop="garg")
+    assert len(from_workers) == len(expected) == 2
+    for got, want in zip(from_workers, (expected[0], expected[1])):
+        assert got.keys() == want.keys() and all(
+            torch.equal(got[k], want[k]) if isinstance(want[k], torch.Tensor) else got[k] == want[k] for k in want)
+    assert torch.equal(ds[1]["depth"], expected[1]["depth"])  # the parent's handle still reads after the workers
+    copy = pickle.loads(pickle.dumps(ds))  # spawn pickles the dataset: the handle stays behind, reopened lazily
+    assert copy.files._tar is None and torch.equal(copy[1]["rgb"], expected[1]["rgb"])
+
+
 # ----------------------------------------------------------------------------- DSINE normal sets
 
 
@@ -412,6 +558,14 @@ def test_every_benchmark_config_instantiates_on_its_fixture(name, fixture_root):
         assert metrics.range_mask == (name != "diode")  # DIODE: valid = the mask file only
     ds = instantiate(cfg.dataset.test, _convert_="all")
     assert len(ds) >= 1 and CONFIGS[name] in ds[0]
+    if CONFIGS[name] == "depth":  # root = the .tar itself, the filename list (default null) next to it
+        tar_path = pack_tar(root)
+        overrides[2] = f"dataset.root={tar_path}"
+        with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+            cfg = compose(config_name="evaluate", overrides=overrides)
+        from_tar = instantiate(cfg.dataset.test, _convert_="all")
+        assert from_tar.files.is_tar and os.path.dirname(from_tar.filename_list) == str(tar_path.parent)
+        assert_same_samples(from_tar, ds)
 
 
 def test_evaluate_nyuv2_predictions_match_the_protocol_by_hand(tmp_path):

@@ -17,15 +17,16 @@ class DataReadError(RuntimeError):
     """A file listed by the dataset cannot be decoded (raised at __getitem__, naming the file)."""
 
 
-def read_image(path, mode=None):
+def read_image(path, mode=None, name=None):
     """Decode an image file to a numpy array; any PIL/numpy failure becomes a DataReadError naming the file.
-    `mode="RGB"` converts like PIL's `.convert("RGB")` (what E2E does); None keeps the stored mode (16-bit depth)."""
+    `mode="RGB"` converts like PIL's `.convert("RGB")` (what E2E does); None keeps the stored mode (16-bit depth).
+    `path` may also be a binary file object (e.g. BytesIO of a tar member); `name` is then what errors call it."""
     try:
         with Image.open(path) as img:
             img = img.convert(mode) if mode else img
             return np.asarray(img).copy()
     except Exception as e:
-        raise DataReadError(f"cannot read {path}: {e}") from e
+        raise DataReadError(f"cannot read {path if name is None else name}: {e}") from e
 
 
 def read_depth_png(path, units_per_metre):

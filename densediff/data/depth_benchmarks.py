@@ -1,10 +1,22 @@
 """The zero-shot depth benchmarks as Marigold evaluates them (specs/e2e_ft_marigold.md 3.3, 4.1): NYUv2, KITTI (Eigen
-split), ETH3D, ScanNet and DIODE, read from Marigold's *extracted* evaluation tars.
+split), ETH3D, ScanNet and DIODE, read from Marigold's evaluation tars, extracted or as they are.
 
-Each `<set>.tar` of Marigold's evaluation data is extracted into the dataset root (`tar -xf nyu_labeled_extracted.tar
--C <root>`); the tar members are `./<relative path>`, so the root then holds the relative paths the filename list names.
-The filename lists ship with Marigold's code (`data_split/...`), not with the tars: copy the list next to the data
-(the default `filename_list` is `<root>/<list basename>`) or pass its path. One line per sample, whitespace-separated:
+The dataset `root` is either
+- a folder: the `<set>.tar` of Marigold's evaluation data extracted into it (`tar -xf nyu_labeled_extracted.tar -C
+  <root>`), so that it holds the relative paths the filename list names; or
+- the uncompressed `.tar` file itself (a path ending in `.tar`). Its members are looked up by the same relative paths.
+  Marigold reads them as `"./" + <relative path>` (`tar_obj.extractfile("./" + rel_path)` in its dataset classes), so
+  that is the layout assumed; a member name without the `./`, or with one top-level folder that every member shares
+  (`<folder>/<relative path>`, e.g. a tar made with `tar -cf x.tar x/`), is accepted too. The member index
+  (name -> TarInfo) is built once at construction, by one pass over the tar headers; the tar is opened lazily, once per
+  process, so DataLoader workers (fork or spawn) never share a file handle. Members are read whole and decoded in
+  memory. Symbolic and hard links to members are followed; a compressed tar is refused (no random access).
+Both go through one reader (`benchmark_files(root)`: `exists(rel)`, `read_bytes(rel)`, `where(rel)`), so the loaders
+do not depend on which it is. Errors name `<root>/<rel>` or `<tar>:<member>`.
+
+The filename lists ship with Marigold's code (`data_split/...`), not with the tars: copy the list next to the data (the
+default `filename_list` is `<root>/<list basename>` for a folder and `<folder of the tar>/<list basename>` for a tar) or
+pass its path. One line per sample, whitespace-separated:
 
     NYUv2    test/<scene>/rgb_XXXX.png test/<scene>/depth_XXXX.png test/<scene>/filled_XXXX.png
     KITTI    2011_09_26/<drive>/image_02/data/<id>.png <drive>/proj_depth/groundtruth/image_02/<id>.png <focal>
@@ -22,8 +34,10 @@ ETH3D's alignment_max_res (1024) belong to the evaluation, not the loader: they 
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
+import tarfile
 
 import numpy as np
 import torch
@@ -46,14 +60,128 @@ def marigold_prediction_name(dataset_name: str, relative_path: str) -> str:
     return posixpath.join(directory, posixpath.splitext(pred)[0] + ".npy")
 
 
+class FolderFiles:
+    """The listed files of an extracted benchmark: `<root>/<rel>`."""
+
+    is_tar = False
+
+    def __init__(self, root):
+        self.root = root
+
+    def where(self, rel):
+        return os.path.join(self.root, rel)
+
+    def exists(self, rel):
+        return os.path.isfile(self.where(rel))
+
+    def read_bytes(self, rel):
+        try:
+            with open(self.where(rel), "rb") as fh:
+                return fh.read()
+        except OSError as e:
+            raise DataReadError(f"cannot read {self.where(rel)}: {e}") from e
+
+
+def _member_name(name):
+    """A tar member name relative to the archive root: without leading "./" or "/" (Marigold's members are ./<rel>)."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name.lstrip("/")
+
+
+class TarFiles:
+    """The listed files of a benchmark read straight from its uncompressed .tar: `<tar>:<member>`.
+
+    The index maps the normalised member name (no leading "./") to its TarInfo; `rel` is found as itself or, when all
+    members share one top-level folder, as `<folder>/<rel>`. The TarFile is opened on first read in each process (the
+    pid is checked, so a forked DataLoader worker opens its own) and is not pickled."""
+
+    is_tar = True
+
+    def __init__(self, path):
+        self.path = path
+        self._tar, self._pid = None, None
+        index, links = {}, {}
+        try:
+            with tarfile.open(path, "r:") as tar:  # "r:" = uncompressed only
+                for info in tar:
+                    name = _member_name(info.name)
+                    if not name:
+                        continue
+                    if info.isfile():
+                        index[name] = info
+                    elif info.issym() or info.islnk():
+                        target = info.linkname if info.islnk() else posixpath.join(posixpath.dirname(name),
+                                                                                   info.linkname)
+                        links[name] = _member_name(posixpath.normpath(target))
+        except (tarfile.TarError, OSError) as e:
+            raise DatasetLayoutError(f"cannot read {path} as an uncompressed tar: {e} ({DATA_HELP})") from e
+        for name, target in links.items():  # links to regular members (followed through a few hops)
+            for _ in range(8):
+                if target not in links:
+                    break
+                target = links[target]
+            if target in index:
+                index.setdefault(name, index[target])
+        self.index = index
+        tops = {name.split("/", 1)[0] if "/" in name else None for name in index}
+        self.top = tops.pop() + "/" if len(tops) == 1 and None not in tops else ""
+
+    def member(self, rel):
+        rel = _member_name(rel)
+        info = self.index.get(rel)
+        if info is None and self.top:
+            info = self.index.get(self.top + rel)
+        return info
+
+    def where(self, rel):
+        info = self.member(rel)
+        return f"{self.path}:{info.name if info is not None else rel}"
+
+    def exists(self, rel):
+        return self.member(rel) is not None
+
+    def _open(self):
+        if self._tar is None or self._pid != os.getpid():
+            self._tar, self._pid = tarfile.open(self.path, "r:"), os.getpid()  # the parent's handle is left alone
+        return self._tar
+
+    def read_bytes(self, rel):
+        info = self.member(rel)
+        if info is None:
+            raise DataReadError(f"cannot read {self.where(rel)}: no such member")
+        try:
+            data = self._open().extractfile(info).read()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataReadError(f"cannot read {self.where(rel)}: {e}") from e
+        if len(data) != info.size:
+            raise DataReadError(f"cannot read {self.where(rel)}: {len(data)} of {info.size} bytes (truncated tar)")
+        return data
+
+    def close(self):
+        if self._tar is not None and self._pid == os.getpid():
+            self._tar.close()
+        self._tar, self._pid = None, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tar": None, "_pid": None}
+
+
+def benchmark_files(root):
+    """The reader of a benchmark root: TarFiles for a file ending in .tar, FolderFiles otherwise."""
+    root = os.fspath(root)
+    return TarFiles(root) if root.lower().endswith(".tar") and os.path.isfile(root) else FolderFiles(root)
+
+
 class MarigoldDepthBenchmark(torch.utils.data.Dataset):
     """Base of the five loaders: the filename list, the existence checks, the sample dict. Subclasses set the class
-    attributes below and override `_read_depth`, `_crop` (rasters) and `_region` (the evaluation crop mask)."""
+    attributes below and override `_read_depth` (of a relative path, via `self.files`), `_crop` (rasters) and
+    `_region` (the evaluation crop mask). `root` is the extracted folder or the .tar itself (module docstring)."""
 
     dataset_name = ""            # the config name, also passed to marigold_prediction_name
     title = ""                   # for messages
     list_in_marigold = ""        # where Marigold's repository keeps the filename list
-    tar_name = ""                # the Marigold evaluation tar that is extracted into the root
+    tar_name = ""                # the Marigold evaluation tar: the root is it, or the folder it is extracted into
     columns = 2                  # path columns used per line: rgb, depth (+ mask for DIODE)
     min_depth, max_depth = 0.0, float("inf")
 
@@ -64,11 +192,16 @@ class MarigoldDepthBenchmark(torch.utils.data.Dataset):
             raise ValueError(f"{self.title} is a depth benchmark; it provides tasks ['depth'], not {list(self.tasks)}")
         self.min_depth = float(self.min_depth if min_depth is None else min_depth)
         self.max_depth = float(self.max_depth if max_depth is None else max_depth)
-        basename = posixpath.basename(self.list_in_marigold)
-        self.filename_list = os.fspath(filename_list) if filename_list else os.path.join(self.root, basename)
-        what = f"the extracted Marigold evaluation tar {self.tar_name}"
-        if not os.path.isdir(self.root):
+        what = f"the Marigold evaluation tar {self.tar_name} (extracted into a folder, or the .tar itself)"
+        if os.path.isfile(self.root) and not self.root.lower().endswith(".tar"):
+            raise DatasetLayoutError(f"{self.title} root {self.root} is a file but not a .tar: expected {what} "
+                                     f"({DATA_HELP})")
+        if not os.path.exists(self.root):
             raise DatasetLayoutError(f"{self.title} root {self.root} does not exist: expected {what} ({DATA_HELP})")
+        self.files = benchmark_files(self.root)
+        basename = posixpath.basename(self.list_in_marigold)
+        list_dir = os.path.dirname(self.root) if self.files.is_tar else self.root
+        self.filename_list = os.fspath(filename_list) if filename_list else os.path.join(list_dir, basename)
         if not os.path.isfile(self.filename_list):
             raise DatasetLayoutError(
                 f"{self.title} filename list {self.filename_list} does not exist: copy Marigold's "
@@ -76,10 +209,11 @@ class MarigoldDepthBenchmark(torch.utils.data.Dataset):
         self.samples = self._read_list()
         for s in self.samples:
             for rel in s:
-                if not os.path.isfile(os.path.join(self.root, rel)):
+                if not self.files.exists(rel):
+                    kind = "is not a member of the tar" if self.files.is_tar else "does not exist"
                     raise DatasetLayoutError(
-                        f"{self.title}: {os.path.join(self.root, rel)} (listed in {self.filename_list}) does not "
-                        f"exist: expected {what} extracted into {self.root} ({DATA_HELP})")
+                        f"{self.title}: {self.files.where(rel)} (listed in {self.filename_list}) {kind}: expected "
+                        f"{what} at {self.root} ({DATA_HELP})")
 
     def _read_list(self):
         samples = []
@@ -104,8 +238,27 @@ class MarigoldDepthBenchmark(torch.utils.data.Dataset):
         return len(self.samples)
 
     # ---- per-dataset hooks -----------------------------------------------------------------------------------
-    def _read_depth(self, path):
+    def _read_depth(self, rel):
         raise NotImplementedError
+
+    def _read_image(self, rel, mode=None):
+        return read_image(io.BytesIO(self.files.read_bytes(rel)), mode, name=self.files.where(rel))
+
+    def _read_npy(self, rel):
+        try:  # Marigold DIODEDataset._read_npy_file: squeeze (H,W,1) -> (H,W)
+            return np.load(io.BytesIO(self.files.read_bytes(rel))).squeeze()
+        except DataReadError:
+            raise
+        except Exception as e:
+            raise DataReadError(f"cannot read {self.files.where(rel)}: {e}") from e
+
+    def _uint16_depth(self, rel, units_per_metre):
+        """A 16-bit depth PNG -> metres (Marigold: np.asarray(Image.open(...)) / scale)."""
+        a = self._read_image(rel)
+        if a.ndim != 2 or a.dtype.kind not in "ui" or a.dtype.itemsize < 2:
+            raise DataReadError(f"cannot read {self.files.where(rel)}: expected a single-channel 16-bit depth PNG, "
+                                f"got {a.dtype} {a.shape}")
+        return a.astype(np.float32) / units_per_metre
 
     def _crop(self, a):
         """Applied to the RGB (HxWx3) and the GT (HxW) alike; identity except for KITTI's KB crop."""
@@ -123,10 +276,10 @@ class MarigoldDepthBenchmark(torch.utils.data.Dataset):
     # ---- the sample -------------------------------------------------------------------------------------------
     def __getitem__(self, index):
         rel = self.samples[index]
-        rgb = self._crop(read_image(os.path.join(self.root, rel[0]), "RGB"))
-        depth = self._crop(self._read_depth(os.path.join(self.root, rel[1])).astype(np.float32, copy=False))
+        rgb = self._crop(self._read_image(rel[0], "RGB"))
+        depth = self._crop(self._read_depth(rel[1]).astype(np.float32, copy=False))
         if depth.shape != rgb.shape[:2]:
-            raise DataReadError(f"{os.path.join(self.root, rel[1])}: GT is {depth.shape[0]}x{depth.shape[1]} but the "
+            raise DataReadError(f"{self.files.where(rel[1])}: GT is {depth.shape[0]}x{depth.shape[1]} but the "
                                 f"RGB {rel[0]} is {rgb.shape[0]}x{rgb.shape[1]}")
         valid = self._valid(depth, index)
         depth = np.where(valid, depth, np.float32(0.0)).astype(np.float32)  # our contract: 0 where invalid
@@ -136,21 +289,6 @@ class MarigoldDepthBenchmark(torch.utils.data.Dataset):
 
     def prediction_name(self, index):
         return marigold_prediction_name(self.dataset_name, self.samples[index][0])
-
-
-def _uint16_depth(path, units_per_metre):
-    """A 16-bit depth PNG -> metres (Marigold: np.asarray(Image.open(...)) / scale)."""
-    a = read_image(path)
-    if a.ndim != 2 or a.dtype.kind not in "ui" or a.dtype.itemsize < 2:
-        raise DataReadError(f"cannot read {path}: expected a single-channel 16-bit depth PNG, got {a.dtype} {a.shape}")
-    return a.astype(np.float32) / units_per_metre
-
-
-def _read_npy(path):
-    try:
-        return np.load(path).squeeze()  # Marigold DIODEDataset._read_npy_file: squeeze (H,W,1) -> (H,W)
-    except Exception as e:
-        raise DataReadError(f"cannot read {path}: {e}") from e
 
 
 # ----------------------------------------------------------------------------- NYUv2
@@ -170,8 +308,8 @@ class NYUv2(MarigoldDepthBenchmark):
         self.eigen_crop = bool(eigen_crop)
         super().__init__(root, filename_list, tasks, min_depth, max_depth)
 
-    def _read_depth(self, path):
-        return _uint16_depth(path, 1000.0)
+    def _read_depth(self, rel):
+        return self._uint16_depth(rel, 1000.0)
 
     def _region(self, height, width):
         if not self.eigen_crop:
@@ -225,8 +363,8 @@ class KITTI(MarigoldDepthBenchmark):
     def _keep(self, fields):
         return fields[1] != "None"  # Marigold: `[f for f in self.filenames if "None" != f[1]]`
 
-    def _read_depth(self, path):
-        return _uint16_depth(path, 256.0)
+    def _read_depth(self, rel):
+        return self._uint16_depth(rel, 256.0)
 
     def _crop(self, a):
         return kitti_benchmark_crop(a) if self.kb_crop else a
@@ -253,16 +391,12 @@ class ETH3D(MarigoldDepthBenchmark):
         self.gt_shape = tuple(int(v) for v in gt_shape)
         super().__init__(root, filename_list, tasks, min_depth, max_depth)
 
-    def _read_depth(self, path):
+    def _read_depth(self, rel):
         h, w = self.gt_shape
         expected = h * w * 4
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except OSError as e:
-            raise DataReadError(f"cannot read {path}: {e}") from e
+        data = self.files.read_bytes(rel)
         if len(data) != expected:
-            raise DataReadError(f"cannot read {path}: {len(data)} bytes, expected {expected} "
+            raise DataReadError(f"cannot read {self.files.where(rel)}: {len(data)} bytes, expected {expected} "
                                 f"(raw float32 ETH3D depth of {h}x{w})")
         depth = np.frombuffer(data, dtype="<f4").reshape(h, w).copy()
         depth[depth == np.inf] = 0.0  # Marigold: depth_decoded[depth_decoded == torch.inf] = 0.0
@@ -280,8 +414,8 @@ class ScanNet(MarigoldDepthBenchmark):
     tar_name = "scannet/scannet_val_sampled_800_1.tar"
     min_depth, max_depth = 1e-3, 10.0
 
-    def _read_depth(self, path):
-        return _uint16_depth(path, 1000.0)
+    def _read_depth(self, rel):
+        return self._uint16_depth(rel, 1000.0)
 
 
 # ----------------------------------------------------------------------------- DIODE
@@ -298,16 +432,16 @@ class DIODE(MarigoldDepthBenchmark):
     columns = 3
     min_depth, max_depth = 0.6, 350.0
 
-    def _read_depth(self, path):
-        depth = _read_npy(path)
+    def _read_depth(self, rel):
+        depth = self._read_npy(rel)
         if depth.ndim != 2 or depth.dtype.kind != "f":
-            raise DataReadError(f"cannot read {path}: expected a float HxW(x1) depth array, got {depth.dtype} "
-                                f"{depth.shape}")
+            raise DataReadError(f"cannot read {self.files.where(rel)}: expected a float HxW(x1) depth array, got "
+                                f"{depth.dtype} {depth.shape}")
         return depth
 
     def _valid(self, depth, index):
-        path = os.path.join(self.root, self.samples[index][2])
-        mask = _read_npy(path)
+        rel = self.samples[index][2]
+        mask = self._read_npy(rel)
         if mask.shape != depth.shape:
-            raise DataReadError(f"cannot read {path}: mask is {mask.shape}, the depth {depth.shape}")
+            raise DataReadError(f"cannot read {self.files.where(rel)}: mask is {mask.shape}, the depth {depth.shape}")
         return mask.astype(bool)
