@@ -331,9 +331,11 @@ def evaluate(cfg: DictConfig) -> dict:
 def predict(cfg: DictConfig) -> None:
     from densediff.inference.predict import check_outputs, predict_images
 
-    task = checkpoint_identity(Path(cfg.ckpt))[1] if cfg.get("ckpt") and Path(cfg.ckpt).is_file() else cfg.task.name
-    if cfg.get("ckpt") and Path(cfg.ckpt).is_file() and checkpoint_identity(Path(cfg.ckpt))[0] == "geowizard":
-        task = cfg.task.name  # a GeoWizard checkpoint predicts either geometry
+    task = cfg.task.name
+    if cfg.get("ckpt") and Path(cfg.ckpt).is_file():
+        paradigm, trained_task = checkpoint_identity(Path(cfg.ckpt))
+        if paradigm != "geowizard":  # a GeoWizard checkpoint predicts either geometry: task= picks it
+            task = trained_task
     root, images = check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite))  # before loading a model
     options = inference_options(cfg, "predict")
     model = load_checkpoint_model(cfg) if cfg.get("ckpt") else build_model(cfg)

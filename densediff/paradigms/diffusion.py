@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from densediff.adapters import apply_adapter
 from densediff.backbones import load_backbone
 from densediff.inference import SingleStepEstimator
 from densediff.inference.predictor import InferenceOptions, pyramid_noise
@@ -103,20 +102,22 @@ class DiffusionEstimator(LatentModel):
                                  halve_conv_in_bias=halve_conv_in_bias, attention=attention,
                                  gradient_checkpointing=gradient_checkpointing,
                                  keep_text_encoder=prompts == "dataset")
-        backbone.vae.requires_grad_(False).eval()
-        backbone.unet.train()
-        apply_adapter(backbone.unet, adapter, rank=adapter_rank, alpha=adapter_alpha)
-        if prediction_type:  # DMP re-registers the training prediction type on the scheduler (spec A1)
-            backbone.scheduler.register_to_config(prediction_type=prediction_type)
-        self.prediction_type = backbone.scheduler.config.prediction_type
+        self.prepare_backbone(backbone, adapter, adapter_rank, adapter_alpha)
+        self.use_schedule(backbone.scheduler, prediction_type)
         self.estimator = SingleStepEstimator(backbone.unet, backbone.vae, backbone.scheduler,
                                              backbone.empty_text_embedding, conditioning=conditioning,
                                              text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer)
-        self.register_buffer("alphas_cumprod", backbone.scheduler.alphas_cumprod.clone().float(), persistent=False)
-        self.num_train_timesteps = int(backbone.scheduler.config.num_train_timesteps)
-        self.strict_loading = False  # checkpoints hold only what trains (on_save_checkpoint)
         # Marigold-style inference by default: Gaussian start, DDIM, x0 at the last step; DMP: see its experiments.
         self.inference = InferenceOptions(steps=10, noise="gaussian" if conditioning == "concat" else "zeros")
+
+    def use_schedule(self, scheduler, prediction_type: str | None) -> None:
+        """The training schedule and what the UNet predicts: the scheduler config's type unless set (DMP re-registers
+        the training prediction type on the scheduler, spec A1)."""
+        if prediction_type:
+            scheduler.register_to_config(prediction_type=prediction_type)
+        self.prediction_type = scheduler.config.prediction_type
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
 
     # ---- training -------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -11,7 +11,6 @@ import warnings
 
 import torch
 
-from densediff.adapters import apply_adapter
 from densediff.backbones import load_backbone
 from densediff.inference import SingleStepEstimator
 from densediff.inference.predictor import InferenceOptions
@@ -64,13 +63,9 @@ class E2EFineTune(LatentModel):
         backbone = load_backbone(backbone_path, unet_in_channels=unet_in_channels,
                                  halve_conv_in_bias=halve_conv_in_bias, attention=attention,
                                  gradient_checkpointing=gradient_checkpointing)
-        backbone.vae.requires_grad_(False).eval()
-        backbone.unet.train()  # from_pretrained returns eval mode and Lightning keeps each module's mode
-        apply_adapter(backbone.unet, adapter, rank=adapter_rank, alpha=adapter_alpha)
+        self.prepare_backbone(backbone, adapter, adapter_rank, adapter_alpha)
         self.estimator = SingleStepEstimator(backbone.unet, backbone.vae, backbone.scheduler,
                                              backbone.empty_text_embedding, timestep=timestep)
-        # Frozen weights come from the backbone folder, so checkpoints hold only what trains (see on_save_checkpoint).
-        self.strict_loading = False
         self.inference = InferenceOptions()  # how validation/evaluate/predict predict; run.py sets it from the config
 
     # ---- model ----------------------------------------------------------------------------------------------

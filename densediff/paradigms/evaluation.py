@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from densediff.adapters import apply_adapter
 from densediff.inference.predictor import InferenceOptions, predict
 from densediff.tasks import build_task
 from densediff.visualize import rgb_to_uint8, save_gallery
@@ -94,6 +95,15 @@ class LatentModel(DenseEvaluation):
     trainable weights (the frozen rest comes from the backbone folder)."""
 
     paradigm = ""  # written into checkpoints so evaluate/predict/export rebuild the right class
+
+    def prepare_backbone(self, backbone, adapter: str, rank: int, alpha: float | None) -> None:
+        """Freeze the VAE, put the UNet in training mode (from_pretrained returns eval mode and Lightning keeps each
+        module's mode) with its adapter. Frozen weights come from the backbone folder, so checkpoints hold only what
+        trains (on_save_checkpoint) and loading them is not strict."""
+        backbone.vae.requires_grad_(False).eval()
+        backbone.unet.train()
+        apply_adapter(backbone.unet, adapter, rank=rank, alpha=alpha)
+        self.strict_loading = False
 
     @property
     def inference(self) -> InferenceOptions:

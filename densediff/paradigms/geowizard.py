@@ -30,7 +30,6 @@ from collections.abc import Sequence
 
 import torch
 
-from densediff.adapters import apply_adapter
 from densediff.backbones.geowizard import DOMAINS, encode_image_embedding, geowizard_class_labels, load_geowizard
 from densediff.inference import SingleStepEstimator
 from densediff.inference.predictor import InferenceOptions, predict, pyramid_noise
@@ -117,21 +116,14 @@ class GeoWizardEstimator(DiffusionEstimator):
 
         backbone = load_geowizard(backbone_path, attention=attention, joint_attention=joint_attention,
                                   gradient_checkpointing=gradient_checkpointing)
-        backbone.vae.requires_grad_(False).eval()
-        backbone.unet.train()
-        apply_adapter(backbone.unet, adapter, rank=adapter_rank, alpha=adapter_alpha)
-        if prediction_type:
-            backbone.scheduler.register_to_config(prediction_type=prediction_type)
-        self.prediction_type = backbone.scheduler.config.prediction_type
+        self.prepare_backbone(backbone, adapter, adapter_rank, adapter_alpha)
+        self.use_schedule(backbone.scheduler, prediction_type)
         # The shared predictor's module bundle; GeoWizard has no text prompt, its context comes from `conditioning`
         # (the empty-prompt slot holds an unused zero token of the cross-attention width).
         placeholder = torch.zeros(1, 1, int(backbone.unet.config.cross_attention_dim))
         self.estimator = SingleStepEstimator(backbone.unet, backbone.vae, backbone.scheduler, placeholder)
         self.image_encoder = backbone.image_encoder  # frozen: not trainable, so not in checkpoints
         self.feature_extractor = backbone.feature_extractor
-        self.register_buffer("alphas_cumprod", backbone.scheduler.alphas_cumprod.clone().float(), persistent=False)
-        self.num_train_timesteps = int(backbone.scheduler.config.num_train_timesteps)
-        self.strict_loading = False
         # GeoWizard's run_infer: Gaussian start shared by the branches, DDIM, prev_sample at the last step
         self.inference = InferenceOptions(steps=10, noise="gaussian", timestep_spacing="leading",
                                           final_step="prev_sample")
