@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import densediff  # noqa: F401  (thread settings before any test module imports torch: densediff/threads.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Small but real: the tiny backbone on procedural scenes, a handful of steps and scenes.
