@@ -16,8 +16,10 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from densediff.callbacks import NonFiniteTrainingError, SkipNonFiniteSteps
 from densediff.data.common import DataReadError
 from densediff.data.datamodule import DenseDataModule
 from densediff.inference.predictor import InferenceOptions
@@ -50,7 +52,7 @@ def user_errors():
     and exit code 1."""
     try:
         yield
-    except (ConfigError, FileNotFoundError, FileExistsError, DataReadError) as error:
+    except (ConfigError, FileNotFoundError, FileExistsError, DataReadError, NonFiniteTrainingError) as error:
         print(f"\nerror: {error}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
 
@@ -109,14 +111,37 @@ def geowizard_arguments(cfg: DictConfig) -> dict:
                 other_task_options=task_options(cfg, other))
 
 
-def inference_options(cfg: DictConfig, stage: str) -> InferenceOptions:
+def command_line_keys() -> set[str]:
+    """The config keys this run's command line sets (`inference.steps=4` -> inference.steps; a whole group such as
+    `inference=default` -> inference)."""
+    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+
+
+def inference_options(cfg: DictConfig, stage: str, saved: dict | None = None) -> InferenceOptions:
+    """The inference options of this run. With `saved` (the options a checkpoint was validated with: its recipe's)
+    one rule holds for evaluate, predict and resumed training: the checkpoint's settings, except the keys the
+    command line sets and the evaluation dataset's protocol resolution (`dataset.processing_res`)."""
+    values = _plain(cfg.inference)
+    if saved:
+        given = command_line_keys()
+        if "inference" in given:
+            given |= {f"inference.{k}" for k in values}
+        if "seed" in given:  # inference.seed follows the run's seed
+            given.add("inference.seed")
+        if stage != "train" and cfg.get("dataset") is not None and "processing_res" in cfg.dataset:
+            given.add("inference.processing_res")
+        values.update({k: v for k, v in saved.items() if k in values and f"inference.{k}" not in given})
     try:
-        options = InferenceOptions(**_plain(cfg.inference))
+        options = InferenceOptions(**values)
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error).replace("__init__() got an ", "inference: ")) from error
     if options.half and stage == "train":
         raise ConfigError("inference.half applies to evaluate.py and predict.py; training validates in the "
                           "trainer's precision (trainer.precision=16-mixed for fp16)")
+    if saved and stage != "train":
+        changed = {k: v for k, v in values.items() if k in saved and saved[k] != v}
+        if changed:
+            log.info("inference settings differ from the checkpoint's: %s", changed)
     return options
 
 
@@ -190,6 +215,8 @@ def build_trainer(cfg: DictConfig, model, loggers: list, checkpoints: bool,
     if isinstance(options.get("val_check_interval"), int) and options["val_check_interval"] > max_batches > 0:
         options["val_check_interval"] = max_batches  # validate (and keep a best checkpoint) at least once
     callbacks = [L.pytorch.callbacks.LearningRateMonitor("step")] if loggers else []
+    if checkpoints:  # training
+        callbacks.append(SkipNonFiniteSteps(max_in_a_row=int(cfg.get("max_nonfinite_steps", 10))))
     if checkpoints:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
             dirpath=run_dir() / "checkpoints", filename="best-step{step}", auto_insert_metric_name=False,
@@ -216,6 +243,9 @@ def print_summary(title: str, metrics: dict, directory: Path) -> None:
     lines = [f"\n{title}", f"  run directory: {directory}"]
     lines += [f"  {k:<{width}}  {v:.4f}" for k, v in metrics.items()]
     lines += [f"  metrics:       {directory / 'metrics.json'}", f"  gallery:       {directory / 'gallery.png'}"]
+    if metrics.get("negative_scale", 0) > 0:  # the alignment turned inverted depth into a score: say so
+        lines.append(f"  warning: {metrics['negative_scale']:.0%} of the images needed a negative scale to align: "
+                     "the model predicts (partly) inverted depth, which the metrics above do not show")
     print("\n".join(lines), flush=True)
 
 
@@ -235,15 +265,59 @@ def _check_fresh_run_dir(cfg: DictConfig) -> None:
                           f"hydra.run.dir, or resume with ckpt_path={existing[-1]}")
 
 
+# Files that make a run directory someone's results: never written over by another train.py or evaluate.py.
+RESULT_FILES = ("metrics.json", "per_image.csv", "gallery.png")
+
+
+def _holds_results(directory: Path) -> str | None:
+    """The first file that makes `directory` a finished or started run, or None."""
+    for name in RESULT_FILES:
+        if (directory / name).is_file():
+            return name
+    checkpoints = sorted((directory / "checkpoints").glob("*.ckpt"))
+    return f"checkpoints/{checkpoints[0].name}" if checkpoints else None
+
+
+class RunDirGuard(Callback):
+    """Refuses a train.py or evaluate.py run into a directory that already holds a run's results before Hydra
+    writes anything there (Hydra saves .hydra/ before the job starts, so a check inside the job would be too late).
+    The one exception is resuming a run in its own directory from one of its own checkpoints; its .hydra/ is then
+    saved as .hydra/resume-<n>/, keeping the original run's."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if os.environ.get("LOCAL_RANK", "0") != "0":  # DDP children re-enter the parent's directory
+            return
+        job, directory = config.hydra.job.name, Path(str(config.hydra.run.dir))
+        found = _holds_results(directory) if directory.is_dir() else None
+        if job not in ("train", "evaluate") or found is None:
+            return
+        resume = config.get("ckpt_path") if job == "train" else None
+        own = resume and Path(str(resume)).resolve().parent == (directory / "checkpoints").resolve()
+        if not own:
+            hint = (f"; to resume it: ckpt_path={directory / 'checkpoints' / 'last.ckpt'}" if job == "train"
+                    and not resume else "")
+            what = ("resuming another run's checkpoint there would mix two runs" if resume else
+                    "it is never written over")
+            print(f"\nerror: {directory} already holds a run ({found}); {what}. Choose a new hydra.run.dir"
+                  f"{hint}", file=sys.stderr)
+            sys.exit(1)
+        subdir = config.hydra.output_subdir
+        if subdir is not None:
+            n = 1 + sum(1 for _ in (directory / str(subdir)).glob("resume-*"))
+            with open_dict(config):
+                config.hydra.output_subdir = f"{subdir}/resume-{n}"
+
+
 def train(cfg: DictConfig) -> dict:
     _check_fresh_run_dir(cfg)
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (a last.ckpt from an earlier run's "
                                 "checkpoints/ folder resumes it)")
     L.seed_everything(int(cfg.seed), workers=True)
-    options = inference_options(cfg, "train")
+    saved = saved_inference(Path(cfg.ckpt_path)) if cfg.get("ckpt_path") else None
+    options = inference_options(cfg, "train", saved)
     model = build_model(cfg)
-    model.inference = options
+    model.configure_inference(options)
     datamodule = build_datamodule(cfg, ("train", "val", None))
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, model, loggers, checkpoints=True, datamodule=datamodule)
@@ -292,6 +366,13 @@ def load_checkpoint_model(cfg: DictConfig) -> L.LightningModule:
     return PARADIGMS[paradigm].load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
 
 
+def saved_inference(path: Path) -> dict | None:
+    """The inference options a train.py checkpoint was validated with (its recipe's), or None."""
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("densediff_inference")
+
+
 def checkpoint_identity(path: Path) -> tuple[str, str]:
     """(paradigm, task) of a train.py checkpoint, read without building the model."""
     checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -306,9 +387,10 @@ def evaluate(cfg: DictConfig) -> dict:
         model = PrecomputedPredictions(cfg.predictions, cfg.task.name, cfg.dataset.name, task_options(cfg),
                                        int(cfg.gallery_size), flip_normals_x=bool(cfg.predictions_flip_normals_x))
     else:
-        options = inference_options(cfg, "evaluate")
+        saved = saved_inference(Path(cfg.ckpt)) if cfg.get("ckpt") else None
         model = load_checkpoint_model(cfg) if cfg.get("ckpt") else build_model(cfg)
-        model.inference = options
+        options = inference_options(cfg, "evaluate", saved)
+        model.configure_inference(options)
         if options.half:
             use_half_precision(model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.get("ckpt") and model.task.name != cfg.task.name:
@@ -337,9 +419,9 @@ def predict(cfg: DictConfig) -> None:
         if paradigm != "geowizard":  # a GeoWizard checkpoint predicts either geometry: task= picks it
             task = trained_task
     root, images = check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite))  # before loading a model
-    options = inference_options(cfg, "predict")
     model = load_checkpoint_model(cfg) if cfg.get("ckpt") else build_model(cfg)
-    model.inference = options
+    options = inference_options(cfg, "predict", saved_inference(Path(cfg.ckpt)) if cfg.get("ckpt") else None)
+    model.configure_inference(options)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     if options.half:

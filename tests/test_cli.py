@@ -57,7 +57,7 @@ def test_evaluate_trained_checkpoint_and_untrained_backbone_on_the_same_scenes(t
 def test_refuses_to_overwrite_a_finished_run(trained_run):
     result = run_cli("train.py", "experiment=quickstart", "logger=csv", f"hydra.run.dir={trained_run}", *FAST,
                      expect_ok=False)
-    assert result.returncode == 1 and "already holds checkpoints" in result.stderr
+    assert result.returncode == 1 and "already holds a run" in result.stderr
     assert "Traceback" not in result.stderr
 
 

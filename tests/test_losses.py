@@ -13,16 +13,36 @@ from densediff.tasks.depth import DepthTask, masked_quantile_clip, scale_shift_i
 from densediff.tasks.normals import angular_loss
 
 
-def test_ssi_loss_is_invariant_to_affine_changes_of_the_prediction():
+def test_ssi_loss_is_invariant_to_positive_affine_changes_of_the_prediction():
     torch.manual_seed(0)
     target = torch.rand(2, 8, 8) * 5 + 1
-    pred = torch.rand(2, 8, 8)
+    pred = target + torch.rand(2, 8, 8)  # positively correlated with the target
     mask = torch.ones(2, 8, 8, dtype=torch.bool)
     base = scale_shift_invariant_l1(pred, target, mask)
-    # per-image scale and shift, one of them negative: the least-squares fit absorbs both
-    transformed = pred * torch.tensor([3.0, -0.5])[:, None, None] + torch.tensor([2.0, 7.0])[:, None, None]
+    transformed = pred * torch.tensor([3.0, 0.5])[:, None, None] + torch.tensor([2.0, -7.0])[:, None, None]
     assert torch.allclose(scale_shift_invariant_l1(transformed, target, mask), base, atol=1e-4)
-    assert base > 0.1
+    assert base > 0.01
+
+
+def test_ssi_loss_does_not_reward_inverted_depth_and_its_gradient_undoes_the_flip():
+    torch.manual_seed(0)
+    target = torch.rand(1, 8, 8) * 5 + 1
+    mask = torch.ones(1, 8, 8, dtype=torch.bool)
+    assert scale_shift_invariant_l1(target * 0.3 + 1, target, mask) < 1e-4
+    # a sign-blind least-squares fit would score -target as perfect (loss 0); here it is the moment-matched
+    # inverse, which is as bad as it looks
+    inverted = scale_shift_invariant_l1(-target, target, mask)
+    assert inverted > 1.0
+    # gradient descent on the inverted prediction reduces the loss and ends positively correlated with the target
+    pred = (-target).clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([pred], lr=20.0)
+    for _ in range(300):
+        optimizer.zero_grad()
+        scale_shift_invariant_l1(pred, target, mask).backward()
+        optimizer.step()
+    correlation = torch.corrcoef(torch.stack([pred.detach().flatten(), target.flatten()]))[0, 1]
+    assert correlation > 0.9
+    assert scale_shift_invariant_l1(pred.detach(), target, mask) < inverted / 4
 
 
 def test_ssi_loss_is_zero_for_an_affine_image_of_the_target_and_ignores_masked_pixels():

@@ -28,6 +28,7 @@ The published checkpoint (`lemonaddie/geowizard`, download with
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import logging
@@ -45,6 +46,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from densediff.backbones.load import BackboneNotFoundError
+from densediff.backbones.tiny import seeded
 
 HUB_ID = "lemonaddie/geowizard"
 SUBFOLDERS = ("unet", "vae", "scheduler", "image_encoder", "feature_extractor")
@@ -409,8 +411,8 @@ def geowizard_unet_from_sd(sd_unet: UNet2DConditionModel, cross_attention_dim: i
     config = dict(sd_unet.config)
     config.update(in_channels=8, class_embed_type="projection", projection_class_embeddings_input_dim=CLASS_LABEL_DIM,
                   cross_attention_dim=int(cross_attention_dim))
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(config)
+    with seeded(seed):
+        unet = UNet2DConditionModel.from_config(config)
     source = dict(sd_unet.state_dict())
     conv_in = source["conv_in.weight"]
     if conv_in.shape[1] == 4:
@@ -460,14 +462,24 @@ def tiny_clip_image_encoder(projection_dim: int, seed: int = 0):
     """A 2-layer CLIP vision model (32 x 32 input) and its processor with CLIP's mean/std: no download."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    torch.manual_seed(seed)
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=37, projection_dim=projection_dim, num_attention_heads=4,
-        num_hidden_layers=2, image_size=32, patch_size=8))
+    with seeded(seed):
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=32, intermediate_size=37, projection_dim=projection_dim, num_attention_heads=4,
+            num_hidden_layers=2, image_size=32, patch_size=8))
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                                    image_mean=[0.48145466, 0.4578275, 0.40821073],
                                    image_std=[0.26862954, 0.26130258, 0.27577711])
     return encoder, processor
+
+
+def contents_digest(folder: Path, parts: Sequence[str] = ("unet", "vae", "scheduler")) -> str:
+    """A short hash of the files a cached derivative is built from: a rebuilt backbone (same sizes, other weights)
+    gets a new cache folder."""
+    digest = hashlib.sha256()
+    for part in parts:
+        for file in sorted((folder / part).iterdir()):
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 TINY_GEOWIZARD_VERSION = 1  # bump when the recipe below changes: the cache folder name carries it
@@ -488,9 +500,7 @@ def tiny_geowizard_folder(cache_dir: str | os.PathLike | None = None) -> Path:
     from densediff.backbones.tiny import TINY_DIR
 
     root = Path(cache_dir or os.environ.get("DENSEDIFF_CACHE") or Path.home() / ".cache" / "densediff")
-    stamp = (TINY_DIR / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
-    stamp += (TINY_DIR / "vae" / "diffusion_pytorch_model.safetensors").stat().st_size
-    folder = root / f"tiny_geowizard-v{TINY_GEOWIZARD_VERSION}-{stamp}"
+    folder = root / f"tiny_geowizard-v{TINY_GEOWIZARD_VERSION}-{contents_digest(TINY_DIR)}"
     if (folder / "model_index.json").is_file():
         return folder
     root.mkdir(parents=True, exist_ok=True)

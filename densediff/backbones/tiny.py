@@ -12,6 +12,7 @@ fixed seed, i.e. "the untrained tiny backbone". Rebuild it with:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -24,8 +25,21 @@ TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 TEXT_DIM = 32
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed the weight initialisation inside the block only: a builder called after `seed_everything` must not reset
+    the run's global RNG (the data order and noise would then depend on which models were built)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def tiny_unet(in_channels: int = 8, seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
+    with seeded(seed):
+        return _tiny_unet(in_channels)
+
+
+def _tiny_unet(in_channels: int) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=16, in_channels=in_channels, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64, 64),
@@ -38,7 +52,11 @@ def tiny_unet(in_channels: int = 8, seed: int = 0) -> UNet2DConditionModel:
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
     """Downsamples by 4 (SD's by 8): at the tiny resolutions an 8x latent would be a few pixels wide. The narrow
     full-resolution level keeps the decoder (which E2E back-propagates through) cheap on a CPU."""
-    torch.manual_seed(seed)
+    with seeded(seed):
+        return _tiny_vae()
+
+
+def _tiny_vae() -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
@@ -64,11 +82,11 @@ def tiny_text_encoder_and_tokenizer(seed: int = 0):
         vocab[symbol] = len(vocab)
         vocab[symbol + "</w>"] = len(vocab)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=TEXT_DIM, intermediate_size=64, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
+    with seeded(seed):
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=TEXT_DIM, intermediate_size=64, num_attention_heads=4,
+            num_hidden_layers=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ))
     return text_encoder, tokenizer
 
 

@@ -30,22 +30,42 @@ def find_images(source: str | Path) -> tuple[Path, list[Path]]:
     raise FileNotFoundError(f"input={source} does not exist (an image file or a folder of images)")
 
 
-def output_paths(image: Path, root: Path, output: Path, task: str) -> dict[str, Path]:
-    stem = output / image.relative_to(root).with_suffix("")
+def output_paths(image: Path, root: Path, output: Path, task: str, keep_suffix: bool = False) -> dict[str, Path]:
+    """Where the predictions of `image` go: `<stem>.npy`, `<stem>.png` (and `<stem>_16bit.png` for depth) at its
+    place below `root`, mirrored into `output`. `keep_suffix` names them `<stem>_<ext>...` instead (two inputs that
+    differ only in their extension, `a.png` and `a.jpg`, would otherwise write the same files)."""
+    relative = image.relative_to(root)
+    stem = output / relative.with_suffix("")
+    if keep_suffix:
+        stem = stem.with_name(f"{stem.name}_{image.suffix.lstrip('.').lower()}")
     paths = {"npy": stem.with_suffix(".npy"), "png": stem.with_name(stem.name + ".png")}
     if task == "depth":
         paths["png16"] = stem.with_name(stem.name + "_16bit.png")
     return paths
 
 
+def plan_outputs(root: Path, images: list[Path], output: str | Path, task: str) -> dict[Path, dict[str, Path]]:
+    """Every image's output paths, distinct for every image (see output_paths' keep_suffix)."""
+    stems: dict[Path, int] = {}
+    for image in images:
+        key = image.relative_to(root).with_suffix("")
+        stems[key] = stems.get(key, 0) + 1
+    return {image: output_paths(image, root, Path(output), task,
+                                keep_suffix=stems[image.relative_to(root).with_suffix("")] > 1) for image in images}
+
+
 def check_outputs(source: str | Path, output: str | Path, task: str, overwrite: bool) -> tuple[Path, list[Path]]:
-    """Find the images and refuse, before any work, to replace a file that is already there."""
+    """Find the images and refuse, before any work, to replace a file that is already there (unless `overwrite`)
+    and, always, to write over an input image (output= equal to input=, whose `<stem>.png` is the input itself)."""
     root, images = find_images(source)
-    if not overwrite:
-        for image in images:
-            clash = next((p for p in output_paths(image, root, Path(output), task).values() if p.exists()), None)
-            if clash is not None:
-                raise FileExistsError(f"{clash} exists; choose another output= or pass overwrite=true")
+    inputs = {image.resolve() for image in images}
+    for paths in plan_outputs(root, images, output, task).values():
+        for path in paths.values():
+            if path.resolve() in inputs:
+                raise FileExistsError(f"writing the predictions would replace the input image {path}; choose an "
+                                      "output= folder that is not input= (overwrite=true never replaces inputs)")
+            if path.exists() and not overwrite:
+                raise FileExistsError(f"{path} exists; choose another output= or pass overwrite=true")
     return root, images
 
 
@@ -75,6 +95,7 @@ def predict_images(model, root: Path, images: list[Path], output: str | Path,
     output = Path(output)
     model.eval().to(device)
     written, skipped = 0, []
+    planned = plan_outputs(root, images, output, task)
     for image in tqdm(images, desc=f"predict {task}", unit="image"):
         try:
             rgb = load_rgb(image)
@@ -83,7 +104,7 @@ def predict_images(model, root: Path, images: list[Path], output: str | Path,
             log.warning("%s: skipped", error)
             continue
         prediction = model.predict(rgb.to(device))[0].cpu()
-        paths = output_paths(image, root, output, task)
+        paths = planned[image]
         paths["npy"].parent.mkdir(parents=True, exist_ok=True)
         if task == "depth":  # HxW: affine-invariant depth in [0,1], or metres with DMP's float codec
             np.save(paths["npy"], prediction.float().numpy())

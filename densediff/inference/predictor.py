@@ -106,7 +106,7 @@ def initial_latent(like: torch.Tensor, noise: str, generator: torch.Generator | 
 def denoise(estimator: SingleStepEstimator, rgb: torch.Tensor, options: InferenceOptions,
             generator: torch.Generator | None = None, prompts: list[str] | None = None, branches: int = 1,
             conditioning: Callable[[torch.Tensor], dict] | None = None,
-            rgb_latent: torch.Tensor | None = None) -> torch.Tensor:
+            rgb_latent: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """RGB [B,3,H,W] in [0,1] -> the decoded 3-channel prediction image [B,3,H,W] after `options.steps` DDIM steps.
 
     concat (Marigold's loop): the UNet sees [rgb_latent, latent], the latent starts from `options.noise`.
@@ -126,7 +126,10 @@ def denoise(estimator: SingleStepEstimator, rgb: torch.Tensor, options: Inferenc
     interpolate = estimator.conditioning == "interpolate"
     if branches > 1 and (interpolate or prompts is not None):
         raise ValueError("several branches per image need concat conditioning and no prompts (GeoWizard)")
-    latent = rgb_latent.clone() if interpolate else initial_latent(rgb_latent, options.noise, generator)
+    if interpolate:
+        latent = rgb_latent.clone()
+    else:
+        latent = noise.to(rgb_latent) if noise is not None else initial_latent(rgb_latent, options.noise, generator)
     if branches > 1:
         rgb_latent, latent = rgb_latent.repeat(branches, 1, 1, 1), latent.repeat(branches, 1, 1, 1)
     scheduler = estimator.ddim(options.timestep_spacing, options.steps, rgb.device)
@@ -181,13 +184,19 @@ def predict(estimator: SingleStepEstimator, task, rgb: torch.Tensor, options: In
     latents = estimator.encode_rgb(pad_to_multiple(rgb, estimator.downsampling)[0].to(estimator.vae.dtype))
     if options.ensemble > 1:
         latents = latents.repeat_interleave(options.ensemble, dim=0)
+    # Initial noise drawn member by member, in order, before chunking: a prediction then depends on the seed and the
+    # image's position in the stream only, not on inference.batch_size or the loader's batch size.
+    noise = None
+    if estimator.conditioning != "interpolate" and options.noise != "zeros":
+        noise = torch.cat([initial_latent(latents[i:i + 1], options.noise, generator) for i in range(len(latents))])
     chunk = options.batch_size or members.shape[0]
     member_prompts = None if prompts is None else [p for p in prompts for _ in range(options.ensemble)]
     decoded = [[] for _ in tasks]
     for part, i in zip(members.split(chunk), range(0, members.shape[0], chunk)):
         images = denoise(estimator, part, options, generator,
                          None if member_prompts is None else member_prompts[i:i + chunk], branches=len(tasks),
-                         conditioning=conditioning, rgb_latent=latents[i:i + chunk]).float()
+                         conditioning=conditioning, rgb_latent=latents[i:i + chunk],
+                         noise=None if noise is None else noise[i:i + chunk]).float()
         for decoded_task, branch, image in zip(decoded, tasks, images.chunk(len(tasks))):
             decoded_task.append(branch.decode(image))
     outputs = []

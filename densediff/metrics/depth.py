@@ -9,7 +9,7 @@ import math
 import torch
 from torchmetrics import Metric
 
-from densediff.metrics.alignment import align_least_squares, align_least_squares_disparity
+from densediff.metrics.alignment import align_least_squares_disparity, fit_scale_shift
 
 DEPTH_KEYS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3", "i_rmse", "silog")
 _ALIGNMENTS = ("least_squares", "least_squares_disparity", "none")
@@ -33,6 +33,9 @@ class DepthMetrics(Metric):
     Units: `silog` is sqrt(mean(d^2) - mean(d)^2) with d = ln p - ln g, in natural log units. Marigold's
     `silog_rmse` is 100x this value (we keep natural units like every other key). All others: metres or fractions.
     Images without a valid pixel are skipped (counted in the `skipped` state) instead of producing NaN.
+    Marigold's alignment accepts a negative scale, which turns inverted depth into a good score; `compute` reports
+    the fraction of images whose fit needed one as `negative_scale` (0 for a model that predicts depth, 1 for one
+    that predicts inverted depth), next to the metrics, so a run that learnt the sign flip says so.
     """
 
     is_differentiable = False
@@ -50,6 +53,7 @@ class DepthMetrics(Metric):
             self.add_state(f"sum_{key}", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("images", default=torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("skipped", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("negative_scale", default=torch.tensor(0), dist_reduce_fx="sum")
 
     def per_image(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None):
         """Per-image metrics as a dict of (B,) float64 tensors (NaN where an image has no valid pixel), plus
@@ -58,8 +62,11 @@ class DepthMetrics(Metric):
         valid = (target > self.min_depth) & (target < self.max_depth) if self.range_mask else target > 0
         if mask is not None:
             valid = valid & _squeeze_channel(mask).bool()
+        negative = torch.zeros(pred.shape[0], dtype=torch.bool, device=pred.device)
         if self.alignment == "least_squares":
-            p = align_least_squares(pred, target, valid, self.alignment_max_res)
+            scale, shift = fit_scale_shift(pred, target, valid, self.alignment_max_res)
+            p = pred.double() * scale[:, None, None] + shift[:, None, None]
+            negative = scale < 0
         elif self.alignment == "least_squares_disparity":
             p = align_least_squares_disparity(pred, target, valid, self.alignment_max_res)
         else:
@@ -91,6 +98,7 @@ class DepthMetrics(Metric):
         empty = n == 0
         out = {k: torch.where(empty, math.nan, v) for k, v in out.items()}
         out["n_valid"] = n
+        out["negative_scale"] = negative.double()
         return out
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -100,6 +108,10 @@ class DepthMetrics(Metric):
             setattr(self, f"sum_{key}", getattr(self, f"sum_{key}") + rows[key][ok].sum())
         self.images += ok.sum()
         self.skipped += (~ok).sum()
+        self.negative_scale += (rows["negative_scale"].bool() & ok).sum()
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return {key: (getattr(self, f"sum_{key}") / self.images).float() for key in DEPTH_KEYS}
+        values = {key: (getattr(self, f"sum_{key}") / self.images).float() for key in DEPTH_KEYS}
+        if self.alignment == "least_squares":
+            values["negative_scale"] = (self.negative_scale / self.images.clamp_min(1)).float()
+        return values

@@ -75,10 +75,7 @@ class E2EFineTune(LatentModel):
 
     # ---- training -------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.task.loss(self(batch["rgb"]), batch)
-        if not torch.isfinite(loss):  # E2E-FT skips a NaN loss term rather than poisoning the weights
-            self.print(f"non-finite loss at step {self.global_step}; skipping this batch")
-            loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+        loss = self.task.loss(self(batch["rgb"]), batch)  # a non-finite loss skips the step (callbacks.py)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["rgb"].shape[0])
         return loss
 

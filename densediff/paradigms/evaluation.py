@@ -115,6 +115,23 @@ class LatentModel(DenseEvaluation):
         # One generator per options: a seeded run draws the same noise for the same images in the same order.
         self._generator = None if options.seed is None else torch.Generator().manual_seed(int(options.seed))
 
+    def configure_inference(self, options: InferenceOptions) -> None:
+        """The entry points' options (run.py resolves them from the config and the checkpoint): they stay in force
+        when Lightning later loads a checkpoint into this model (a resumed run)."""
+        self.inference = options
+        self._inference_configured = True
+
+    def reseed(self) -> None:
+        """Restart the noise stream: every validation (and test) of the same weights draws the same noise, so the
+        best-checkpoint choice compares weights, not noise."""
+        self.inference = self.inference
+
+    def on_validation_epoch_start(self) -> None:
+        self.reseed()
+
+    def on_test_epoch_start(self) -> None:
+        self.reseed()
+
     @torch.no_grad()
     def predict(self, rgb: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
         """The user-facing prediction at the input's size (affine-invariant depth in [0,1], unit canonical normals,
@@ -140,7 +157,8 @@ class LatentModel(DenseEvaluation):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "densediff_inference" in checkpoint:  # how it predicted in training; evaluate/predict set their own
+        # how it predicted in training (export's defaults); the entry points' resolved options take precedence
+        if "densediff_inference" in checkpoint and not getattr(self, "_inference_configured", False):
             self.inference = InferenceOptions(**checkpoint["densediff_inference"])
         missing = sorted(self._trainable_keys() - set(checkpoint["state_dict"]))
         if missing:

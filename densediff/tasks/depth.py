@@ -58,18 +58,26 @@ def masked_quantile_clip(depth: torch.Tensor, valid: torch.Tensor,
 
 
 def scale_shift_invariant_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """L1 after the per-image least-squares scale and shift of `pred` onto `target` (closed-form 2x2 normal
-    equations; s = t = 0 where the system is singular), averaged over all masked pixels of the batch
-    (pooled, as E2E-FT's ScaleAndShiftInvariantLoss). Computed in fp32."""
+    """L1 after a per-image scale and shift of `pred` onto `target`, averaged over all masked pixels of the batch
+    (pooled, as E2E-FT's ScaleAndShiftInvariantLoss). Computed in fp32.
+
+    The scale is E2E-FT's least-squares fit (closed-form 2x2 normal equations) wherever that fit is positive. Where
+    it is negative the prediction is inverted depth, which a sign-blind loss would accept and reward: a model that
+    starts anti-correlated (a random UNet) then learns inverted depth. There the scale is the positive moment match
+    std(target) / std(pred) with the shift matching the means, so the loss stays high and its gradient points
+    toward the right sign. s = t = 0 where the system is singular (a flat prediction)."""
     pred, target, m = pred.float(), target.float(), mask.float()
     dims = (1, 2)
-    a00, a01, a11 = (m * pred * pred).sum(dims), (m * pred).sum(dims), m.sum(dims)
-    b0, b1 = (m * pred * target).sum(dims), (m * target).sum(dims)
-    det = a00 * a11 - a01 * a01
-    ok = det > 0
-    safe_det = torch.where(ok, det, torch.ones_like(det))
-    scale = torch.where(ok, (a11 * b0 - a01 * b1) / safe_det, torch.zeros_like(det))
-    shift = torch.where(ok, (-a01 * b0 + a00 * b1) / safe_det, torch.zeros_like(det))
+    n = m.sum(dims).clamp_min(1)
+    p_mean, g_mean = (m * pred).sum(dims) / n, (m * target).sum(dims) / n
+    pc, gc = (pred - p_mean[:, None, None]) * m, (target - g_mean[:, None, None]) * m
+    var_p, var_g, cov = (pc * pc).sum(dims), (gc * gc).sum(dims), (pc * gc).sum(dims)
+    ok = var_p > 1e-12
+    safe_var = torch.where(ok, var_p, torch.ones_like(var_p))
+    least_squares = cov / safe_var
+    moments = (var_g / safe_var).clamp_min(0).sqrt()
+    scale = torch.where(ok, torch.where(least_squares >= 0, least_squares, moments), torch.zeros_like(var_p))
+    shift = torch.where(ok, g_mean - scale * p_mean, torch.zeros_like(var_p))
     aligned = scale[:, None, None] * pred + shift[:, None, None]
     return ((aligned - target).abs() * m).sum() / m.sum().clamp_min(1)
 

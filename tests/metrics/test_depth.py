@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from densediff.metrics import DepthMetrics, fit_scale_shift
+from densediff.metrics import DEPTH_KEYS, DepthMetrics, fit_scale_shift
 
 GT = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])  # (1, 2, 2)
 
@@ -59,10 +59,15 @@ def test_least_squares_is_affine_invariant():
     assert base["abs_rel"] > 0.1
     for scale, shift in ((3.0, 2.0), (0.01, -5.0), (-2.0, 1.0)):
         moved = _metrics(pred * scale + shift, target)
-        for key in base:
+        for key in DEPTH_KEYS:  # the Marigold protocol's numbers accept any scale ...
             assert moved[key] == pytest.approx(base[key], rel=1e-4, abs=1e-6)
+        # ... but say which images needed a negative one
+        flipped = base["negative_scale"] if scale > 0 else 1 - base["negative_scale"]
+        assert moved["negative_scale"] == pytest.approx(flipped)
     exact = _metrics((target - 1.0) / 3.0, target)  # an affine copy of the GT is aligned perfectly
     assert exact["abs_rel"] == pytest.approx(0.0, abs=1e-6) and exact["delta1"] == 1.0
+    assert exact["negative_scale"] == 0.0
+    assert _metrics(-target, target)["negative_scale"] == 1.0  # inverted depth: every image's fit flips the sign
 
 
 def test_disparity_alignment_recovers_inverse_depth():

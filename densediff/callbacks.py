@@ -1,0 +1,53 @@
+"""Lightning callbacks that every paradigm shares."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training produced non-finite gradients too many optimizer steps in a row; the entry points print it."""
+
+
+class SkipNonFiniteSteps(L.Callback):
+    """One policy for every paradigm: an optimizer step whose gradients are not all finite (a NaN or inf loss
+    back-propagates into NaN gradients, so this covers non-finite losses too) is skipped: every gradient is dropped
+    before the optimizer sees it, so neither the weights nor AdamW's moments move. The decision is reduced over all
+    processes, so DDP ranks skip the same steps and never wait on each other. Skipped steps are counted in the
+    logs (`train/skipped_steps`); after `max_in_a_row` consecutive skips training stops with a clear error.
+
+    Runs before gradient clipping and after AMP's unscaling (Lightning's on_before_optimizer_step), so a GradScaler's
+    own overflow steps are seen as well: keep `max_in_a_row` above the few steps its scale calibration takes."""
+
+    def __init__(self, max_in_a_row: int = 10):
+        self.max_in_a_row = max_in_a_row
+        self.skipped = 0
+        self.in_a_row = 0
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.tensor(float(all(bool(torch.isfinite(g).all()) for g in grads)), device=pl_module.device)
+        finite = bool(trainer.strategy.reduce(finite, reduce_op="min") > 0)
+        if finite:
+            self.in_a_row = 0
+        else:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # torch optimizers leave a parameter without a gradient untouched
+            self.skipped += 1
+            self.in_a_row += 1
+            pl_module.print(f"non-finite gradients at step {trainer.global_step}: optimizer step skipped "
+                            f"({self.in_a_row} in a row, {self.skipped} in this run)")
+        pl_module.log("train/skipped_steps", float(self.skipped), reduce_fx="max")
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteTrainingError(
+                f"{self.in_a_row} optimizer steps in a row had non-finite gradients (last at step "
+                f"{trainer.global_step}); lower objective.lr, use trainer.precision=32-true, or check the data "
+                f"(max_nonfinite_steps={self.max_in_a_row} sets how many are tolerated)")
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped, self.in_a_row = int(state_dict["skipped"]), int(state_dict["in_a_row"])

@@ -1,0 +1,183 @@
+"""Runs that can be trusted (issue 11): recipe inference settings travel with checkpoints, validation noise is
+re-seeded, non-finite steps are skipped, and nothing a user wrote is overwritten."""
+
+from __future__ import annotations
+
+import shutil
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FAST, read_metrics, run_cli
+from densediff.backbones.geowizard import contents_digest
+from densediff.backbones.tiny import TINY_DIR, tiny_text_encoder_and_tokenizer, tiny_unet, tiny_vae
+from densediff.callbacks import NonFiniteTrainingError, SkipNonFiniteSteps
+
+# A recipe whose validation uses non-default inference (gaussian noise, 2 steps, an ensemble of 2)
+RECIPE_INFERENCE = ["inference.steps=2", "inference.noise=gaussian", "inference.ensemble=2"]
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("recipe") / "run"
+    run_cli("train.py", "experiment=quickstart", "logger=none", f"hydra.run.dir={run}", *FAST, *RECIPE_INFERENCE)
+    return run
+
+
+def test_evaluate_uses_the_checkpoints_inference_and_reproduces_its_validation(recipe_run, tmp_path):
+    """The checkpoint's inference settings unless the command line sets a key; validation noise is re-seeded, so
+    evaluating the same weights on the validation scenes gives exactly the training run's final numbers."""
+    ckpt = recipe_run / "checkpoints" / "last.ckpt"
+    run_cli("evaluate.py", f"ckpt={ckpt}", "split=val", "dataset.val.num_scenes=4", "dataset.val_batch_size=2",
+            f"hydra.run.dir={tmp_path / 'same'}")
+    trained, evaluated = read_metrics(recipe_run), read_metrics(tmp_path / "same")
+    assert evaluated["abs_rel"] == pytest.approx(trained["abs_rel"], rel=1e-6)
+    # a different inference batch size (UNet chunks of one member) must not change the noise: what remains is
+    # float rounding of other batch shapes, far below what other noise does (the seed= run below)
+    run_cli("evaluate.py", f"ckpt={ckpt}", "split=val", "dataset.val.num_scenes=4", "dataset.val_batch_size=2",
+            "inference.batch_size=1", f"hydra.run.dir={tmp_path / 'chunked'}")
+    chunked = read_metrics(tmp_path / "chunked")["abs_rel"]
+    # an explicit command-line key wins over the checkpoint's (seed= moves inference.seed)
+    run_cli("evaluate.py", f"ckpt={ckpt}", "split=val", "dataset.val.num_scenes=4", "dataset.val_batch_size=2",
+            "seed=7", f"hydra.run.dir={tmp_path / 'other_noise'}")
+    other_noise = read_metrics(tmp_path / "other_noise")["abs_rel"]
+    assert abs(chunked - trained["abs_rel"]) < abs(other_noise - trained["abs_rel"]) / 10
+
+
+def test_resume_keeps_the_command_lines_inference_keys(recipe_run, tmp_path):
+    run = tmp_path / "resumed"
+    shutil.copytree(recipe_run, run)
+    run_cli("train.py", "experiment=quickstart", "logger=none", f"hydra.run.dir={run}", *FAST, *RECIPE_INFERENCE,
+            "trainer.max_steps=4", "inference.steps=3", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    saved = [torch.load(p, map_location="cpu", weights_only=True) for p in (run / "checkpoints").glob("*.ckpt")]
+    saved = max(saved, key=lambda checkpoint: checkpoint["global_step"])
+    assert saved["global_step"] == 4
+    assert saved["densediff_inference"]["steps"] == 3  # the command line's, not the checkpoint's 2
+    assert saved["densediff_inference"]["ensemble"] == 2  # the checkpoint's (the command line repeats it)
+    assert (run / ".hydra" / "resume-1" / "overrides.yaml").is_file()  # the original .hydra/ is kept
+
+
+def test_model_builders_leave_the_global_rng_alone():
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    tiny_unet(seed=0), tiny_vae(seed=0), tiny_text_encoder_and_tokenizer(seed=0)
+    assert torch.equal(torch.rand(4), expected)
+    # and they are still deterministic in their own seed
+    assert torch.equal(tiny_unet(seed=3).conv_in.weight, tiny_unet(seed=3).conv_in.weight)
+
+
+def test_tiny_geowizard_cache_is_keyed_by_contents(tmp_path):
+    copy = tmp_path / "tiny"
+    for part in ("unet", "vae", "scheduler"):
+        shutil.copytree(TINY_DIR / part, copy / part)
+    before = contents_digest(copy)
+    config = copy / "scheduler" / "scheduler_config.json"
+    text = config.read_text()
+    changed = text.replace("0.012", "0.013")  # same size, other contents
+    assert changed != text and len(changed) == len(text)
+    config.write_text(changed)
+    assert contents_digest(copy) != before
+
+
+# ---- non-finite steps -------------------------------------------------------------------------------------------
+class _Toy(L.LightningModule):
+    """A linear model whose loss is NaN on the batches listed in `nan_batches`."""
+
+    def __init__(self, nan_batches=()):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.nan_batches = set(nan_batches)
+        self.weights_seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.weights_seen.append(self.layer.weight.detach().clone())
+        loss = self.layer(batch[0]).pow(2).mean()
+        return loss * float("nan") if batch_idx in self.nan_batches else loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.1, weight_decay=0.1)
+
+
+def _fit(model, steps, guard):
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(16, 2)), batch_size=1)
+    trainer = L.Trainer(max_steps=steps, callbacks=[guard], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, data)
+    return trainer
+
+
+def test_a_non_finite_step_leaves_weights_and_optimizer_untouched():
+    model, guard = _Toy(nan_batches={2}), SkipNonFiniteSteps(max_in_a_row=3)
+    trainer = _fit(model, 5, guard)
+    seen = model.weights_seen
+    assert torch.equal(seen[2], seen[3])  # step 2 skipped: no update, not even AdamW's weight decay
+    assert not torch.equal(seen[1], seen[2]) and not torch.equal(seen[3], seen[4])  # the others train
+    assert torch.isfinite(model.layer.weight).all()
+    assert guard.skipped == 1 and guard.in_a_row == 0
+    state = trainer.optimizers[0].state[model.layer.weight]
+    assert int(state["step"]) == 4  # 5 steps, one skipped
+    assert trainer.callback_metrics["train/skipped_steps"] == 1
+
+
+def test_non_finite_steps_in_a_row_stop_training_with_a_clear_error():
+    with pytest.raises(NonFiniteTrainingError, match="3 optimizer steps in a row had non-finite gradients"):
+        _fit(_Toy(nan_batches={1, 2, 3, 4}), 8, SkipNonFiniteSteps(max_in_a_row=3))
+
+
+def test_train_cli_stops_cleanly_when_the_loss_diverges(tmp_path):
+    result = run_cli("train.py", "experiment=quickstart", "logger=none", f"hydra.run.dir={tmp_path}", *FAST,
+                     "objective.lr=1e30", "objective.warmup_steps=0", "trainer.max_steps=8",
+                     "max_nonfinite_steps=2", "trainer.gradient_clip_val=null", expect_ok=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "optimizer steps in a row had non-finite gradients" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ---- nothing a user wrote is overwritten -----------------------------------------------------------------------
+def _snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_refused_runs_leave_a_finished_run_exactly_as_it_was(trained_run, tmp_path):
+    before = _snapshot(trained_run)
+    refused = [
+        run_cli("train.py", "experiment=quickstart", "logger=csv", f"hydra.run.dir={trained_run}", *FAST,
+                expect_ok=False),
+        run_cli("evaluate.py", f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={trained_run}",
+                expect_ok=False),
+    ]
+    other = tmp_path / "other"
+    run_cli("train.py", "experiment=quickstart", "logger=none", f"hydra.run.dir={other}", *FAST,
+            "trainer.max_steps=1", "trainer.val_check_interval=1")
+    refused.append(run_cli("train.py", "experiment=quickstart", "logger=csv", f"hydra.run.dir={trained_run}", *FAST,
+                           f"ckpt_path={other / 'checkpoints' / 'last.ckpt'}", expect_ok=False))
+    for result in refused:
+        assert result.returncode == 1 and "already holds a run" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert "would mix two runs" in refused[2].stderr
+    assert _snapshot(trained_run) == before  # .hydra/, metrics.json, gallery, checkpoints: byte for byte
+
+
+def test_predict_keeps_same_stem_images_apart_and_never_replaces_its_input(trained_run, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / "a.png")
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / "a.jpg")
+    ckpt = f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}"
+    out = tmp_path / "out"
+    result = run_cli("predict.py", f"input={images}", f"output={out}", ckpt, f"hydra.run.dir={tmp_path / 'r1'}")
+    assert "wrote 2 predictions" in result.stdout
+    written = sorted(p.name for p in out.glob("*.npy"))
+    assert written == ["a_jpg.npy", "a_png.npy"]
+    assert not np.array_equal(np.load(out / "a_jpg.npy"), np.load(out / "a_png.npy"))
+    (images / "a.jpg").unlink()  # a.png alone: its coloured prediction would be images/a.png itself
+    source = _snapshot(images)
+    result = run_cli("predict.py", f"input={images}", f"output={images}", ckpt, "overwrite=true",
+                     f"hydra.run.dir={tmp_path / 'r2'}", expect_ok=False)
+    assert result.returncode == 1 and "would replace the input image" in result.stderr
+    assert _snapshot(images) == source
