@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from densediff import threads
 from densediff.callbacks import NonFiniteTrainingError, SkipNonFiniteSteps
 from densediff.data.common import DataReadError
 from densediff.data.datamodule import DenseDataModule
@@ -206,9 +207,19 @@ def build_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
+def local_cpu_processes(options: dict) -> int:
+    """How many processes of this run share this machine's CPU cores: the DDP ranks on CPU, else 1."""
+    on_cpu = options.get("accelerator") == "cpu" or not torch.cuda.is_available()
+    devices = options.get("devices")
+    return devices if on_cpu and isinstance(devices, int) and devices > 1 else 1  # Lightning's devices: per node
+
+
 def build_trainer(cfg: DictConfig, model, loggers: list, checkpoints: bool,
                   datamodule: DenseDataModule | None = None) -> L.Trainer:
     options = _plain(cfg.trainer)
+    # CPU DDP: split the cores between the ranks before they start (they inherit the environment)
+    threads.use_threads_for(local_cpu_processes(options))
+    log.info("threads: %s", threads.describe())
     if datamodule is not None and datamodule.mixes_batches:
         options["use_distributed_sampler"] = False  # the mixed batch sampler splits the data across ranks itself
     max_batches = int(options["max_steps"]) * int(options.get("accumulate_grad_batches") or 1)

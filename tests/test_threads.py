@@ -1,0 +1,68 @@
+"""Thread settings that hold up on shared cores (densediff/threads.py): in force in every entry point, chosen
+before torch starts, and never over the user's own environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import FAST, ROOT, run_cli
+from densediff import threads
+
+PROBE = ("import json, os, densediff, torch; print(json.dumps({'threads': torch.get_num_threads(), "
+         "'wait': os.environ.get('OMP_WAIT_POLICY'), 'omp': os.environ.get('OMP_NUM_THREADS')}))")
+
+
+def _probe(**env) -> dict:
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", threads.AUTO_MARKER)}
+    result = subprocess.run([sys.executable, "-c", PROBE], env={**base, **env}, capture_output=True, text=True,
+                            check=True, cwd=ROOT)
+    return json.loads(result.stdout)
+
+
+def test_importing_densediff_sets_passive_waiting_and_one_thread_per_usable_core():
+    probe = _probe()
+    assert probe["wait"] == "PASSIVE"
+    assert probe["threads"] == threads.usable_cores() == int(probe["omp"])
+
+
+def test_the_users_environment_wins():
+    probe = _probe(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="ACTIVE")
+    assert probe == {"threads": 1, "wait": "ACTIVE", "omp": "1"}
+
+
+def test_ddp_ranks_split_the_cores_unless_the_user_chose(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv(threads.AUTO_MARKER, "1")
+        monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+        assert threads.use_threads_for(2) == 2 and os.environ["OMP_NUM_THREADS"] == "2"
+        assert threads.use_threads_for(8) == 1  # never below one
+        monkeypatch.delenv(threads.AUTO_MARKER)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's
+        assert threads.use_threads_for(2) == torch.get_num_threads()
+        assert os.environ["OMP_NUM_THREADS"] == "3"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_entry_points_log_the_settings_in_force(tmp_path):
+    result = run_cli("train.py", "debug=fdr", f"hydra.run.dir={tmp_path}", *FAST[:2])
+    line = next(line for line in (tmp_path / "train.log").read_text().splitlines() if "threads:" in line)
+    assert "OMP_WAIT_POLICY=PASSIVE" in line and f"{threads.usable_cores()} usable cores" in line
+    assert result.returncode == 0
+
+
+def test_thread_benchmark_runs_at_a_toy_size_and_writes_json(tmp_path):
+    out = tmp_path / "threads.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_threads.py"), "--out", str(out), "--steps",
+                    "1", "--quick", "--timeout", "300"], cwd=ROOT, check=True, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["setting"] for row in rows] == ["densediff defaults"]
+    assert rows[0]["ratio"] > 0
+    assert all(row["contended_s"] is not None and row["contended_s"] > 0 for row in rows)
