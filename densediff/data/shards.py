@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
 from densediff.data.common import DataReadError, DatasetLayoutError
+from densediff.io import write_text
 
 INDEX = "index.json"
 SHARD_NAME = "shard-%06d.tar"
@@ -137,7 +138,7 @@ def write_shards(datasets: dict, output, dataset_config: dict | None = None, max
         count, keys, shards = write_split(dataset, output / split, maxcount=maxcount,
                                           progress=f"{split}" if progress else None)
         index["splits"][split] = {"count": count, "keys": keys, "shards": [f"{split}/{s}" for s in shards]}
-        (output / INDEX).write_text(json.dumps(index, indent=2) + "\n")  # after each split: usable if stopped later
+        write_text(output / INDEX, json.dumps(index, indent=2) + "\n")  # after each split: usable if stopped later
     return index
 
 
