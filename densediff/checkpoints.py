@@ -1,10 +1,13 @@
-"""What train.py checkpoints and how: atomic files, and a last.ckpt that is always the newest state."""
+"""What train.py checkpoints and how: atomic files, a last.ckpt that is always the newest state, and the gradients
+accumulated since the last optimizer step, so that any checkpoint resumes exactly."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 from densediff.io import atomic_write
@@ -41,3 +44,40 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         if self._fitting(trainer) and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class PendingGradients(Callback):
+    """Keeps the gradients accumulated since the last optimizer step in the checkpoint. Lightning saves the loop's
+    place, the optimizer and the schedulers, but not .grad, so a checkpoint written between two steps of gradient
+    accumulation (a validation every N batches, N not a multiple of accumulate_grad_batches) would resume with
+    those batches' gradients lost. Under DDP every rank holds its own unreduced share until the step: all are
+    gathered into the checkpoint and each rank takes its own back."""
+
+    KEY = "densediff_pending_gradients"
+    pending = None  # read from the checkpoint being resumed, put back when training starts
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if trainer.state.fn != TrainerFn.FITTING or not trainer.fit_loop._should_accumulate():
+            return  # the last batch made an optimizer step (Lightning's own test when it restarts): nothing pending
+        grads = {n: p.grad.detach() for n, p in pl_module.named_parameters() if p.grad is not None}
+        if trainer.world_size > 1:  # every rank saves (dump_checkpoint runs on all), rank 0 writes the file
+            grads = {n: trainer.strategy.all_gather(g) for n, g in grads.items()}
+        checkpoint[self.KEY] = {"world_size": trainer.world_size, "gradients": {n: g.cpu() for n, g in grads.items()}}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self.pending = checkpoint.get(self.KEY)
+        if self.pending and self.pending["world_size"] != trainer.world_size:
+            warnings.warn(f"the checkpoint was written between two optimizer steps on {self.pending['world_size']} "
+                          f"processes, this run has {trainer.world_size}: the gradients accumulated since the last "
+                          f"step are dropped")
+            self.pending = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Put them back here: the trainer zeroes all gradients after restoring the checkpoint."""
+        pending, self.pending = self.pending, None
+        if not pending:
+            return
+        parameters = dict(pl_module.named_parameters())
+        for name, grad in pending["gradients"].items():
+            grad = grad[trainer.global_rank] if trainer.world_size > 1 else grad
+            parameters[name].grad = grad.to(parameters[name])

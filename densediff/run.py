@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint
+from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients
 from densediff.data.common import DataReadError
 from densediff.data.datamodule import DenseDataModule
 from densediff.inference.predictor import InferenceOptions
@@ -29,6 +29,8 @@ from densediff.paradigms.precomputed import PrecomputedPredictions
 log = logging.getLogger("densediff")
 # The frozen VAE stays in eval mode on purpose; Lightning would warn about it at every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# The streamed shards have a length on purpose (exact resume); they split across workers themselves.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 ASSETS = Path(__file__).resolve().parent / "assets"
 OmegaConf.register_new_resolver("densediff_asset", lambda name: str(ASSETS / name), replace=True)
 
@@ -197,7 +199,8 @@ def build_trainer(cfg: DictConfig, model, loggers: list, checkpoints: bool,
         callbacks += [L.pytorch.callbacks.ModelCheckpoint(
             dirpath=folder, filename="best-step{step}", auto_insert_metric_name=False,
             monitor=f"val/{model.task.monitor}", mode=model.task.monitor_mode, save_top_k=1),
-            LastCheckpoint(folder, every_n_train_steps=int(cfg.get("checkpoint_every_n_steps") or 0))]
+            LastCheckpoint(folder, every_n_train_steps=int(cfg.get("checkpoint_every_n_steps") or 0)),
+            PendingGradients()]
         options.setdefault("plugins", [AtomicCheckpointIO()])
     return L.Trainer(**options, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir()),
                      enable_checkpointing=checkpoints)
