@@ -21,15 +21,19 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from densediff import threads
 from densediff.callbacks import NonFiniteTrainingError, SkipNonFiniteSteps
+from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients
 from densediff.data.common import DataReadError
 from densediff.data.datamodule import DenseDataModule
 from densediff.inference.predictor import InferenceOptions
+from densediff.io import remove_temporaries, write_text
 from densediff.paradigms import PARADIGMS
 from densediff.paradigms.precomputed import PrecomputedPredictions
 
 log = logging.getLogger("densediff")
 # The frozen VAE stays in eval mode on purpose; Lightning would warn about it at every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# The streamed shards have a length on purpose (exact resume); they split across workers themselves.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 ASSETS = Path(__file__).resolve().parent / "assets"
 OmegaConf.register_new_resolver("densediff_asset", lambda name: str(ASSETS / name), replace=True)
 
@@ -226,22 +230,21 @@ def build_trainer(cfg: DictConfig, model, loggers: list, checkpoints: bool,
     if isinstance(options.get("val_check_interval"), int) and options["val_check_interval"] > max_batches > 0:
         options["val_check_interval"] = max_batches  # validate (and keep a best checkpoint) at least once
     callbacks = [L.pytorch.callbacks.LearningRateMonitor("step")] if loggers else []
-    if checkpoints:  # training
-        callbacks.append(SkipNonFiniteSteps(max_in_a_row=int(cfg.get("max_nonfinite_steps", 10))))
-    if checkpoints:
-        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=run_dir() / "checkpoints", filename="best-step{step}", auto_insert_metric_name=False,
-            monitor=f"val/{model.task.monitor}", mode=model.task.monitor_mode, save_top_k=1, save_last=True))
+    if checkpoints:  # training: the best by the monitored metric, and last.ckpt: the newest state
+        folder = run_dir() / "checkpoints"
+        callbacks += [L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=folder, filename="best-step{step}", auto_insert_metric_name=False,
+            monitor=f"val/{model.task.monitor}", mode=model.task.monitor_mode, save_top_k=1),
+            LastCheckpoint(folder, every_n_train_steps=int(cfg.get("checkpoint_every_n_steps") or 0)),
+            PendingGradients(), SkipNonFiniteSteps(max_in_a_row=int(cfg.get("max_nonfinite_steps", 10)))]
+        options.setdefault("plugins", [AtomicCheckpointIO()])
     return L.Trainer(**options, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir()),
                      enable_checkpointing=checkpoints)
 
 
 def write_metrics(values: dict, path: Path) -> Path:
-    """Flat JSON of metric name -> float, written atomically (temp file + rename)."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({k: float(v) for k, v in values.items()}, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Flat JSON of metric name -> float, written atomically (densediff.io)."""
+    return write_text(path, json.dumps({k: float(v) for k, v in values.items()}, indent=2) + "\n")
 
 
 def _strip_stage(results: list[dict], stage: str) -> dict:
@@ -270,7 +273,7 @@ def _check_fresh_run_dir(cfg: DictConfig) -> None:
     """Never write over a finished run's checkpoints unless resuming it (rank 0 only: DDP children reuse the dir)."""
     if os.environ.get("LOCAL_RANK", "0") != "0" or cfg.get("ckpt_path"):
         return
-    existing = sorted((run_dir() / "checkpoints").glob("*.ckpt"))
+    existing = sorted(p for p in (run_dir() / "checkpoints").glob("*.ckpt") if not p.name.startswith("."))
     if existing:
         raise ConfigError(f"{run_dir()} already holds checkpoints ({existing[0].name}); choose another "
                           f"hydra.run.dir, or resume with ckpt_path={existing[-1]}")
@@ -324,6 +327,9 @@ def train(cfg: DictConfig) -> dict:
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (a last.ckpt from an earlier run's "
                                 "checkpoints/ folder resumes it)")
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # what a run killed mid-write left (its targets are intact)
+        for folder in (run_dir(), run_dir() / "checkpoints"):
+            remove_temporaries(folder)
     L.seed_everything(int(cfg.seed), workers=True)
     saved = saved_inference(Path(cfg.ckpt_path)) if cfg.get("ckpt_path") else None
     options = inference_options(cfg, "train", saved)

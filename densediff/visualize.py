@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from densediff.io import atomic_write
+
 # ColorBrewer "Spectral" (11 classes), the colour map Marigold uses for depth: near = red, far = violet.
 _SPECTRAL = np.array([
     [158, 1, 66], [213, 62, 79], [244, 109, 67], [253, 174, 97], [254, 224, 139], [255, 255, 191],
@@ -58,6 +60,6 @@ def save_gallery(rows: list[list[np.ndarray]], path: str | Path, gap: int = 2) -
         for c, image in enumerate(row):
             canvas[r * (height + gap):r * (height + gap) + height, c * (width + gap):c * (width + gap) + width] = image
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
+    with atomic_write(path) as tmp:
+        Image.fromarray(canvas).save(tmp)
     return path

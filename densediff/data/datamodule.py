@@ -27,16 +27,55 @@ class EpochAwareDataset(Dataset):
         return self.dataset[int(index)]
 
 
-class EpochLoader(DataLoader):
-    """DataLoader over a StreamingShards that sets the dataset's epoch before each pass (Lightning sets it on samplers
-    only, and an IterableDataset has none). Workers are not persistent, so each pass's workers see the new epoch."""
+class ResumableLoader(DataLoader):
+    """The training DataLoader, whose place in the epoch is part of Lightning's checkpoints.
 
-    epoch_source = None  # callable returning the current epoch; else passes are counted
+    Lightning saves state_dict() of a training loader that has one and hands it back through load_state_dict() before
+    it iterates the resumed epoch. The state is the epoch and the batches this loader has yielded in it: Lightning
+    does not read ahead of a loader with a length, so those are exactly the batches trained on, however many optimizer
+    steps they made (gradient accumulation). The next pass then sets that epoch on what orders the data (the sampler,
+    the mixed batch sampler, or the streamed shards) and skips those batches, so a resumed run sees exactly the
+    batches the interrupted one would have seen next."""
+
+    epoch_source = None  # streamed shards: a callable giving the epoch (Lightning sets it on samplers only)
+    epoch, batches, resume = 0, 0, None  # the pass under way; the (epoch, batches) a checkpoint asks for
+
+    def _start(self, epoch: int, batches: int) -> None:
+        """Make the next pass epoch `epoch`, from its batch `batches` on."""
+        if isinstance(self.dataset, StreamingShards):
+            self.dataset.set_epoch(epoch)
+            self.dataset.skip_batches = batches
+        elif isinstance(self.batch_sampler, MixedBatchSampler):
+            self.batch_sampler.set_epoch(epoch)
+            self.batch_sampler.skip = batches
+        elif isinstance(self.sampler, ResumableShuffleSampler):  # not Lightning's sequential one (overfit_batches)
+            self.sampler.set_epoch(epoch)
+            self.sampler.skip = batches * self.batch_size
+
+    def _epoch(self) -> int:
+        if isinstance(self.dataset, StreamingShards):
+            return self.epoch_source() if self.epoch_source else self.dataset.epoch
+        order = self.batch_sampler if isinstance(self.batch_sampler, MixedBatchSampler) else self.sampler
+        return getattr(order, "epoch", 0)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= len(self):  # saved after the epoch's last batch: the next epoch, from its start
+            epoch, batches = epoch + 1, 0
+        self.resume = epoch, batches
 
     def __iter__(self):
-        self.passes = getattr(self, "passes", -1) + 1
-        self.dataset.set_epoch(self.epoch_source() if self.epoch_source else self.passes)
-        return super().__iter__()
+        # A generator: this runs at the first next(), after Lightning has set the sampler's epoch for this pass.
+        epoch, batches = self.resume or (self._epoch(), 0)
+        self.resume = None
+        self._start(epoch, batches)
+        self.epoch, self.batches = epoch, batches
+        for batch in super().__iter__():
+            self.batches += 1
+            yield batch
 
 
 class ResumableShuffleSampler(DistributedSampler):
@@ -47,7 +86,7 @@ class ResumableShuffleSampler(DistributedSampler):
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.skip = 0  # samples of this process to skip once, in the epoch being resumed
+        self.skip = 0  # samples of this process to skip once, in the epoch being resumed (set by ResumableLoader)
 
     def __iter__(self):
         indices = list(super().__iter__())[self.skip:]
@@ -76,62 +115,30 @@ class DenseDataModule(L.LightningDataModule):
         """Training from webdataset shards (an IterableDataset that batches and splits across processes itself)."""
         return isinstance(self.datasets["train"], StreamingShards)
 
-    def _loader(self, split: str, **kwargs) -> DataLoader:
+    def _loader(self, split: str, loader=DataLoader, **kwargs) -> DataLoader:
         dataset = self.datasets[split]
         if dataset is None:
             raise ValueError(f"this dataset config has no {split} split")
         if hasattr(dataset, "set_epoch"):
             dataset = EpochAwareDataset(dataset)
-        return DataLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0, **kwargs)
-
-    def _batches_done(self) -> int:
-        """Training batches this process has already drawn (a run resumed from a checkpoint), else 0."""
-        trainer = self.trainer
-        if trainer is None or trainer.global_step == 0:
-            return 0
-        return trainer.global_step * trainer.accumulate_grad_batches
-
-    def _stream_loader(self) -> DataLoader:
-        trainer, dataset = self.trainer, self.datasets["train"]
-        dataset.configure(self.batch_size, world_size=trainer.world_size if trainer else 1,
-                          rank=trainer.global_rank if trainer else 0, num_workers=self.num_workers, seed=self.seed)
-        done = self._batches_done()
-        per_epoch = dataset.batches_per_process
-        dataset.skip_batches = done % per_epoch  # resuming: continue where the checkpoint stopped (first pass only)
-        loader = EpochLoader(dataset, batch_size=None, num_workers=self.num_workers)
-        first = [done // per_epoch]
-
-        def epoch():  # the resumed epoch, then Lightning's own epoch count
-            if first:
-                return first.pop()
-            dataset.skip_batches = 0
-            return trainer.current_epoch if trainer is not None else loader.passes
-
-        loader.epoch_source = epoch
-        return loader
+        return loader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
+        trainer, dataset = self.trainer, self.datasets["train"]
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         if self.streams:
-            return self._stream_loader()
+            dataset.configure(self.batch_size, world_size=world_size, rank=rank, num_workers=self.num_workers,
+                              seed=self.seed)
+            loader = ResumableLoader(dataset, batch_size=None, num_workers=self.num_workers)
+            if trainer is not None:
+                loader.epoch_source = lambda: trainer.current_epoch
+            return loader
         if self.mixes_batches:
-            trainer = self.trainer
-            sampler = MixedBatchSampler(self.datasets["train"].lengths, self.batch_size, ratios=self.mix_ratios,
-                                        seed=self.seed, num_replicas=trainer.world_size if trainer else 1,
-                                        rank=trainer.global_rank if trainer else 0)
-            done = self._batches_done()
-            if done:  # resuming: continue where the checkpoint stopped
-                sampler.set_epoch(done // len(sampler))
-                sampler.skip = done % len(sampler)
-            return self._loader("train", batch_sampler=sampler)
-        trainer = self.trainer
-        sampler = ResumableShuffleSampler(self.datasets["train"], num_replicas=trainer.world_size if trainer else 1,
-                                          rank=trainer.global_rank if trainer else 0, seed=self.seed)
-        if trainer is not None and trainer.global_step > 0:  # resuming: continue where the checkpoint stopped
-            batches_done = trainer.global_step * trainer.accumulate_grad_batches
-            per_epoch = len(sampler) // self.batch_size
-            sampler.set_epoch(batches_done // per_epoch)
-            sampler.skip = batches_done % per_epoch * self.batch_size
-        return self._loader("train", batch_size=self.batch_size, sampler=sampler, drop_last=True)
+            sampler = MixedBatchSampler(dataset.lengths, self.batch_size, ratios=self.mix_ratios, seed=self.seed,
+                                        num_replicas=world_size, rank=rank)
+            return self._loader("train", ResumableLoader, batch_sampler=sampler)
+        sampler = ResumableShuffleSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed)
+        return self._loader("train", ResumableLoader, batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", batch_size=self.val_batch_size, shuffle=False)

@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
 from densediff.data.common import DataReadError, DatasetLayoutError
+from densediff.io import write_text
 
 INDEX = "index.json"
 SHARD_NAME = "shard-%06d.tar"
@@ -137,7 +138,7 @@ def write_shards(datasets: dict, output, dataset_config: dict | None = None, max
         count, keys, shards = write_split(dataset, output / split, maxcount=maxcount,
                                           progress=f"{split}" if progress else None)
         index["splits"][split] = {"count": count, "keys": keys, "shards": [f"{split}/{s}" for s in shards]}
-        (output / INDEX).write_text(json.dumps(index, indent=2) + "\n")  # after each split: usable if stopped later
+        write_text(output / INDEX, json.dumps(index, indent=2) + "\n")  # after each split: usable if stopped later
     return index
 
 
@@ -275,7 +276,8 @@ class StreamingShards(IterableDataset):
     so that every reader yields exactly `batches_per_worker` batches whatever the shard sizes. Samples go through a
     shuffle buffer, are decoded exactly and collated with torch's default_collate (the same batches as the folder
     loader). Epoch length per process: count // world_size samples, i.e. that // batch_size batches (at least 1),
-    rounded up to a multiple of num_workers. No __len__: Lightning trains to max_steps.
+    rounded up to a multiple of num_workers; len() is that number (with batch_size=None, the DataLoader's length, so
+    Lightning reads no batch ahead and a resumed run knows how many it trained on).
 
     `configure()` sets batch size, world size, rank and workers (the datamodule does it), `set_epoch()` the epoch, and
     `skip_batches` makes the next epoch start after that many of this process's batches (exact mid-epoch resume:
@@ -308,6 +310,9 @@ class StreamingShards(IterableDataset):
         per_rank = max(1, self.count // self.world_size // self.batch_size)
         workers = max(1, self.num_workers)
         return math.ceil(per_rank / workers) * workers
+
+    def __len__(self) -> int:
+        return self.batches_per_process
 
     def _urls(self, reader: int, readers: int):
         """This reader's share of the epoch's shard permutation, then random shards for ever."""

@@ -13,6 +13,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from densediff.io import atomic_write
+
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -107,14 +109,18 @@ def predict_images(model, root: Path, images: list[Path], output: str | Path,
         paths = planned[image]
         paths["npy"].parent.mkdir(parents=True, exist_ok=True)
         if task == "depth":  # HxW: affine-invariant depth in [0,1], or metres with DMP's float codec
-            np.save(paths["npy"], prediction.float().numpy())
+            array = prediction.float().numpy()
             full_scale = depth_full_scale(model.task)  # the 16-bit PNG maps [0, full_scale] to [0, 65535]
             preview = (prediction.float() / full_scale).clamp(0, 1).numpy()
-            Image.fromarray((preview * 65535 + 0.5).astype(np.uint16)).save(paths["png16"])
+            with atomic_write(paths["png16"]) as tmp:
+                Image.fromarray((preview * 65535 + 0.5).astype(np.uint16)).save(tmp)
         elif prediction.dim() == 2:  # HxW class ids (segmentation)
-            np.save(paths["npy"], prediction.long().numpy())
+            array = prediction.long().numpy()
         else:  # HxWx3: canonical normals, albedo, shading
-            np.save(paths["npy"], prediction.float().permute(1, 2, 0).numpy())
-        Image.fromarray(model.task.colorize(prediction)).save(paths["png"])
+            array = prediction.float().permute(1, 2, 0).numpy()
+        with atomic_write(paths["npy"]) as tmp:
+            np.save(tmp, array)
+        with atomic_write(paths["png"]) as tmp:
+            Image.fromarray(model.task.colorize(prediction)).save(tmp)
         written += 1
     return written, skipped

@@ -17,6 +17,7 @@ import torch
 
 from densediff.adapters import apply_adapter
 from densediff.inference.predictor import InferenceOptions, predict
+from densediff.io import atomic_write
 from densediff.tasks import build_task
 from densediff.visualize import rgb_to_uint8, save_gallery
 
@@ -58,7 +59,8 @@ class DenseEvaluation(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
         if self._test_rows and self.trainer.is_global_zero:
-            with open(Path(self.trainer.default_root_dir) / "per_image.csv", "w", newline="") as file:
+            with atomic_write(Path(self.trainer.default_root_dir) / "per_image.csv") as tmp, \
+                    open(tmp, "w", newline="") as file:
                 writer = csv.DictWriter(file, fieldnames=list(self._test_rows[0]))
                 writer.writeheader()
                 writer.writerows(self._test_rows)

@@ -43,6 +43,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from densediff.io import write_text
+
 # DMP's prompt for the caption LM (tools/gencap.py `prompt`)
 CAPTION_TEMPLATE = ("Provide a caption for a photo of a {word}. The caption should contain many adjectives, should "
                     "describe colors, styles, lighting and materials in the photo, should be in English and should be "
@@ -154,7 +156,7 @@ def gencap(args) -> int:
                 idle = 0 if new else idle + 1
                 if idle >= 20:
                     raise ToolError(f"{model_dir} produced only empty captions for {word!r} in 20 calls")
-        target.write_text("".join(c + "\n" for c in captions))
+        write_text(target, "".join(c + "\n" for c in captions))
         print(f"wrote {len(captions)} captions to {target}")
     return 0
 
@@ -253,9 +255,7 @@ def makemeta(args) -> int:
                   f"surplus is dropped", file=sys.stderr)
     rows = [{"file_name": name, **({"text": text} if captions is not None else {})}
             for name, text in zip(images, captions if captions is not None else images)]
-    with open(target, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+    write_text(target, "".join(json.dumps(row) + "\n" for row in rows))
     print(f"wrote {len(rows)} entries to {target}")
     return 0
 

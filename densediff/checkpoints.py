@@ -1,0 +1,83 @@
+"""What train.py checkpoints and how: atomic files, a last.ckpt that is always the newest state, and the gradients
+accumulated since the last optimizer step, so that any checkpoint resumes exactly."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+
+from densediff.io import atomic_write
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save through densediff.io.atomic_write. Lightning's own save stages the file in $TMPDIR and moves it,
+    which across filesystems (a run directory on /dev/shm) is a copy that a kill tears, leaving the temp file too."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+        with atomic_write(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """checkpoints/last.ckpt, always the newest state: written every `every_n_train_steps` optimizer steps (0: never
+    by count), after every validation and at the end of training. Lightning's save_last on the monitored checkpoint
+    rewrites last.ckpt at a validation only when the metric improved, so a run could end with an older last.ckpt."""
+
+    def __init__(self, dirpath, every_n_train_steps: int = 0):
+        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps,
+                         enable_version_counter=False)  # one last.ckpt, also when resuming into another folder
+
+    @staticmethod
+    def _fitting(trainer) -> bool:
+        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and not trainer.fast_dev_run
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._fitting(trainer):  # even if this step was just saved by count: that file predates the validation
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._fitting(trainer) and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class PendingGradients(Callback):
+    """Keeps the gradients accumulated since the last optimizer step in the checkpoint. Lightning saves the loop's
+    place, the optimizer and the schedulers, but not .grad, so a checkpoint written between two steps of gradient
+    accumulation (a validation every N batches, N not a multiple of accumulate_grad_batches) would resume with
+    those batches' gradients lost. Under DDP every rank holds its own unreduced share until the step: all are
+    gathered into the checkpoint and each rank takes its own back."""
+
+    KEY = "densediff_pending_gradients"
+    pending = None  # read from the checkpoint being resumed, put back when training starts
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if trainer.state.fn != TrainerFn.FITTING or not trainer.fit_loop._should_accumulate():
+            return  # the last batch made an optimizer step (Lightning's own test when it restarts): nothing pending
+        grads = {n: p.grad.detach() for n, p in pl_module.named_parameters() if p.grad is not None}
+        if trainer.world_size > 1:  # every rank saves (dump_checkpoint runs on all), rank 0 writes the file
+            grads = {n: trainer.strategy.all_gather(g) for n, g in grads.items()}
+        checkpoint[self.KEY] = {"world_size": trainer.world_size, "gradients": {n: g.cpu() for n, g in grads.items()}}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self.pending = checkpoint.get(self.KEY)
+        if self.pending and self.pending["world_size"] != trainer.world_size:
+            warnings.warn(f"the checkpoint was written between two optimizer steps on {self.pending['world_size']} "
+                          f"processes, this run has {trainer.world_size}: the gradients accumulated since the last "
+                          f"step are dropped")
+            self.pending = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Put them back here: the trainer zeroes all gradients after restoring the checkpoint."""
+        pending, self.pending = self.pending, None
+        if not pending:
+            return
+        parameters = dict(pl_module.named_parameters())
+        for name, grad in pending["gradients"].items():
+            grad = grad[trainer.global_rank] if trainer.world_size > 1 else grad
+            parameters[name].grad = grad.to(parameters[name])

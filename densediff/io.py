@@ -1,0 +1,64 @@
+"""Atomic writes: a result file (checkpoint, metrics.json, per_image.csv, gallery, prediction) holds either its old
+content or its complete new content, never a torn mix, whatever kills the process and wherever the file lives.
+
+The new content goes to a temporary file in the same folder (so the rename never crosses filesystems, as a temp
+file in $TMPDIR would on /dev/shm or a network disk, where "rename" becomes a copy that a kill can interrupt), is
+fsynced, then os.replace'd over the target, and the folder is fsynced so the rename itself is durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+TEMP_MARK = ".tmp-"  # temporary names: .<stem>.tmp-<random><suffix>, hidden, keeping the suffix for format sniffing
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(path: Path) -> None:
+    """Make a rename in `path` durable; best effort: some filesystems (and Windows) cannot fsync a folder."""
+    with contextlib.suppress(OSError):
+        _fsync(path)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path` for the caller to write (np.save, Image.save, torch.save, open(...)),
+    then fsync it and rename it over `path`. If the block raises, the temporary file is removed and `path` keeps its
+    old content. The temporary name keeps `path`'s suffix, so writers that pick the format from it still work."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}{TEMP_MARK}{secrets.token_hex(4)}{path.suffix}")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only still there if the write or the rename failed
+    _fsync_folder(path.parent)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that atomic_write leaves only when the process is killed mid-write (the target
+    itself is intact). Call it before writing into `folder` again, e.g. when a killed run resumes."""
+    folder = Path(folder)
+    stale = [p for p in folder.glob(f".*{TEMP_MARK}*") if p.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
