@@ -288,8 +288,8 @@ def _holds_results(directory: Path) -> str | None:
     for name in RESULT_FILES:
         if (directory / name).is_file():
             return name
-    checkpoints = sorted((directory / "checkpoints").glob("*.ckpt"))
-    return f"checkpoints/{checkpoints[0].name}" if checkpoints else None
+    checkpoints = sorted(p for p in (directory / "checkpoints").glob("*.ckpt") if not p.name.startswith("."))
+    return f"checkpoints/{checkpoints[0].name}" if checkpoints else None  # (hidden: a killed write's leftover)
 
 
 class RunDirGuard(Callback):
