@@ -87,7 +87,7 @@ def test_hub_id_without_network_access_is_one_clear_error(monkeypatch):
         load_backbone("densediff-test/not-a-model")
 
 
-@pytest.mark.parametrize("name", ["tiny", "sd15", "sd2", "marigold_depth", "marigold_normals"])
+@pytest.mark.parametrize("name", ["tiny", "tiny_sd", "sd15", "sd2", "marigold_depth", "marigold_normals"])
 def test_every_backbone_config_composes_and_names_its_folder(name):
     from hydra import compose, initialize_config_dir
 
@@ -99,5 +99,5 @@ def test_every_backbone_config_composes_and_names_its_folder(name):
         cfg = compose(config_name="train", overrides=[f"backbone={name}", "paths.models_dir=/models",
                                                       "paths.root_dir=/repo"])
     assert cfg.backbone.name == name and cfg.backbone.attention == "sdpa"
-    expected = str(TINY_DIR) if name == "tiny" else "/models/"
+    expected = str(ASSETS / name) if name.startswith("tiny") else "/models/"
     assert str(cfg.backbone.path).startswith(expected)

@@ -6,6 +6,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from conftest import FAST, read_metrics, run_cli
+from densediff.data.procedural import ProceduralScenes
 from densediff.inference.predictor import InferenceOptions, denoise
 from densediff.paradigms import DiffusionEstimator
 from densediff.paradigms.diffusion import latent_valid_mask
@@ -168,4 +169,11 @@ def test_prompts_and_classifier_free_guidance_follow_dmp():
     # training reads the samples' captions
     batch = {"rgb": rgb, "normals": torch.nn.functional.normalize(torch.rand(1, 3, 32, 40), dim=1),
              "valid_mask": torch.ones(1, 32, 40, dtype=torch.bool), "prompt": ["a bed"]}
+    assert torch.isfinite(model.training_step(batch, 0))
+    # the procedural scenes carry their captions: collated, they condition training like any dataset's prompts
+    scenes = ProceduralScenes("train", num_scenes=2, height=32, width=40, tasks=("normals",))
+    batch = torch.utils.data.default_collate([scenes[0], scenes[1]])
+    assert batch["prompt"] == [scenes[0]["prompt"], scenes[1]["prompt"]] and all(batch["prompt"])
+    with torch.no_grad():
+        assert not torch.allclose(estimator.encode_prompts(batch["prompt"]), estimator.encode_prompts(["", ""]))
     assert torch.isfinite(model.training_step(batch, 0))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from densediff.data import procedural
-from densediff.data.procedural import CLASS_NAMES, ProceduralScenes, render_scene, render_scene_from_params
+from densediff.data.procedural import (CLASS_NAMES, ProceduralScenes, colour_name, describe_scene, render_scene,
+                                       render_scene_from_params, sample_scene_params)
 
 
 def controlled(position, yaw=0.0, pitch=0.0, roll=0.0, hfov_deg=60.0, room=(4.0, 3.0, 6.0), objects=()):
@@ -193,7 +194,7 @@ def test_dataset_item():
 
 def test_dataset_tasks_filter():
     item = ProceduralScenes(num_scenes=2, height=16, width=16, tasks=("depth",))[0]
-    assert set(item) == {"rgb", "valid_mask", "name", "relative_path", "intrinsics", "depth"}
+    assert set(item) == {"rgb", "valid_mask", "name", "relative_path", "intrinsics", "prompt", "depth"}
 
 
 def test_splits_are_disjoint():
@@ -220,3 +221,65 @@ def test_main_writes_mosaic(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["procedural", "--seed", "3", "--height", "24", "--width", "32", "--out", str(out)])
     procedural.main()
     assert Image.open(out).size == (4 * 32, 2 * 24)
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def coloured(material, rgb, pattern="plain"):
+    return {**material, "colour": np.array(rgb), "pattern": pattern}
+
+
+def test_colour_names_from_the_palette():
+    for name, rgb in procedural.COLOUR_NAMES.items():
+        assert colour_name(rgb) == name
+    assert colour_name((0.1, 0.13, 0.36)) == "blue"  # dark blue is blue, not black or purple
+    assert colour_name((0.95, 0.1, 0.05)) == "red" and colour_name((0.2, 0.7, 0.2)) == "green"
+    assert colour_name((0.02, 0.02, 0.02)) == "black" and colour_name((1.0, 1.0, 1.0)) == "white"
+
+
+def test_caption_describes_a_known_scene():
+    # camera at z = 5 looking along -z: a red sphere 2 m ahead in the middle, a blue box 4 m ahead on the left
+    sphere = {"kind": "sphere", "center": np.array([2.0, 0.5, 3.0]), "radius": 0.5, "yaw": 0.0}
+    box = {"kind": "box", "center": np.array([0.8, 0.4, 1.0]), "half": np.array([0.3, 0.4, 0.3]), "yaw": 0.0}
+    params = controlled((2.0, 1.5, 5.0), pitch=-0.2, objects=(sphere, box))
+    params["walls"] = [coloured(params["walls"][0], (0.8, 0.72, 0.58), "stripes")] * 4
+    params["floor"] = coloured(params["floor"], (0.45, 0.3, 0.18), "checker")
+    params["objects"][0]["material"] = coloured(params["floor"], (0.8, 0.1, 0.1))
+    params["objects"][1]["material"] = coloured(params["floor"], (0.2, 0.3, 0.8))
+    s = render_scene_from_params(params, 48, 64)
+    expected = "beige striped walls, brown checked floor, red sphere near centre, blue box far left"
+    assert describe_scene(params, s) == expected
+    # without the sphere the caption has no sphere, and a second wall paint that covers enough of the view is named
+    params["objects"] = params["objects"][1:]
+    params["walls"] = params["walls"][:2] + [coloured(params["walls"][0], (0.3, 0.4, 0.75))] + params["walls"][3:]
+    caption = describe_scene(params, render_scene_from_params(params, 48, 64))
+    assert "sphere" not in caption and "blue box far left" in caption
+    assert caption.startswith("blue and beige striped walls")
+
+
+def test_caption_mentions_exactly_the_visible_objects():
+    for seed in range(40):
+        params = sample_scene_params(seed)
+        s = render_scene_from_params(params, 32, 40)
+        caption = describe_scene(params, s)
+        assert caption == describe_scene(sample_scene_params(seed), render_scene(seed, 32, 40))  # deterministic
+        seen = {CLASS_NAMES[c] for c in np.unique(s["segmentation"])}
+        area = np.bincount(s["instance"].ravel(), minlength=6 + len(params["objects"])) / s["instance"].size
+        large = {obj["kind"] for k, obj in enumerate(params["objects"]) if area[6 + k] >= procedural.MIN_OBJECT_AREA}
+        for kind in ("box", "sphere", "cylinder"):
+            assert (kind in caption) == (kind in large), (seed, caption)
+            if kind in caption:
+                assert kind in seen
+        assert caption.count(",") + 1 == ("wall" in seen) + ("floor" in seen) + sum(
+            area[6:] >= procedural.MIN_OBJECT_AREA)
+
+
+def test_every_sample_has_a_caption():
+    a, b = ProceduralScenes("val", num_scenes=6, height=24, width=32, tasks=()), ProceduralScenes("val", 6, 24, 32)
+    prompts = [a[i]["prompt"] for i in range(6)]
+    assert all(isinstance(p, str) and p for p in prompts)
+    assert prompts == [b[i]["prompt"] for i in range(6)]  # same seed and index, same caption, whatever the tasks
+    assert len(set(prompts)) == 6
+    batch = torch.utils.data.default_collate([a[0], a[1]])
+    assert batch["prompt"] == prompts[:2]  # collated as a list of str, what the text-conditioned paradigms take

@@ -48,7 +48,8 @@ def assert_same(a, b):
 def test_writer_cli_writes_splits_and_index_and_reads_back_exactly(shards):
     index = json.loads((shards / "index.json").read_text())
     assert {s: e["count"] for s, e in index["splits"].items()} == COUNTS
-    assert index["splits"]["train"]["keys"] == ["intrinsics", "name", "normals", "relative_path", "rgb", "valid_mask"]
+    assert index["splits"]["train"]["keys"] == ["intrinsics", "name", "normals", "prompt", "relative_path", "rgb",
+                                                "valid_mask"]
     assert index["dataset"]["name"] == "procedural" and index["dataset"]["train"]["num_scenes"] == 24
     for split in COUNTS:
         urls, count = resolve_shards(shards, split)
@@ -67,6 +68,8 @@ def test_writer_cli_writes_splits_and_index_and_reads_back_exactly(shards):
     batch = next(iter(stream))
     for i, name in enumerate(batch["name"]):
         assert_same({k: v[i] if isinstance(v, torch.Tensor) else v[i] for k, v in batch.items()}, by_name[name])
+    # the caption (a str) comes back as the same str, collated into a list like the folder loader's
+    assert batch["prompt"] == [by_name[name]["prompt"] for name in batch["name"]] and all(batch["prompt"])
 
 
 def test_writer_cli_refuses_a_non_empty_output(shards):

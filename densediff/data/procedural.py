@@ -3,7 +3,9 @@
 A vectorised numpy ray caster renders a random box room (4 walls, floor, ceiling) with 2-6 furniture primitives
 (yaw-rotated boxes, spheres, vertical cylinders), procedural solid textures and one point light with hard shadows, and
 returns exact ground truth for every task: planar depth, canonical normals, albedo, shading (rgb == albedo * shading),
-segmentation (semantic class) and instance ids, edges and saliency.
+segmentation (semantic class) and instance ids, edges and saliency. `describe_scene` captions the picture from its own
+contents (wall and floor colours and textures, the visible objects' colours, kinds and rough positions); every dataset
+sample carries that caption as `prompt`.
 
 Everything about a scene (room, camera, objects, colours, light) is drawn from `seed` by `sample_scene_params`, before
 any pixel exists, so one seed is one picture at every resolution. `render_scene_from_params` turns those plain
@@ -364,6 +366,84 @@ def render_scene(seed, height, width):
     return render_scene_from_params(sample_scene_params(seed), height, width)
 
 
+# ----------------------------------------------------------------------------- captions
+
+# A small named palette (sRGB in [0, 1]); a material is named by the entry nearest to its base colour in CIELAB with
+# lightness at half weight (at full weight lightness dominates and a dark blue reads as purple or black)
+COLOUR_NAMES = {  # anchors at the middle of what sample_material draws, so muted colours get their hue's name
+    "black": (0.1, 0.1, 0.1), "grey": (0.5, 0.5, 0.5), "white": (0.9, 0.9, 0.9), "red": (0.7, 0.2, 0.2),
+    "orange": (0.85, 0.5, 0.2), "yellow": (0.85, 0.8, 0.3), "green": (0.35, 0.6, 0.3), "teal": (0.2, 0.5, 0.5),
+    "blue": (0.3, 0.4, 0.75), "purple": (0.5, 0.3, 0.6), "pink": (0.85, 0.55, 0.65), "brown": (0.45, 0.3, 0.18),
+    "beige": (0.8, 0.72, 0.58),
+}
+PATTERN_WORDS = {"plain": "", "checker": "checked", "stripes": "striped", "noise": "mottled"}
+NEAR_FAR_M = 2.5  # an object whose visible pixels have a median planar depth below this is "near", else "far"
+MIN_OBJECT_AREA = 0.005  # objects covering less of the image than this are not mentioned
+SECOND_WALL_AREA = 0.1  # a second wall that looks different is mentioned when it covers this much of the image
+
+
+def _lab(rgb):
+    """sRGB in [0, 1], (..., 3) -> CIELAB (D65)."""
+    rgb = np.asarray(rgb, np.float64)
+    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = lin @ np.array([[0.4124, 0.2126, 0.0193], [0.3576, 0.7152, 0.1192], [0.1805, 0.0722, 0.9505]])
+    xyz = xyz / np.array([0.9505, 1.0, 1.089])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+_LAB_WEIGHTS = np.array([0.5, 1.0, 1.0])
+_PALETTE_LAB = _lab(np.array(list(COLOUR_NAMES.values()))) * _LAB_WEIGHTS
+
+
+def colour_name(rgb):
+    """The palette name nearest to an sRGB colour (Euclidean distance in CIELAB, lightness at half weight)."""
+    return list(COLOUR_NAMES)[int(((_PALETTE_LAB - _lab(rgb) * _LAB_WEIGHTS) ** 2).sum(-1).argmin())]
+
+
+def _material_words(material):
+    texture = PATTERN_WORDS[material["pattern"]]
+    return f"{colour_name(material['colour'])} {texture}".strip()
+
+
+def describe_scene(params, scene):
+    """A short caption of what the rendered picture shows, e.g. "beige striped walls, brown checked floor, red
+    sphere near left, blue box far right".
+
+    First the most visible wall (and a second one, "grey and pink walls", when it covers SECOND_WALL_AREA of the
+    image and looks different) and the floor: colour (the palette name of the material's base colour, i.e. its
+    albedo, not the lit pixel) and texture (plain, checked, striped, mottled). Then every object covering at least
+    MIN_OBJECT_AREA of the image, largest first: colour, kind, distance (near/far: the median planar depth of its
+    pixels against NEAR_FAR_M) and side (left, centre or right third of the image, by the mean column of its
+    pixels). What is out of view or hidden is not mentioned. A plain function of the parameters and the rendered
+    instance and depth maps, so a scene always gets the same caption (at another resolution it can differ only where
+    an area or a position sits on a threshold). The largest things come first, so an encoder that truncates (CLIP's
+    77 tokens; the tiny character-level tokenizer reaches them after ~75 letters) keeps the most visible ones."""
+    instance, depth = scene["instance"], scene["depth"]
+    height, width = instance.shape
+    area = np.bincount(instance.ravel(), minlength=6 + len(params["objects"])) / instance.size
+    parts = []
+    first, second = np.argsort(-area[:4], kind="stable")[:2]
+    if area[first] > 0:
+        walls = _material_words(params["walls"][first])
+        other = _material_words(params["walls"][second])
+        if area[second] >= SECOND_WALL_AREA and other != walls:  # rooms whose walls differ: the two most visible
+            walls = f"{walls} and {other}"
+        parts.append(f"{walls} walls")
+    if area[4] > 0:
+        parts.append(f"{_material_words(params['floor'])} floor")
+    columns = np.broadcast_to(np.arange(width), (height, width))
+    for i in sorted(range(6, len(area)), key=lambda i: (-area[i], i)):
+        if area[i] < MIN_OBJECT_AREA:
+            break
+        obj, mask = params["objects"][i - 6], instance == i
+        distance = "near" if np.median(depth[mask]) < NEAR_FAR_M else "far"
+        x = (columns[mask].mean() + 0.5) / width
+        side = "left" if x < 1 / 3 else "right" if x > 2 / 3 else "centre"
+        parts.append(f"{colour_name(obj['material']['colour'])} {obj['kind']} {distance} {side}")
+    return ", ".join(parts)
+
+
 # ----------------------------------------------------------------------------- dataset
 
 
@@ -399,7 +479,8 @@ class ProceduralScenes(torch.utils.data.Dataset):
             index += self.num_scenes
         if not 0 <= index < self.num_scenes:
             raise IndexError(f"procedural: index {index} out of range for {self.num_scenes} scenes")
-        s = render_scene(self.scene_seed(index), self.height, self.width)
+        params = sample_scene_params(self.scene_seed(index))
+        s = render_scene_from_params(params, self.height, self.width)
         chw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
         item = {
             "rgb": chw(s["rgb"]),
@@ -407,6 +488,7 @@ class ProceduralScenes(torch.utils.data.Dataset):
             "intrinsics": torch.from_numpy(s["intrinsics"]),
             "name": f"procedural/{self.split}/{index:06d}",
             "relative_path": f"{self.split}/{index:06d}.png",  # where a precomputed prediction is looked up
+            "prompt": describe_scene(params, s),  # a caption of the picture (text-conditioned recipes, txt2img)
         }
         for task in self.tasks:
             a = s[task]
@@ -452,8 +534,11 @@ def main():
     ap.add_argument("--width", type=int, default=320)
     ap.add_argument("--out", default="scene.png")
     args = ap.parse_args()
-    Image.fromarray(mosaic(render_scene(args.seed, args.height, args.width))).save(args.out)
+    params = sample_scene_params(args.seed)
+    scene = render_scene_from_params(params, args.height, args.width)
+    Image.fromarray(mosaic(scene)).save(args.out)
     print(f"wrote {args.out} (rgb | depth | normals | segmentation / albedo | shading | edges | saliency)")
+    print(f"caption: {describe_scene(params, scene)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,276 @@
+"""tiny_sd: the tiny backbone's prior, a text-to-image latent diffusion model pretrained on procedural scenes.
+
+The tiny UNet architecture (densediff.backbones.tiny.tiny_unet) with SD's 4 input channels, trained to denoise the
+latents of procedural rooms (the shipped tiny VAE, posterior samples x scaling factor) conditioned on their captions
+(densediff.data.procedural.describe_scene) through the shipped tiny CLIP text encoder, which stays frozen, as in
+Stable Diffusion. The objective is SD2's: v-prediction on the scaled-linear schedule of the tiny backbone's scheduler,
+uniform timesteps, MSE. The caption is replaced by the empty prompt (padded to 77 tokens, what StableDiffusionPipeline
+encodes for the unconditional branch) 10% of the time, so the model is ready for classifier-free guidance.
+
+The result is a diffusers folder in Stable Diffusion's layout (`densediff/assets/tiny_sd`: model_index.json for
+StableDiffusionPipeline with no safety checker or feature extractor, unet/, vae/, text_encoder/, tokenizer/,
+scheduler/), so diffusers' own pipeline samples from it (how well: experiments/prior/README.md):
+
+    StableDiffusionPipeline.from_pretrained("densediff/assets/tiny_sd")("grey walls, brown checked floor, red sphere
+    near centre", height=64, width=80, num_inference_steps=50, guidance_scale=3).images[0]
+
+Rebuild it (deterministic: seeded, a fixed set of 8000 training scenes, single-threaded; 1200 steps of batch 32 at
+64x80). On the project's 2 CPU cores, shared with other jobs, under nice, it took 42.5 minutes of wall time (16.6
+CPU-minutes: 4.5 minutes rendering and encoding the scenes, then 1.6-1.9 s per step); alone it takes ~17 minutes:
+
+    python -m densediff.backbones.tiny_sd
+
+Measure it (held-out denoising loss at several timesteps against the random-init UNet, and a grid of samples):
+
+    python -m densediff.backbones.tiny_sd --evaluate experiments/prior
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+from densediff.backbones.tiny import TINY_DIR, tiny_scheduler, tiny_unet
+
+TINY_SD_DIR = TINY_DIR.parent / "tiny_sd"
+EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
+GRID_CAPTION_SCENES = (0, 1, 2, 3)  # the held-out (val split) scenes whose captions the sample grid draws
+
+
+def tiny_sd_unet(seed: int = 0) -> UNet2DConditionModel:
+    """The tiny UNet with Stable Diffusion's 4 input channels, randomly initialised from `seed`."""
+    return tiny_unet(in_channels=4, seed=seed)
+
+
+def load_frozen_parts(source: str | Path = TINY_DIR):
+    """The shipped tiny VAE, CLIP text encoder and tokenizer, in eval mode without gradients."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae").eval().requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder").eval().requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    return vae, text_encoder, tokenizer
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids [B, 77] exactly as StableDiffusionPipeline makes them (padded to the maximum length, truncated)."""
+    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def encode_text(text_encoder, ids: torch.Tensor) -> torch.Tensor:
+    """[B, 77, D]: the last hidden state, what StableDiffusionPipeline conditions on (no clip skip)."""
+    return text_encoder(ids)[0]
+
+
+@torch.no_grad()
+def procedural_latents(vae, split: str, count: int, height: int, width: int, seed: int = 0, chunk: int = 64,
+                       progress: bool = False):
+    """Render scenes 0..count-1 of a procedural split; return their posterior means and stds, both already scaled by
+    the VAE's scaling factor ([N, 4, h, w] each), and their captions."""
+    from densediff.data.procedural import ProceduralScenes
+
+    scenes = ProceduralScenes(split, num_scenes=count, height=height, width=width, seed=seed, tasks=())
+    scale = vae.config.scaling_factor
+    means, stds, captions, start = [], [], [], time.time()
+    for first in range(0, count, chunk):
+        items = [scenes[i] for i in range(first, min(first + chunk, count))]
+        posterior = vae.encode(torch.stack([item["rgb"] for item in items]) * 2 - 1).latent_dist
+        means.append(posterior.mean * scale)
+        stds.append(posterior.std * scale)
+        captions += [item["prompt"] for item in items]
+        if progress and (first // chunk) % 40 == 0:
+            print(f"  {split}: {first + len(items)}/{count} scenes rendered and encoded, {time.time() - start:.0f}s",
+                  flush=True)
+    return torch.cat(means), torch.cat(stds), captions
+
+
+@torch.no_grad()
+def denoising_losses(unet, latents: torch.Tensor, context: torch.Tensor, scheduler, timesteps=EVAL_TIMESTEPS,
+                     seed: int = 0, batch_size: int = 64) -> dict[int, float]:
+    """Mean v-prediction MSE per timestep on fixed latents and text embeddings, with noise drawn from `seed` (the
+    same noise for every model compared). A model predicting v = 0 scores E[v^2] (about 1)."""
+    unet.eval()
+    out = {}
+    for t in timesteps:
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + int(t)))
+        total = 0.0
+        for i in range(0, len(latents), batch_size):
+            z, n, c = latents[i:i + batch_size], noise[i:i + batch_size], context[i:i + batch_size]
+            tt = torch.full((len(z),), int(t), dtype=torch.long)
+            v = unet(scheduler.add_noise(z, n, tt), tt, encoder_hidden_states=c).sample
+            total += float(((v - scheduler.get_velocity(z, n, tt)) ** 2).mean(dim=(1, 2, 3)).sum())
+        out[int(t)] = total / len(latents)
+    return out
+
+
+def train_unet(unet, means, stds, ids, empty_ids, text_encoder, scheduler, steps: int, batch_size: int, lr: float,
+               warmup: int, caption_dropout: float, ema_decay: float, seed: int, log_every: int = 50):
+    """v-prediction training on the pre-encoded scenes; returns the EMA copy of the UNet (what is shipped)."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: min(1.0, (k + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / steps))))
+    unet.train()
+    order, position, start, running = torch.randperm(len(means), generator=g), 0, time.time(), []
+    for step in range(1, steps + 1):
+        if position + batch_size > len(order):  # a new pass over the scenes, in a new order
+            order, position = torch.randperm(len(means), generator=g), 0
+        index = order[position:position + batch_size]
+        position += batch_size
+        z = means[index] + stds[index] * torch.randn(means[index].shape, generator=g)  # a posterior sample
+        drop = torch.rand(len(index), generator=g) < caption_dropout
+        batch_ids = torch.where(drop[:, None], empty_ids, ids[index])
+        context = encode_text(text_encoder, batch_ids)
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=g)
+        v = unet(scheduler.add_noise(z, noise, t), t, encoder_hidden_states=context).sample
+        loss = torch.nn.functional.mse_loss(v, scheduler.get_velocity(z, noise, t))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), unet.parameters()):
+                e.lerp_(p, 1 - decay)
+        running.append(loss.item())
+        if step % log_every == 0 or step == steps:
+            elapsed = time.time() - start
+            print(f"step {step}/{steps}  loss {np.mean(running):.4f}  lr {schedule.get_last_lr()[0]:.2e}  "
+                  f"{elapsed:.0f}s ({elapsed / step:.2f}s/step)", flush=True)
+            running = []
+    return ema
+
+
+def save_sd_folder(unet, vae, text_encoder, tokenizer, scheduler, output: str | Path) -> Path:
+    """Write a diffusers folder in Stable Diffusion's layout, through StableDiffusionPipeline.save_pretrained."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(output, safe_serialization=True)
+    return Path(output)
+
+
+def build(output: str | Path, steps: int, batch_size: int, scenes: int, height: int, width: int, lr: float,
+          warmup: int, caption_dropout: float, ema_decay: float, seed: int) -> Path:
+    torch.manual_seed(seed)
+    vae, text_encoder, tokenizer = load_frozen_parts(TINY_DIR)
+    start = time.time()
+    print(f"rendering and encoding {scenes} training scenes at {height}x{width}", flush=True)
+    means, stds, captions = procedural_latents(vae, "train", scenes, height, width, seed=seed, progress=True)
+    ids, empty_ids = tokenize(tokenizer, captions), tokenize(tokenizer, [""])
+    print(f"data ready in {time.time() - start:.0f}s; training {steps} steps of batch {batch_size}", flush=True)
+    unet = tiny_sd_unet(seed)
+    ema = train_unet(unet, means, stds, ids, empty_ids, text_encoder, tiny_scheduler(), steps, batch_size, lr, warmup,
+                     caption_dropout, ema_decay, seed)
+    folder = save_sd_folder(ema, vae, text_encoder, tokenizer, tiny_scheduler(), output)
+    print(f"wrote {folder} in {(time.time() - start) / 60:.1f} min", flush=True)
+    return folder
+
+
+# ----------------------------------------------------------------------------- measuring it
+
+
+def evaluate(folder: str | Path, out_dir: str | Path, scenes: int = 256, height: int = 64, width: int = 80,
+             seed: int = 0, sample_steps: int = 50, guidance: float = 3.0, samples_per_caption: int = 4) -> dict:
+    """Held-out denoising losses (tiny_sd with the caption, with the empty prompt, the random-init UNet of the same
+    architecture with the caption) on the first `scenes` val-split procedural scenes, written as JSON; and a grid of
+    samples drawn by diffusers' StableDiffusionPipeline for the captions of val scenes GRID_CAPTION_SCENES."""
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from densediff.data.procedural import ProceduralScenes
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vae, text_encoder, tokenizer = load_frozen_parts(folder)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    means, _, captions = procedural_latents(vae, "val", scenes, height, width, seed=seed)
+    context = encode_text(text_encoder, tokenize(tokenizer, captions))
+    empty = encode_text(text_encoder, tokenize(tokenizer, [""])).expand_as(context)
+    losses = {
+        "tiny_sd": denoising_losses(unet, means, context, scheduler, seed=seed),
+        "tiny_sd, empty prompt": denoising_losses(unet, means, empty, scheduler, seed=seed),
+        "random UNet (seed 0)": denoising_losses(tiny_sd_unet(0), means, context, scheduler, seed=seed),
+        "zero prediction (v = 0)": denoising_losses(ZeroPredictor(), means, context, scheduler, seed=seed),
+    }
+    result = {"scenes": f"procedural val split, seed {seed}, scenes 0..{scenes - 1}, {height}x{width}",
+              "metric": "mean v-prediction MSE, fixed noise", "losses": losses}
+    (out_dir / "tiny_sd_losses.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    rows, grid_captions = [], []
+    val = ProceduralScenes("val", num_scenes=max(GRID_CAPTION_SCENES) + 1, height=height, width=width, seed=seed,
+                           tasks=())
+    for k in GRID_CAPTION_SCENES:
+        item = val[k]
+        images = pipe([item["prompt"]] * samples_per_caption, height=height, width=width,
+                      num_inference_steps=sample_steps, guidance_scale=guidance, output_type="np",
+                      generator=torch.Generator().manual_seed(seed)).images
+        tiles = [item["rgb"].permute(1, 2, 0).numpy()] + list(images)
+        rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=1) for t in tiles], 1))
+        grid_captions.append(item["prompt"])
+    grid = (np.clip(np.concatenate(rows, 0), 0, 1) * 255).round().astype(np.uint8)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
+        out_dir / "tiny_sd_samples.png")
+    (out_dir / "tiny_sd_samples.json").write_text(json.dumps(
+        {"captions": grid_captions, "columns": "the held-out scene the caption describes, then samples",
+         "pipeline": "StableDiffusionPipeline", "num_inference_steps": sample_steps, "guidance_scale": guidance,
+         "generator_seed": seed, "height": height, "width": width}, indent=2) + "\n")
+    return result
+
+
+class ZeroPredictor(torch.nn.Module):
+    """The reference a trained model must beat at every timestep: predicts v = 0 (loss E[v^2])."""
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=torch.zeros_like(sample))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default=str(TINY_SD_DIR), help="the folder to write (or, with --evaluate, read)")
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--scenes", type=int, default=8000, help="training scenes (train split 0..N-1), fixed")
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=80)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--ema-decay", type=float, default=0.998)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-scenes", type=int, default=256, help="held-out (val split) scenes for the losses")
+    parser.add_argument("--evaluate", metavar="DIR", help="measure the folder at --output instead of training: "
+                        "held-out losses (DIR/tiny_sd_losses.json) and a sample grid (DIR/tiny_sd_samples.png)")
+    args = parser.parse_args()
+    if args.evaluate:
+        result = evaluate(args.output, args.evaluate, scenes=args.eval_scenes, height=args.height, width=args.width,
+                          seed=args.seed)
+        print(json.dumps(result, indent=2))
+        return
+    build(args.output, args.steps, args.batch_size, args.scenes, args.height, args.width, args.lr, args.warmup,
+          args.caption_dropout, args.ema_decay, args.seed)
+
+
+if __name__ == "__main__":
+    main()
