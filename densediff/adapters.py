@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 ADAPTERS = ("full", "lora", "lora_self_attn")
-# peft matches list entries as exact names or name suffixes (specs/framework_conventions.md 3).
+# peft matches list entries as exact names or name suffixes (LoraConfig.target_modules).
 LORA_TARGETS = {
     "lora": ["to_q", "to_k", "to_v", "to_out.0"],
     "lora_self_attn": ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"],

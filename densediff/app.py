@@ -6,7 +6,7 @@
 
 Any predict.py override applies (backbone.path=..., inference.steps=..., inference.processing_res=..., device=...),
 plus server_name=127.0.0.1 server_port=7860 share=false. Several ckpt= serve several tasks, one model per task.
-Needs the optional extra: pip install -e ".[app]". The spec's reference is DMP's app.py (specs/dmp_geowizard.md A8);
+Needs the optional extra: pip install -e ".[app]". Modelled on DMP's app.py (docs/paradigms.md#dmp);
 unlike it, every request writes into its own temporary folder, never into the repository.
 """
 

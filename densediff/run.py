@@ -1,5 +1,5 @@
 """Everything the entry points do, built from the Hydra config. This is the only module that reads a DictConfig:
-it turns the config into plain arguments for the package's classes (DESIGN.md rules of the house)."""
+it turns the config into plain arguments for the package's classes (docs/architecture.md#the-config-boundary)."""
 
 from __future__ import annotations
 

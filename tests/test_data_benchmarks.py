@@ -1,5 +1,5 @@
 """Format tests for the depth benchmarks (Marigold's eval tars, extracted or as .tar) and DSINE's normal eval sets
-(specs/e2e_ft_marigold.md 3.3, 4). Every fixture is written here in the real on-disk layout, at a tiny size."""
+(docs/data.md#depth-benchmarks). Every fixture is written here in the real on-disk layout, at a tiny size."""
 
 import gzip
 import os

@@ -1,5 +1,5 @@
-"""Format tests for the Hypersim and Virtual KITTI 2 loaders and the 9:1 batch mixer (specs/e2e_ft_marigold.md 2.5,
-2.6, 3.1, 3.2). Every fixture is written here in the real on-disk layout, at a tiny size."""
+"""Format tests for the Hypersim and Virtual KITTI 2 loaders and the 9:1 batch mixer (docs/data.md#hypersim,
+docs/data.md#virtual-kitti-2). Every fixture is written here in the real on-disk layout, at a tiny size."""
 
 import csv
 import logging

@@ -1,5 +1,6 @@
-"""Format tests for the multi-task loaders (PASCAL-Context and NYUD in ATRC's layouts, specs/multitask_diff2in1.md A1,
-A2) and DMP's synthetic bedrooms (image folder + metadata.jsonl + LMDB targets, specs/dmp_geowizard.md A4, A6).
+"""Format tests for the multi-task loaders (PASCAL-Context and NYUD in ATRC's layouts, docs/data.md#pascal-context,
+docs/data.md#nyud-v2-multi-task) and DMP's synthetic bedrooms (image folder + metadata.jsonl + LMDB targets,
+docs/data.md#synthetic-bedrooms).
 Every fixture is written here in the real on-disk layout, at a tiny size."""
 
 import json

@@ -1,4 +1,4 @@
-"""GeoWizard training (specs/dmp_geowizard.md B2) and joint prediction (B3) on the tiny GeoWizard backbone:
+"""GeoWizard training and joint prediction (docs/paradigms.md#geowizard) on the tiny GeoWizard backbone:
 batch layout and class labels, timesteps and noise per sample, the v-prediction target, the class-embedding learning
 rate, the normals frame, and the real CLIs (train.py experiment=geowizard, then evaluate.py task=normals)."""
 

@@ -111,7 +111,7 @@ def test_learning_rate_schedule_matches_iter_exponential():
 
 def test_x0_from_v_prediction_at_t999_uses_sd2_alpha_bar():
     alpha_bar = tiny_scheduler().alphas_cumprod[999]
-    assert alpha_bar.item() == pytest.approx(0.0046601, abs=1e-6)  # specs/e2e_ft_marigold.md 1.5
+    assert alpha_bar.item() == pytest.approx(0.0046601, abs=1e-6)  # SD2's scaled-linear betas at t = 999
     v = torch.randn(1, 4, 2, 2)
     x0 = x0_from_model_output(v, torch.zeros_like(v), alpha_bar, "v_prediction")
     assert torch.allclose(x0, -0.997667 * v, atol=1e-5)

@@ -1,6 +1,6 @@
 """GeoWizard (Fu et al., ECCV 2024) on diffusers' own classes: joint depth + normal estimation with one UNet.
 
-GeoWizard's UNet is Stable Diffusion 2's, changed in four ways (specs/dmp_geowizard.md, B1):
+GeoWizard's UNet is Stable Diffusion 2's, changed in four ways (docs/paradigms.md#geowizard):
 
 1. `conv_in` takes 8 channels: [image latent, noisy geometry latent] (Marigold-style concatenation).
 2. Cross-attention is 768-d and sees a single token: the projected CLIP image embedding of the input RGB
@@ -398,11 +398,11 @@ def load_geowizard(path: str | os.PathLike = HUB_ID, attention: str = "sdpa", jo
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. Building a GeoWizard folder from Stable Diffusion (B1) and the tiny one
+# 4. Building a GeoWizard folder from Stable Diffusion and the tiny one
 # ---------------------------------------------------------------------------------------------------------------
 def geowizard_unet_from_sd(sd_unet: UNet2DConditionModel, cross_attention_dim: int,
                            seed: int = 0) -> UNet2DConditionModel:
-    """GeoWizard's UNet initialised from a Stable Diffusion UNet as its trainer builds it (specs B1):
+    """GeoWizard's UNet initialised from a Stable Diffusion UNet as its trainer builds it (docs/paradigms.md#geowizard):
     `from_pretrained(..., in_channels=8, class_embed_type='projection', projection_class_embeddings_input_dim=10,
     cross_attention_dim=768, ignore_mismatched_sizes=True)`. Every weight whose shape still matches is copied; the
     class embedding and, when the cross-attention width changes (SD2 1024 -> CLIP 768), the cross-attention K/V are
@@ -526,7 +526,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="Write a GeoWizard folder whose UNet is initialised from Stable "
-                                                 "Diffusion (GeoWizard's training start point, specs B1).")
+                                                 "Diffusion, GeoWizard's training start point "
+                                                 "(docs/paradigms.md#geowizard).")
     parser.add_argument("--sd", required=True, help="Stable Diffusion 2 folder (unet, vae, scheduler)")
     parser.add_argument("--image-encoder", required=True,
                         help="folder with image_encoder/ and feature_extractor/ (lambdalabs/sd-image-variations-"

@@ -28,7 +28,7 @@ class Backbone:
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     scheduler: DDIMScheduler
-    empty_text_embedding: torch.Tensor  # [1, tokens, dim]: the unpadded "" prompt (DESIGN.md conventions)
+    empty_text_embedding: torch.Tensor  # [1, tokens, dim]: the unpadded "" prompt (docs/architecture.md#conventions)
     path: str
     text_encoder: object = None  # kept only when asked (prompt-conditioned training, DMP)
     tokenizer: object = None
@@ -69,7 +69,7 @@ def widen_conv_in(unet: UNet2DConditionModel, in_channels: int = 8, halve_bias: 
     with identical halves the layer initially computes what it did before. Asked for fewer channels (an 8-channel
     UNet for a 4-channel conditioning), the channel groups are summed: the narrowed layer computes on x what the
     wide one did on [x, x]. The bias is kept (Marigold's trainer)
-    or halved (E2E-FT's SD2 variant, `halve_bias=True`); see specs/e2e_ft_marigold.md section 6.
+    or halved (E2E-FT's SD2 variant, `halve_bias=True`); see docs/architecture.md#conventions.
     """
     old = unet.conv_in
     if old.in_channels == in_channels:

@@ -65,7 +65,7 @@ def _tiny_vae() -> AutoencoderKL:
 
 
 def tiny_scheduler() -> DDIMScheduler:
-    """Marigold / SD2 training schedule (specs/e2e_ft_marigold.md 1.5), trailing spacing as E2E-FT saves it."""
+    """Marigold / SD2 training schedule (docs/paradigms.md#marigold), trailing spacing as E2E-FT saves it."""
     return DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1,

@@ -56,7 +56,7 @@ def flip_seed(seed, epoch, index):
 def make_sample(rgb, depth, normals, near, far, tasks, name, hflip_seed=None):
     """Assemble the package's sample dict from HWC/HW numpy arrays at the final size.
 
-    valid = near < depth < far (E2E `load.py`, spec 2.6); depth is set to 0 and normals to the zero vector outside it
+    valid = near < depth < far (E2E `load.py`); depth is set to 0 and normals to the zero vector outside it
     (E2E zeroes invalid normals; the 0-depth rule is our sample contract). `normals` come canonical and unit length.
     With `hflip_seed` given, flips with p = 0.5 (E2E: RandomHorizontalFlip on every raster, normal x -> 255 - R,
     i.e. x negated; the x axis is mirrored, y and z are not, in E2E's frame and in ours alike).

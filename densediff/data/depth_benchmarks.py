@@ -1,5 +1,5 @@
-"""The zero-shot depth benchmarks as Marigold evaluates them (specs/e2e_ft_marigold.md 3.3, 4.1): NYUv2, KITTI (Eigen
-split), ETH3D, ScanNet and DIODE, read from Marigold's evaluation tars, extracted or as they are.
+"""The zero-shot depth benchmarks as Marigold evaluates them (docs/data.md#depth-benchmarks, docs/protocols.md#depth):
+NYUv2, KITTI (Eigen split), ETH3D, ScanNet and DIODE, read from Marigold's evaluation tars, extracted or as they are.
 
 The dataset `root` is either
 - a folder: the `<set>.tar` of Marigold's evaluation data extracted into it (`tar -xf nyu_labeled_extracted.tar -C

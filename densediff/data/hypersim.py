@@ -1,4 +1,4 @@
-"""Hypersim as E2E-FT reads it (specs/e2e_ft_marigold.md 2.5, 2.6, 3.1).
+"""Hypersim as E2E-FT reads it (docs/data.md#hypersim).
 
 On disk (the Marigold preprocessing, `preprocess_hypersim.py`):
     <root>/<split>/filename_meta_<split>.csv                  one row per frame; paths relative to <root>/<split>/
@@ -54,7 +54,7 @@ def hypersim_normals_to_canonical(encoded):
 
 
 class Hypersim(torch.utils.data.Dataset):
-    """Marigold-preprocessed Hypersim, read and resized the way E2E-FT trains on it (spec 2.5, 3.1).
+    """Marigold-preprocessed Hypersim, read and resized the way E2E-FT trains on it (docs/data.md#hypersim).
 
     Returns {"rgb" (3,H,W) [0,1], "valid_mask" (H,W) bool, "name", + "depth" (H,W) m, "normals" (3,H,W) canonical}.
     Rows are kept if included_in_public_release and split_partition_name == split (E2E's filter, with our split) and if

@@ -1,8 +1,8 @@
 """Mixing datasets batch by batch: every batch comes from one dataset, with a fixed ratio of batches per epoch.
 
 E2E-FT trains on Hypersim (480x640) and Virtual KITTI 2 (352x1216) with `MixedDataLoader(hypersim, vkitti, 9, 1)`
-(specs/e2e_ft_marigold.md 2.5): the resolutions differ, so a batch cannot mix them. Each epoch it draws
-int(len1 * f1) batches of dataset 1 and int(len2 * f2) of dataset 2 (len = batches per loader,
+(docs/data.md#mixed-hypersim-and-virtual-kitti-2): the resolutions differ, so a batch cannot mix them. Each epoch it
+draws int(len1 * f1) batches of dataset 1 and int(len2 * f2) of dataset 2 (len = batches per loader,
 f1 = min(len2 / len1 * 9, 1), f2 = min(len1 / len2 / 9, 1)) in a shuffled order. Here the same construction is a
 batch sampler over a ConcatDataset, so one DataLoader (workers, pinning, DDP) serves all datasets:
 

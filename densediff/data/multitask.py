@@ -1,5 +1,5 @@
 """Pieces shared by the multi-task loaders (pascal_context.py, nyud.py): task checks, the ATRC/InvPT train-time
-augmentation (specs/multitask_diff2in1.md A1 "Transforms"), centre padding with a validity mask, edge thinning, and the
+augmentation (docs/data.md#pascal-context), centre padding with a validity mask, edge thinning, and the
 conversion of the numpy sample to the package's tensor sample.
 
 Arrays inside a loader are HWC/HW numpy: "rgb" uint8 (H,W,3), "segmentation"/"human_parts" uint8 ids (255 = ignore),
@@ -200,7 +200,7 @@ def to_sample(arrays, valid, tasks, name, labelled):
 
 class AtrcDataset(torch.utils.data.Dataset):
     """What PASCAL-Context and NYUD (ATRC layouts) share: the task check and the train-time augmentation settings
-    (random scale, crop, flip, centre padding; specs/multitask_diff2in1.md A1), reproducible per (seed, epoch, index)."""
+    (random scale, crop, flip, centre padding; docs/data.md#pascal-context), reproducible per (seed, epoch, index)."""
 
     name = ""            # shown in errors
     provided = ()        # the tasks the dataset has labels for

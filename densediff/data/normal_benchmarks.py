@@ -1,5 +1,5 @@
-"""DSINE's surface-normal evaluation sets (specs/e2e_ft_marigold.md 3.3 last part, 4.2), as E2E-FT evaluates on them:
-NYUv2 (654, GeoNet GT), ScanNet (300, FrameNet GT), iBims-1 (100) and Sintel (1064).
+"""DSINE's surface-normal evaluation sets (docs/data.md#normal-benchmarks, docs/protocols.md#normals), as E2E-FT
+evaluates on them: NYUv2 (654, GeoNet GT), ScanNet (300, FrameNet GT), iBims-1 (100) and Sintel (1064).
 
 On disk (DSINE's `dsine_eval.zip`, extracted; one folder per set, which is the dataset root):
     dsine_eval/nyuv2/test/<NNNNNN>_img.png            + <id>_normal.png + <id>_intrins.npy
@@ -12,8 +12,8 @@ may instead name DSINE's `data/datasets/<set>/split/*.txt` (one path relative to
 Ground truth (DSINE `data/datasets/<set>/__init__.py`, cv2.imread + BGR->RGB):
   - PNG (nyuv2, scannet): uint8 RGB, n = v / 255 * 2 - 1 (not renormalised), valid = channel sum > 0.
   - EXR (ibims, sintel):  float RGB normals, valid = |n| > 0.5.
-DSINE's frame is x LEFT, y up, z toward the viewer (spec 3.3: E2E compares with it without flips). The package's
-canonical frame is x RIGHT, y up, z toward the viewer, so x is negated here, at the boundary.
+DSINE's frame is x LEFT, y up, z toward the viewer (docs/data.md#normal-benchmarks: E2E compares with it without
+flips). The package's canonical frame is x RIGHT, y up, z toward the viewer, so x is negated here, at the boundary.
 
 Input (DSINE `projects/dsine/test.py` as E2E runs it): each image is contrast-stretched by its own min and max to
 [0, 255] and cast to uint8 before inference; `contrast_stretch=True` (the default) does this in the loader.

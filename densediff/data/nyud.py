@@ -1,4 +1,4 @@
-"""NYUD-v2 multi-task as the ATRC / InvPT / TaskPrompter loaders read it (specs/multitask_diff2in1.md A1, A2).
+"""NYUD-v2 multi-task as the ATRC / InvPT / TaskPrompter loaders read it (docs/data.md#nyud-v2-multi-task).
 
 On disk (ATRC's NYUDv2.tar.gz), <root> = .../NYUDv2:
     gt_sets/{train,val}.txt          one id per line (795 / 654; 4-digit NYU indices, e.g. 0001)
@@ -14,7 +14,7 @@ Sample: "rgb", "valid_mask" (real, not padded, pixels), "name", "labelled" and t
 int64 (40 classes, 255 ignore), "depth" float32 metres (0 invalid), "normals" float32 (3,H,W) canonical unit vectors
 (zero where the file holds the zero vector, i.e. no normal), "edges" float32 (H,W) (v / 255).
 
-Normals frame: the spec does not state it; the files follow the NYU colour convention (red = right, green = DOWN,
+Normals frame: the dataset does not document it; the files follow the NYU colour convention (red = right, green = DOWN,
 blue = toward the camera), so y is negated to reach the canonical frame (`normals_axes` changes it).
 
 Sizes: images are centre-padded to 448x576 (TaskPrompter TRAIN/TEST.SCALE) at train and eval time; at train time
@@ -58,7 +58,7 @@ class NYUD(mt.AtrcDataset):
                  normals_axes=(1.0, -1.0, 1.0), seed=0):
         super().__init__(root, split, tasks, train, scale_range, crop_size, pad_size, hflip, cat_max_ratio,
                          normals_axes, seed)
-        what = "expected ATRC's NYUDv2.tar.gz extracted (specs/multitask_diff2in1.md A1)"
+        what = "expected ATRC's NYUDv2.tar.gz extracted (docs/data.md#nyud-v2-multi-task)"
         if not os.path.isdir(self.root):
             raise DatasetLayoutError(f"NYUD root {self.root} does not exist: {what} ({DATA_HELP})")
         split_file = os.path.join(self.root, "gt_sets", f"{split}.txt")

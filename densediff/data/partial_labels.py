@@ -1,4 +1,4 @@
-"""Partial-label settings of multi-task training (specs/multitask_diff2in1.md A2): which tasks' labels each training
+"""Partial-label settings of multi-task training (docs/data.md#partial-labels): which tasks' labels each training
 image may use. `full` labels every task; `one_label` labels exactly one task per image; `random_labels` labels a random
 non-empty, non-complete subset per image.
 
@@ -90,7 +90,7 @@ def read_file(path, ids, tasks, file_tasks):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DatasetLayoutError(f"partial-label split file {path} does not exist: expected MTPSL's onelabel/"
-                                 f"randomlabels .npy or .pth (specs/multitask_diff2in1.md A2)")
+                                 f"randomlabels .npy or .pth (docs/data.md#partial-labels)")
     ids, tasks = list(ids), list(tasks)
     try:
         if path.endswith(".npy"):

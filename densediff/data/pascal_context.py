@@ -1,4 +1,4 @@
-"""PASCAL-Context as the ATRC / InvPT / DiffusionMTL loaders read it (specs/multitask_diff2in1.md A1, A2).
+"""PASCAL-Context as the ATRC / InvPT / DiffusionMTL loaders read it (docs/data.md#pascal-context).
 
 On disk (ATRC's PASCALContext.tar.gz), <root> = .../PASCALContext:
     ImageSets/Context/{train,val}.txt            one image id per line (train 4998, val 5105; e.g. 2008_000002)
@@ -19,11 +19,11 @@ an annotated person, ATRC AddIgnoreRegions), "saliency" float32 {0, 1} (binarise
 "edges" float32 {0, 1} (thinned boundaries of the 459-class LabelMap), "normals" float32 (3,H,W) canonical unit vectors,
 zero on pixels whose context class is not in the NYU whitelist (or in padding).
 
-Normals frame: the spec does not state the distilled normals' frame. They are distilled from a model trained on NYUD
+Normals frame: the distilled normals' frame is not documented. They are distilled from a model trained on NYUD
 normals, which use the NYU colour convention (x right, y DOWN, z toward the camera); we assume that and negate y
 (`normals_axes`, default (1, -1, 1), changes it). The decoded vectors are re-normalised (ATRC does not; < 1% apart).
 
-Sizes (A1 "Transforms"): train = RandomScaling U(0.5, 2) -> RandomCrop 512x512 (cat_max_ratio 0.75) -> hflip p=0.5
+Sizes (the ATRC transforms): train = RandomScaling U(0.5, 2) -> RandomCrop 512x512 (cat_max_ratio 0.75) -> hflip p=0.5
 (normal x negated) -> centre pad to 512x512; val/test = centre pad to 512x512 (images are <= 500 px). The photometric
 distortion and ImageNet normalisation are left to the model. All random draws come from flip_seed(seed, epoch, index).
 """
@@ -133,7 +133,7 @@ class PascalContext(mt.AtrcDataset):
                  normals_axes=(1.0, -1.0, 1.0), seed=0):
         super().__init__(root, split, tasks, train, scale_range, crop_size, pad_size, hflip, cat_max_ratio,
                          normals_axes, seed)
-        what = "expected ATRC's PASCALContext.tar.gz extracted (specs/multitask_diff2in1.md A1)"
+        what = "expected ATRC's PASCALContext.tar.gz extracted (docs/data.md#pascal-context)"
         if not os.path.isdir(self.root):
             raise DatasetLayoutError(f"PASCAL-Context root {self.root} does not exist: {what} ({DATA_HELP})")
         split_file = os.path.join(self.root, "ImageSets", "Context", f"{split}.txt")

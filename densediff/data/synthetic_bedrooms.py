@@ -1,4 +1,4 @@
-"""DMP's synthetic bedrooms (specs/dmp_geowizard.md A4, A6): SD-generated images with pseudo ground truth in LMDB.
+"""DMP's synthetic bedrooms (docs/data.md#synthetic-bedrooms): SD-generated images with pseudo ground truth in LMDB.
 
 On disk:
     <image_dir>/metadata.jsonl       one JSON object a line: "file_name" (relative to image_dir), optional "text" (a
@@ -24,12 +24,12 @@ Values are PNG bytes or an npz (np.savez_compressed, array 'x', float16 from get
 Sample: "rgb", "valid_mask" (all True; pseudo GT covers every pixel), "name" (file_name), "prompt" (str, "" if none),
 "labelled" (all True) and the requested tasks.
 
-Flip (A4): DMP's --random_flip (HorizontalFlip p=0.5, joint) is used for depth, albedo, shading and segmentation and
+Flip: DMP's --random_flip (HorizontalFlip p=0.5, joint) is used for depth, albedo, shading and segmentation and
 NOT for normals (a flip would need x negated, which DMP does not do): with normals among the tasks nothing is flipped.
 DMP's --more_augment (colour jitter, JPEG compression) is not reproduced.
 
 LMDB environments are opened read-only, lock=False, once per process and LMDB (open_env): a DataLoader worker opens
-its own on first use instead of using its parent's handle (fork-safe; spec Part C).
+its own on first use instead of using its parent's handle (fork-safe).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class SyntheticBedrooms(torch.utils.data.Dataset):
         self.palette = None if segmentation_palette is None else np.asarray(segmentation_palette, np.int64)
         self.normals_axes, self.seed, self.epoch = tuple(normals_axes), seed, 0
         what = ("expected DMP's layout: an image folder with metadata.jsonl and one LMDB per target "
-                "(specs/dmp_geowizard.md A4)")
+                "(docs/data.md#synthetic-bedrooms)")
         for p in (self.root, self.image_dir):
             if not os.path.isdir(p):
                 raise DatasetLayoutError(f"synthetic_bedrooms: missing {p}: {what} ({DATA_HELP})")

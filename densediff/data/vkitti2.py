@@ -1,4 +1,4 @@
-"""Virtual KITTI 2 as E2E-FT reads it (specs/e2e_ft_marigold.md 2.5, 2.6, 3.2; E2E `load.py::VirtualKITTI2`).
+"""Virtual KITTI 2 as E2E-FT reads it (docs/data.md#virtual-kitti-2; E2E `load.py::VirtualKITTI2`).
 
 On disk (the official vkitti_2.0.3 archives, unpacked side by side under one root):
     <root>/vkitti_2.0.3_rgb/SceneXX/<variation>/frames/rgb/Camera_k/rgb_NNNNN.jpg        375x1242 RGB
@@ -34,8 +34,8 @@ def kb_crop(a, height, width, path):
 def vkitti_normals_to_canonical(encoded):
     """E2E's VKITTI normal PNG, read through PIL `.convert("RGB")` (8 bits: PIL keeps the high byte of each 16-bit
     sample, exactly what E2E's loader sees), -> canonical unit normals.
-    E2E's D2NT normals are multiplied by -1 into (x LEFT, y UP, z toward the camera), R = x (spec 3.2); canonical is
-    (x right, y up, z toward the viewer), so only x changes sign."""
+    E2E's D2NT normals are multiplied by -1 into (x LEFT, y UP, z toward the camera), R = x
+    (docs/data.md#virtual-kitti-2); canonical is (x right, y up, z toward the viewer), so only x changes sign."""
     n = encoded.astype(np.float32) / 255.0 * 2.0 - 1.0
     n[..., 0] *= -1
     return unit(n)
@@ -43,7 +43,7 @@ def vkitti_normals_to_canonical(encoded):
 
 class VirtualKITTI2(torch.utils.data.Dataset):
     """Virtual KITTI 2 with E2E-FT's selection and preprocessing: scenes 01/02/06/18/20, the five weather variations
-    (not clone or the rotated cameras), both cameras, no resize, the KB crop 352x1216 (spec 2.5, 3.2).
+    (not clone or the rotated cameras), both cameras, no resize, the KB crop 352x1216 (docs/data.md#virtual-kitti-2).
 
     Returns {"rgb" (3,H,W) [0,1], "valid_mask" (H,W) bool, "name", + "depth" (H,W) m, "normals" (3,H,W) canonical}.
     `split` is recorded only: VKITTI has no official split and E2E trains on all of the selection.

@@ -1,4 +1,4 @@
-"""Merging several predictions of one image (inference.ensemble > 1; specs/e2e_ft_marigold.md 1.7).
+"""Merging several predictions of one image (inference.ensemble > 1; docs/paradigms.md#inference).
 
 Depth members are affine-invariant, so each gets its own scale and shift before they are merged: the parameters
 minimise the summed pairwise RMS misalignment plus a pull of the merged map's range towards [0, 1], solved with

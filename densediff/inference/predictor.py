@@ -1,6 +1,6 @@
 """The one predictor behind validation, evaluate.py and predict.py: RGB in, the task's user-facing prediction out.
 
-Every option of E2E-FT's / Marigold's inference (specs/e2e_ft_marigold.md section 1) is an `InferenceOptions`
+Every option of E2E-FT's / Marigold's inference (docs/paradigms.md#inference) is an `InferenceOptions`
 field, set from the `inference` config group. The defaults are E2E-FT's: 1 step, trailing spacing (t = 999), a
 zero target latent, no ensemble, native resolution. With them the prediction is exactly the single-step estimate
 the E2E paradigm trains (`SingleStepEstimator.forward`).
@@ -64,9 +64,10 @@ class InferenceOptions:
 def pyramid_noise(shape: tuple[int, ...], generator: torch.Generator | None, discount: float | torch.Tensor = 0.9,
                   levels: int = 10, strength: float | torch.Tensor = 1.0,
                   scale_range: tuple[float, float] = (2.0, 4.0), cumulative: bool = True) -> torch.Tensor:
-    """Multi-resolution noise (Marigold/E2E `pyramid_noise_like`, spec 1.3): Gaussian noise plus up-sampled coarser
-    Gaussian noise, level i weighted discount**i, its size shrunk cumulatively by r**i with r ~ U[2, 4), stopping at
-    1 px; the sum is divided by its global std. Level 0 adds a second full-size noise, as the reference does.
+    """Multi-resolution noise (Marigold/E2E `pyramid_noise_like`, docs/paradigms.md#marigold): Gaussian noise plus
+    up-sampled coarser Gaussian noise, level i weighted discount**i, its size shrunk cumulatively by r**i with
+    r ~ U[2, 4), stopping at 1 px; the sum is divided by its global std. Level 0 adds a second full-size noise, as
+    the reference does.
     `discount` may be a [B] tensor: Marigold's training anneals it per sample (0.9 x t / T).
     GeoWizard's training variant (its `pyramid_noise_like`): every level, the first included, is weighted
     `strength` x discount**i with strength = t / T per sample, r ~ U[1.5, 3) and each level's size taken from the

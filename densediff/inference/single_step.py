@@ -1,6 +1,6 @@
 """Single-step estimation (E2E-FT): one UNet call at t = T on a zero target latent, the x0 estimate decoded by the VAE.
 
-Conventions (DESIGN.md, specs/e2e_ft_marigold.md 1-2): RGB in [-1, 1], padded right/bottom by edge replication to a
+Conventions (docs/architecture.md#conventions): RGB in [-1, 1], padded right/bottom by edge replication to a
 multiple of the VAE's downsampling (diffusers' Marigold pipeline) and cropped back; RGB latent = posterior mean x
 scaling factor; UNet input = [rgb_latent, target_latent]; the unpadded empty-prompt embedding; x0 from the model
 output by the training schedule's alpha_bar at t.

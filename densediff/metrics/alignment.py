@@ -1,7 +1,7 @@
 """Per-image least-squares scale-and-shift alignment of an affine-invariant depth prediction to the GT.
 
 Follows Marigold's evaluation (MG `src/util/alignment.py::align_depth_least_square`, `script/depth/eval.py`;
-specs/e2e_ft_marigold.md 4.1): for every image, solve min_{s,t} sum_valid (s*pred + t - gt)^2, then use s*pred + t on
+docs/protocols.md#depth): for every image, solve min_{s,t} sum_valid (s*pred + t - gt)^2, then use s*pred + t on
 the whole image. Batched with masked sums instead of a per-image `lstsq` call.
 """
 

@@ -1,4 +1,4 @@
-"""Affine-invariant depth metrics, Marigold protocol (specs/e2e_ft_marigold.md 4.1; MG `script/depth/eval.py`,
+"""Affine-invariant depth metrics, Marigold protocol (docs/protocols.md#depth; MG `script/depth/eval.py`,
 `src/util/metric.py`): per-image least-squares alignment, clip to the dataset range, per-image metrics over the
 valid pixels, dataset score = arithmetic mean over images."""
 

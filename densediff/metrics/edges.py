@@ -1,4 +1,4 @@
-"""Boundary detection ODS/OIS F-measure and AP (specs/multitask_diff2in1.md A4). DiffusionMTL/ATRC report odsF from
+"""Boundary detection ODS/OIS F-measure and AP (docs/protocols.md#edges). DiffusionMTL/ATRC report odsF from
 MATLAB SEISM as wrapped by prismformore/Boundary-Detection-Evaluation-Tools (BDET); no Python repo computes it.
 
 SEISM/BDET pipeline, step by step, and how this module relates to it:

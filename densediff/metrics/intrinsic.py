@@ -1,4 +1,4 @@
-"""Albedo / shading metrics, DMP protocol (specs/dmp_geowizard.md A7; DMP `test/eval.py`, `test/metrics.py`):
+"""Albedo / shading metrics, DMP protocol (docs/protocols.md#albedo-and-shading; DMP `test/eval.py`, `test/metrics.py`):
 per image, the mean over all pixels and channels of the [0, 1]-encoded maps; dataset score = mean over images."""
 
 from __future__ import annotations

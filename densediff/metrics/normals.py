@@ -1,4 +1,4 @@
-"""Surface-normal angular-error metrics (specs/e2e_ft_marigold.md 4.2, multitask_diff2in1.md A4/B/C).
+"""Surface-normal angular-error metrics (docs/protocols.md#normals).
 
 Two poolings, chosen explicitly (the peers disagree):
 - `pixels` (default, DSINE `utils/utils.py::compute_normal_metrics`, also Bae/Diff-2-in-1): every valid pixel of the

@@ -1,4 +1,4 @@
-"""Saliency max F-measure, DiffusionMTL/ATRC protocol (specs/multitask_diff2in1.md A4; DMTL `evaluation/eval_sal.py`
+"""Saliency max F-measure, DiffusionMTL/ATRC protocol (docs/protocols.md#saliency; DMTL `evaluation/eval_sal.py`
 SaliencyMeter(threshold_step=0.05, beta_squared=0.3), ATRC `src/data/metrics.py` MaxF)."""
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ class SaliencyMetrics(Metric):
     The counts are exact integers (DMTL accumulates them in float32, which rounds beyond 2^24 pixels).
 
     `legacy_sigmoid=True` reproduces the DMTL/InvPT/TaskPrompter quirk: their meter applies a sigmoid to the
-    probability before thresholding (so thresholds >= 0.75 predict nothing). Off by default (DESIGN.md); use it
-    only to compare with numbers published by those repos. The spec defines no MAE, so none is reported.
+    probability before thresholding (so thresholds >= 0.75 predict nothing). Off by default
+    (docs/protocols.md#saliency); use it only to compare with numbers published by those repos. DMTL's protocol
+    defines no MAE, so none is reported.
     """
 
     is_differentiable = False

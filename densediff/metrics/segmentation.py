@@ -1,4 +1,4 @@
-"""Semantic segmentation / human-parts mIoU, DiffusionMTL protocol (specs/multitask_diff2in1.md A4; DMTL
+"""Semantic segmentation / human-parts mIoU, DiffusionMTL protocol (docs/protocols.md#segmentation; DMTL
 `evaluation/eval_semseg.py` SemsegMeter, same in MTT/MTLP/ATRC): one confusion matrix pooled over the dataset."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One LightningModule per paradigm (DESIGN.md): e2e (E2E-FT), diffusion (Marigold, DMP) and geowizard (the
+"""One LightningModule per paradigm (docs/paradigms.md): e2e (E2E-FT), diffusion (Marigold, DMP) and geowizard (the
 diffusion objective on GeoWizard's joint depth + normal backbone)."""
 
 from densediff.paradigms.diffusion import DiffusionEstimator

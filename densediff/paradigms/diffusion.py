@@ -1,5 +1,5 @@
 """The diffusion estimator: the UNet learns to denoise the target's latent, conditioned on the image
-(Marigold, GeoWizard, DMP; specs/dmp_geowizard.md A3, B2 and specs/e2e_ft_marigold.md 1.3-1.7).
+(Marigold, GeoWizard, DMP; docs/paradigms.md#marigold, docs/paradigms.md#dmp).
 
 Per batch: the target image from the task's codec (`task.encode`, in [-1, 1]) and the RGB are VAE-encoded; a
 timestep t is drawn uniformly from the training schedule per sample; the target latent y is noised and the UNet
@@ -112,7 +112,7 @@ class DiffusionEstimator(LatentModel):
 
     def use_schedule(self, scheduler, prediction_type: str | None) -> None:
         """The training schedule and what the UNet predicts: the scheduler config's type unless set (DMP re-registers
-        the training prediction type on the scheduler, spec A1)."""
+        the training prediction type on the scheduler, docs/paradigms.md#dmp)."""
         if prediction_type:
             scheduler.register_to_config(prediction_type=prediction_type)
         self.prediction_type = scheduler.config.prediction_type

@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning (E2E-FT, Garcia et al., WACV 2025; specs/e2e_ft_marigold.md section 2).
+"""End-to-end fine-tuning (E2E-FT, Garcia et al., WACV 2025; docs/paradigms.md#e2e-ft).
 
 The UNet is run once at t = T = 999 on [rgb_latent, zeros]; its v-prediction is turned into the x0 latent, decoded
 by the frozen VAE (gradients flow through the decoder), and the task loss is applied to the decoded map.

@@ -1,6 +1,6 @@
-"""GeoWizard (Fu et al., ECCV 2024): one UNet denoises depth and normals jointly (specs/dmp_geowizard.md B1-B3).
+"""GeoWizard (Fu et al., ECCV 2024): one UNet denoises depth and normals jointly (docs/paradigms.md#geowizard).
 
-Training (B2, `train_depth_normal.py`): the RGB, the depth target (per-image p2/p98 affine codec) and the normal
+Training (`train_depth_normal.py`): the RGB, the depth target (per-image p2/p98 affine codec) and the normal
 target are VAE-encoded (posterior mean x scaling); the batch is laid out [depth_1..depth_B, normal_1..normal_B] with
 the image latents and the CLIP image tokens repeated x2; one timestep per sample, shared by its two branches; noise
 over the whole 2B geometry latent, multi-resolution with every level weighted t/1000 x 0.9^i (GeoWizard's
@@ -8,11 +8,11 @@ over the whole 2B geometry latent, multi-resolution with every level weighted t/
 "domain" when the dataset gives one, else `domain`); the class embedding learns at lr x class_embedding_lr_mult.
 
 Noise: the reference draws *independent* noise for a sample's depth and normal latents in training
-(`pyramid_noise_like(geo_latents, ...)` over all 2B rows) and *one* noise shared by both branches at inference
-(B3). Both are followed here: `training_noise=independent` (default; `shared` repeats one draw per sample) and the
+(`pyramid_noise_like(geo_latents, ...)` over all 2B rows) and *one* noise shared by both branches at inference.
+Both are followed here: `training_noise=independent` (default; `shared` repeats one draw per sample) and the
 shared predictor's `branches=2`, which starts both branches from the same initial latent.
 
-Normals frame: GeoWizard trains on normals in OpenCV's camera frame (x right, y down, z away from the viewer; B2)
+Normals frame: GeoWizard trains on normals in OpenCV's camera frame (x right, y down, z away from the viewer)
 and its pipeline outputs the decoded normals x -1, i.e. (x left, y up, z toward the viewer), which is why its
 published outputs look x-mirrored against Hypersim (issues #45/#47). Here the backbone declares its frame
 (`normals_frame: opencv`) and the normals task converts at the boundary: canonical = decoded x (1, -1, -1)

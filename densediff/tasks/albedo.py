@@ -1,4 +1,4 @@
-"""Albedo (reflectance): an RGB image in [0, 1] (DMP's intrinsic targets, specs/dmp_geowizard.md A4-A7).
+"""Albedo (reflectance): an RGB image in [0, 1] (DMP's intrinsic targets, docs/protocols.md#albedo-and-shading).
 
 Codec (DMP target_mode 'RGB'): image = albedo * 2 - 1 (ToTensor + Normalize(0.5, 0.5)); decoding (image + 1) / 2
 clamped to [0, 1] (DMP `decode_latents`, without the uint8 rounding). Model space and output are [B,3,H,W] in

@@ -1,12 +1,13 @@
 """Depth: two codecs between metres and the 3-channel image in [-1, 1] the VAE encodes (`encoding`).
 
 `affine` (default; Marigold / GeoWizard / E2E-FT): the target image is the depth normalised per image by the 2nd/98th
-percentiles of its valid pixels, ((d - p2) / (p98 - p2) - 0.5) * 2 clipped to [-1, 1], repeated x3 (specs
-e2e_ft_marigold.md 2.6, dmp_geowizard.md B2). Decoding averages the channels and clips to [-1, 1] (Marigold
+percentiles of its valid pixels, ((d - p2) / (p98 - p2) - 0.5) * 2 clipped to [-1, 1], repeated x3
+(docs/paradigms.md#marigold, docs/paradigms.md#geowizard). Decoding averages the channels and clips to [-1, 1] (Marigold
 `decode_depth`); the user-facing prediction is that map min-max normalised to [0, 1], near = 0 (E2E-FT `__call__`),
-i.e. depth, not disparity (DESIGN.md). Evaluation aligns it to metres by least squares (DepthMetrics).
+i.e. depth, not disparity (docs/architecture.md#conventions). Evaluation aligns it to metres by least squares
+(DepthMetrics).
 
-`float` (DMP target_mode 'F', specs/dmp_geowizard.md A4/A5): image = d / target_scale * 2 - 1 (no clamp: depth beyond
+`float` (DMP target_mode 'F', docs/paradigms.md#dmp): image = d / target_scale * 2 - 1 (no clamp: depth beyond
 target_scale exceeds 1), or the per-image min-max of the valid pixels when target_scale = -1. Decoding: channel mean,
 / 2 + 0.5, clamp(min=0), * target_scale, so the model-space prediction and the output are metres (target_scale > 0;
 DMP's npz 'x') or a [0, 1] relative map (target_scale = -1, min-max normalised per image like DMP).
@@ -42,8 +43,8 @@ def masked_quantiles(depth: torch.Tensor, valid: torch.Tensor, quantile: float) 
 
 def masked_quantile_clip(depth: torch.Tensor, valid: torch.Tensor,
                          quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """E2E-FT's GT treatment (specs 2.6): clamp each image to its [q, 1-q] valid-pixel quantiles, set invalid
-    pixels to the upper one; images whose two quantiles coincide lose their mask."""
+    """E2E-FT's GT treatment (docs/paradigms.md#e2e-ft): clamp each image to its [q, 1-q] valid-pixel quantiles, set
+    invalid pixels to the upper one; images whose two quantiles coincide lose their mask."""
     clipped, valid = depth.clone(), valid.clone()
     los, his = masked_quantiles(depth, valid, quantile)
     for i, (lo, hi) in enumerate(zip(los, his)):

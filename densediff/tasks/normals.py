@@ -1,4 +1,5 @@
-"""Surface normals: unit vectors in the canonical camera frame (x right, y up, z toward the viewer; DESIGN.md)."""
+"""Surface normals: unit vectors in the canonical camera frame (x right, y up, z toward the viewer;
+docs/architecture.md#conventions)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ def angular_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
 
 
 class NormalMetricsBothPoolings(MetricCollection):
-    """Normal metrics under both protocols (DESIGN.md): the chosen pooling under the plain names (`angular_mean`,
-    ...; DSINE's pixel pooling by default), the other under suffixed names (`angular_mean_per_image` or
+    """Normal metrics under both protocols (docs/protocols.md#normals): the chosen pooling under the plain names
+    (`angular_mean`, ...; DSINE's pixel pooling by default), the other under suffixed names (`angular_mean_per_image` or
     `angular_mean_pooled`)."""
 
     def __init__(self, pooling: str = "pixels"):
@@ -51,9 +52,9 @@ class NormalsTask:
             raise ValueError(f"backbone.normals_frame must be one of {', '.join(MODEL_FRAMES)}, got {model_frame!r}")
         self.pooling = pooling
         # The frame the backbone's decoded images use. E2E-FT's normals checkpoints were trained in DSINE's frame
-        # (x left, y up, z toward the viewer; specs/e2e_ft_marigold.md 3.3), so their x is negated here, at the
+        # (x left, y up, z toward the viewer; docs/data.md#normal-benchmarks), so their x is negated here, at the
         # boundary: everything after decode (loss, metrics, outputs) is canonical (x right). GeoWizard trains in
-        # OpenCV's camera frame (x right, y down, z away from the viewer; specs/dmp_geowizard.md B2).
+        # OpenCV's camera frame (x right, y down, z away from the viewer; docs/paradigms.md#geowizard).
         self.model_frame = model_frame
 
     def _to_model_frame(self, normals: torch.Tensor) -> torch.Tensor:

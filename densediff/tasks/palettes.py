@@ -4,7 +4,8 @@ Data only. Where the numbers come from:
 - ADE20K_PALETTE: the standard 150-colour ADE20K palette of MMSegmentation (`mmseg/datasets/ade.py`,
   `ADE20KDataset.METAINFO["palette"]`), identical to DMP's `tools/color2cls.py` PALETTE1 (checked entry by entry).
   It holds one duplicate: (140, 140, 140) is both class 6 (road) and class 48 (skyscraper).
-- BEDROOM_PALETTE: DMP's PALETTE2 (`shinying/dmp` `tools/color2cls.py` / `cls2color.py`; specs/dmp_geowizard.md A6),
+- BEDROOM_PALETTE: DMP's PALETTE2 (`shinying/dmp` `tools/color2cls.py` / `cls2color.py`;
+docs/protocols.md#segmentation),
   the ADE20K palette with the 25 entries of BEDROOM_OVERRIDES replaced by softer, well separated colours. DMP trains
   its segmentation LoRA on maps coloured with it and evaluates the 29 BEDROOM_CLASSES (`target_classes`).
 - PROCEDURAL_PALETTE: ours, for densediff.data.procedural.CLASS_NAMES: six corners of the RGB cube (pairwise at least

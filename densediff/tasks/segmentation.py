@@ -1,4 +1,4 @@
-"""Semantic segmentation as a colour image (DMP, specs/dmp_geowizard.md A4, A6, A7).
+"""Semantic segmentation as a colour image (DMP, docs/protocols.md#segmentation).
 
 Codec: every class id is painted with its palette colour, scaled to [-1, 1] (colour / 255 * 2 - 1); ignored pixels
 (ignore_index, or outside valid_mask) are black. Decoding a generated image back to ids takes, per pixel, the

@@ -1,4 +1,5 @@
-"""Shading: the image rgb / albedo in [0, 1] (specs/dmp_geowizard.md A4-A7); same codec, loss and metrics as albedo.
+"""Shading: the image rgb / albedo in [0, 1] (docs/protocols.md#albedo-and-shading); same codec, loss and metrics as
+albedo.
 
 The model-space prediction is 3-channel. DMP's shading is grey (getintr.py saves one channel; its training repeats it
 to an RGB PNG), but densediff's data gives (3,H,W) everywhere: SyntheticBedrooms replicates grey shading to 3

@@ -1,4 +1,4 @@
-"""DMP's data pipeline (specs/dmp_geowizard.md A4, A6) as commands that run on local model folders.
+"""DMP's data pipeline (docs/data.md#synthetic-bedrooms) as commands that run on local model folders.
 
     python -m densediff.tools.dmp_data <command> --help
 
