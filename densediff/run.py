@@ -19,9 +19,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import IterableDataset
 
+from densediff.backbones.load import declared_task
 from densediff.data.common import DataReadError
 from densediff.data.datamodule import DenseDataModule
 from densediff.inference.predictor import InferenceOptions
@@ -32,6 +33,7 @@ log = logging.getLogger("densediff")
 # The frozen VAE stays in eval mode on purpose; Lightning would warn about it at every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 ASSETS = Path(__file__).resolve().parent / "assets"
+CONF = Path(__file__).resolve().parent.parent / "conf"
 OmegaConf.register_new_resolver("densediff_asset", lambda name: str(ASSETS / name), replace=True)
 
 
@@ -166,6 +168,45 @@ def read_checkpoint(path: Path) -> dict:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise DataReadError(f"cannot read checkpoint {path}: it holds no state_dict (not a checkpoint of train.py)")
     return checkpoint
+
+
+def _command_line_keys() -> set[str]:
+    return {o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+
+
+def _task_is_explicit() -> bool:
+    """task= on the command line, or chosen by the experiment file (every recipe names its task)."""
+    if "task" in _command_line_keys():
+        return True
+    experiment = HydraConfig.get().runtime.choices.get("experiment")
+    if not experiment or not (CONF / "experiment" / f"{experiment}.yaml").is_file():
+        return False
+    defaults = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml").get("defaults") or []
+    return any(isinstance(d, DictConfig) and any(str(k).removeprefix("override").strip(" /") == "task" for k in d)
+               for d in defaults)
+
+
+def resolve_backbone_task(cfg: DictConfig, training: bool = False) -> None:
+    """What the backbone predicts is part of the backbone: a folder passed as backbone.path declares it through its
+    model_index.json (MarigoldNormalsPipeline, ...), else the backbone config's `task` (null: any task, as SD or
+    the tiny backbone). Without an explicit task= it becomes the task. A different explicit task is an error when
+    predicting (the output would be decoded as the wrong quantity); training may re-purpose a model, with a note."""
+    declared, source = cfg.backbone.get("task"), f"backbone={cfg.backbone.name}"
+    if "backbone.path" in _command_line_keys():
+        from_folder = declared_task(cfg.backbone.path)
+        if from_folder:
+            declared, source = from_folder, f"backbone.path={cfg.backbone.path} (model_index.json)"
+    if not declared or declared == cfg.task.name:
+        return
+    if _task_is_explicit():
+        if training:
+            log.warning("%s predicts %s; fine-tuning it for task=%s", source, declared, cfg.task.name)
+            return
+        raise ConfigError(f"{source} predicts {declared}, but task={cfg.task.name}; pass task={declared} (or a "
+                          f"backbone that predicts {cfg.task.name})")
+    log.info("%s predicts %s: task=%s", source, declared, declared)
+    with open_dict(cfg):
+        cfg.task = OmegaConf.load(CONF / "task" / f"{declared}.yaml")
 
 
 def _check_resume(cfg: DictConfig) -> None:
@@ -340,6 +381,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (a last.ckpt from an earlier run's "
                                 "checkpoints/ folder resumes it)")
+    resolve_backbone_task(cfg, training=True)
     if cfg.get("ckpt_path"):
         _check_resume(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
@@ -407,6 +449,8 @@ def evaluate(cfg: DictConfig) -> dict:
     L.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("predictions") and cfg.get("ckpt"):
         raise ConfigError("pass either ckpt= (predict, then score) or predictions= (score files), not both")
+    if not cfg.get("predictions") and not cfg.get("ckpt"):
+        resolve_backbone_task(cfg)
     if cfg.get("predictions"):
         model = PrecomputedPredictions(cfg.predictions, cfg.task.name, cfg.dataset.name, task_options(cfg),
                                        int(cfg.gallery_size), flip_normals_x=bool(cfg.predictions_flip_normals_x))
@@ -440,6 +484,8 @@ def predict(cfg: DictConfig) -> None:
     from densediff.inference.predict import check_outputs, predict_images
 
     check_config(cfg)
+    if not cfg.get("ckpt"):
+        resolve_backbone_task(cfg)
     task = cfg.task.name
     if cfg.get("ckpt") and Path(cfg.ckpt).is_file():
         paradigm, trained_task = checkpoint_identity(Path(cfg.ckpt))

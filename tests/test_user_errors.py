@@ -2,6 +2,7 @@
 
 import csv
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import FAST, read_metrics, run_cli
+from densediff.backbones.tiny import TINY_DIR
 from test_data_benchmarks import make_diode
 
 
@@ -152,3 +154,44 @@ def test_ignored_recipe_option_warns_once(tmp_path):
                      "dataset.test.num_scenes=1", "inference.steps=1", f"hydra.run.dir={tmp_path / 'r'}",
                      "trainer.enable_progress_bar=false")
     assert (result.stdout + result.stderr).count("inference.guidance=2.0 has no effect") == 1
+
+
+# ----------------------------------------------------------------------------- item 10: a backbone's task
+
+
+def tiny_folder(path, class_name):
+    """The shipped tiny backbone under another model_index.json (its weights linked, not copied)."""
+    path.mkdir()
+    for sub in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
+        (path / sub).symlink_to(TINY_DIR / sub, target_is_directory=True)
+    index = json.loads((TINY_DIR / "model_index.json").read_text())
+    (path / "model_index.json").write_text(json.dumps({**index, "_class_name": class_name}))
+    return path
+
+
+def test_the_backbone_declares_what_it_predicts(tmp_path):
+    normals_folder = tiny_folder(tmp_path / "normals_model", "MarigoldNormalsPipeline")
+    generic_folder = tiny_folder(tmp_path / "e2e_ft_model", "StableDiffusionPipeline")
+    image = write_image(tmp_path / "in" / "a.png")
+    for i, backbone in enumerate([["backbone=marigold_normals", f"backbone.path={normals_folder}"],  # config + folder
+                                  [f"backbone.path={normals_folder}"],  # backbone=tiny: the folder says normals
+                                  ["backbone=marigold_e2e_ft_normals", f"backbone.path={generic_folder}"]]):  # config
+        out = tmp_path / f"out{i}"
+        run_cli("predict.py", *backbone, f"input={image}", f"output={out}", f"hydra.run.dir={tmp_path / f'r{i}'}")
+        normals = np.load(out / "a.npy")
+        assert normals.shape == (24, 32, 3) and np.allclose(np.linalg.norm(normals, axis=-1), 1, atol=1e-3)
+    result = run_cli("predict.py", "backbone=marigold_normals", f"backbone.path={normals_folder}", "task=depth",
+                     f"input={image}", f"output={tmp_path / 'bad'}", f"hydra.run.dir={tmp_path / 'bad_r'}",
+                     expect_ok=False)
+    assert_one_line_error(result, "predicts normals", "task=depth")
+    run = tmp_path / "evaluated"  # evaluate.py: the task (and its metrics) follow the backbone too
+    run_cli("evaluate.py", "backbone=marigold_normals", f"backbone.path={normals_folder}", "dataset=procedural",
+            "dataset.test.num_scenes=2", f"hydra.run.dir={run}", "trainer.enable_progress_bar=false")
+    assert "angular_mean" in read_metrics(run)
+
+
+def test_generic_backbone_predicts_whatever_the_task_says(tmp_path):
+    image = write_image(tmp_path / "in" / "a.png")
+    run_cli("predict.py", "backbone=tiny", "task=normals", f"input={image}", f"output={tmp_path / 'out'}",
+            f"hydra.run.dir={tmp_path / 'r'}")
+    assert np.load(tmp_path / "out" / "a.npy").shape == (24, 32, 3)
