@@ -54,6 +54,7 @@ class ConfigError(ValueError):
 def user_errors():
     """Turn the errors a user can fix (bad config, missing path, a file that cannot be read) into one clear line
     and exit code 1."""
+    _route_library_logs()
     try:
         yield
     except (ConfigError, FileNotFoundError, FileExistsError, DataReadError) as error:
@@ -71,6 +72,19 @@ def _own_message(error: BaseException) -> str:
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
     at = text.rfind(f"\n{name}: ")
     return text[at + len(name) + 3:].strip() if at >= 0 else text
+
+
+def _route_library_logs() -> None:
+    """Lightning gives its loggers their own console handler and stops propagation when it is imported before
+    logging is set up (it is, here); hand them back to the root logger Hydra configured, so the job's log file
+    (train.log, evaluate.log) gets their messages too."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(handler)
+        logger.propagate = True
 
 
 def run_dir() -> Path:
@@ -351,12 +365,13 @@ def _strip_stage(results: list[dict], stage: str) -> dict:
     return {k.split("/", 1)[1]: float(v) for k, v in merged.items() if k.startswith(f"{stage}/")}
 
 
-def print_summary(title: str, metrics: dict, directory: Path) -> None:
+def print_summary(title: str, metrics: dict, directory: Path, checkpoints: Path | None = None) -> None:
     width = max(len(k) for k in metrics) if metrics else 0
     lines = [f"\n{title}", f"  run directory: {directory}"]
     lines += [f"  {k:<{width}}  {v:.4f}" for k, v in metrics.items()]
     lines += [f"  metrics:       {directory / 'metrics.json'}", f"  gallery:       {directory / 'gallery.png'}"]
-    print("\n".join(lines), flush=True)
+    lines += [f"  checkpoints:   {checkpoints}"] if checkpoints else []
+    log.info("\n".join(lines))  # the console and the run's log file (Hydra's job logging)
 
 
 def _finish_loggers() -> None:
@@ -399,8 +414,7 @@ def train(cfg: DictConfig) -> dict:
         if trainer.is_global_zero:
             write_metrics(metrics, run_dir() / "metrics.json")
             print_summary(f"trained {cfg.task_name}: validation metrics after {trainer.global_step} steps",
-                          metrics, run_dir())
-            print(f"  checkpoints:   {run_dir() / 'checkpoints'}", flush=True)
+                          metrics, run_dir(), checkpoints=run_dir() / "checkpoints")
     finally:
         _finish_loggers()
     return metrics

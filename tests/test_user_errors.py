@@ -195,3 +195,39 @@ def test_generic_backbone_predicts_whatever_the_task_says(tmp_path):
     run_cli("predict.py", "backbone=tiny", "task=normals", f"input={image}", f"output={tmp_path / 'out'}",
             f"hydra.run.dir={tmp_path / 'r'}")
     assert np.load(tmp_path / "out" / "a.npy").shape == (24, 32, 3)
+
+
+# ----------------------------------------------------------------------------- item 11: interfaces that agree
+
+
+@pytest.mark.parametrize("dataset", ["hypersim", "hypersim_vkitti2"])
+def test_every_dataset_config_takes_dataset_root(dataset, tmp_path):
+    root = tmp_path / "elsewhere"
+    result = run_cli("train.py", "experiment=quickstart", f"dataset={dataset}", f"dataset.root={root}",
+                     f"hydra.run.dir={tmp_path / 'r'}", expect_ok=False)
+    assert_one_line_error(result, f"Hypersim root {root}")
+
+
+def test_readme_multirun_works_as_written_and_jobs_log_to_their_files(tmp_path):
+    """No hydra.sweep.dir: the default sweep folder under <cwd>/outputs (the command is run from tmp_path)."""
+    fast = [o for o in FAST if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))]
+    run_cli("train.py", "-m", "experiment=quickstart", "adapter=lora,full", "logger=csv", *fast,
+            "trainer.max_steps=1", "trainer.val_check_interval=1", cwd=tmp_path)
+    sweeps = list((tmp_path / "outputs" / "quickstart" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    for job in ("0", "1"):
+        assert "abs_rel" in read_metrics(sweeps[0] / job)
+        log = (sweeps[0] / job / "train.log").read_text()
+        assert "validation metrics after 1 steps" in log and "abs_rel" in log
+
+
+def test_ddp_evaluate_scores_every_sample_once(tmp_path):
+    run = tmp_path / "ddp"
+    run_cli("evaluate.py", "backbone=tiny", "dataset=procedural", "dataset.test.num_scenes=5",
+            "dataset.val_batch_size=2", "trainer=ddp", "trainer.accelerator=cpu", f"hydra.run.dir={run}", "trainer.enable_progress_bar=false")
+    rows = list(csv.DictReader(open(run / "per_image.csv")))
+    assert [row["name"] for row in rows] == [f"procedural/test/{i:06d}" for i in range(5)]  # 5, not 6 padded
+    mean_abs_rel = sum(float(row["abs_rel"]) for row in rows) / len(rows)
+    assert mean_abs_rel == pytest.approx(read_metrics(run)["abs_rel"], rel=1e-5)
+    assert "abs_rel" in (run / "evaluate.log").read_text()
+    assert (run / "train_ddp_process_1.log").is_file()  # Lightning's second process ran in the same folder
