@@ -4,9 +4,11 @@ it turns the config into plain arguments for the package's classes (docs/archite
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -15,11 +17,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.utils.data import IterableDataset
 
 from densediff import threads
+from densediff.backbones.load import declared_task
 from densediff.callbacks import NonFiniteTrainingError, SkipNonFiniteSteps
 from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients
 from densediff.data.common import DataReadError
@@ -35,6 +40,7 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 # The streamed shards have a length on purpose (exact resume); they split across workers themselves.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 ASSETS = Path(__file__).resolve().parent / "assets"
+CONF = Path(__file__).resolve().parent.parent / "conf"
 OmegaConf.register_new_resolver("densediff_asset", lambda name: str(ASSETS / name), replace=True)
 
 
@@ -55,11 +61,37 @@ class ConfigError(ValueError):
 def user_errors():
     """Turn the errors a user can fix (bad config, missing path, a file that cannot be read) into one clear line
     and exit code 1."""
+    _route_library_logs()
     try:
         yield
     except (ConfigError, FileNotFoundError, FileExistsError, DataReadError, NonFiniteTrainingError) as error:
-        print(f"\nerror: {error}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
+        print(f"\nerror: {_own_message(error)}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def _own_message(error: BaseException) -> str:
+    """The error's own text. A DataLoader worker's exception is re-raised in the main process with the worker's
+    whole traceback as its message; only the last line, the original message, is for the user."""
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return text
+    kind = type(error)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    at = text.rfind(f"\n{name}: ")
+    return text[at + len(name) + 3:].strip() if at >= 0 else text
+
+
+def _route_library_logs() -> None:
+    """Lightning gives its loggers their own console handler and stops propagation when it is imported before
+    logging is set up (it is, here); hand them back to the root logger Hydra configured, so the job's log file
+    (train.log, evaluate.log) gets their messages too."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(handler)
+        logger.propagate = True
 
 
 def run_dir() -> Path:
@@ -150,6 +182,123 @@ def inference_options(cfg: DictConfig, stage: str, saved: dict | None = None) ->
     return options
 
 
+# Counts Lightning or the DataLoader would reject deep inside a traceback (or take as text): key -> (least, meaning)
+COUNT_KEYS = {"trainer.max_steps": (-1, "optimizer steps, -1 for no limit"),
+              "trainer.accumulate_grad_batches": (1, "batches per optimizer step"),
+              "dataset.batch_size": (1, "samples per training batch"),
+              "dataset.val_batch_size": (1, "samples per validation/test batch"),
+              "dataset.num_workers": (0, "DataLoader worker processes, 0 for the main process")}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Values that cannot work, refused at start-up by key before anything is built."""
+    for key, (least, meaning) in COUNT_KEYS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ConfigError(f"{key}={value} is not valid: it counts {meaning}, an integer >= {least}")
+    if OmegaConf.select(cfg, "backbone.attention") == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise ConfigError("backbone.attention=xformers needs the optional extra: pip install 'densediff[xformers]' "
+                          "(CUDA only); the default backbone.attention=sdpa needs nothing")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A train.py checkpoint, memory-mapped; a file torch cannot read is a DataReadError naming it."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:  # torch reports a torn or foreign file in many ways, none naming it
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataReadError(f"cannot read checkpoint {path}: truncated, corrupt or not a checkpoint of train.py "
+                            f"({cause})") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise DataReadError(f"cannot read checkpoint {path}: it holds no state_dict (not a checkpoint of train.py)")
+    return checkpoint
+
+
+def _command_line_keys() -> set[str]:
+    return {o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+
+
+def _task_is_explicit() -> bool:
+    """task= on the command line, or chosen by the experiment file (every recipe names its task)."""
+    if "task" in _command_line_keys():
+        return True
+    experiment = HydraConfig.get().runtime.choices.get("experiment")
+    if not experiment or not (CONF / "experiment" / f"{experiment}.yaml").is_file():
+        return False
+    defaults = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml").get("defaults") or []
+    return any(isinstance(d, DictConfig) and any(str(k).removeprefix("override").strip(" /") == "task" for k in d)
+               for d in defaults)
+
+
+def resolve_backbone_task(cfg: DictConfig, training: bool = False) -> None:
+    """What the backbone predicts is part of the backbone: a folder passed as backbone.path declares it through its
+    model_index.json (MarigoldNormalsPipeline, ...), else the backbone config's `task` (null: any task, as SD or
+    the tiny backbone). Without an explicit task= it becomes the task. A different explicit task is an error when
+    predicting (the output would be decoded as the wrong quantity); training may re-purpose a model, with a note."""
+    declared, source = cfg.backbone.get("task"), f"backbone={cfg.backbone.name}"
+    if "backbone.path" in _command_line_keys():
+        from_folder = declared_task(cfg.backbone.path)
+        if from_folder:
+            declared, source = from_folder, f"backbone.path={cfg.backbone.path} (model_index.json)"
+    if not declared or declared == cfg.task.name:
+        return
+    if _task_is_explicit():
+        if training:
+            log.warning("%s predicts %s; fine-tuning it for task=%s", source, declared, cfg.task.name)
+            return
+        raise ConfigError(f"{source} predicts {declared}, but task={cfg.task.name}; pass task={declared} (or a "
+                          f"backbone that predicts {cfg.task.name})")
+    log.info("%s predicts %s: task=%s", source, declared, declared)
+    with open_dict(cfg):
+        cfg.task = OmegaConf.load(CONF / "task" / f"{declared}.yaml")
+
+
+def _check_resume(cfg: DictConfig) -> None:
+    """A checkpoint resumes only the kind of run that wrote it: same paradigm and adapter (checked before the model
+    is built; Lightning would fail on the first missing weight with a traceback)."""
+    checkpoint = read_checkpoint(Path(cfg.ckpt_path))
+    saved = checkpoint.get("hyper_parameters", {})
+    paradigm = checkpoint.get("densediff_paradigm", "e2e")
+    ours = "geowizard" if cfg.backbone.get("layout") == "geowizard" else getattr(
+        PARADIGMS.get(cfg.objective.name), "paradigm", paradigm)
+    if paradigm != ours:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} was trained by paradigm {paradigm!r}, this run is {ours!r} "
+                          f"(objective={cfg.objective.name}); resume with the settings of the run that wrote it")
+    if saved.get("adapter") not in (None, cfg.adapter.kind):
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} was trained with adapter={saved['adapter']}, this run has "
+                          f"adapter={cfg.adapter.kind}; resume with adapter={saved['adapter']}, or start a new run "
+                          "from the backbone")
+
+
+def _check_captions(cfg: DictConfig, datamodule: DenseDataModule) -> None:
+    """objective.prompts=dataset needs a caption per sample; say so before training, not at the first step."""
+    dataset = datamodule.datasets["train"]
+    if cfg.objective.get("prompts") != "dataset" or dataset is None or isinstance(dataset, IterableDataset):
+        return
+    if "prompt" not in dataset[0]:
+        raise ConfigError(f"objective.prompts=dataset conditions on each sample's caption, but dataset="
+                          f"{cfg.dataset.name} has none; use a captioned dataset (dataset=synthetic_bedrooms) or "
+                          "objective.prompts=empty")
+
+
+def _warn_ignored_options(model, options: InferenceOptions, stage: str) -> None:
+    """Say once (on rank 0) when a set option cannot act: recipes carry settings for variants they were not run as."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    prompts = stage != "predict" and getattr(getattr(model, "estimator", None), "text_encoder", None) is not None
+    if options.guidance != 1 and not prompts:
+        log.warning("inference.guidance=%s has no effect: classifier-free guidance needs prompts (a model trained "
+                    "with objective.prompts=dataset, scored on a captioned dataset)", options.guidance)
+
+
+def _check_finite(metrics: dict, directory: Path) -> None:
+    """A NaN score is never reported as a result."""
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise DataReadError(f"metrics {', '.join(bad)} are not finite (see {directory / 'metrics.json'}): no sample "
+                            "had a valid ground-truth pixel, or the predictions hold NaN/inf")
+
+
 def use_half_precision(model: L.LightningModule, device: torch.device) -> None:
     """inference.half: fp16 weights for the UNet and VAE (Marigold's --fp16); fp16 convolutions need CUDA."""
     if device.type != "cuda":
@@ -193,7 +342,12 @@ def build_dataset(cfg: DictConfig, split: str, stream: bool = False):
     node = cfg.dataset.get(split)
     if node is None:
         raise ConfigError(f"dataset={cfg.dataset.name} has no '{split}' split")
-    return instantiate(node, _convert_="all")
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as error:  # Hydra's wrapper around a loader's own message (a missing root, ...)
+        if isinstance(error.__cause__, (ConfigError, FileNotFoundError, DataReadError)):
+            raise error.__cause__ from None
+        raise
 
 
 def build_datamodule(cfg: DictConfig, splits: tuple[str, ...]) -> DenseDataModule:
@@ -252,15 +406,16 @@ def _strip_stage(results: list[dict], stage: str) -> dict:
     return {k.split("/", 1)[1]: float(v) for k, v in merged.items() if k.startswith(f"{stage}/")}
 
 
-def print_summary(title: str, metrics: dict, directory: Path) -> None:
+def print_summary(title: str, metrics: dict, directory: Path, checkpoints: Path | None = None) -> None:
     width = max(len(k) for k in metrics) if metrics else 0
     lines = [f"\n{title}", f"  run directory: {directory}"]
     lines += [f"  {k:<{width}}  {v:.4f}" for k, v in metrics.items()]
     lines += [f"  metrics:       {directory / 'metrics.json'}", f"  gallery:       {directory / 'gallery.png'}"]
+    lines += [f"  checkpoints:   {checkpoints}"] if checkpoints else []
     if metrics.get("negative_scale", 0) > 0:  # the alignment turned inverted depth into a score: say so
         lines.append(f"  warning: {metrics['negative_scale']:.0%} of the images needed a negative scale to align: "
                      "the model predicts (partly) inverted depth, which the metrics above do not show")
-    print("\n".join(lines), flush=True)
+    log.info("\n".join(lines))  # the console and the run's log file (Hydra's job logging)
 
 
 def _finish_loggers() -> None:
@@ -324,18 +479,24 @@ class RunDirGuard(Callback):
 
 def train(cfg: DictConfig) -> dict:
     _check_fresh_run_dir(cfg)
+    check_config(cfg)
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (a last.ckpt from an earlier run's "
                                 "checkpoints/ folder resumes it)")
     if os.environ.get("LOCAL_RANK", "0") == "0":  # what a run killed mid-write left (its targets are intact)
         for folder in (run_dir(), run_dir() / "checkpoints"):
             remove_temporaries(folder)
+    resolve_backbone_task(cfg, training=True)
+    if cfg.get("ckpt_path"):
+        _check_resume(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     saved = saved_inference(Path(cfg.ckpt_path)) if cfg.get("ckpt_path") else None
     options = inference_options(cfg, "train", saved)
     model = build_model(cfg)
     model.configure_inference(options)
+    _warn_ignored_options(model, options, "train")
     datamodule = build_datamodule(cfg, ("train", "val", None))
+    _check_captions(cfg, datamodule)
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, model, loggers, checkpoints=True, datamodule=datamodule)
     try:
@@ -344,8 +505,7 @@ def train(cfg: DictConfig) -> dict:
         if trainer.is_global_zero:
             write_metrics(metrics, run_dir() / "metrics.json")
             print_summary(f"trained {cfg.task_name}: validation metrics after {trainer.global_step} steps",
-                          metrics, run_dir())
-            print(f"  checkpoints:   {run_dir() / 'checkpoints'}", flush=True)
+                          metrics, run_dir(), checkpoints=run_dir() / "checkpoints")
     finally:
         _finish_loggers()
     return metrics
@@ -362,7 +522,7 @@ def load_checkpoint_model(cfg: DictConfig) -> L.LightningModule:
     if task == cfg.task.name:
         # The checkpoint's own task options (its codec: DMP float depth, a palette, ...), updated with the dataset's
         # protocol (valid range, alignment) and whatever task.* the command line sets explicitly.
-        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("hyper_parameters", {})
+        saved = read_checkpoint(path).get("hyper_parameters", {})
         current = task_options(cfg)
         explicit = {o.split("=")[0].lstrip("+~").removeprefix("task.") for o in command_line
                     if o.lstrip("+~").startswith("task.")}
@@ -387,19 +547,22 @@ def saved_inference(path: Path) -> dict | None:
     """The inference options a train.py checkpoint was validated with (its recipe's), or None."""
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("densediff_inference")
+    return read_checkpoint(path).get("densediff_inference")
 
 
 def checkpoint_identity(path: Path) -> tuple[str, str]:
     """(paradigm, task) of a train.py checkpoint, read without building the model."""
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    checkpoint = read_checkpoint(path)
     return checkpoint.get("densediff_paradigm", "e2e"), checkpoint.get("hyper_parameters", {}).get("task")
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    check_config(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("predictions") and cfg.get("ckpt"):
         raise ConfigError("pass either ckpt= (predict, then score) or predictions= (score files), not both")
+    if not cfg.get("predictions") and not cfg.get("ckpt"):
+        resolve_backbone_task(cfg)
     if cfg.get("predictions"):
         model = PrecomputedPredictions(cfg.predictions, cfg.task.name, cfg.dataset.name, task_options(cfg),
                                        int(cfg.gallery_size), flip_normals_x=bool(cfg.predictions_flip_normals_x))
@@ -408,6 +571,7 @@ def evaluate(cfg: DictConfig) -> dict:
         model = load_checkpoint_model(cfg) if cfg.get("ckpt") else build_model(cfg)
         options = inference_options(cfg, "evaluate", saved)
         model.configure_inference(options)
+        _warn_ignored_options(model, options, "evaluate")
         if options.half:
             use_half_precision(model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.get("ckpt") and model.task.name != cfg.task.name:
@@ -418,10 +582,12 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, model, loggers, checkpoints=False)
     try:
         metrics = _strip_stage(trainer.test(model, datamodule=datamodule, verbose=False), "test")
-        write_metrics(metrics, run_dir() / "metrics.json")
-        source = cfg.ckpt or (f"predictions={cfg.predictions}" if cfg.get("predictions") else
-                              f"backbone={cfg.backbone.name} (not fine-tuned)")
-        print_summary(f"evaluated {source} on {cfg.dataset.name}/{cfg.split}", metrics, run_dir())
+        if trainer.is_global_zero:  # under DDP every process has the synchronised metrics; one writes them
+            write_metrics(metrics, run_dir() / "metrics.json")
+            source = cfg.ckpt or (f"predictions={cfg.predictions}" if cfg.get("predictions") else
+                                  f"backbone={cfg.backbone.name} (not fine-tuned)")
+            print_summary(f"evaluated {source} on {cfg.dataset.name}/{cfg.split}", metrics, run_dir())
+        _check_finite(metrics, run_dir())
     finally:
         _finish_loggers()
     return metrics
@@ -430,6 +596,9 @@ def evaluate(cfg: DictConfig) -> dict:
 def predict(cfg: DictConfig) -> None:
     from densediff.inference.predict import check_outputs, predict_images
 
+    check_config(cfg)
+    if not cfg.get("ckpt"):
+        resolve_backbone_task(cfg)
     task = cfg.task.name
     if cfg.get("ckpt") and Path(cfg.ckpt).is_file():
         paradigm, trained_task = checkpoint_identity(Path(cfg.ckpt))
@@ -441,9 +610,13 @@ def predict(cfg: DictConfig) -> None:
     model.configure_inference(options)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
+    _warn_ignored_options(model, options, "predict")
     if options.half:
         use_half_precision(model, device)
     written, skipped = predict_images(model, root, images, cfg.output, device)
+    if skipped and not written:
+        raise DataReadError(f"none of the {len(skipped)} images of input={cfg.input} could be read:\n  "
+                            + "\n  ".join(skipped))
     print(f"\nwrote {written} predictions to {cfg.output}" + (f"; skipped {len(skipped)} unreadable:" if skipped else ""))
     for message in skipped:
         print(f"  {message}")

@@ -20,13 +20,15 @@ FAST = ["trainer.max_steps=2", "trainer.val_check_interval=2", "dataset.val.num_
         "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
 
 
-def run_cli(script: str, *overrides: str, expect_ok: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run an entry point (`train.py`, ...) or a module (`"-m", "densediff.export"`) with key=value arguments."""
+def run_cli(script: str, *overrides: str, expect_ok: bool = True, timeout: int = 600,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run an entry point (`train.py`, ...) or a module (`"-m", "densediff.export"`) with key=value arguments, from
+    `cwd` (the default roots data/, models/ and outputs/ are below it)."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
            "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, *(["-m", overrides[0]] if script == "-m" else [str(ROOT / script)])]
     overrides = overrides[1:] if script == "-m" else overrides
-    result = subprocess.run([*command, *overrides], cwd=ROOT, env=env,
+    result = subprocess.run([*command, *overrides], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if expect_ok and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(overrides)} failed ({result.returncode}):\n"

@@ -291,10 +291,12 @@ def test_quickstart_trains_two_steps_from_the_fixtures(dataset, hypersim_root, v
     train = "dataset.train" if dataset == "hypersim" else "dataset.train.datasets.0"
     sizes = [f"+{train}.height={H}", f"+{train}.width={W}", f"+dataset.val.height={H}", f"+dataset.val.width={W}",
              "dataset.val.split=train"]  # the fixture holds the train folder only
+    root = hypersim_root  # dataset.root: the dataset's own folder; the mixed one's holds hypersim/ (and vkitti2/)
     if dataset == "hypersim_vkitti2":
-        sizes += [f"dataset.train.datasets.1.root={vkitti_root}", f"+dataset.train.datasets.1.crop_size=[{CROP[0]},"
+        root = hypersim_root.parent.parent
+        sizes += [f"dataset.vkitti2_root={vkitti_root}", f"+dataset.train.datasets.1.crop_size=[{CROP[0]},"
                   f"{CROP[1]}]"]
     run = tmp_path / "run"
-    run_cli("train.py", "experiment=quickstart", f"dataset={dataset}", f"paths.data_dir={hypersim_root.parent.parent}",
+    run_cli("train.py", "experiment=quickstart", f"dataset={dataset}", f"dataset.root={root}",
             "dataset.num_workers=0", "logger=csv", f"hydra.run.dir={run}", *fast, *sizes)
     assert "abs_rel" in read_metrics(run)

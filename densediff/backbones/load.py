@@ -6,6 +6,7 @@ folder that loads here also loads in diffusers, and vice versa.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -60,6 +61,20 @@ def resolve_backbone_path(path: str | os.PathLike) -> str:
     if _HUB_ID.match(path) and not path.startswith((".", "/", "~")):
         return path  # a hub id: from_pretrained resolves it (or fails clearly below when offline)
     raise BackboneNotFoundError(_missing_message(str(local), "not found"))
+
+
+# The diffusers pipelines that say what a folder's UNet was trained to predict (model_index.json `_class_name`).
+PIPELINE_TASKS = {"MarigoldDepthPipeline": "depth", "MarigoldNormalsPipeline": "normals"}
+
+
+def declared_task(path: str | os.PathLike) -> str | None:
+    """The task a local backbone folder declares through its model_index.json, or None (a hub id, a generic
+    pipeline such as StableDiffusionPipeline, no or an unreadable model_index.json)."""
+    index = Path(str(path)).expanduser() / "model_index.json"
+    try:
+        return PIPELINE_TASKS.get(json.loads(index.read_text()).get("_class_name"))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def widen_conv_in(unet: UNet2DConditionModel, in_channels: int = 8, halve_bias: bool = False) -> None:

@@ -94,6 +94,19 @@ class ResumableShuffleSampler(DistributedSampler):
         return iter([EpochIndex(i, self.epoch) for i in indices])
 
 
+class EverySampleOnce(DistributedSampler):
+    """Splits an evaluation set across processes without repeats: rank r takes r, r + W, r + 2W, ... Lightning's
+    DistributedSampler pads the last round with repeated samples, which a test score would count twice. A subclass
+    of DistributedSampler, so Lightning keeps it instead of putting its own in."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples, self.total_size = len(range(rank, len(dataset), num_replicas)), len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
 class DenseDataModule(L.LightningDataModule):
     def __init__(self, train: Dataset | None = None, val: Dataset | None = None, test: Dataset | None = None,
                  batch_size: int = 8, val_batch_size: int | None = None, num_workers: int = 0,
@@ -140,8 +153,15 @@ class DenseDataModule(L.LightningDataModule):
         sampler = ResumableShuffleSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed)
         return self._loader("train", ResumableLoader, batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
+    def _evaluation_loader(self, split: str) -> DataLoader:
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1 or self.datasets[split] is None:
+            return self._loader(split, batch_size=self.val_batch_size, shuffle=False)
+        sampler = EverySampleOnce(self.datasets[split], trainer.world_size, trainer.global_rank)
+        return self._loader(split, batch_size=self.val_batch_size, sampler=sampler)
+
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", batch_size=self.val_batch_size, shuffle=False)
+        return self._evaluation_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", batch_size=self.val_batch_size, shuffle=False)
+        return self._evaluation_loader("test")

@@ -444,4 +444,4 @@ class DIODE(MarigoldDepthBenchmark):
         mask = self._read_npy(rel)
         if mask.shape != depth.shape:
             raise DataReadError(f"cannot read {self.files.where(rel)}: mask is {mask.shape}, the depth {depth.shape}")
-        return mask.astype(bool)
+        return mask.astype(bool) & np.isfinite(depth)  # a non-finite depth inside the mask is no measurement

@@ -72,13 +72,19 @@ def check_outputs(source: str | Path, output: str | Path, task: str, overwrite: 
 
 
 def load_rgb(path: Path) -> torch.Tensor:
-    """[1,3,H,W] float in [0,1]; raises ValueError naming the file when it cannot be decoded."""
+    """[1,3,H,W] float in [0,1]; raises ValueError naming the file when it cannot be decoded. 16-bit and 32-bit
+    grayscale (PIL modes I;16, I) are scaled by 65535 and float (F) taken as [0, 1]: PIL's convert("RGB") would
+    clip them to 255, i.e. white."""
     try:
         with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+            if image.mode.startswith("I") or image.mode == "F":
+                grey = np.asarray(image, dtype=np.float32) / (1.0 if image.mode == "F" else 65535.0)
+                array = np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=-1)
+            else:
+                array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
-    return torch.from_numpy(array).permute(2, 0, 1)[None]
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
 
 
 def depth_full_scale(task) -> float:

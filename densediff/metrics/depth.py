@@ -23,7 +23,7 @@ class DepthMetrics(Metric):
     """Depth metrics averaged over images. `update(pred, target, mask=None)` with (B, H, W) (or (B, 1, H, W)).
 
     Valid pixels: min_depth < target < max_depth (strict, MG `get_valid_mask`) and `mask`; with
-    `range_mask=False` only `mask` and target > 0 (DIODE: Marigold trusts the mask file and uses the range only to
+    `range_mask=False` only `mask` and 0 < target < inf (DIODE: Marigold trusts the mask file and uses the range only to
     clip the prediction). Per image:
     1. align (`least_squares`: depth space, MG default for every E2E/MG table; `least_squares_disparity`: MG's
        unused variant, see alignment.py; `none`: metric-depth predictions), the fit optionally on Marigold's
@@ -60,6 +60,7 @@ class DepthMetrics(Metric):
         `n_valid` (B,). `update` uses exactly this; evaluate.py can write it as a per-image CSV."""
         pred, target = _squeeze_channel(pred), _squeeze_channel(target)
         valid = (target > self.min_depth) & (target < self.max_depth) if self.range_mask else target > 0
+        valid = valid & torch.isfinite(target)  # inf/NaN GT is no measurement (it would make every metric NaN)
         if mask is not None:
             valid = valid & _squeeze_channel(mask).bool()
         negative = torch.zeros(pred.shape[0], dtype=torch.bool, device=pred.device)

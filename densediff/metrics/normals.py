@@ -80,7 +80,7 @@ class NormalMetrics(Metric):
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         err = angular_error_deg(pred, target)  # (B, H, W)
-        valid = _length(target.float()) > self.min_target_norm
+        valid = (_length(target.float()) > self.min_target_norm) & torch.isfinite(target).all(1)  # inf/NaN: no GT
         if mask is not None:
             valid = valid & (mask[:, 0] if mask.dim() == 4 else mask).bool()
         thr = torch.tensor(list(NORMAL_THRESHOLDS.values()), device=err.device)

@@ -58,13 +58,25 @@ class DenseEvaluation(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
-        if self._test_rows and self.trainer.is_global_zero:
+        rows = self._all_test_rows()
+        if rows and self.trainer.is_global_zero:
             with atomic_write(Path(self.trainer.default_root_dir) / "per_image.csv") as tmp, \
                     open(tmp, "w", newline="") as file:
-                writer = csv.DictWriter(file, fieldnames=list(self._test_rows[0]))
+                writer = csv.DictWriter(file, fieldnames=list(rows[0]))
                 writer.writeheader()
-                writer.writerows(self._test_rows)
+                writer.writerows(rows)
         self._test_rows = []
+
+    def _all_test_rows(self) -> list[dict]:
+        """Every process's rows in dataset order: under DDP rank r scores samples r, r + W, ... (EverySampleOnce in
+        the datamodule), so the gathered lists interleave back (exactly while every sample has its row)."""
+        world = self.trainer.world_size
+        if world == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return self._test_rows
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, self._test_rows)
+        longest = max(len(rows) for rows in gathered)
+        return [rows[i] for i in range(longest) for rows in gathered if i < len(rows)]
 
     def _log_metrics(self, metrics, stage: str) -> None:
         values = metrics.compute()  # synchronised across processes by torchmetrics

@@ -1,0 +1,233 @@
+"""Bad input gets one clear line naming the file or key (issue 11, items 9-11), through the real entry points."""
+
+import csv
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FAST, read_metrics, run_cli
+from densediff.backbones.tiny import TINY_DIR
+from test_data_benchmarks import make_diode
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "Traceback" not in result.stderr and "Original Traceback" not in result.stderr, result.stderr[-4000:]
+    error = result.stderr[result.stderr.index("error: "):]
+    for needle in needles:
+        assert str(needle) in error, error
+
+
+def write_image(path, shape=(24, 32, 3), seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8)).save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- item 9: bad input
+
+
+@pytest.fixture
+def broken_checkpoints(tmp_path):
+    random_bytes = tmp_path / "random.ckpt"
+    random_bytes.write_bytes(os.urandom(4096))
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(4096)}, "hyper_parameters": {"task": "depth"}}, whole)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    return random_bytes, truncated
+
+
+def test_random_or_truncated_checkpoint_is_named(broken_checkpoints, tmp_path):
+    random_bytes, truncated = broken_checkpoints
+    image = write_image(tmp_path / "in" / "a.png")
+    for result, path in [
+        (run_cli("evaluate.py", f"ckpt={random_bytes}", f"hydra.run.dir={tmp_path / 'e'}", expect_ok=False),
+         random_bytes),
+        (run_cli("predict.py", f"ckpt={truncated}", f"input={image}", f"output={tmp_path / 'out'}",
+                 f"hydra.run.dir={tmp_path / 'p'}", expect_ok=False), truncated),
+        (run_cli("train.py", f"ckpt_path={truncated}", f"hydra.run.dir={tmp_path / 't'}", expect_ok=False),
+         truncated),
+    ]:
+        assert_one_line_error(result, f"cannot read checkpoint {path}")
+
+
+def _diode_with_predictions(tmp_path):
+    root = make_diode(tmp_path / "diode")
+    predictions = tmp_path / "predictions"
+    for line in (root / "diode_val_all_filename_list.txt").read_text().split():
+        if line.endswith(".png"):
+            (predictions / line).parent.mkdir(parents=True, exist_ok=True)
+            np.save(predictions / line.replace(".png", ".npy"),
+                    np.random.default_rng(1).uniform(0, 1, (48, 64)).astype(np.float32))
+    return root, predictions
+
+
+def _evaluate_diode(root, predictions, run, *extra, expect_ok=True):
+    return run_cli("evaluate.py", "dataset=diode", f"dataset.root={root}", f"predictions={predictions}", "logger=csv",
+                   f"hydra.run.dir={run}", "trainer.enable_progress_bar=false", *extra, expect_ok=expect_ok)
+
+
+def test_corrupt_image_read_by_a_worker_is_one_line(tmp_path):
+    root, predictions = _diode_with_predictions(tmp_path)
+    corrupt = next(root.rglob("*indoors_000_010.png"))
+    corrupt.write_bytes(b"not a png")
+    result = _evaluate_diode(root, predictions, tmp_path / "run", "dataset.num_workers=1", expect_ok=False)
+    assert_one_line_error(result, "cannot read", corrupt.name)
+    assert len(result.stderr[result.stderr.index("error: "):].strip().splitlines()) == 2  # message + the hint
+
+
+@pytest.mark.parametrize("override, key", [("trainer.max_steps=abc", "trainer.max_steps=abc"),
+                                           ("dataset.batch_size=0", "dataset.batch_size=0")])
+def test_bad_counts_are_refused_by_key(override, key, tmp_path):
+    result = run_cli("train.py", "experiment=quickstart", override, f"hydra.run.dir={tmp_path / 'r'}", expect_ok=False)
+    assert_one_line_error(result, key, "an integer >=")
+
+
+def test_resume_with_another_adapter_is_refused(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"  # a full fine-tune
+    result = run_cli("train.py", "experiment=quickstart", "adapter=lora", "logger=csv", f"ckpt_path={ckpt}",
+                     f"hydra.run.dir={tmp_path / 'r'}", *FAST, expect_ok=False)
+    assert_one_line_error(result, "adapter=full", "adapter=lora")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")
+def test_xformers_without_xformers_is_refused(tmp_path):
+    result = run_cli("train.py", "backbone.attention=xformers", f"hydra.run.dir={tmp_path / 'r'}", expect_ok=False)
+    assert_one_line_error(result, "backbone.attention=xformers", "pip install")
+
+
+def test_prompts_from_a_dataset_without_captions_fail_at_start_up(tmp_path):
+    run = tmp_path / "r"
+    result = run_cli("train.py", "experiment=dmp_depth", "backbone=tiny", "dataset=procedural", "logger=csv",
+                     "objective.prompts=dataset", f"hydra.run.dir={run}", *FAST, expect_ok=False)
+    assert_one_line_error(result, "objective.prompts=dataset", "dataset=procedural")
+    assert not (run / "checkpoints").exists()
+
+
+def test_non_finite_depth_gt_is_invalid_and_nan_metrics_fail(tmp_path):
+    root, predictions = _diode_with_predictions(tmp_path)
+    depth_file = next(root.rglob("*indoors_000_010_depth.npy"))
+    depth = np.load(depth_file)
+    depth[5, 5], depth[6, 6] = np.inf, np.nan  # inside the mask file
+    np.save(depth_file, depth)
+    _evaluate_diode(root, predictions, tmp_path / "run", "dataset.num_workers=0")
+    metrics = read_metrics(tmp_path / "run")
+    assert all(np.isfinite(v) for v in metrics.values()) and metrics["abs_rel"] > 0
+    rows = list(csv.DictReader(open(tmp_path / "run" / "per_image.csv")))
+    assert float(rows[0]["n_valid"]) == 48 * 64 - 3  # the mask's one hole and the two non-finite pixels
+    for mask_file in root.rglob("*_depth_mask.npy"):  # nothing valid anywhere: NaN scores are an error
+        np.save(mask_file, np.zeros((48, 64), np.float32))
+    result = _evaluate_diode(root, predictions, tmp_path / "empty", "dataset.num_workers=0", expect_ok=False)
+    assert_one_line_error(result, "abs_rel", "not finite")
+
+
+def test_16bit_grayscale_input_is_scaled_not_clipped(tmp_path):
+    grey8 = np.random.default_rng(0).integers(0, 255, (24, 32), dtype=np.uint8)
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(images / "grey16.png")  # 8-bit grey x 257 = same intensity
+    assert Image.open(images / "grey16.png").mode.startswith("I")
+    Image.fromarray(np.repeat(grey8[..., None], 3, axis=-1)).save(images / "rgb8.png")
+    run_cli("predict.py", f"input={images}", f"output={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert np.allclose(np.load(tmp_path / "out" / "grey16.npy"), np.load(tmp_path / "out" / "rgb8.npy"), atol=1e-5)
+
+
+def test_folder_of_only_unreadable_images_fails_with_the_list(tmp_path):
+    images = tmp_path / "in"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"not an image")
+    (images / "b.jpg").write_bytes(b"")
+    result = run_cli("predict.py", f"input={images}", f"output={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'r'}",
+                     expect_ok=False)
+    assert_one_line_error(result, "none of the 2 images", "a.png", "b.jpg")
+
+
+def test_ignored_recipe_option_warns_once(tmp_path):
+    """experiment=dmp_depth sets inference.guidance=2 for DMP's prompted variant; the recipe itself has no prompts."""
+    result = run_cli("evaluate.py", "experiment=dmp_depth", "backbone=tiny", "dataset=procedural",
+                     "dataset.test.num_scenes=1", "inference.steps=1", f"hydra.run.dir={tmp_path / 'r'}",
+                     "trainer.enable_progress_bar=false")
+    assert (result.stdout + result.stderr).count("inference.guidance=2.0 has no effect") == 1
+
+
+# ----------------------------------------------------------------------------- item 10: a backbone's task
+
+
+def tiny_folder(path, class_name):
+    """The shipped tiny backbone under another model_index.json (its weights linked, not copied)."""
+    path.mkdir()
+    for sub in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
+        (path / sub).symlink_to(TINY_DIR / sub, target_is_directory=True)
+    index = json.loads((TINY_DIR / "model_index.json").read_text())
+    (path / "model_index.json").write_text(json.dumps({**index, "_class_name": class_name}))
+    return path
+
+
+def test_the_backbone_declares_what_it_predicts(tmp_path):
+    normals_folder = tiny_folder(tmp_path / "normals_model", "MarigoldNormalsPipeline")
+    generic_folder = tiny_folder(tmp_path / "e2e_ft_model", "StableDiffusionPipeline")
+    image = write_image(tmp_path / "in" / "a.png")
+    for i, backbone in enumerate([["backbone=marigold_normals", f"backbone.path={normals_folder}"],  # config + folder
+                                  [f"backbone.path={normals_folder}"],  # backbone=tiny: the folder says normals
+                                  ["backbone=marigold_e2e_ft_normals", f"backbone.path={generic_folder}"]]):  # config
+        out = tmp_path / f"out{i}"
+        run_cli("predict.py", *backbone, f"input={image}", f"output={out}", f"hydra.run.dir={tmp_path / f'r{i}'}")
+        normals = np.load(out / "a.npy")
+        assert normals.shape == (24, 32, 3) and np.allclose(np.linalg.norm(normals, axis=-1), 1, atol=1e-3)
+    result = run_cli("predict.py", "backbone=marigold_normals", f"backbone.path={normals_folder}", "task=depth",
+                     f"input={image}", f"output={tmp_path / 'bad'}", f"hydra.run.dir={tmp_path / 'bad_r'}",
+                     expect_ok=False)
+    assert_one_line_error(result, "predicts normals", "task=depth")
+    run = tmp_path / "evaluated"  # evaluate.py: the task (and its metrics) follow the backbone too
+    run_cli("evaluate.py", "backbone=marigold_normals", f"backbone.path={normals_folder}", "dataset=procedural",
+            "dataset.test.num_scenes=2", f"hydra.run.dir={run}", "trainer.enable_progress_bar=false")
+    assert "angular_mean" in read_metrics(run)
+
+
+def test_generic_backbone_predicts_whatever_the_task_says(tmp_path):
+    image = write_image(tmp_path / "in" / "a.png")
+    run_cli("predict.py", "backbone=tiny", "task=normals", f"input={image}", f"output={tmp_path / 'out'}",
+            f"hydra.run.dir={tmp_path / 'r'}")
+    assert np.load(tmp_path / "out" / "a.npy").shape == (24, 32, 3)
+
+
+# ----------------------------------------------------------------------------- item 11: interfaces that agree
+
+
+@pytest.mark.parametrize("dataset", ["hypersim", "hypersim_vkitti2"])
+def test_every_dataset_config_takes_dataset_root(dataset, tmp_path):
+    root = tmp_path / "elsewhere"
+    result = run_cli("train.py", "experiment=quickstart", f"dataset={dataset}", f"dataset.root={root}",
+                     f"hydra.run.dir={tmp_path / 'r'}", expect_ok=False)
+    assert_one_line_error(result, f"Hypersim root {root}")
+
+
+def test_readme_multirun_works_as_written_and_jobs_log_to_their_files(tmp_path):
+    """No hydra.sweep.dir: the default sweep folder under <cwd>/outputs (the command is run from tmp_path)."""
+    fast = [o for o in FAST if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))]
+    run_cli("train.py", "-m", "experiment=quickstart", "adapter=lora,full", "logger=csv", *fast,
+            "trainer.max_steps=1", "trainer.val_check_interval=1", cwd=tmp_path)
+    sweeps = list((tmp_path / "outputs" / "quickstart" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    for job in ("0", "1"):
+        assert "abs_rel" in read_metrics(sweeps[0] / job)
+        log = (sweeps[0] / job / "train.log").read_text()
+        assert "validation metrics after 1 steps" in log and "abs_rel" in log
+
+
+def test_ddp_evaluate_scores_every_sample_once(tmp_path):
+    run = tmp_path / "ddp"
+    run_cli("evaluate.py", "backbone=tiny", "dataset=procedural", "dataset.test.num_scenes=5",
+            "dataset.val_batch_size=2", "trainer=ddp", "trainer.accelerator=cpu", f"hydra.run.dir={run}", "trainer.enable_progress_bar=false")
+    rows = list(csv.DictReader(open(run / "per_image.csv")))
+    assert [row["name"] for row in rows] == [f"procedural/test/{i:06d}" for i in range(5)]  # 5, not 6 padded
+    mean_abs_rel = sum(float(row["abs_rel"]) for row in rows) / len(rows)
+    assert mean_abs_rel == pytest.approx(read_metrics(run)["abs_rel"], rel=1e-5)
+    assert "abs_rel" in (run / "evaluate.log").read_text()
+    assert (run / "train_ddp_process_1.log").is_file()  # Lightning's second process ran in the same folder
