@@ -300,3 +300,19 @@ def test_quickstart_trains_two_steps_from_the_fixtures(dataset, hypersim_root, v
     run_cli("train.py", "experiment=quickstart", f"dataset={dataset}", f"dataset.root={root}",
             "dataset.num_workers=0", "logger=csv", f"hydra.run.dir={run}", *fast, *sizes)
     assert "abs_rel" in read_metrics(run)
+
+
+def test_prompts_from_a_dataset_without_captions_fail_at_start_up(hypersim_root, tmp_path):
+    """Hypersim has no captions (procedural scenes do): objective.prompts=dataset is refused before training."""
+    from conftest import FAST, run_cli
+
+    fast = [o for o in FAST if "num_scenes" not in o]
+    run = tmp_path / "r"
+    result = run_cli("train.py", "experiment=dmp_depth", "backbone=tiny", "dataset=hypersim",
+                     f"dataset.root={hypersim_root}", "dataset.num_workers=0", "objective.prompts=dataset",
+                     "logger=csv", f"hydra.run.dir={run}", *fast, f"+dataset.train.height={H}",
+                     f"+dataset.train.width={W}", f"+dataset.val.height={H}", f"+dataset.val.width={W}",
+                     "dataset.val.split=train", expect_ok=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "objective.prompts=dataset" in result.stderr and "Traceback" not in result.stderr
+    assert not (run / "checkpoints").exists()

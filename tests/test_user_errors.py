@@ -102,14 +102,6 @@ def test_xformers_without_xformers_is_refused(tmp_path):
     assert_one_line_error(result, "backbone.attention=xformers", "pip install")
 
 
-def test_prompts_from_a_dataset_without_captions_fail_at_start_up(tmp_path):
-    run = tmp_path / "r"
-    result = run_cli("train.py", "experiment=dmp_depth", "backbone=tiny", "dataset=procedural", "logger=csv",
-                     "objective.prompts=dataset", f"hydra.run.dir={run}", *FAST, expect_ok=False)
-    assert_one_line_error(result, "objective.prompts=dataset", "dataset=procedural")
-    assert not (run / "checkpoints").exists()
-
-
 def test_non_finite_depth_gt_is_invalid_and_nan_metrics_fail(tmp_path):
     root, predictions = _diode_with_predictions(tmp_path)
     depth_file = next(root.rglob("*indoors_000_010_depth.npy"))
