@@ -97,23 +97,28 @@ def number_shards(tmp_path_factory):
     return out
 
 
-LOADERS = {  # 11 batches of 2 an epoch each
-    "shuffle": lambda shards: DenseDataModule(train=Numbers(22), val=Numbers(2), batch_size=2, seed=3),
-    "mixed": lambda shards: DenseDataModule(train=MixedDataset([Numbers(20), Numbers(6, offset=100)]),
-                                            val=Numbers(2), batch_size=2, mix_ratios=[9, 1], seed=3),
-    "shards": lambda shards: DenseDataModule(train=shard_dataset(shards, "train", stream=True, seed=3,
-                                                                 shuffle_buffer=4), val=Numbers(2), batch_size=2),
+LOADERS = {  # 11 batches of 2 an epoch (streamed by 2 workers: 12, a multiple of 2); map-style workers persist
+    "shuffle": lambda shards, workers: DenseDataModule(train=Numbers(22), val=Numbers(2), batch_size=2, seed=3,
+                                                       num_workers=workers),
+    "mixed": lambda shards, workers: DenseDataModule(train=MixedDataset([Numbers(20), Numbers(6, offset=100)]),
+                                                     val=Numbers(2), batch_size=2, mix_ratios=[9, 1], seed=3,
+                                                     num_workers=workers),
+    "shards": lambda shards, workers: DenseDataModule(train=shard_dataset(shards, "train", stream=True, seed=3,
+                                                                          shuffle_buffer=4),
+                                                      val=Numbers(2), batch_size=2, num_workers=workers),
 }
 
 
 # before batch 6: last.ckpt is the validation after batch 4, one batch into an accumulation; 12: the epoch's end;
 # 13: the validation after the first batch of epoch 1; 21: the every-2-steps checkpoint at step 6
-@pytest.mark.parametrize("loader, crash_before", [("mixed", 6), ("mixed", 12), ("mixed", 13), ("mixed", 21),
-                                                  ("shuffle", 6), ("shuffle", 13), ("shards", 6), ("shards", 13)])
-def test_resume_after_a_crash_gives_the_uninterrupted_weights(loader, crash_before, number_shards, tmp_path):
-    straight = fit(LOADERS[loader](number_shards), tmp_path / "straight")
-    assert fit(LOADERS[loader](number_shards), tmp_path / "run", crash_before=crash_before) is None
-    resumed = fit(LOADERS[loader](number_shards), tmp_path / "run", ckpt_path=str(tmp_path / "run" / "last.ckpt"))
+@pytest.mark.parametrize("loader, crash_before, workers", [
+    ("mixed", 6, 0), ("mixed", 12, 0), ("mixed", 13, 0), ("mixed", 21, 0), ("mixed", 13, 2),
+    ("shuffle", 6, 0), ("shuffle", 13, 0), ("shards", 6, 0), ("shards", 13, 0), ("shards", 13, 2)])
+def test_resume_after_a_crash_gives_the_uninterrupted_weights(loader, crash_before, workers, number_shards, tmp_path):
+    make = lambda: LOADERS[loader](number_shards, workers)
+    straight = fit(make(), tmp_path / "straight")
+    assert fit(make(), tmp_path / "run", crash_before=crash_before) is None
+    resumed = fit(make(), tmp_path / "run", ckpt_path=str(tmp_path / "run" / "last.ckpt"))
     assert torch.equal(resumed, straight)
 
 
