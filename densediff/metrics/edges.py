@@ -25,14 +25,18 @@ SEISM/BDET pipeline, step by step, and how this module relates to it:
    Here, `matching` picks one of three rules:
    - "bipartite" (default): the exact maximum one-to-one matching, for every threshold (densediff.metrics.matching:
      one incremental pass over the thresholds, augmenting paths by compiled scipy BFS, on the CPU whatever the device).
-     On the synthetic scenes of benchmarks/compare_edges_pyedgeeval.py it equals the exact optimum of BSDS's
-     objective with a complete outlier graph on every image and threshold tried (scipy LAPJVsp), and reads
-     ODS F +0.002 above pyEdgeEval's build of the BSDS code (its random outlier graph drops 0.2% of the matches;
-     run-to-run spread of BSDS itself: 0.0001). Cost on one core: see benchmarks/bench_metrics.py (`edges_512`).
+     Measured with benchmarks/compare_edges_pyedgeeval.py (synthetic 375x500 scenes, 21 of the 101 thresholds):
+     equal to the exact optimum of BSDS's objective with a complete outlier graph (scipy LAPJVsp) on all 231 image x
+     threshold pairs; ODS F +0.0023 / +0.0017 / +0.0001 above pyEdgeEval's build of the BSDS code on clean /
+     cluttered / heavily cluttered maps (its random outlier graph drops 0.20% / 0.09% / 0.01% of the matches; BSDS's
+     own run-to-run spread: up to 0.0002). Cost on one core, 512x512, with NMS and thinning: 6.6 ms per image and
+     threshold (benchmarks/bench_metrics.py `edges_512`; a quarter of it matching), i.e. PASCAL-Context val
+     (5105 images x 101 thresholds) in ~1 h on one core, ~30 min on two.
    - "distance" (opt-in, for quick validation; vectorised torch, CPU or GPU): a predicted pixel is matched if a GT
      pixel lies within the radius, a GT pixel is matched if a predicted pixel does. Not one-to-one: several pixels
-     may share a partner, so precision and recall are upper bounds of BSDS's. Measured bias vs pyEdgeEval: ODS F
-     +0.007 on clean maps, +CLUTTERED on cluttered ones (issue #14 measured +0.009-0.011 and +0.032-0.036).
+     may share a partner, so precision and recall are upper bounds of BSDS's. Measured bias vs pyEdgeEval on the
+     same scenes: ODS F +0.007 / +0.010 / +0.064, and AP 0.12 / 0.32 / 0.03 low (recall is overstated at high
+     thresholds); issue #14 saw +0.009-0.011 (clean) and +0.032-0.036 (cluttered). A quarter less time.
    - "bsds": pyEdgeEval's build of BSDS correspondPixels itself, per threshold and image (optional dependency
      `pip install pyEdgeEval==0.2.8`, compiles C++; 1-4 s per threshold at 512x512: for spot checks only).
 6. Per image and threshold: cntR, sumR, cntP, sumP (`edgesEvalImg.m`). ODS = max over thresholds of F of the
