@@ -13,12 +13,14 @@ consecutive maps differ in few pixels (thinning makes them nearly, not exactly, 
 2. the pixels that disappear are switched off; the GT pixels they were matched to become free and augmenting paths
    are searched from those.
 Both steps keep the matching maximum. Step 1: the old matching was maximum, so every augmenting path after adding
-the new free pixels N ends in N; augmenting along a path keeps that true (in the symmetric difference with the old
-matching, only one component can gain, and it needs an end in N); a source with no augmenting path never gets one
-again (Berge / Edmonds), so once the sources are exhausted the matching is maximum. Step 2: after removing matched
+the new free pixels N ends in N; augmenting along a path keeps that true (a later path with no end in N would make
+two components of the symmetric difference with the old matching gain, each needing an end in N, where only the one
+source just augmented is); a source with no augmenting path never gets one again (Berge / Edmonds), so once the
+sources are exhausted the matching is maximum. Step 2: after removing matched
 pixels X, an augmenting path that avoids their freed partners F would, through the symmetric difference with the
-matching before the removal, give an augmenting path of that (maximum) matching; so exhausting F suffices. (The
-order matters: freed GT pixels are searched on the graph that already holds the new pixels.)
+matching before the removal, give an augmenting path of that (maximum) matching; so exhausting F suffices. Each
+step needs a maximum matching of the graph it changes: removing first and then searching from both the new pixels
+and the freed GT pixels can miss paths (a new pixel takes a freed GT pixel another old pixel needed).
 
 Each BFS is scipy's compiled breadth_first_order on a directed graph: a super source -> the free sources -> their
 neighbours -> the partners of those (free nodes end in a self-loop); only the partner edges change between phases.
