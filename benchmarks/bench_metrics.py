@@ -5,9 +5,11 @@
 
 Inputs are random with a fixed seed. Edges get structured inputs instead (random Voronoi boundaries, a blurred and
 shifted copy as the prediction plus a faint smooth background, quantised to uint8 levels like the PNGs SEISM reads):
-on i.i.d. noise NMS keeps most pixels and the timing says nothing about real maps. `edges_noise` times that worst
-case once. EdgeMetrics(matching="bipartite") is left out: it is a validation tool for small images (see edges.py).
-Not a test: numbers depend on the machine (and on other load: they are wall-clock).
+on i.i.d. noise NMS keeps most pixels and the timing says nothing about real maps. `edges` is the default
+(one-to-one matching, 101 thresholds), `edges_distance` the approximate opt-in, `edges_noise` the worst case (once);
+`edges_512` is the default on 8 x 512 x 512 (PASCAL-Context's evaluation size) with a cluttered prediction, and its
+`seconds_per_image_threshold` is what a whole-dataset evaluation costs per image and threshold.
+Not a test: numbers depend on the machine and on other load (wall-clock; `cpu_seconds_*` is the process CPU time).
 """
 
 from __future__ import annotations
@@ -28,22 +30,36 @@ from densediff.metrics.morphology import thin
 B, H, W = 8, 480, 640
 
 
-def edge_scene(g: torch.Generator, regions: int = 40):
-    """(prob, gt) for one image: thin Voronoi boundaries; prediction = shifted, blurred copy + smooth background."""
-    pts = torch.rand(regions, 2, generator=g) * torch.tensor([H, W])
-    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+def _voronoi_boundaries(g: torch.Generator, regions: int, h: int, w: int) -> torch.Tensor:
+    pts = torch.rand(regions, 2, generator=g) * torch.tensor([h, w])
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     seg = ((yy[None] - pts[:, 0, None, None]) ** 2 + (xx[None] - pts[:, 1, None, None]) ** 2).argmin(0)
-    bnd = torch.zeros(H, W, dtype=torch.bool)
+    bnd = torch.zeros(h, w, dtype=torch.bool)
     bnd[:, :-1] |= seg[:, :-1] != seg[:, 1:]
     bnd[:-1] |= seg[:-1] != seg[1:]
-    gt = thin(bnd)
-    shift = [int(v) for v in torch.randint(-2, 3, (2,), generator=g)]
+    return thin(bnd)
+
+
+def _blur(x: torch.Tensor) -> torch.Tensor:
     k = torch.tensor([1.0, 4, 6, 4, 1])
     k = (k[:, None] * k[None]) / 256
-    resp = F.conv2d(torch.roll(gt.float(), shift, (0, 1))[None, None], k[None, None], padding=2)[0, 0]
-    bg = F.interpolate(torch.rand(1, 1, 14, 18, generator=g), size=(H, W), mode="bicubic")[0, 0].clamp(0, 1)
-    prob = (2.5 * resp + 0.02 * bg).clamp(0, 1)
-    return torch.floor(prob * 255) / 255, gt.float()
+    return F.conv2d(x.float()[None, None], k[None, None], padding=2)[0, 0]
+
+
+def edge_scene(g: torch.Generator, regions: int = 40, h: int = H, w: int = W, clutter: float = 0.0):
+    """(prob, gt) for one image: thin Voronoi boundaries; prediction = shifted, blurred copy + smooth background.
+    clutter > 0 adds false responses of that strength: the boundaries of a second, finer tessellation (texture) and
+    a second copy of the true boundaries 4 px away (a double response)."""
+    gt = _voronoi_boundaries(g, regions, h, w)
+    shift = [int(v) for v in torch.randint(-2, 3, (2,), generator=g)]
+    resp = _blur(torch.roll(gt, shift, (0, 1)))
+    bg = F.interpolate(torch.rand(1, 1, 14, 18, generator=g), size=(h, w), mode="bicubic")[0, 0].clamp(0, 1)
+    prob = 2.5 * resp + 0.02 * bg
+    if clutter > 0:
+        texture = _blur(_voronoi_boundaries(g, 4 * regions, h, w))
+        double = _blur(torch.roll(gt, [shift[0] + 4, shift[1] + 4], (0, 1)))
+        prob = prob + clutter * 2.5 * (texture + double)
+    return torch.floor(prob.clamp(0, 1) * 255) / 255, gt.float()
 
 
 def make_inputs(seed: int = 0):
@@ -65,25 +81,39 @@ def make_inputs(seed: int = 0):
         "saliency": (lambda: SaliencyMetrics(), (rand(B, H, W), (rand(B, H, W) > 0.7).long())),
         "intrinsic": (lambda: IntrinsicMetrics(), (rand(B, 3, H, W), rand(B, 3, H, W))),
         "edges": (lambda: EdgeMetrics(), (edge_prob, edge_gt)),
+        "edges_distance": (lambda: EdgeMetrics(matching="distance"), (edge_prob, edge_gt)),
         "edges_noise": (lambda: EdgeMetrics(), (rand(B, H, W), edge_gt)),
+        "edges_512": (lambda: EdgeMetrics(), _edges_512(seed + 1)),
     }
+
+
+def _edges_512(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    scenes = [edge_scene(g, h=512, w=512, clutter=0.2) for _ in range(B)]
+    return torch.stack([e[0] for e in scenes]), torch.stack([e[1] for e in scenes])
 
 
 def bench(factory, args, reps: int, device: str) -> dict:
     args = tuple(a.to(device) for a in args)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times = []
+    times, cpu = [], []
     for _ in range(reps):
         metric = factory().to(device)
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         metric.update(*args)
         result = metric.compute()
         sync()
         times.append(time.perf_counter() - t0)
-    best, mean = min(times), sum(times) / len(times)
-    return {"seconds_per_batch_min": best, "seconds_per_batch_mean": mean, "images_per_second": B / best,
-            "reps": reps, "result": {k: round(float(v), 6) for k, v in result.items() if v.numel() == 1}}
+        cpu.append(time.process_time() - c0)
+    best, mean, n = min(times), sum(times) / len(times), len(args[0])
+    out = {"shape": list(args[0].shape), "seconds_per_batch_min": best, "seconds_per_batch_mean": mean,
+           "cpu_seconds_per_batch_min": min(cpu), "images_per_second": n / best, "reps": reps,
+           "result": {k: round(float(v), 6) for k, v in result.items() if v.numel() == 1}}
+    if isinstance(metric, EdgeMetrics):
+        out["seconds_per_image_threshold"] = best / (n * len(metric.thresholds))
+        out["cpu_seconds_per_image_threshold"] = min(cpu) / (n * len(metric.thresholds))
+    return out
 
 
 def main() -> None:
@@ -108,8 +138,10 @@ def main() -> None:
         reps = 1 if name == "edges_noise" else args.reps  # the slow one: once
         bench(factory, tuple(d[:1] for d in data), 1, args.device)  # warm-up (allocator, lazy init)
         report["metrics"][name] = r = bench(factory, data, reps, args.device)
-        print(f"{name:16s} {r['seconds_per_batch_min'] * 1e3:9.1f} ms/batch  {r['images_per_second']:8.1f} img/s",
-              flush=True)
+        line = f"{name:16s} {r['seconds_per_batch_min'] * 1e3:9.1f} ms/batch  {r['images_per_second']:8.1f} img/s"
+        if "seconds_per_image_threshold" in r:
+            line += f"  {r['seconds_per_image_threshold'] * 1e3:6.2f} ms/image/threshold"
+        print(line, flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

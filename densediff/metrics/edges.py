@@ -11,18 +11,34 @@ SEISM/BDET pipeline, step by step, and how this module relates to it:
 4. bwmorph(E1, 'thin', Inf) on the prediction; GT = bwmorph(seg2bmap(G), 'thin', Inf).
    Here: the same thinning of both (identical to skimage.morphology.thin); seg2bmap is the loader's job.
 5. correspondPixels(E1, G, maxDist): one-to-one matching of predicted and GT pixels within
-   maxDist * sqrt(H^2 + W^2) (BSDS CSA min-cost assignment with outlier cost 100 x radius).
-   Here, `matching` picks one of two rules:
-   - "distance" (default; vectorised torch, CPU or GPU): a predicted pixel is matched if a GT pixel lies within
-     the radius, a GT pixel is matched if a predicted pixel does. Not one-to-one: several pixels may share a
-     partner, so precision and recall are upper bounds of BSDS's (typically +0.01 F).
-   - "bipartite" (scipy Hopcroft-Karp on the CPU, one call per chunk of thresholds): maximum-cardinality
-     one-to-one matching. BSDS's assignment also maximises the number of matches in principle (each match saves
-     ~100x the radius), but its sparse random outlier graph makes it fall slightly short and vary between runs.
-   Measured against pyEdgeEval's build of the BSDS code on 4 synthetic 150x200 scenes: bipartite counted 0-5 more
-   matches per ~600 GT pixels and F within 0.0025 (BSDS's own run-to-run spread: 0.0006); distance gave F +0.004
-   to +0.014. Bipartite is a validation tool for small images: scipy's Hopcroft-Karp needs long augmenting paths
-   along parallel curves and took 5 s for a single threshold of one 480x640 map (6.5k x 5.5k pixels).
+   r = maxDist * sqrt(H^2 + W^2) (BSDS `match.cc`). BSDS solves a min-cost assignment (Goldberg's CSA, exact on its
+   graph) over the pixels within r of the other map: a pair costs rint(100 d), leaving a pixel unmatched costs
+   ow = ceil(100 * outlierCost) with outlierCost = 100 r, so the objective is sum(w) + (n1 + n2 - k) ow and every
+   match saves ow - w >= 99% of ow. What its counts (cntR = cntP = k) depend on:
+   - the size of a maximum matching: the optimum has maximum cardinality unless one more match needs an augmenting
+     path whose re-pairings add more than 100 r pixels of total distance (at least 100 re-paired pixels along a
+     contour; at most one match lost per such chain);
+   - BSDS's sparse outlier graph: instead of letting any pixel go unmatched, each real and outlier node gets 6 random
+     outlier edges (kOfN, seeded from the clock) plus a 100x-cost "perfect match overlay"; where the random graph
+     cannot complete the assignment around a nearly perfect matching, a match is given up (about
+     n exp(-6 n_max / n_min) per image: ~0.2% of the matches when almost every pixel matches), differently each run.
+   Here, `matching` picks one of three rules:
+   - "bipartite" (default): the exact maximum one-to-one matching, for every threshold (densediff.metrics.matching:
+     one incremental pass over the thresholds, augmenting paths by compiled scipy BFS, on the CPU whatever the device).
+     Measured with benchmarks/compare_edges_pyedgeeval.py (synthetic 375x500 scenes, 21 of the 101 thresholds):
+     equal to the exact optimum of BSDS's objective with a complete outlier graph (scipy LAPJVsp) on all 231 image x
+     threshold pairs; ODS F +0.0023 / +0.0017 / +0.0001 above pyEdgeEval's build of the BSDS code on clean /
+     cluttered / heavily cluttered maps (its random outlier graph drops 0.20% / 0.09% / 0.01% of the matches; BSDS's
+     own run-to-run spread: up to 0.0002). Cost on one core, 512x512, with NMS and thinning: 6.6 ms per image and
+     threshold (benchmarks/bench_metrics.py `edges_512`; a quarter of it matching), i.e. PASCAL-Context val
+     (5105 images x 101 thresholds) in ~1 h on one core, ~30 min on two.
+   - "distance" (opt-in, for quick validation; vectorised torch, CPU or GPU): a predicted pixel is matched if a GT
+     pixel lies within the radius, a GT pixel is matched if a predicted pixel does. Not one-to-one: several pixels
+     may share a partner, so precision and recall are upper bounds of BSDS's. Measured bias vs pyEdgeEval on the
+     same scenes: ODS F +0.007 / +0.010 / +0.064, and AP 0.12 / 0.32 / 0.03 low (recall is overstated at high
+     thresholds); issue #14 saw +0.009-0.011 (clean) and +0.032-0.036 (cluttered). A quarter less time.
+   - "bsds": pyEdgeEval's build of BSDS correspondPixels itself, per threshold and image (optional dependency
+     `pip install pyEdgeEval==0.2.8`, compiles C++; 1-4 s per threshold at 512x512: for spot checks only).
 6. Per image and threshold: cntR, sumR, cntP, sumP (`edgesEvalImg.m`). ODS = max over thresholds of F of the
    counts summed over images; OIS = F of the counts summed at each image's best threshold (`general_ois.m`,
    first maximum); AP = sum over recall 0:.01:1 of the precision linearly interpolated along the ODS curve at
@@ -43,6 +59,7 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 from densediff.metrics._utils import count_ids
+from densediff.metrics.matching import matching_sizes
 from densediff.metrics.morphology import disk_offsets, edge_nms, thin, thin_padded
 
 # seism/parameters/HED.txt, the list BDET uses (0.001, 0.01 ... 0.99, 0.999)
@@ -102,37 +119,62 @@ def _recall_from_bits(words: torch.Tensor, gb: torch.Tensor, disks: torch.Tensor
     return _segment_sum(hit, gb, b)
 
 
-def _max_matching(tid, pb, py, px, near, gt, offs, n_t):
-    """(T, B) sizes of maximum one-to-one matchings between kept predicted pixels and GT pixels within the disk.
-    All (threshold, image) graphs form one block-diagonal sparse graph, solved by a single scipy Hopcroft-Karp
-    call on the CPU; a maximum matching of the union is a maximum matching of every block."""
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import maximum_bipartite_matching
-
+def _one_to_one_counts(words: torch.Tensor, gt: torch.Tensor, offs: torch.Tensor, n_t: int) -> torch.Tensor:
+    """(T, B) sizes of maximum one-to-one matchings between the predicted pixels kept at each threshold and the GT
+    pixels within the disk. `words` holds bit t of every pixel kept at threshold t that has a GT pixel in reach (the
+    only ones that can match). Solved exactly on the CPU by densediff.metrics.matching, all thresholds and images of
+    the batch in one incremental pass."""
     b, h, w = gt.shape
     dev = gt.device
-    n_gt = int(gt.sum())
-    gt_id = torch.full((b * h * w,), -1, dtype=torch.long, device=dev)
-    gt_id[gt.flatten()] = torch.arange(n_gt, device=dev)
-    tid, pb, py, px = tid[near], pb[near], py[near], px[near]  # only pixels with a GT pixel in reach can match
-    if len(tid) == 0:
+    n = b * h * w
+    nodes = (words[:, :n] != 0).any(0).nonzero()[:, 0]  # flat pixel index of every predicted node, sorted
+    if len(nodes) == 0 or not bool(gt.any()):
         return torch.zeros(n_t, b, dtype=torch.long, device=dev)
-    idx, inside = _neighbourhood(pb, py, px, offs, h, w)
-    partner = gt_id[idx]
-    ok = inside & (partner >= 0)
-    rows = torch.arange(len(tid), device=dev)[:, None].expand_as(ok)[ok]
-    cols = (tid[:, None] * n_gt + partner)[ok]  # GT pixels replicated once per threshold
-    graph = csr_matrix((np.ones(len(rows), dtype=np.int8), (rows.cpu().numpy(), cols.cpu().numpy())),
-                       shape=(len(tid), n_t * n_gt))
-    matched = torch.from_numpy(maximum_bipartite_matching(graph, perm_type="column") >= 0).to(dev)
-    return count_ids((tid * b + pb)[matched], n_t * b).view(n_t, b)
+    # bits -> (T, n_nodes) bool: little-endian bytes of each int64 word, unpacked
+    sel = words[:, nodes].cpu().numpy().astype("<i8", copy=False)
+    bits = np.unpackbits(sel.view(np.uint8).reshape(sel.shape[0], -1, 8), axis=-1, bitorder="little")
+    present = np.ascontiguousarray(bits[:, :, :63].transpose(0, 2, 1).reshape(-1, len(nodes))[:n_t]).astype(bool)
+    node_id = torch.full((n + 1,), -1, dtype=torch.long, device=dev)
+    node_id[nodes] = torch.arange(len(nodes), device=dev)
+    gb, gy, gx = gt.nonzero(as_tuple=True)
+    idx, inside = _neighbourhood(gb, gy, gx, offs, h, w)  # (n_gt, K)
+    partner = torch.where(inside, node_id[idx], -1)
+    ok = partner >= 0
+    gt_indptr = F.pad(ok.sum(1).cumsum(0), (1, 0))
+    sizes = matching_sizes(present, gt_indptr.cpu().numpy(), partner[ok].cpu().numpy(), gb.cpu().numpy(), b)
+    return torch.from_numpy(sizes).to(dev)
+
+
+def _bsds_counts(tid: torch.Tensor, flat: torch.Tensor, gt: torch.Tensor, n_t: int, max_dist: float):
+    """(T, B) cntR and cntP from pyEdgeEval's build of BSDS correspondPixels, one call per threshold and image (the
+    reference itself, ~1-4 s per call at 512x512; optional dependency)."""
+    try:
+        from pyEdgeEval import correspond_pixels
+    except ImportError as err:
+        raise ImportError("EdgeMetrics(matching='bsds') runs pyEdgeEval's BSDS code: pip install pyEdgeEval==0.2.8 "
+                          "(it compiles C++); matching='bipartite' is the exact fast equivalent") from err
+    b, h, w = gt.shape
+    maps = torch.zeros(n_t, b * h * w, dtype=torch.bool, device=gt.device)
+    maps[tid, flat] = True
+    maps = maps.view(n_t, b, h, w).cpu().numpy()
+    gts = gt.cpu().numpy().astype(np.float64)
+    cnt_r, cnt_p = np.zeros((n_t, b), np.int64), np.zeros((n_t, b), np.int64)
+    for t in range(n_t):
+        for k in range(b):
+            m_pred, m_gt, _, _ = correspond_pixels(maps[t, k].astype(np.float64), gts[k], max_dist=max_dist)
+            cnt_r[t, k], cnt_p[t, k] = (m_gt > 0).sum(), (m_pred > 0).sum()
+    return torch.from_numpy(cnt_r).to(gt.device), torch.from_numpy(cnt_p).to(gt.device)
 
 
 class EdgeMetrics(Metric):
     """`update(prob, target, mask=None)`: (B, H, W) boundary probabilities in [0, 1] and a binary GT boundary map.
     Returns `ods_f`, `ois_f`, `ap` (fractions; papers print x100). See the module docstring for the protocol.
 
+    max_dist: the matching tolerance as a fraction of the image diagonal: 0.0075 for PASCAL-Context, 0.011 for NYUD
+    (SEISM/BDET; the dataset configs carry it as `edge_max_dist`).
     num_thresholds=None uses SEISM's HED list (101 values); an int N uses k/(N+1), k = 1..N (piotr edgesEvalImg).
+    matching: "bipartite" (default, exact maximum one-to-one), "distance" (approximate opt-in, reads high) or "bsds"
+    (pyEdgeEval's BSDS code itself, slow); see the module docstring.
     Counts are int64 sums over the dataset, so the metric is exact under DDP.
     """
 
@@ -141,10 +183,10 @@ class EdgeMetrics(Metric):
     full_state_update = False
 
     def __init__(self, max_dist: float = 0.0075, num_thresholds: int | None = None, nms: bool = True,
-                 matching: str = "distance", ignore_index: int | None = 255, **kwargs) -> None:
+                 matching: str = "bipartite", ignore_index: int | None = 255, **kwargs) -> None:
         super().__init__(**kwargs)
-        if matching not in ("distance", "bipartite"):
-            raise ValueError(f"matching must be 'distance' or 'bipartite', got {matching!r}")
+        if matching not in ("bipartite", "distance", "bsds"):
+            raise ValueError(f"matching must be 'bipartite', 'distance' or 'bsds', got {matching!r}")
         thr = SEISM_HED_THRESHOLDS if num_thresholds is None else [k / (num_thresholds + 1)
                                                                    for k in range(1, num_thresholds + 1)]
         self.thresholds = torch.tensor(thr, dtype=torch.float64)
@@ -206,16 +248,20 @@ class EdgeMetrics(Metric):
             tid, rank = tid[kept], rank[kept]
             slot = tid * b + pb[rank]
             sum_p[i:i + tc] = count_ids(slot, tc * b).view(tc, b)
+            if self.matching == "bsds":
+                cnt_r[i:i + tc], cnt_p[i:i + tc] = _bsds_counts(tid, flat[rank], gt, tc, self.max_dist)
+                continue
             if self.matching == "distance":
                 cnt_p[i:i + tc] = count_ids(slot[near[rank]], tc * b).view(tc, b)
-                t_abs = tid + i  # set bit t of the kept pixels (unique (pixel, t) pairs: add == or)
-                words.view(-1).index_put_((t_abs // 63 * (b * h * w + 1) + flat[rank],), 1 << (t_abs % 63),
-                                          accumulate=True)
-            else:
-                m = _max_matching(tid, pb[rank], py[rank], px[rank], near[rank], gt, offs, tc)
-                cnt_p[i:i + tc] = cnt_r[i:i + tc] = m
+            else:  # only pixels with a GT pixel in reach can be matched
+                tid, rank = tid[near[rank]], rank[near[rank]]
+            t_abs = tid + i  # set bit t of the kept pixels (unique (pixel, t) pairs: add == or)
+            words.view(-1).index_put_((t_abs // 63 * (b * h * w + 1) + flat[rank],), 1 << (t_abs % 63),
+                                      accumulate=True)
         if self.matching == "distance":
             cnt_r = _recall_from_bits(words, gb, disks, b, n_t)
+        elif self.matching == "bipartite":
+            cnt_p = cnt_r = _one_to_one_counts(words, gt, offs, n_t)
         sum_r = gt.flatten(1).sum(1).expand(n_t, b)
         return torch.stack([cnt_r, sum_r, cnt_p, sum_p], -1)
 

@@ -33,8 +33,8 @@ def _cases():
         ("normals_images", lambda: NormalMetrics("images"), normals),
         ("segmentation", lambda: SegmentationMetrics(5), seg),
         ("saliency", lambda: SaliencyMetrics(), sal),
-        ("edges", lambda: EdgeMetrics(max_dist=0.05, num_thresholds=9), edges),
-        ("edges_bipartite", lambda: EdgeMetrics(max_dist=0.05, num_thresholds=9, matching="bipartite"), edges),
+        ("edges", lambda: EdgeMetrics(max_dist=0.05, num_thresholds=9), edges),  # one-to-one (default)
+        ("edges_distance", lambda: EdgeMetrics(max_dist=0.05, num_thresholds=9, matching="distance"), edges),
         ("intrinsic", lambda: IntrinsicMetrics(), intrinsic),
     ]
 
