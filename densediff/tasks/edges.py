@@ -18,6 +18,7 @@ from densediff.tasks.saliency import SaliencyTask, grey
 
 class EdgesTask:
     name = "edges"
+    head_only = True  # no VAE codec: trained by objective=multitask's heads
     target_key = "edges"
     monitor = "ods_f"
     monitor_mode = "max"

@@ -25,6 +25,7 @@ def grey(values: torch.Tensor, valid: torch.Tensor | None = None) -> np.ndarray:
 
 class SaliencyTask:
     name = "saliency"
+    head_only = True  # no VAE codec: trained by objective=multitask's heads
     target_key = "saliency"
     monitor = "max_f"
     monitor_mode = "max"
