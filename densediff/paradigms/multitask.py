@@ -180,7 +180,9 @@ class MultiTaskDenoising(L.LightningModule):
         self.tasks = tasks
         self.heads = {t: Head(build_task(t, **(task_options or {}).get(t, {})), weights[t]) for t in tasks}
         self.task = self._monitor_spec(monitor, monitor_mode)  # what run.py's checkpoint callback reads
-        self.baselines = dict(baselines or {})
+        # {"segmentation/miou": 0.6} or {"segmentation": {"miou": 0.6}} (what a Hydra override can write)
+        self.baselines = {f"{k}/{m}": v for k, d in (baselines or {}).items() for m, v in d.items()} if any(
+            isinstance(v, dict) for v in (baselines or {}).values()) else dict(baselines or {})
         missing = [k for k in self.baselines if k.split("/")[0] not in tasks]
         if missing:
             raise ValueError(f"objective.baselines names {missing[0]!r}, not a metric of tasks {tasks}")
