@@ -62,3 +62,22 @@ def test_pascal_layout_trains_five_tasks_from_one_label(pascal_root, tmp_path): 
     assert all(f"{t}/{m}" in metrics for t, m in MONITORED.items() if t != "depth")
     steps = (run / "csv").rglob("metrics.csv")
     assert next(steps).read_text().count("train/loss") >= 1
+
+
+def test_nyud_recipe_on_procedural_with_the_diffusion_encoder(tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    run_cli("train.py", "experiment=diffusionmtl_nyud", "dataset=procedural", "encoder=diffusion", "backbone=tiny",
+            f"hydra.run.dir={run}", *FAST, *TINY[:4], "logger=csv")
+    metrics = read_metrics(run)
+    assert {"segmentation/miou", "depth/rmse", "normals/angular_mean", "edges/ods_f"} <= set(metrics)
+    assert not any(k.startswith("saliency/") for k in metrics)  # NYUD's four tasks
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(k.startswith("encoder.unet.") for k in saved)  # the UNet trains
+    assert not any(k.startswith("encoder.vae.") for k in saved)  # the frozen VAE comes from backbone.path
+
+
+def test_head_only_tasks_need_the_multitask_objective():
+    result = run_cli("train.py", "task=saliency", "objective=e2e", expect_ok=False)
+    assert result.returncode == 1 and "objective=multitask" in result.stderr
