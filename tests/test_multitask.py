@@ -158,3 +158,14 @@ def test_diffusion_encoder_reads_the_unets_multiscale_features():
     assert [m.shape[1] for m in maps] == encoder.channels
     assert maps[0].shape[-1] > maps[-1].shape[-1]  # finest first
     assert not any(p.requires_grad for p in encoder.vae.parameters())
+
+
+def test_procedural_scenes_carry_partial_labels():
+    from densediff.data.procedural import ProceduralScenes
+
+    tasks = ["segmentation", "depth", "normals", "saliency", "edges"]
+    one = ProceduralScenes(tasks=tasks, num_scenes=10, height=16, width=16, partial_labels="one_label")
+    flags = [one[i]["labelled"] for i in range(10)]
+    assert all(sum(bool(f[t]) for t in tasks) == 1 for f in flags)
+    assert {t for f in flags for t in tasks if f[t]} == set(tasks)  # dealt to every task in turn
+    assert "labelled" not in ProceduralScenes(tasks=tasks, num_scenes=2, height=16, width=16)[0]
