@@ -78,6 +78,6 @@ def test_nyud_recipe_on_procedural_with_the_diffusion_encoder(tmp_path):
     assert not any(k.startswith("encoder.vae.") for k in saved)  # the frozen VAE comes from backbone.path
 
 
-def test_head_only_tasks_need_the_multitask_objective():
-    result = run_cli("train.py", "task=saliency", "objective=e2e", expect_ok=False)
+def test_head_only_tasks_need_the_multitask_objective(tmp_path):
+    result = run_cli("train.py", "task=saliency", "objective=e2e", f"hydra.run.dir={tmp_path / 'r'}", expect_ok=False)
     assert result.returncode == 1 and "objective=multitask" in result.stderr
