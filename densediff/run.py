@@ -306,12 +306,33 @@ def use_half_precision(model: L.LightningModule, device: torch.device) -> None:
     model.estimator.half()
 
 
+def multitask_arguments(cfg: DictConfig) -> dict:
+    """MultiTaskDenoising's arguments (objective=multitask): task=multitask's tasks, weights and per-task options
+    (each task's dataset protocol too), the encoder group, and every key of the objective group."""
+    if cfg.task.name != "multitask":
+        raise ConfigError(f"objective=multitask trains task=multitask (task.tasks=[...]), not task={cfg.task.name}")
+    t, encoder = cfg.task, _plain(cfg.encoder)
+    kind = encoder.pop("name")
+    if kind == "diffusion":  # the backbone group names the diffusion model whose UNet features are read
+        encoder.update(backbone_path=str(cfg.backbone.path), unet_in_channels=int(cfg.backbone.unet_in_channels))
+    options = {name: {**task_options(cfg, name), **(_plain(t.options.get(name)) or {})} for name in t.tasks}
+    objective = {k: v for k, v in _plain(cfg.objective).items() if k != "name"}
+    return dict(tasks=list(t.tasks), task_options=options, task_weights=_plain(t.weights), encoder=kind,
+                encoder_options=encoder, monitor=t.monitor, monitor_mode=t.monitor_mode, baselines=_plain(t.baselines),
+                gallery_size=int(cfg.get("gallery_size", 4)), **objective)
+
+
 def build_model(cfg: DictConfig) -> L.LightningModule:
     if cfg.objective.name not in PARADIGMS:
         raise ConfigError(f"objective={cfg.objective.name} is not implemented yet; available: {', '.join(PARADIGMS)}")
     paradigm = PARADIGMS[cfg.objective.name]
-    arguments = model_arguments(cfg)
-    if cfg.backbone.get("layout") == "geowizard":  # GeoWizard's joint depth + normal UNet (backbones/geowizard.py)
+    if cfg.objective.name == "multitask":
+        arguments = multitask_arguments(cfg)
+    elif cfg.task.name in ("multitask", "saliency", "edges"):
+        raise ConfigError(f"task={cfg.task.name} trains with objective=multitask, not objective={cfg.objective.name}")
+    else:
+        arguments = model_arguments(cfg)
+    if cfg.backbone.get("layout") == "geowizard" and cfg.objective.name != "multitask":  # GeoWizard's joint depth + normal UNet (backbones/geowizard.py)
         if cfg.objective.name != "diffusion":
             raise ConfigError(f"backbone={cfg.backbone.name} (GeoWizard: joint depth + normal UNet, CLIP image "
                               f"conditioning) trains with objective=diffusion (experiment=geowizard), not "
@@ -517,6 +538,8 @@ def load_checkpoint_model(cfg: DictConfig) -> L.LightningModule:
         raise FileNotFoundError(f"ckpt={path} does not exist: pass a checkpoint written by train.py "
                                 "(<run>/checkpoints/last.ckpt or best-step*.ckpt)")
     paradigm, task = checkpoint_identity(path)
+    if paradigm == "multitask":  # its hyper-parameters name every task, its encoder and their options
+        return PARADIGMS[paradigm].load_from_checkpoint(path, map_location="cpu", weights_only=True)
     command_line = HydraConfig.get().overrides.task
     overrides = {}
     if task == cfg.task.name:
@@ -574,7 +597,10 @@ def evaluate(cfg: DictConfig) -> dict:
         _warn_ignored_options(model, options, "evaluate")
         if options.half:
             use_half_precision(model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    if cfg.get("ckpt") and model.task.name != cfg.task.name:
+    if model.task.name == "multitask":  # the data carries every task the checkpoint predicts
+        with open_dict(cfg):
+            cfg.dataset.tasks = list(model.tasks)
+    elif cfg.get("ckpt") and model.task.name != cfg.task.name:
         raise ConfigError(f"the checkpoint predicts {model.task.name} but task={cfg.task.name}; "
                           f"pass task={model.task.name}")
     datamodule = build_datamodule(cfg, (None, None, cfg.split))
@@ -602,6 +628,8 @@ def predict(cfg: DictConfig) -> None:
     task = cfg.task.name
     if cfg.get("ckpt") and Path(cfg.ckpt).is_file():
         paradigm, trained_task = checkpoint_identity(Path(cfg.ckpt))
+        if paradigm == "multitask":  # every task's files into <output>/<task>/
+            return predict_multitask(cfg)
         if paradigm != "geowizard":  # a GeoWizard checkpoint predicts either geometry: task= picks it
             task = trained_task
     root, images = check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite))  # before loading a model
@@ -618,5 +646,21 @@ def predict(cfg: DictConfig) -> None:
         raise DataReadError(f"none of the {len(skipped)} images of input={cfg.input} could be read:\n  "
                             + "\n  ".join(skipped))
     print(f"\nwrote {written} predictions to {cfg.output}" + (f"; skipped {len(skipped)} unreadable:" if skipped else ""))
+    for message in skipped:
+        print(f"  {message}")
+
+
+def predict_multitask(cfg: DictConfig) -> None:
+    from densediff.inference.predict import check_multitask_outputs, predict_multitask_images
+
+    tasks = torch.load(cfg.ckpt, map_location="cpu", mmap=True, weights_only=True)["hyper_parameters"]["tasks"]
+    root, images = check_multitask_outputs(cfg.input, cfg.output, tasks, bool(cfg.overwrite))
+    model = load_checkpoint_model(cfg)
+    model.configure_inference(inference_options(cfg, "predict"))
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    written, skipped = predict_multitask_images(model, root, images, cfg.output, device)
+    print(f"\nwrote {written} predictions of {', '.join(tasks)} to {cfg.output}/<task>/"
+          + (f"; skipped {len(skipped)} unreadable:" if skipped else ""))
     for message in skipped:
         print(f"  {message}")

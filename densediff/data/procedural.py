@@ -451,7 +451,7 @@ class ProceduralScenes(torch.utils.data.Dataset):
     """Random rooms rendered on demand (a 64x80 scene takes a few milliseconds, so nothing is cached). Scene i of a
     split has seed `scene_seed(i)`; the splits own disjoint seed ranges, so val/test scenes never leak into train."""
 
-    def __init__(self, split="train", num_scenes=1000, height=64, width=80, seed=0, tasks=None):
+    def __init__(self, split="train", num_scenes=1000, height=64, width=80, seed=0, tasks=None, partial_labels="full"):
         if split not in SPLITS:
             raise ValueError(f"procedural: split must be one of {SPLITS}, got {split!r}")
         if not 1 <= num_scenes <= SCENES_PER_SPLIT:
@@ -466,6 +466,11 @@ class ProceduralScenes(torch.utils.data.Dataset):
             raise ValueError(f"procedural: unknown tasks {sorted(unknown)}; available: {TASKS + ('instance',)}")
         self.split, self.num_scenes, self.height, self.width, self.seed, self.tasks = (
             split, num_scenes, height, width, seed, tasks)
+        # multi-task partial labels (data/partial_labels.py), drawn from the seed; `full` adds no `labelled` key
+        from densediff.data.partial_labels import check_setting, generate
+
+        self.labels = None if check_setting(partial_labels) == "full" else generate(
+            range(num_scenes), [t for t in tasks if t != "instance"], partial_labels, seed)
 
     def __len__(self):
         return self.num_scenes
@@ -496,6 +501,8 @@ class ProceduralScenes(torch.utils.data.Dataset):
                 item[task] = torch.from_numpy(a.astype(np.float32))
             else:
                 item[task] = chw(a) if a.ndim == 3 else torch.from_numpy(a)
+        if self.labels is not None:
+            item["labelled"] = {t: torch.tensor(v) for t, v in self.labels[index].items()}
         return item
 
 

@@ -111,22 +111,56 @@ def predict_images(model, root: Path, images: list[Path], output: str | Path,
             skipped.append(str(error))
             log.warning("%s: skipped", error)
             continue
-        prediction = model.predict(rgb.to(device))[0].cpu()
-        paths = planned[image]
-        paths["npy"].parent.mkdir(parents=True, exist_ok=True)
-        if task == "depth":  # HxW: affine-invariant depth in [0,1], or metres with DMP's float codec
-            array = prediction.float().numpy()
-            full_scale = depth_full_scale(model.task)  # the 16-bit PNG maps [0, full_scale] to [0, 65535]
-            preview = (prediction.float() / full_scale).clamp(0, 1).numpy()
-            with atomic_write(paths["png16"]) as tmp:
-                Image.fromarray((preview * 65535 + 0.5).astype(np.uint16)).save(tmp)
-        elif prediction.dim() == 2:  # HxW class ids (segmentation)
-            array = prediction.long().numpy()
-        else:  # HxWx3: canonical normals, albedo, shading
-            array = prediction.float().permute(1, 2, 0).numpy()
-        with atomic_write(paths["npy"]) as tmp:
-            np.save(tmp, array)
-        with atomic_write(paths["png"]) as tmp:
-            Image.fromarray(model.task.colorize(prediction)).save(tmp)
+        write_prediction(model.task, model.predict(rgb.to(device))[0].cpu(), planned[image])
+        written += 1
+    return written, skipped
+
+
+def write_prediction(task, prediction: torch.Tensor, paths: dict[str, Path], full_scale: float | None = None) -> None:
+    """One image's files, each written atomically: `.npy` (float, or int64 ids), the coloured `.png`, for depth the
+    16-bit PNG (depth / full scale x 65535; full scale 1, DMP's target_scale, or `full_scale` for metric depth)."""
+    paths["npy"].parent.mkdir(parents=True, exist_ok=True)
+    if task.name == "depth":  # HxW: affine-invariant depth in [0,1], or metres with DMP's float codec
+        array = prediction.float().numpy()
+        full_scale = full_scale or depth_full_scale(task)  # the 16-bit PNG maps [0, full_scale] to [0, 65535]
+        preview = (prediction.float() / full_scale).clamp(0, 1).numpy()
+        with atomic_write(paths["png16"]) as tmp:
+            Image.fromarray((preview * 65535 + 0.5).astype(np.uint16)).save(tmp)
+    elif prediction.dim() == 2 and not prediction.is_floating_point():  # HxW class ids (segmentation, parts)
+        array = prediction.long().numpy()
+    elif prediction.dim() == 2:  # HxW probabilities (saliency, edges)
+        array = prediction.float().numpy()
+    else:  # HxWx3: canonical normals, albedo, shading
+        array = prediction.float().permute(1, 2, 0).numpy()
+    with atomic_write(paths["npy"]) as tmp:
+        np.save(tmp, array)
+    with atomic_write(paths["png"]) as tmp:
+        Image.fromarray(task.colorize(prediction)).save(tmp)
+
+
+def check_multitask_outputs(source, output, tasks, overwrite: bool) -> tuple[Path, list[Path]]:
+    """check_outputs for every task's folder `<output>/<task>/`."""
+    for task in tasks:
+        root, images = check_outputs(source, Path(output) / task, task, overwrite)
+    return root, images
+
+
+def predict_multitask_images(model, root: Path, images: list[Path], output: str | Path,
+                             device: torch.device) -> tuple[int, list[str]]:
+    """A multi-task model: one forward per image, each task's files into `<output>/<task>/` (as predict_images);
+    metric depth's 16-bit PNG spans [0, max_depth]."""
+    model.eval().to(device)
+    planned = {t: plan_outputs(root, images, Path(output) / t, t) for t in model.tasks}
+    written, skipped = 0, []
+    for image in tqdm(images, desc="predict " + ", ".join(model.tasks), unit="image"):
+        try:
+            rgb = load_rgb(image)
+        except ValueError as error:
+            skipped.append(str(error))
+            log.warning("%s: skipped", error)
+            continue
+        for t, prediction in model.predict(rgb.to(device)).items():
+            task = model.heads[t].task
+            write_prediction(task, prediction[0].cpu(), planned[t][image], getattr(task, "max_depth", None))
         written += 1
     return written, skipped

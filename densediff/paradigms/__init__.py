@@ -4,8 +4,10 @@ diffusion objective on GeoWizard's joint depth + normal backbone)."""
 from densediff.paradigms.diffusion import DiffusionEstimator
 from densediff.paradigms.e2e import E2EFineTune
 from densediff.paradigms.geowizard import GeoWizardEstimator
+from densediff.paradigms.multitask import MultiTaskDenoising
 
 # Keys are the names written into checkpoints (`densediff_paradigm`); run.py picks "geowizard" from the backbone.
-PARADIGMS = {"e2e": E2EFineTune, "diffusion": DiffusionEstimator, "geowizard": GeoWizardEstimator}
+PARADIGMS = {"e2e": E2EFineTune, "diffusion": DiffusionEstimator, "geowizard": GeoWizardEstimator,
+             "multitask": MultiTaskDenoising}
 
-__all__ = ["DiffusionEstimator", "E2EFineTune", "GeoWizardEstimator", "PARADIGMS"]
+__all__ = ["DiffusionEstimator", "E2EFineTune", "GeoWizardEstimator", "MultiTaskDenoising", "PARADIGMS"]

@@ -2,12 +2,15 @@
 
 from densediff.tasks.albedo import AlbedoTask
 from densediff.tasks.depth import DepthTask
+from densediff.tasks.edges import EdgesTask
+from densediff.tasks.human_parts import HumanPartsTask
 from densediff.tasks.normals import NormalsTask
+from densediff.tasks.saliency import SaliencyTask
 from densediff.tasks.segmentation import SegmentationTask
 from densediff.tasks.shading import ShadingTask
 
 TASKS = {"depth": DepthTask, "normals": NormalsTask, "albedo": AlbedoTask, "shading": ShadingTask,
-         "segmentation": SegmentationTask}
+         "segmentation": SegmentationTask, "saliency": SaliencyTask, "edges": EdgesTask, "human_parts": HumanPartsTask}
 
 
 def build_task(name: str, **kwargs):
@@ -16,4 +19,5 @@ def build_task(name: str, **kwargs):
     return TASKS[name](**kwargs)
 
 
-__all__ = ["AlbedoTask", "DepthTask", "NormalsTask", "SegmentationTask", "ShadingTask", "TASKS", "build_task"]
+__all__ = ["AlbedoTask", "DepthTask", "EdgesTask", "HumanPartsTask", "NormalsTask", "SaliencyTask", "SegmentationTask",
+           "ShadingTask", "TASKS", "build_task"]

@@ -80,6 +80,28 @@ PROCEDURAL_PALETTE = (
     (255, 0, 255),  # cylinder
 )
 
+# The multi-task benchmarks (specs/multitask_diff2in1.md A1): PASCAL VOC's 21 classes, the 7 human-part groups and
+# NYUD's 40 classes, coloured with the PASCAL VOC colour map (bit-interleaved class ids, the devkit's labelcolormap).
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+HUMAN_PART_CLASSES = ("background", "head", "torso", "uarm", "larm", "uleg", "lleg")
+
+
+def voc_colour_map(n: int) -> tuple[tuple[int, int, int], ...]:
+    colours = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        colours.append((r, g, b))
+    return tuple(colours)
+
+
 IGNORE_COLOUR = (0, 0, 0)  # what an ignored pixel is encoded as (DMP's --filter also maps to black)
 
 
@@ -93,4 +115,11 @@ def palette_info(name: str) -> tuple[tuple[tuple[int, int, int], ...], tuple[str
         from densediff.data.procedural import CLASS_NAMES
 
         return PROCEDURAL_PALETTE, tuple(CLASS_NAMES), None
-    raise ValueError(f"task.palette must be 'ade20k', 'bedroom' or 'procedural', got {name!r}")
+    if name == "voc":
+        return voc_colour_map(21), VOC_CLASSES, None
+    if name == "human_parts":
+        return voc_colour_map(7), HUMAN_PART_CLASSES, None
+    if name == "nyud":
+        return voc_colour_map(40), tuple(f"class_{i}" for i in range(40)), None
+    raise ValueError(f"task.palette must be 'ade20k', 'bedroom', 'procedural', 'voc', 'human_parts' or 'nyud', "
+                     f"got {name!r}")

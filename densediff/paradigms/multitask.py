@@ -1,0 +1,370 @@
+"""Multi-task denoising from partially labelled data (DiffusionMTL, Ye & Xu, CVPR 2024; specs/multitask_diff2in1.md
+A2, A3): the released "feature diffusion" model.
+
+image -> encoder (conf/encoder: ResNet-18 or a diffusion UNet's features) -> neck (all maps resized to stride 8,
+concatenated, 3x3 conv to `embed_dim`) -> per task: 2 BasicBlocks = feature F_t, 1x1 conv = preliminary logits P_t.
+Multi-Task Conditioning: the detached P_t of *all* tasks, concatenated, 3x3 conv -> condition C (with
+`conditioning=false`, the ablation, each task is conditioned on its own P_t only). Feature diffusion: x0 = F_t, noised
+straight to the last step of a `num_timesteps`-step schedule (2: betas [1e-3, 1e-2]), then the chain is unrolled, with
+gradients, in training and test alike: the denoiser predicts x0 (parameterisation 'x0', no clipping), the posterior
+q(x_{t-1} | x_t, x0_hat) is sampled, and at t = 0 the final 1x1 head gives the task's logits. No diffusion loss: only
+the task losses of the final and (x `intermediate_weight`) the preliminary logits, both upsampled to the input size.
+`diffusion=false` keeps the preliminary heads alone (their loss at weight 1; they are then also the output).
+
+Partial labels (A2): a sample's `labelled[task]` picks which of its tasks add to the loss; each sample's sum is
+multiplied by n_tasks / n_labelled, each task's loss is divided by the batch size. Training runs the diffusion only
+for tasks labelled somewhere in the batch (DMTL), so an unlabelled task's final head gets no gradient at all, while
+its preliminary prediction still conditions the others.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from densediff.tasks import build_task
+from densediff.tasks.heads import DEFAULT_WEIGHTS, HEAD_TASKS, Head
+from densediff.visualize import rgb_to_uint8, save_gallery
+
+# Metrics where lower is better (delta_m's sign); every other metric is higher-is-better.
+LOWER_IS_BETTER = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "i_rmse", "silog", "angular_mean",
+                   "angular_median", "angular_rmse"}
+
+
+def two_step_schedule(num_timesteps: int = 2, beta_start: float = 1e-3, beta_end: float = 1e-2) -> dict:
+    """DMTL's linear-in-sqrt betas and the DDPM posterior constants, float64 (A3 "Schedule")."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    return {"betas": betas, "alphas_cumprod": abar, "sqrt_abar": abar.sqrt(), "sqrt_one_minus_abar": (1 - abar).sqrt(),
+            "posterior_x0": betas * abar_prev.sqrt() / (1 - abar),
+            "posterior_xt": (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar),
+            "posterior_variance": betas * (1 - abar_prev) / (1 - abar)}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """DiT's sinusoidal frequency embedding: [cos, sin] of t / max_period^(k / half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class BasicBlock(nn.Module):
+    """ResNet BasicBlock at constant width (conv-BN-ReLU-conv-BN + identity, ReLU)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(True),
+                                  nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim))
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
+class CrossBlock(nn.Module):
+    """Condition tokens (queries) attend to the noisy task tokens (keys/values); both streams get an MLP residual."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm_mlp, self.norm_kv_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.kv_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, q, kv):
+        k = self.norm_kv(kv)
+        q = q + self.attn(self.norm_q(q), k, k, need_weights=False)[0]
+        return q + self.mlp(self.norm_mlp(q)), kv + self.kv_mlp(self.norm_kv_mlp(kv))
+
+
+class Denoiser(nn.Module):
+    """x0-predicting denoiser (DMTL's Denosier): per task an input conv + timestep bias and an output head; the
+    timestep MLP and the cross-attention blocks are shared by all tasks."""
+
+    def __init__(self, tasks, dim: int, blocks: int, heads: int, mlp_ratio: float, token_scale: float, freq_dim: int):
+        super().__init__()
+        self.freq_dim, self.token_scale = freq_dim, token_scale
+        self.t_mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList(CrossBlock(dim, heads, mlp_ratio) for _ in range(blocks))
+        self.inputs = nn.ModuleDict({t: nn.Conv2d(dim, dim, 3, padding=1) for t in tasks})
+        self.heads = nn.ModuleDict({t: nn.Sequential(
+            nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(True), nn.Conv2d(dim, dim, 3, padding=1),
+            nn.ReLU(True), nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(True)) for t in tasks})
+
+    def _tokens(self, x):
+        if self.token_scale != 1:
+            x = F.interpolate(x, scale_factor=self.token_scale, mode="bilinear", align_corners=False)
+        return x, x.flatten(2).transpose(1, 2)
+
+    def forward(self, x_t, t: int, condition, task: str):
+        steps = torch.full((x_t.shape[0],), t, device=x_t.device)
+        x = self.inputs[task](x_t) + self.t_mlp(timestep_embedding(steps, self.freq_dim))[:, :, None, None]
+        small, q = self._tokens(condition)
+        _, kv = self._tokens(x)
+        for block in self.blocks:
+            q, kv = block(q, kv)
+        q = q.transpose(1, 2).reshape(small.shape)
+        return self.heads[task](F.interpolate(q, size=x.shape[-2:], mode="bilinear", align_corners=False) + x)
+
+
+def build_encoder(kind: str, options: dict) -> nn.Module:
+    from densediff.backbones.encoders import DiffusionEncoder, ResNetEncoder
+
+    if kind == "resnet18":
+        return ResNetEncoder(options.get("path"), options.get("config"))
+    if kind == "diffusion":
+        return DiffusionEncoder(options["backbone_path"], int(options.get("unet_in_channels", 8)),
+                                int(options.get("timestep", 1)), bool(options.get("trainable", True)))
+    raise ValueError(f"encoder={kind} is unknown: resnet18 or diffusion")
+
+
+def delta_m(values: dict, baselines: dict) -> float:
+    """Mean relative change over the single-task baselines, +1 for each higher-is-better metric (Maninis et al.):
+    (1/K) sum_k (-1)^{lower_k} (M_k - B_k) / B_k, as a fraction (papers print x100)."""
+    terms = []
+    for name, base in baselines.items():
+        sign = -1.0 if name.rsplit("/", 1)[-1] in LOWER_IS_BETTER else 1.0
+        terms.append(sign * (float(values[name]) - float(base)) / float(base))
+    return sum(terms) / len(terms)
+
+
+class MultiTaskDenoising(L.LightningModule):
+    paradigm = "multitask"  # written into checkpoints so evaluate/predict rebuild this class
+
+    def __init__(
+        self,
+        tasks: list[str],
+        task_options: dict | None = None,
+        task_weights: dict | None = None,
+        encoder: str = "resnet18",
+        encoder_options: dict | None = None,
+        embed_dim: int = 512,
+        conditioning: bool = True,
+        diffusion: bool = True,
+        num_timesteps: int = 2,
+        beta_start: float = 1e-3,
+        beta_end: float = 1e-2,
+        denoiser_blocks: int = 4,
+        denoiser_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        token_scale: float = 0.25,
+        time_freq_dim: int = 256,
+        intermediate_weight: float = 0.5,
+        lr: float = 2e-5,
+        weight_decay: float = 1e-6,
+        poly_power: float = 0.9,
+        schedule_interval: str = "epoch",
+        schedule_length: int = 100,
+        monitor: str | None = None,
+        monitor_mode: str | None = None,
+        baselines: dict | None = None,
+        gallery_size: int = 4,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        tasks = list(tasks)
+        unknown = [t for t in tasks if t not in HEAD_TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"objective=multitask: tasks {unknown or tasks} unknown; available: {HEAD_TASKS}")
+        if schedule_interval not in ("epoch", "step"):
+            raise ValueError(f"objective.schedule_interval must be 'epoch' or 'step', got {schedule_interval!r}")
+        weights = {**DEFAULT_WEIGHTS, **(task_weights or {})}
+        self.tasks = tasks
+        self.heads = {t: Head(build_task(t, **(task_options or {}).get(t, {})), weights[t]) for t in tasks}
+        self.task = self._monitor_spec(monitor, monitor_mode)  # what run.py's checkpoint callback reads
+        # {"segmentation/miou": 0.6} or {"segmentation": {"miou": 0.6}} (what a Hydra override can write)
+        self.baselines = {f"{k}/{m}": v for k, d in (baselines or {}).items() for m, v in d.items()} if any(
+            isinstance(v, dict) for v in (baselines or {}).values()) else dict(baselines or {})
+        missing = [k for k in self.baselines if k.split("/")[0] not in tasks]
+        if missing:
+            raise ValueError(f"objective.baselines names {missing[0]!r}, not a metric of tasks {tasks}")
+
+        self.encoder = build_encoder(encoder, encoder_options or {})
+        d, channels = embed_dim, {t: self.heads[t].channels for t in tasks}
+        self.neck = nn.Conv2d(sum(self.encoder.channels), d, 3, padding=1)
+        self.features = nn.ModuleDict({t: nn.Sequential(BasicBlock(d), BasicBlock(d)) for t in tasks})
+        self.preliminary = nn.ModuleDict({t: nn.Conv2d(d, channels[t], 1) for t in tasks})
+        if diffusion:
+            if conditioning:  # Multi-Task Conditioning: all tasks' initial predictions -> one condition
+                self.combinator = nn.Conv2d(sum(channels.values()), d, 3, padding=1)
+            else:  # the ablation: each task conditioned on its own initial prediction
+                self.combinator = nn.ModuleDict({t: nn.Conv2d(channels[t], d, 3, padding=1) for t in tasks})
+            self.denoiser = Denoiser(tasks, d, denoiser_blocks, denoiser_heads, mlp_ratio, token_scale, time_freq_dim)
+            self.final = nn.ModuleDict({t: nn.Conv2d(d, channels[t], 1) for t in tasks})
+        for name, value in two_step_schedule(num_timesteps, beta_start, beta_end).items():
+            self.register_buffer(name, value.float(), persistent=False)
+        self.val_metrics = nn.ModuleDict({t: self.heads[t].metrics() for t in tasks})
+        self.test_metrics = nn.ModuleDict({t: self.heads[t].metrics() for t in tasks})
+        self.gallery_size, self._gallery, self._seed, self._generator = gallery_size, [], 0, None
+        self.strict_loading = all(p.requires_grad for p in self.parameters())  # see on_save_checkpoint
+
+    def _monitor_spec(self, monitor, mode):
+        """`task`-like object with the checkpoint's monitored metric (`<task>/<metric>`, default the first task's)."""
+        first = self.heads[self.tasks[0]].task
+        monitor = monitor or f"{first.name}/{first.monitor}"
+        name, metric = monitor.split("/", 1) if "/" in monitor else ("", monitor)
+        if mode is None:
+            own = self.heads.get(name)
+            mode = own.task.monitor_mode if own and own.task.monitor == metric else (
+                "min" if metric in LOWER_IS_BETTER else "max")
+        return types.SimpleNamespace(name="multitask", monitor=monitor, monitor_mode=mode)
+
+    # ---- model ----------------------------------------------------------------------------------------------
+    def _noise(self, like: torch.Tensor) -> torch.Tensor:
+        if self._generator is None:
+            return torch.randn_like(like)
+        return torch.randn(like.shape, generator=self._generator).to(like)
+
+    def forward(self, rgb: torch.Tensor, run: list[str] | None = None) -> tuple[dict, dict]:
+        """RGB [B,3,H,W] in [0,1] -> (preliminary, final) logits per task at the input size; the diffusion runs for
+        the tasks in `run` (default all)."""
+        size = rgb.shape[-2:]
+        maps = self.encoder(rgb)
+        neck_size = (math.ceil(size[0] / 8), math.ceil(size[1] / 8))
+        x = self.neck(torch.cat([F.interpolate(m, size=neck_size, mode="bilinear", align_corners=False)
+                                 for m in maps], dim=1))
+        feats = {t: self.features[t](x) for t in self.tasks}
+        small = {t: self.preliminary[t](feats[t]) for t in self.tasks}
+        up = lambda y: F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        preliminary = {t: up(small[t]) for t in self.tasks}
+        if not self.hparams.diffusion:
+            return preliminary, preliminary
+        detached = {t: small[t].detach() for t in self.tasks}
+        if self.hparams.conditioning:
+            shared = self.combinator(torch.cat([detached[t] for t in self.tasks], dim=1))
+        final = {}
+        for t in (self.tasks if run is None else run):
+            condition = shared if self.hparams.conditioning else self.combinator[t](detached[t])
+            final[t] = up(self.final[t](self.denoise(feats[t], condition, t)))
+        return preliminary, final
+
+    def denoise(self, x0: torch.Tensor, condition: torch.Tensor, task: str) -> torch.Tensor:
+        """Feature diffusion: q_sample(x0, T-1), then the x0-denoiser and posterior sampling down to t = 0."""
+        last = len(self.betas) - 1
+        x = self.sqrt_abar[last] * x0 + self.sqrt_one_minus_abar[last] * self._noise(x0)
+        for t in range(last, -1, -1):
+            x0_hat = self.denoiser(x, t, condition, task)
+            if t > 0:
+                x = (self.posterior_x0[t] * x0_hat + self.posterior_xt[t] * x
+                     + self.posterior_variance[t].sqrt() * self._noise(x))
+        return x0_hat
+
+    # ---- training -------------------------------------------------------------------------------------------
+    def labelled(self, batch: dict) -> torch.Tensor:
+        """[B, T] bool: which tasks each sample may learn from (all, when the dataset has no partial labels)."""
+        b = batch["rgb"].shape[0]
+        flags = batch.get("labelled") or {}
+        return torch.stack([torch.as_tensor(flags[t], device=self.device).bool().reshape(b) if t in flags else
+                            torch.ones(b, dtype=torch.bool, device=self.device) for t in self.tasks], dim=1)
+
+    def losses(self, preliminary: dict, final: dict, batch: dict, labelled: torch.Tensor) -> dict:
+        """DMTL's SemiSupervisedMultiTaskLoss: per task sum_i [labelled_i] w_t (L(final_i) + 0.5 L(prelim_i))
+        * n_tasks / n_labelled_i / B; returns each task's term and their sum under "loss"."""
+        b = labelled.shape[0]
+        scale = len(self.tasks) / labelled.sum(1).clamp_min(1)
+        out = {}
+        for j, t in enumerate(self.tasks):
+            if not labelled[:, j].any():
+                continue
+            head = self.heads[t]
+            per_sample = head.loss(preliminary[t], batch)
+            if self.hparams.diffusion:
+                per_sample = head.loss(final[t], batch) + self.hparams.intermediate_weight * per_sample
+            per_sample = torch.where(labelled[:, j], head.weight * per_sample * scale, 0.0)
+            out[t] = per_sample.sum() / b
+        out["loss"] = sum(out.values()) if out else preliminary[self.tasks[0]].sum() * 0
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        labelled = self.labelled(batch)
+        run = [t for j, t in enumerate(self.tasks) if labelled[:, j].any()]
+        preliminary, final = self(batch["rgb"], run)
+        losses = self.losses(preliminary, final, batch, labelled)
+        b = batch["rgb"].shape[0]
+        self.log_dict({f"train/{k}" if k == "loss" else f"train/{k}/loss": v for k, v in losses.items()},
+                      batch_size=b)
+        return losses["loss"]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=hp.lr,
+                                     weight_decay=hp.weight_decay)
+        poly = lambda i: max(0.0, 1 - min(i, hp.schedule_length) / hp.schedule_length) ** hp.poly_power
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": hp.schedule_interval}}
+
+    # ---- evaluation -----------------------------------------------------------------------------------------
+    def configure_inference(self, options) -> None:
+        """run.py's inference options: only the seed applies (the posterior noise of the unrolled chain)."""
+        self._seed = 0 if options.seed is None else int(options.seed)
+
+    def on_validation_epoch_start(self) -> None:
+        self._generator = torch.Generator().manual_seed(self._seed)  # same weights -> same noise -> same score
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        self._generator = None
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._generator = None
+        self._log_metrics(self.test_metrics, "test")
+
+    @torch.no_grad()
+    def predict(self, rgb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every task's output at the input size (ids, probabilities, unit normals, metres)."""
+        _, final = self(rgb)
+        return {t: self.heads[t].output(final[t]) for t in self.tasks}
+
+    def _evaluate(self, batch: dict, batch_idx: int, metrics: nn.ModuleDict) -> None:
+        outputs = self.predict(batch["rgb"])
+        for t in self.tasks:
+            self.heads[t].task.update_metrics(metrics[t], outputs[t], batch)
+        if batch_idx == 0 and self.trainer.is_global_zero:
+            for i in range(min(self.gallery_size, batch["rgb"].shape[0])):
+                row = [rgb_to_uint8(batch["rgb"][i])]
+                for t in self.tasks:  # ground truth | prediction of every task
+                    task = self.heads[t].task
+                    row += [task.colorize(batch[task.target_key][i], batch["valid_mask"][i]),
+                            task.colorize(outputs[t][i])]
+                self._gallery.append(row)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, self.val_metrics)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, self.test_metrics)
+
+    def _log_metrics(self, metrics: nn.ModuleDict, stage: str) -> None:
+        values = {}
+        for t in self.tasks:
+            values.update({f"{t}/{k}": v for k, v in metrics[t].compute().items() if torch.as_tensor(v).numel() == 1})
+            metrics[t].reset()
+        if self.baselines:
+            values["delta_m"] = torch.tensor(delta_m(values, self.baselines))
+        self.log_dict({f"{stage}/{k}": torch.as_tensor(v, dtype=torch.float32) for k, v in values.items()},
+                      sync_dist=False)
+        if self._gallery and self.trainer.is_global_zero:
+            path = save_gallery(self._gallery, f"{self.trainer.default_root_dir}/gallery.png")
+            for logger in self.loggers:
+                if hasattr(logger, "log_image"):
+                    logger.log_image(key=f"{stage}/gallery", images=[str(path)], step=self.global_step,
+                                     caption=["input | " + " | ".join(f"{t} GT | {t}" for t in self.tasks)])
+        self._gallery = []
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # a frozen diffusion encoder's weights come from its backbone folder; everything else is saved
+        frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["densediff_paradigm"] = self.paradigm
+

@@ -1,0 +1,171 @@
+"""DiffusionMTL (objective=multitask, specs/multitask_diff2in1.md A2, A3): the losses against hand computations, the
+partial-label scaling, the 2-step schedule's constants, gradients of unlabelled tasks, the encoders."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from densediff.paradigms.multitask import MultiTaskDenoising, delta_m, two_step_schedule
+from densediff.tasks.heads import balanced_bce, balanced_cross_entropy, cross_entropy, normals_l1
+
+TINY_RESNET = {"config": {"embedding_size": 8, "hidden_sizes": [8, 8, 16, 16], "depths": [1, 1, 1, 1]}}
+TINY = dict(encoder_options=TINY_RESNET, embed_dim=8, denoiser_blocks=1, denoiser_heads=2, time_freq_dim=8)
+
+
+def test_cross_entropy_ignores_255_and_invalid_pixels():
+    logits = torch.tensor([[[[0.0, 5.0, 1.0]], [[math.log(3), -2.0, 1.0]]]])  # [1, 2, 1, 3]
+    target = torch.tensor([[[1, 255, 0]]])
+    valid = torch.tensor([[[True, True, False]]])
+    assert cross_entropy(logits, target, valid).item() == pytest.approx(math.log(4 / 3), rel=1e-6)
+    assert cross_entropy(logits, target, torch.zeros_like(valid)).item() == 0  # nothing valid: 0, not NaN
+
+
+def test_saliency_loss_weights_classes_by_the_share_of_negatives():
+    # one positive (p = 3/4 -> CE log 4/3) and three negatives at logits 0 (CE log 2); w = 3/4 negatives
+    logits = torch.zeros(1, 2, 1, 4)
+    logits[0, 1, 0, 0] = math.log(3)
+    target = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])
+    valid = torch.ones(1, 1, 4, dtype=torch.bool)
+    expected = (0.75 * math.log(4 / 3) + 3 * 0.25 * math.log(2)) / (0.75 + 3 * 0.25)
+    assert balanced_cross_entropy(logits, target, valid).item() == pytest.approx(expected, rel=1e-6)
+    # PyTorch's weighted cross-entropy (what MTT's CrossEntropyLoss(balanced=True) calls) agrees
+    reference = F.cross_entropy(logits, target.long(), weight=torch.tensor([0.25, 0.75]))
+    assert balanced_cross_entropy(logits, target, valid).item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def test_edge_loss_is_095_positive_005_negative():
+    logits = torch.tensor([[[[0.0, math.log(3), 7.0]]]])
+    target = torch.tensor([[[1.0, 0.0, 1.0]]])
+    valid = torch.tensor([[[True, True, False]]])
+    expected = (0.95 * math.log(2) + 0.05 * math.log(4)) / 2
+    assert balanced_bce(logits, target, valid).item() == pytest.approx(expected, rel=1e-6)
+    reference = F.binary_cross_entropy_with_logits(logits[..., :2], target[None, ..., :2],
+                                                   pos_weight=torch.tensor(19.0)) / 20
+    assert balanced_bce(logits, target, valid).item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def test_normals_loss_is_l1_between_unit_vectors():
+    pred = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 1.0]])[None, :, None]  # [1, 3, 1, 2]
+    target = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])[None, :, None]
+    valid = torch.tensor([[[True, False]]])
+    assert normals_l1(pred, target, valid).item() == pytest.approx(2.0)
+
+
+def test_two_step_schedule_constants():
+    s = two_step_schedule(2, 1e-3, 1e-2)
+    assert s["betas"].tolist() == pytest.approx([1e-3, 1e-2])
+    assert s["alphas_cumprod"].tolist() == pytest.approx([0.999, 0.98901])
+    assert s["sqrt_abar"].tolist() == pytest.approx([0.99950, 0.99449], abs=1e-5)
+    assert s["sqrt_one_minus_abar"].tolist() == pytest.approx([0.03162, 0.10483], abs=1e-5)
+    assert s["posterior_x0"][1].item() == pytest.approx(0.90946, abs=1e-5)
+    assert s["posterior_xt"][1].item() == pytest.approx(0.09054, abs=1e-5)
+    assert s["posterior_variance"][1].item() == pytest.approx(9.099e-4, rel=1e-3)
+
+
+def test_loss_scales_each_sample_by_tasks_over_labelled():
+    model = MultiTaskDenoising(["segmentation", "saliency"], {"segmentation": {"palette": "procedural"}}, **TINY)
+    for head in model.heads.values():
+        head.loss = lambda values, batch: values  # per-sample "losses" given directly
+    final = {"segmentation": torch.tensor([1.0, 2.0]), "saliency": torch.tensor([3.0, 4.0])}
+    prelim = {"segmentation": torch.tensor([10.0, 20.0]), "saliency": torch.tensor([30.0, 40.0])}
+    labelled = torch.tensor([[True, True], [True, False]])
+    out = model.losses(prelim, final, {}, labelled)
+    seg = ((1 + 0.5 * 10) * 2 / 2 + (2 + 0.5 * 20) * 2 / 1) / 2  # weight 1
+    sal = 5 * ((3 + 0.5 * 30) * 2 / 2) / 2  # weight 5; sample 1 unlabelled
+    assert out["segmentation"].item() == pytest.approx(seg)
+    assert out["saliency"].item() == pytest.approx(sal)
+    assert out["loss"].item() == pytest.approx(seg + sal)
+
+
+def batch_of(tasks, n=2):
+    from torch.utils.data import default_collate
+
+    from densediff.data.procedural import ProceduralScenes
+
+    data = ProceduralScenes(tasks=tasks, num_scenes=n, height=32, width=40)
+    return default_collate([data[i] for i in range(n)])
+
+
+def gradients(model, batch, seed=0):
+    model.zero_grad()
+    model._generator = torch.Generator().manual_seed(seed)
+    model.training_step(batch, 0).backward()
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_unlabelled_task_gives_its_final_head_zero_gradient():
+    torch.manual_seed(0)
+    tasks = ["segmentation", "normals"]
+    model = MultiTaskDenoising(tasks, {"segmentation": {"palette": "procedural"}}, **TINY)
+    batch = batch_of(tasks)
+    # nobody labels normals: its final head gets no gradient, its preliminary prediction still conditions
+    batch["labelled"] = {"segmentation": torch.tensor([True, True]), "normals": torch.tensor([False, False])}
+    grads = gradients(model, batch)
+    assert all(g is None or not g.any() for n, g in grads.items() if n.startswith("final.normals"))
+    assert grads["final.segmentation.weight"].abs().sum() > 0
+    assert all(g is None or not g.any() for n, g in grads.items() if n.startswith("preliminary.normals"))
+    # sample 0 does not label normals: its normals GT can be anything without changing any gradient
+    batch["labelled"]["normals"] = torch.tensor([False, True])
+    before = gradients(model, batch)
+    batch["normals"][0] = torch.randn_like(batch["normals"][0])
+    after = gradients(model, batch)
+    assert before["final.normals.weight"].abs().sum() > 0
+    assert all(torch.equal(before[n], after[n]) for n in before if before[n] is not None)
+
+
+@pytest.mark.parametrize("conditioning,diffusion", [(False, True), (True, False)])
+def test_ablations_train(conditioning, diffusion):
+    tasks = ["segmentation", "saliency", "edges"]
+    model = MultiTaskDenoising(tasks, {"segmentation": {"palette": "procedural"}}, conditioning=conditioning,
+                               diffusion=diffusion, **TINY)
+    grads = gradients(model, batch_of(tasks))
+    assert grads["preliminary.edges.weight"].abs().sum() > 0
+    assert hasattr(model, "final") == diffusion
+
+
+def test_delta_m_signs_lower_is_better_metrics():
+    values = {"segmentation/miou": 0.55, "normals/angular_mean": 18.0}
+    assert delta_m(values, {"segmentation/miou": 0.5, "normals/angular_mean": 20.0}) == pytest.approx(0.1)
+
+
+def test_resnet_encoder_loads_a_saved_folder_and_random_init(tmp_path):
+    from transformers import ResNetConfig, ResNetModel
+
+    from densediff.backbones.encoders import ResNetEncoder
+
+    torch.manual_seed(0)
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1],
+                             layer_type="basic")).save_pretrained(tmp_path / "resnet")
+    loaded, random = ResNetEncoder(str(tmp_path / "resnet")), ResNetEncoder(None, TINY_RESNET["config"])
+    reference = ResNetModel.from_pretrained(tmp_path / "resnet")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), reference.state_dict().values()))
+    maps = loaded(torch.rand(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == loaded.channels == [8, 8, 16, 16]
+    assert [m.shape[-1] for m in maps] == [16, 8, 4, 2]  # strides 4, 8, 16, 32
+    assert random.channels == [8, 8, 16, 16]
+    with pytest.raises(FileNotFoundError, match="encoder.path"):
+        ResNetEncoder(str(tmp_path / "missing"))
+
+
+def test_diffusion_encoder_reads_the_unets_multiscale_features():
+    from densediff.backbones.encoders import DiffusionEncoder
+    from densediff.run import ASSETS
+
+    encoder = DiffusionEncoder(str(ASSETS / "tiny"), timestep=1)
+    maps = encoder(torch.rand(1, 3, 30, 40))  # padded to a multiple of 8 inside
+    assert [m.shape[1] for m in maps] == encoder.channels
+    assert maps[0].shape[-1] > maps[-1].shape[-1]  # finest first
+    assert not any(p.requires_grad for p in encoder.vae.parameters())
+
+
+def test_procedural_scenes_carry_partial_labels():
+    from densediff.data.procedural import ProceduralScenes
+
+    tasks = ["segmentation", "depth", "normals", "saliency", "edges"]
+    one = ProceduralScenes(tasks=tasks, num_scenes=10, height=16, width=16, partial_labels="one_label")
+    flags = [one[i]["labelled"] for i in range(10)]
+    assert all(sum(bool(f[t]) for t in tasks) == 1 for f in flags)
+    assert {t for f in flags for t in tasks if f[t]} == set(tasks)  # dealt to every task in turn
+    assert "labelled" not in ProceduralScenes(tasks=tasks, num_scenes=2, height=16, width=16)[0]
