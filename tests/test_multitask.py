@@ -1,4 +1,4 @@
-"""DiffusionMTL (objective=multitask, specs/multitask_diff2in1.md A2, A3): the losses against hand computations, the
+"""DiffusionMTL (objective=multitask, docs/paradigms.md#diffusionmtl): the losses against hand computations, the
 partial-label scaling, the 2-step schedule's constants, gradients of unlabelled tasks, the encoders."""
 
 import math

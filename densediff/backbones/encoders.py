@@ -1,7 +1,7 @@
 """Image encoders of the multi-task paradigm (objective=multitask, conf/encoder/): each maps RGB [B,3,H,W] in [0, 1]
 to a list of feature maps at decreasing resolution and declares their channels.
 
-- `ResNetEncoder`: DiffusionMTL's ResNet-18 (specs/multitask_diff2in1.md A3), transformers' ResNetModel, its 4 stages
+- `ResNetEncoder`: DiffusionMTL's ResNet-18 (docs/paradigms.md#diffusionmtl), transformers' ResNetModel, its 4 stages
   (strides 4, 8, 16, 32). `path` = a local folder or a hub id (microsoft/resnet-18) for from_pretrained; None =
   random init from `config` (ResNetConfig keys; the defaults are ResNet-18's).
 - `DiffusionEncoder`: a diffusion prior read as a feature extractor (what Diff-2-in-1 and VPD/DMP-style work do, no
@@ -66,7 +66,7 @@ class DiffusionEncoder(nn.Module):
     def forward(self, rgb: torch.Tensor) -> list[torch.Tensor]:
         h, w = rgb.shape[-2:]
         f = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        pad = (0, (-w) % f, 0, (-h) % f)  # a multiple of the VAE's downsampling, edge replicate (DESIGN.md)
+        pad = (0, (-w) % f, 0, (-h) % f)  # a multiple of the VAE's downsampling, edge replicate (docs/architecture.md#conventions)
         x = torch.nn.functional.pad(rgb * 2 - 1, pad, mode="replicate")
         with torch.no_grad():
             latent = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor

@@ -1,4 +1,4 @@
-"""Multi-task denoising from partially labelled data (DiffusionMTL, Ye & Xu, CVPR 2024; specs/multitask_diff2in1.md
+"""Multi-task denoising from partially labelled data (DiffusionMTL, Ye & Xu, CVPR 2024; docs/paradigms.md#diffusionmtl
 A2, A3): the released "feature diffusion" model.
 
 image -> encoder (conf/encoder: ResNet-18 or a diffusion UNet's features) -> neck (all maps resized to stride 8,

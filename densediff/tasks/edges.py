@@ -1,4 +1,4 @@
-"""Edges: semantic boundaries predicted by a 1-channel sigmoid head (DiffusionMTL, specs/multitask_diff2in1.md A1, A3,
+"""Edges: semantic boundaries predicted by a 1-channel sigmoid head (DiffusionMTL, docs/paradigms.md#diffusionmtl,
 A4). Head-only: it trains with objective=multitask (densediff.tasks.heads), not through a VAE codec.
 
 Ground truth: float {0, 1} per pixel (PASCAL: thinned LabelMap boundaries; NYUD: edge/*.png; procedural: instance

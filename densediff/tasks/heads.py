@@ -1,4 +1,4 @@
-"""What a task is to a multi-task network's head (DiffusionMTL, specs/multitask_diff2in1.md A3 "Losses"): how many
+"""What a task is to a multi-task network's head (DiffusionMTL, docs/paradigms.md#diffusionmtl): how many
 channels the head predicts, the loss of those logits per sample, and how logits become the task's output.
 
 Losses are returned per sample ([B], each the mean over that sample's valid pixels) because DiffusionMTL's loss loops

@@ -1,4 +1,4 @@
-"""Human parts: 7 classes (background, head, torso, upper/lower arms, upper/lower legs; specs/multitask_diff2in1.md
+"""Human parts: 7 classes (background, head, torso, upper/lower arms, upper/lower legs; docs/paradigms.md#diffusionmtl
 A1), 255 = ignore (person-free PASCAL images are all 255, so only images with annotated people count). Scored like
 segmentation (SegmentationMetrics, dataset-pooled mIoU over the 7 classes); trained by a 7-way softmax head with
 objective=multitask (densediff.tasks.heads)."""

@@ -80,7 +80,7 @@ PROCEDURAL_PALETTE = (
     (255, 0, 255),  # cylinder
 )
 
-# The multi-task benchmarks (specs/multitask_diff2in1.md A1): PASCAL VOC's 21 classes, the 7 human-part groups and
+# The multi-task benchmarks (docs/paradigms.md#diffusionmtl): PASCAL VOC's 21 classes, the 7 human-part groups and
 # NYUD's 40 classes, coloured with the PASCAL VOC colour map (bit-interleaved class ids, the devkit's labelcolormap).
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",

@@ -1,4 +1,4 @@
-"""Saliency: a binary salient-object map predicted by a 2-way softmax head (DiffusionMTL, specs/multitask_diff2in1.md
+"""Saliency: a binary salient-object map predicted by a 2-way softmax head (DiffusionMTL, docs/paradigms.md#diffusionmtl
 A1, A3). Head-only: it trains with objective=multitask (densediff.tasks.heads), not through a VAE codec.
 
 Ground truth: float {0, 1} per pixel (PASCAL's sal_distill thresholded at 0.5; procedural: the furniture), pixels
