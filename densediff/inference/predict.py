@@ -102,18 +102,24 @@ def predict_images(model, root: Path, images: list[Path], output: str | Path,
     task = model.task.name
     output = Path(output)
     model.eval().to(device)
-    written, skipped = 0, []
     planned = plan_outputs(root, images, output, task)
-    for image in tqdm(images, desc=f"predict {task}", unit="image"):
-        try:
-            rgb = load_rgb(image)
-        except ValueError as error:
-            skipped.append(str(error))
-            log.warning("%s: skipped", error)
-            continue
+    skipped = []
+    written = 0
+    for image, rgb in readable_images(tqdm(images, desc=f"predict {task}", unit="image"), skipped):
         write_prediction(model.task, model.predict(rgb.to(device))[0].cpu(), planned[image])
         written += 1
     return written, skipped
+
+
+def readable_images(images, skipped: list[str]):
+    """(path, [1,3,H,W] RGB) for every image that decodes; the others are logged and their messages appended to
+    `skipped` (predict.py reports them and fails when none was readable)."""
+    for image in images:
+        try:
+            yield image, load_rgb(image)
+        except ValueError as error:
+            skipped.append(str(error))
+            log.warning("%s: skipped", error)
 
 
 def write_prediction(task, prediction: torch.Tensor, paths: dict[str, Path], full_scale: float | None = None) -> None:
@@ -151,14 +157,9 @@ def predict_multitask_images(model, root: Path, images: list[Path], output: str 
     metric depth's 16-bit PNG spans [0, max_depth]."""
     model.eval().to(device)
     planned = {t: plan_outputs(root, images, Path(output) / t, t) for t in model.tasks}
-    written, skipped = 0, []
-    for image in tqdm(images, desc="predict " + ", ".join(model.tasks), unit="image"):
-        try:
-            rgb = load_rgb(image)
-        except ValueError as error:
-            skipped.append(str(error))
-            log.warning("%s: skipped", error)
-            continue
+    skipped = []
+    written = 0
+    for image, rgb in readable_images(tqdm(images, desc="predict " + ", ".join(model.tasks), unit="image"), skipped):
         for t, prediction in model.predict(rgb.to(device)).items():
             task = model.heads[t].task
             write_prediction(task, prediction[0].cpu(), planned[t][image], getattr(task, "max_depth", None))
