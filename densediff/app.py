@@ -24,7 +24,6 @@ import threading
 from collections import deque
 from pathlib import Path
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 OWN = ("ckpt", "server_name", "server_port", "share")  # the app's own arguments; everything else goes to Hydra
 KEEP_REQUESTS = 32  # request folders kept on disk (Gradio copies the files it serves into its own cache)
 
@@ -59,53 +58,23 @@ def parse_args(argv: list[str]) -> tuple[list[str], dict, list[str]]:
     return ckpts, server, overrides
 
 
-def compose(overrides: list[str]):
-    """conf/predict.yaml with `overrides`, composed outside @hydra.main (as densediff.data.shards does); the Hydra
-    config is registered so ${hydra:runtime.cwd} and run.load_checkpoint_model's HydraConfig.get() work."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    import densediff.run  # noqa: F401  registers the ${densediff_asset:...} resolver
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose(config_name="predict", overrides=overrides, return_hydra_config=True)
-        HydraConfig().set_config(cfg)
-    return cfg
-
-
-def select_device(name: str):
-    import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_models(ckpts: list[str], overrides: list[str]) -> tuple[dict, dict, object]:
-    """({task: model}, {task: where it came from}, device), each model with the config's inference options;
-    raises run.ConfigError or FileNotFoundError with a message for the user."""
-    from densediff.run import ConfigError, build_model, inference_options, load_checkpoint_model, use_half_precision
+    """({task: model}, {task: where it came from}, device): each model built from predict.py's config with
+    `overrides` by predict.py's own rule (densediff.run.build_predictor); raises run.ConfigError or
+    FileNotFoundError with a message for the user."""
+    from densediff.run import ConfigError, build_predictor, compose
 
     models, sources = {}, {}
     for ckpt in ckpts or [None]:
-        cfg = compose(overrides)
-        options = inference_options(cfg, "predict")
+        cfg = compose("predict", overrides)
         if ckpt is not None:
             cfg.ckpt = ckpt  # set, not an override: any path (spaces, commas) works
-            model = load_checkpoint_model(cfg)
-        else:
-            model = build_model(cfg)
+        model, device = build_predictor(cfg)
         name = model.task.name
         if name in models:
             raise ConfigError(f"ckpt={sources[name]} and ckpt={ckpt} both predict {name}: the demo serves one "
                               "model per task")
-        model.inference = options
-        device = select_device(str(cfg.device))
-        if options.half:
-            use_half_precision(model, device)
-        models[name], sources[name] = model.eval().to(device), ckpt or f"backbone={cfg.backbone.name}"
+        models[name], sources[name] = model.to(device), ckpt or f"backbone={cfg.backbone.name}"
     return models, sources, device
 
 

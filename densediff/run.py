@@ -4,6 +4,7 @@ it turns the config into plain arguments for the package's classes (docs/archite
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import importlib.util
 import inspect
 import json
@@ -16,10 +17,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import IterableDataset
 
@@ -40,7 +44,7 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 # The streamed shards have a length on purpose (exact resume); they split across workers themselves.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 ASSETS = Path(__file__).resolve().parent / "assets"
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_PACKAGE = "densediff.conf"  # conf/, installed as package data (pyproject.toml: package-dir)
 OmegaConf.register_new_resolver("densediff_asset", lambda name: str(ASSETS / name), replace=True)
 
 
@@ -55,6 +59,82 @@ OmegaConf.register_new_resolver("densediff_tiny_geowizard", _tiny_geowizard, rep
 
 class ConfigError(ValueError):
     """A config value that cannot work; the entry points print it without a traceback."""
+
+
+# ----------------------------------------------------------------------------- composing, and what the command line set
+
+
+def config_dir() -> Path:
+    """The folder of this copy's Hydra configs (conf/): in a source checkout (run from it, or installed editable)
+    the checkout's own conf/, else the installed package data `densediff.conf` (a wheel puts it in
+    site-packages/densediff/conf/). Checked in that order so a checkout on PYTHONPATH never composes another
+    install's configs."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "conf" / "__init__.py").is_file():
+        return checkout / "conf"
+    try:
+        folder = importlib.resources.files(CONFIG_PACKAGE)
+    except ModuleNotFoundError:
+        raise FileNotFoundError("densediff's configs are missing: the package was installed without its "
+                                "densediff.conf package data (reinstall it: pip install densediff)") from None
+    if not isinstance(folder, Path):  # e.g. a zip import; Hydra reads configs from a folder
+        raise FileNotFoundError(f"densediff's configs ({folder}) are not a folder on disk; install densediff "
+                                "unzipped (pip install)")
+    return folder
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """conf/<config_name>.yaml (train, evaluate or predict) with command-line `overrides`, composed as the entry
+    points' @hydra.main composes it, for the commands that run without it (the demo app, the shard writer, the DMP
+    data tools). HydraConfig is set (run_dir(), ${hydra:...} and the command-line rules below read it) and Hydra
+    stays initialised with densediff's configs until the next compose."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    GlobalHydra.instance().clear()
+    initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=config_name)
+    cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+def _parsed_overrides() -> list:
+    return OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+
+
+def command_line_keys() -> set[str]:
+    """The config keys and groups this run's command line sets, as Hydra parses it (`inference.steps=4` ->
+    inference.steps, `+task.x=1` -> task.x; a whole group such as `inference=default` -> inference)."""
+    return {override.key_or_group for override in _parsed_overrides()}
+
+
+def _config_loader():
+    """Hydra's config loader of this run: the one @hydra.main or compose() initialised (a job launched in another
+    process restores it), else one on densediff's configs."""
+    if not GlobalHydra.instance().is_initialized():
+        from hydra import initialize_config_dir
+        initialize_config_dir(config_dir=str(config_dir()), version_base="1.3")
+    return GlobalHydra.instance().config_loader()
+
+
+def group_is_chosen(group: str) -> bool:
+    """Whether the command line or a config file (an experiment, a debug config) picks `group`'s value rather than
+    the root config's default, as Hydra's own defaults list records it."""
+    if group in command_line_keys():
+        return True
+    hydra = HydraConfig.get()
+    defaults = _config_loader().compute_defaults_list(hydra.job.config_name, list(hydra.overrides.task),
+                                                      RunMode.RUN)
+    return group in defaults.overrides.override_metadata
+
+
+def compose_group(group: str, choice: str) -> DictConfig:
+    """The config node of `group` with the value `choice`, composed in this run's context (its command line and
+    experiment), for a choice made after composing (resolve_backbone_task)."""
+    hydra = HydraConfig.get()
+    composed = _config_loader().load_configuration(hydra.job.config_name,
+                                                   [*hydra.overrides.task, f"{group}={choice}"], RunMode.RUN)
+    return composed[group]
 
 
 @contextlib.contextmanager
@@ -148,12 +228,6 @@ def geowizard_arguments(cfg: DictConfig) -> dict:
                 other_task_options=task_options(cfg, other))
 
 
-def command_line_keys() -> set[str]:
-    """The config keys this run's command line sets (`inference.steps=4` -> inference.steps; a whole group such as
-    `inference=default` -> inference)."""
-    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
-
-
 def inference_options(cfg: DictConfig, stage: str, saved: dict | None = None) -> InferenceOptions:
     """The inference options of this run. With `saved` (the options a checkpoint was validated with: its recipe's)
     one rule holds for evaluate, predict and resumed training: the checkpoint's settings, except the keys the
@@ -214,20 +288,14 @@ def read_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def _command_line_keys() -> set[str]:
-    return {o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
-
-
-def _task_is_explicit() -> bool:
-    """task= on the command line, or chosen by the experiment file (every recipe names its task)."""
-    if "task" in _command_line_keys():
-        return True
-    experiment = HydraConfig.get().runtime.choices.get("experiment")
-    if not experiment or not (CONF / "experiment" / f"{experiment}.yaml").is_file():
-        return False
-    defaults = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml").get("defaults") or []
-    return any(isinstance(d, DictConfig) and any(str(k).removeprefix("override").strip(" /") == "task" for k in d)
-               for d in defaults)
+def backbone_task(cfg: DictConfig) -> tuple[str | None, str]:
+    """(the task the configured backbone predicts, or None for any task; where that is declared)."""
+    declared, source = cfg.backbone.get("task"), f"backbone={cfg.backbone.name}"
+    if "backbone.path" in command_line_keys():
+        from_folder = declared_task(cfg.backbone.path)
+        if from_folder:
+            declared, source = from_folder, f"backbone.path={cfg.backbone.path} (model_index.json)"
+    return declared, source
 
 
 def resolve_backbone_task(cfg: DictConfig, training: bool = False) -> None:
@@ -235,14 +303,10 @@ def resolve_backbone_task(cfg: DictConfig, training: bool = False) -> None:
     model_index.json (MarigoldNormalsPipeline, ...), else the backbone config's `task` (null: any task, as SD or
     the tiny backbone). Without an explicit task= it becomes the task. A different explicit task is an error when
     predicting (the output would be decoded as the wrong quantity); training may re-purpose a model, with a note."""
-    declared, source = cfg.backbone.get("task"), f"backbone={cfg.backbone.name}"
-    if "backbone.path" in _command_line_keys():
-        from_folder = declared_task(cfg.backbone.path)
-        if from_folder:
-            declared, source = from_folder, f"backbone.path={cfg.backbone.path} (model_index.json)"
+    declared, source = backbone_task(cfg)
     if not declared or declared == cfg.task.name:
         return
-    if _task_is_explicit():
+    if group_is_chosen("task"):
         if training:
             log.warning("%s predicts %s; fine-tuning it for task=%s", source, declared, cfg.task.name)
             return
@@ -250,7 +314,7 @@ def resolve_backbone_task(cfg: DictConfig, training: bool = False) -> None:
                           f"backbone that predicts {cfg.task.name})")
     log.info("%s predicts %s: task=%s", source, declared, declared)
     with open_dict(cfg):
-        cfg.task = OmegaConf.load(CONF / "task" / f"{declared}.yaml")
+        cfg.task = compose_group("task", declared)
 
 
 def _check_resume(cfg: DictConfig) -> None:
@@ -540,20 +604,18 @@ def load_checkpoint_model(cfg: DictConfig) -> L.LightningModule:
     paradigm, task = checkpoint_identity(path)
     if paradigm == "multitask":  # its hyper-parameters name every task, its encoder and their options
         return PARADIGMS[paradigm].load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    command_line = HydraConfig.get().overrides.task
+    given = command_line_keys()
     overrides = {}
     if task == cfg.task.name:
         # The checkpoint's own task options (its codec: DMP float depth, a palette, ...), updated with the dataset's
         # protocol (valid range, alignment) and whatever task.* the command line sets explicitly.
         saved = read_checkpoint(path).get("hyper_parameters", {})
         current = task_options(cfg)
-        explicit = {o.split("=")[0].lstrip("+~").removeprefix("task.") for o in command_line
-                    if o.lstrip("+~").startswith("task.")}
+        explicit = {key.removeprefix("task.") for key in given if key.startswith("task.")}
         protocol = {k: current[k] for k in DATASET_PROTOCOL_KEYS if k in current}
         overrides["task_options"] = {**(saved.get("task_options") or {}), **protocol,
                                      **{k: current[k] for k in explicit if k in current}}
-    explicit = [o for o in command_line if o.split("=")[0] in ("backbone.path", "backbone")]
-    if explicit:  # the checkpoint names its backbone; an explicit backbone on the command line replaces it
+    if given & {"backbone.path", "backbone"}:  # the checkpoint names its backbone; an explicit one replaces it
         overrides["backbone_path"] = str(cfg.backbone.path)
         overrides["normals_frame"] = str(cfg.backbone.get("normals_frame", "canonical"))
     if paradigm not in PARADIGMS:
@@ -561,7 +623,7 @@ def load_checkpoint_model(cfg: DictConfig) -> L.LightningModule:
     if paradigm == "geowizard":  # one model, both geometries: task=depth|normals picks the one it returns
         overrides.update(task=cfg.task.name, task_options=task_options(cfg), **geowizard_arguments(cfg))
         overrides.pop("joint_attention")  # how it was trained
-        if "backbone.domain" not in {o.split("=")[0] for o in HydraConfig.get().overrides.task}:
+        if "backbone.domain" not in given:
             overrides.pop("domain")  # the checkpoint's, unless given on the command line
     return PARADIGMS[paradigm].load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
 
@@ -619,6 +681,33 @@ def evaluate(cfg: DictConfig) -> dict:
     return metrics
 
 
+def predictor_device(name: str) -> torch.device:
+    """`device=`: auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:<n>."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_predictor(cfg: DictConfig) -> tuple[L.LightningModule, torch.device]:
+    """The model predict.py, the demo app (densediff/app.py) and the DMP data tools run, built by one rule:
+    `ckpt=` (a train.py checkpoint of any paradigm, with the task and options it was trained with), else the
+    backbone as it is, whose declared task is the task unless the command line or the experiment picks one
+    (resolve_backbone_task); the inference options are the checkpoint's saved settings except the keys the command
+    line sets (inference_options); inference.half gives fp16 weights. Returns (model in eval mode, `device=`)."""
+    check_config(cfg)
+    ckpt = Path(cfg.ckpt) if cfg.get("ckpt") else None
+    if ckpt is None:
+        resolve_backbone_task(cfg)
+    model = load_checkpoint_model(cfg) if ckpt else build_model(cfg)
+    options = inference_options(cfg, "predict", saved_inference(ckpt) if ckpt else None)
+    model.configure_inference(options)
+    device = predictor_device(str(cfg.get("device") or "auto"))
+    _warn_ignored_options(model, options, "predict")
+    if options.half:
+        use_half_precision(model, device)
+    return model.eval(), device
+
+
 def predict(cfg: DictConfig) -> None:
     from densediff.inference.predict import check_outputs, predict_images
 
@@ -633,14 +722,7 @@ def predict(cfg: DictConfig) -> None:
         if paradigm != "geowizard":  # a GeoWizard checkpoint predicts either geometry: task= picks it
             task = trained_task
     root, images = check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite))  # before loading a model
-    model = load_checkpoint_model(cfg) if cfg.get("ckpt") else build_model(cfg)
-    options = inference_options(cfg, "predict", saved_inference(Path(cfg.ckpt)) if cfg.get("ckpt") else None)
-    model.configure_inference(options)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    _warn_ignored_options(model, options, "predict")
-    if options.half:
-        use_half_precision(model, device)
+    model, device = build_predictor(cfg)
     written, skipped = predict_images(model, root, images, cfg.output, device)
     if skipped and not written:
         raise DataReadError(f"none of the {len(skipped)} images of input={cfg.input} could be read:\n  "
@@ -655,10 +737,7 @@ def predict_multitask(cfg: DictConfig) -> None:
 
     tasks = torch.load(cfg.ckpt, map_location="cpu", mmap=True, weights_only=True)["hyper_parameters"]["tasks"]
     root, images = check_multitask_outputs(cfg.input, cfg.output, tasks, bool(cfg.overwrite))
-    model = load_checkpoint_model(cfg)
-    model.configure_inference(inference_options(cfg, "predict"))
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    model, device = build_predictor(cfg)
     written, skipped = predict_multitask_images(model, root, images, cfg.output, device)
     print(f"\nwrote {written} predictions of {', '.join(tasks)} to {cfg.output}/<task>/"
           + (f"; skipped {len(skipped)} unreadable:" if skipped else ""))

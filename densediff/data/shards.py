@@ -360,23 +360,12 @@ def shard_dataset(shards, split: str, stream: bool, seed: int = 0, shuffle_buffe
 # ----------------------------------------------------------------------------- the command
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-        HydraConfig().set_config(cfg)  # ${hydra:runtime.cwd} in paths/
-    return cfg
-
-
 def main(argv: list[str] | None = None) -> int:
     """python -m densediff.data.shards dataset=<name> [overrides...] output=<dir> [split=train[,val]] [maxcount=N]"""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
+
+    from densediff.run import compose
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -387,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not own.get("output"):
             raise DatasetLayoutError("pass output=<new folder> for the shards")
-        cfg = _compose(overrides)
+        cfg = compose("train", overrides)  # train.py's config: every dataset and override works
         if cfg.dataset.get("format", "folder") != "folder":
             raise DatasetLayoutError("the shards writer reads the dataset itself: drop dataset.format=shards")
         splits = own["split"].split(",") if own.get("split") else [s for s in SPLITS if cfg.dataset.get(s)]

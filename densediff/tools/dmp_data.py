@@ -388,31 +388,14 @@ def _prediction_files(folder: Path) -> dict[str, Path]:
     return keys
 
 
-def _compose(overrides: list[str]):
-    """The predict.py config with `overrides`, HydraConfig set (densediff.run reads it), as data/shards.py does."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
+def _predict_with_model(args, task: str | None, folder: Path) -> str:
+    """Run a densediff model (checkpoint or untrained backbone) over args.input with predict.py's code and rule
+    (densediff.run.build_predictor), writing its .npy files into `folder`; return the model's task."""
+    import torch
     from hydra.errors import HydraException
 
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            cfg = compose(config_name="predict", overrides=overrides, return_hydra_config=True)
-            HydraConfig().set_config(cfg)
-    except HydraException as error:
-        raise ToolError(f"cannot build the model config from {overrides}: {str(error).splitlines()[0]}") from error
-    return cfg
-
-
-def _predict_with_model(args, task: str | None, folder: Path) -> str:
-    """Run a densediff model (checkpoint or untrained backbone) over args.input with predict.py's code, writing its
-    .npy files into `folder`; return the model's task."""
-    import torch
-
     from densediff.inference.predict import check_outputs, predict_images
-    from densediff.run import build_model, checkpoint_identity, inference_options, load_checkpoint_model
+    from densediff.run import backbone_task, build_predictor, checkpoint_identity, compose
 
     overrides = list(args.set or [])
     if args.ckpt:
@@ -421,17 +404,21 @@ def _predict_with_model(args, task: str | None, folder: Path) -> str:
         if task and ckpt_task and task != ckpt_task:
             raise ToolError(f"{ckpt} predicts {ckpt_task}, not --task {task}")
         task = task or ckpt_task
-        overrides += [f"ckpt={ckpt.resolve()}"]
     else:
         overrides += [f"backbone={args.backbone}"]
-    if task is None:
-        raise ToolError("pass --task (depth, normals, albedo, shading or segmentation)")
-    cfg = _compose([f"task={task}", f"input={args.input}", f"output={folder}", *overrides])
-    root, images = check_outputs(args.input, folder, task, overwrite=True)
-    options = inference_options(cfg, "predict")
-    model = load_checkpoint_model(cfg) if args.ckpt else build_model(cfg)
-    model.inference = options
-    device = _torch_device(args.device)
+    _torch_device(args.device)  # a CUDA device that is not there: the tool's own message
+    overrides = [*([f"task={task}"] if task else []), f"device={args.device}", *overrides]
+    try:
+        cfg = compose("predict", overrides)
+    except HydraException as error:
+        raise ToolError(f"cannot build the model config from {overrides}: {str(error).splitlines()[0]}") from error
+    # paths are set, not overrides: any path (spaces, commas) works
+    cfg.input, cfg.output, cfg.ckpt = str(args.input), str(folder), str(ckpt.resolve()) if args.ckpt else None
+    if task is None and not args.ckpt and backbone_task(cfg)[0] is None:
+        raise ToolError(f"backbone={args.backbone} predicts any task: pass --task (depth, normals, albedo, shading "
+                        "or segmentation)")
+    model, device = build_predictor(cfg)  # without --task: the backbone's declared task
+    root, images = check_outputs(args.input, folder, model.task.name, overwrite=True)
     with torch.no_grad():
         written, skipped = predict_images(model, root, images, folder, device)
     if skipped:
