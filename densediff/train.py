@@ -1,0 +1,18 @@
+"""train.py of an installed densediff: `densediff-train experiment=quickstart` or `python -m densediff.train ...`
+(the same config and overrides as the checkout's train.py; the configs ship with the package)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from densediff.run import config_dir, train, user_errors
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    with user_errors():
+        metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric", "")) if cfg.get("optimized_metric") else None
+
+
+if __name__ == "__main__":
+    main()
