@@ -1,6 +1,6 @@
 """Write a trained checkpoint as a diffusers folder (Marigold layout) that diffusers' own pipelines load.
 
-    python -m densediff.export ckpt=<run>/checkpoints/last.ckpt output=<dir>
+    python -m densediff.export ckpt=<run>/checkpoints/last.ckpt output=<dir> [metrics=<evaluate.py run folder>]
 
 The folder holds the fine-tuned UNet (LoRA merged into it), the backbone's VAE, text encoder and tokenizer, and its
 scheduler with the model's timestep spacing (trailing for E2E-FT); model_index.json names MarigoldDepthPipeline or
@@ -11,6 +11,12 @@ exports as it is: diffusers' pipeline then returns x-left normals. A LoRA run al
 `pytorch_lora_weights.safetensors` (peft format, unprefixed keys: `UNet2DConditionModel.load_lora_adapter(dir,
 prefix=None, weight_name="pytorch_lora_weights.safetensors")` reads it; without weight_name diffusers 0.42 looks
 for a .bin in a folder that holds other files).
+
+The folder also gets a model card, README.md, as diffusers' training scripts write one (huggingface_hub's
+ModelCard: YAML front matter with library_name diffusers, tags, base_model and pipeline_tag; then the training recipe
+from the run's saved config, the data, the metrics, the pipeline class and a usage example). Its metrics are those of
+`metrics=` (an evaluate.py run folder or its metrics.json; the split it scored is named), else the training run's
+own metrics.json (the validation at the end of training).
 
 Documented differences from our predictor when the folder runs in diffusers' Marigold pipeline with
 num_inference_steps=1 and zero latents: diffusers returns the DDIM `prev_sample` (a mix of x0 and a little of the
@@ -25,19 +31,100 @@ from pathlib import Path
 import torch
 
 
-def export(ckpt: str | Path, output: str | Path) -> Path:
+PARADIGM_TAGS = {"e2e": "e2e-ft", "diffusion": "marigold", "geowizard": "geowizard"}
+
+
+def _metrics_source(ckpt: Path, metrics: str | Path | None) -> Path | None:
+    """The run folder whose metrics.json the card reports: `metrics` (a folder or its metrics.json), else the
+    training run that wrote `ckpt` (<run>/checkpoints/<name>.ckpt) when it has one."""
+    if metrics is not None:
+        folder = Path(metrics)
+        folder = folder.parent if folder.name == "metrics.json" else folder
+        if not (folder / "metrics.json").is_file():
+            raise FileNotFoundError(f"metrics={metrics}: no metrics.json there (an evaluate.py run folder)")
+        return folder
+    run = ckpt.resolve().parent.parent
+    return run if (run / "metrics.json").is_file() else None
+
+
+def model_card(pipeline_class: str, task: str, paradigm: str, hparams: dict, defaults: dict, training: dict,
+               scores: dict, folder: str):
+    """The model card (huggingface_hub.ModelCard) of an exported folder, from plain values: the pipeline class
+    name, task, paradigm, the checkpoint's hyper-parameters, the pipeline's defaults, run.run_record of the
+    training run and of the run that scored it (may be the same, or {})."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    adapter = hparams.get("adapter", "full")
+    tags = ["diffusers", "densediff", "marigold", f"{task}-estimation" if task == "depth" else "normals-estimation",
+            PARADIGM_TAGS.get(paradigm, paradigm), *(["lora"] if adapter.startswith("lora") else [])]
+    data = ModelCardData(library_name="diffusers", tags=list(dict.fromkeys(tags)),
+                         base_model=training.get("base_model"),
+                         pipeline_tag="depth-estimation" if task == "depth" else None)
+    choices = training.get("choices", {})
+    recipe = {
+        "experiment": choices.get("experiment"), "objective (paradigm)": training.get("objective", paradigm),
+        "backbone": f"{training.get('backbone', '?')} (`{hparams.get('backbone_path')}`)", "adapter":
+        adapter + (f", rank {hparams.get('adapter_rank')}" if adapter.startswith("lora") else ""),
+        "task": task, "dataset": training.get("dataset"), "optimizer steps": training.get("steps"),
+        "learning rate": training.get("lr", hparams.get("lr")), "batch size": training.get("batch_size"),
+        "gradient accumulation": training.get("accumulate_grad_batches"), "precision": training.get("precision"),
+        "seed": training.get("seed")}
+    lines = [f"# {task} estimation with a diffusion prior ({PARADIGM_TAGS.get(paradigm, paradigm)})", "",
+             f"Fine-tuned with densediff (dense prediction with diffusion priors) and exported for diffusers' "
+             f"`{pipeline_class}`: the "
+             f"fine-tuned UNet{' with its LoRA merged' if adapter.startswith('lora') else ''}, the backbone's VAE, "
+             "text encoder and tokenizer, and a DDIM scheduler with the model's timestep spacing. The pipeline "
+             f"defaults to {defaults['steps']} denoising step(s) at "
+             + (f"processing resolution {defaults['processing_res']}" if defaults["processing_res"] else
+                "the input's own resolution") + ".", "", "## Usage", "", "```python",
+             *usage_example(pipeline_class, folder), "```", "",
+             "`prediction` is a numpy array (1, H, W, " + ("1), affine-invariant depth in [0, 1]" if task == "depth"
+                                                         else "3), unit normals") + ".", "",
+             "## Training recipe", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in recipe.items() if v is not None]
+    if training.get("overrides"):
+        lines += ["", "Command line: `train.py " + " ".join(training["overrides"]) + "`"]
+    dataset = training.get("dataset", "?")
+    about = (": densediff's built-in renderer of random indoor scenes (walls, boxes, spheres, a point light) with "
+             "exact ground truth, deterministic by seed" if str(dataset).startswith("procedural") else
+             " (densediff's dataset config of that name; its data is not part of this folder)")
+    lines += ["", "## Data", "", f"Trained on `dataset={dataset}`{about}."]
+    metrics = scores.get("metrics")
+    if metrics:
+        by = ("train.py's validation at the end of training" if scores.get("job") == "train" else
+              f"evaluate.py of `{scores.get('checkpoint', 'this checkpoint')}`")
+        lines += ["", "## Metrics", "", f"On `{scores.get('dataset', '?')}`, split `{scores.get('split', '?')}` "
+                  f"({by}; densediff's own predictor, which can differ slightly from diffusers' pipeline: it returns "
+                  "x0 where the pipeline returns DDIM's prev_sample):", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
+    else:
+        lines += ["", "## Metrics", "", "No metrics.json was found for this checkpoint (evaluate it with densediff's "
+                  "evaluate.py and export with `metrics=<that run>`)."]
+    return ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def usage_example(pipeline_class: str, folder: str) -> list[str]:
+    """Three lines that run the exported folder in diffusers (`image.png`: the user's image)."""
+    return ["import diffusers",
+            f"pipe = diffusers.{pipeline_class}.from_pretrained({folder!r})",
+            'prediction = pipe(diffusers.utils.load_image("image.png")).prediction']
+
+
+def export(ckpt: str | Path, output: str | Path, metrics: str | Path | None = None) -> Path:
     from diffusers import DDIMScheduler, MarigoldDepthPipeline, MarigoldNormalsPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from densediff.backbones.load import resolve_backbone_path
+    from densediff.io import write_text
     from densediff.paradigms import PARADIGMS
-    from densediff.run import checkpoint_identity
+    from densediff.run import checkpoint_identity, run_record
 
     ckpt, output = Path(ckpt), Path(output)
     if not ckpt.is_file():
         raise FileNotFoundError(f"ckpt={ckpt} does not exist (a checkpoint written by train.py)")
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"output={output} exists and is not empty; choose a new folder")
+    scored = _metrics_source(ckpt, metrics)  # before writing anything: a wrong metrics= fails first
     paradigm = checkpoint_identity(ckpt)[0]
     if paradigm not in PARADIGMS:
         raise ValueError(f"{ckpt} was written by paradigm {paradigm!r}, unknown here ({', '.join(PARADIGMS)})")
@@ -71,15 +158,20 @@ def export(ckpt: str | Path, output: str | Path) -> Path:
     if lora:
         (staging / "pytorch_lora_weights.safetensors").rename(output / "pytorch_lora_weights.safetensors")
         staging.rmdir()
+    training = run_record(ckpt.resolve().parent.parent)
+    card = model_card(pipeline_class.__name__, model.task.name, paradigm, dict(model.hparams),
+                      {"steps": model.inference.steps, "processing_res": model.inference.processing_res},
+                      training, run_record(scored) if scored else {}, str(output))
+    write_text(output / "README.md", str(card))
     return output
 
 
 def main(argv: list[str]) -> None:
     options = dict(arg.split("=", 1) for arg in argv if "=" in arg)
-    if set(options) != {"ckpt", "output"} or len(argv) != 2:
+    if not {"ckpt", "output"} <= set(options) <= {"ckpt", "output", "metrics"} or len(argv) != len(options):
         raise SystemExit(__doc__)
     try:
-        path = export(options["ckpt"], options["output"])
+        path = export(options["ckpt"], options["output"], options.get("metrics"))
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     print(f"wrote {path}")

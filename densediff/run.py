@@ -635,6 +635,42 @@ def saved_inference(path: Path) -> dict | None:
     return read_checkpoint(path).get("densediff_inference")
 
 
+def run_record(folder: Path) -> dict:
+    """What a model card says about the train.py or evaluate.py run in `folder`, as plain values read from the
+    config Hydra saved there (.hydra/config.yaml, .hydra/hydra.yaml) and its metrics.json: job (train or
+    evaluate), the config choices (experiment, backbone, objective, adapter, task, dataset), the training recipe
+    (steps, lr, batch size, ...), the split its metrics were scored on (train.py: the validation at the end of
+    training) and the metrics. Keys without a value are left out; a folder without a saved config gives {}."""
+    saved = folder / ".hydra"
+    if not (saved / "config.yaml").is_file():
+        return {}
+    cfg = OmegaConf.load(saved / "config.yaml")
+    hydra = OmegaConf.load(saved / "hydra.yaml").hydra if (saved / "hydra.yaml").is_file() else OmegaConf.create()
+
+    def value(node, key):
+        found = OmegaConf.select(node, key, default=None, throw_on_resolution_failure=False)
+        return _plain(found) if found is not None else None
+
+    job = value(hydra, "job.name") or ("evaluate" if "split" in cfg else "train")
+    record = {"job": job, "choices": {k: v for k, v in (value(hydra, "runtime.choices") or {}).items()
+                                      if "/" not in k and v is not None},
+              "overrides": list(value(hydra, "overrides.task") or [])}
+    keys = {"backbone": "backbone.name", "objective": "objective.name",
+            "adapter": "adapter.kind", "adapter_rank": "adapter.rank", "task": "task.name", "dataset": "dataset.name",
+            "steps": "trainer.max_steps", "lr": "objective.lr", "batch_size": "dataset.batch_size",
+            "accumulate_grad_batches": "trainer.accumulate_grad_batches", "precision": "trainer.precision",
+            "seed": "seed", "checkpoint": "ckpt"}
+    record.update({name: v for name, key in keys.items() if (v := value(cfg, key)) is not None})
+    explicit_path = any(o.key_or_group == "backbone.path"
+                        for o in OverridesParser.create().parse_overrides(record["overrides"]))
+    if value(cfg, "backbone.hub_id") and not explicit_path:  # the config's weights, not a folder given instead
+        record["base_model"] = value(cfg, "backbone.hub_id")
+    record["split"] = value(cfg, "split") if job == "evaluate" else "val"
+    if (folder / "metrics.json").is_file():
+        record["metrics"] = json.loads((folder / "metrics.json").read_text())
+    return record
+
+
 def checkpoint_identity(path: Path) -> tuple[str, str]:
     """(paradigm, task) of a train.py checkpoint, read without building the model."""
     checkpoint = read_checkpoint(path)
@@ -698,8 +734,9 @@ def build_predictor(cfg: DictConfig) -> tuple[L.LightningModule, torch.device]:
     ckpt = Path(cfg.ckpt) if cfg.get("ckpt") else None
     if ckpt is None:
         resolve_backbone_task(cfg)
+    # options first: a bad value is reported before a model is loaded (saved_inference reads only the file)
+    options = inference_options(cfg, "predict", saved_inference(ckpt) if ckpt and ckpt.is_file() else None)
     model = load_checkpoint_model(cfg) if ckpt else build_model(cfg)
-    options = inference_options(cfg, "predict", saved_inference(ckpt) if ckpt else None)
     model.configure_inference(options)
     device = predictor_device(str(cfg.get("device") or "auto"))
     _warn_ignored_options(model, options, "predict")
