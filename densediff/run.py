@@ -117,13 +117,21 @@ def _config_loader():
     return GlobalHydra.instance().config_loader()
 
 
+def _recompose_overrides(extra: list[str] = ()) -> list[str]:
+    """This run's command line for composing again: its overrides plus its hydra.searchpath (configs found there, an
+    experiment of one's own, must be found again)."""
+    hydra = HydraConfig.get()
+    searchpath = [o for o in hydra.overrides.hydra
+                  if OverridesParser.create().parse_override(o).key_or_group == "hydra.searchpath"]
+    return [*searchpath, *hydra.overrides.task, *extra]
+
+
 def group_is_chosen(group: str) -> bool:
     """Whether the command line or a config file (an experiment, a debug config) picks `group`'s value rather than
     the root config's default, as Hydra's own defaults list records it."""
     if group in command_line_keys():
         return True
-    hydra = HydraConfig.get()
-    defaults = _config_loader().compute_defaults_list(hydra.job.config_name, list(hydra.overrides.task),
+    defaults = _config_loader().compute_defaults_list(HydraConfig.get().job.config_name, _recompose_overrides(),
                                                       RunMode.RUN)
     return group in defaults.overrides.override_metadata
 
@@ -131,9 +139,8 @@ def group_is_chosen(group: str) -> bool:
 def compose_group(group: str, choice: str) -> DictConfig:
     """The config node of `group` with the value `choice`, composed in this run's context (its command line and
     experiment), for a choice made after composing (resolve_backbone_task)."""
-    hydra = HydraConfig.get()
-    composed = _config_loader().load_configuration(hydra.job.config_name,
-                                                   [*hydra.overrides.task, f"{group}={choice}"], RunMode.RUN)
+    composed = _config_loader().load_configuration(HydraConfig.get().job.config_name,
+                                                   _recompose_overrides([f"{group}={choice}"]), RunMode.RUN)
     return composed[group]
 
 
