@@ -86,14 +86,13 @@ def config_dir() -> Path:
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
     """conf/<config_name>.yaml (train, evaluate or predict) with command-line `overrides`, composed as the entry
     points' @hydra.main composes it, for the commands that run without it (the demo app, the shard writer, the DMP
-    data tools). HydraConfig is set (run_dir(), ${hydra:...} and the command-line rules below read it) and Hydra
-    stays initialised with densediff's configs until the next compose."""
+    data tools). HydraConfig is set: run_dir(), ${hydra:...} and the command-line rules below read it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     GlobalHydra.instance().clear()
-    initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=config_name)
-    cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=config_name):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
     HydraConfig().set_config(cfg)
     return cfg
 
@@ -108,13 +107,16 @@ def command_line_keys() -> set[str]:
     return {override.key_or_group for override in _parsed_overrides()}
 
 
+@contextlib.contextmanager
 def _config_loader():
-    """Hydra's config loader of this run: the one @hydra.main or compose() initialised (a job launched in another
-    process restores it), else one on densediff's configs."""
-    if not GlobalHydra.instance().is_initialized():
-        from hydra import initialize_config_dir
-        initialize_config_dir(config_dir=str(config_dir()), version_base="1.3")
-    return GlobalHydra.instance().config_loader()
+    """Hydra's config loader of this run: @hydra.main's (a job launched in another process restores it), else, after
+    compose(), one on densediff's configs for the time it is used (Hydra is left as it was)."""
+    if GlobalHydra.instance().is_initialized():
+        yield GlobalHydra.instance().config_loader()
+        return
+    from hydra import initialize_config_dir
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        yield GlobalHydra.instance().config_loader()
 
 
 def _recompose_overrides(extra: list[str] = ()) -> list[str]:
@@ -131,16 +133,18 @@ def group_is_chosen(group: str) -> bool:
     the root config's default, as Hydra's own defaults list records it."""
     if group in command_line_keys():
         return True
-    defaults = _config_loader().compute_defaults_list(HydraConfig.get().job.config_name, _recompose_overrides(),
-                                                      RunMode.RUN)
+    with _config_loader() as loader:
+        defaults = loader.compute_defaults_list(HydraConfig.get().job.config_name, _recompose_overrides(),
+                                                RunMode.RUN)
     return group in defaults.overrides.override_metadata
 
 
 def compose_group(group: str, choice: str) -> DictConfig:
     """The config node of `group` with the value `choice`, composed in this run's context (its command line and
     experiment), for a choice made after composing (resolve_backbone_task)."""
-    composed = _config_loader().load_configuration(HydraConfig.get().job.config_name,
-                                                   _recompose_overrides([f"{group}={choice}"]), RunMode.RUN)
+    with _config_loader() as loader:
+        composed = loader.load_configuration(HydraConfig.get().job.config_name,
+                                             _recompose_overrides([f"{group}={choice}"]), RunMode.RUN)
     return composed[group]
 
 
