@@ -190,7 +190,10 @@ class SelfImprovingPerception(DenseEvaluation):
             return
         if int(self.teacher.n_averaged) == 0:  # the first self-improvement step (also after a resume right here)
             self.begin_improvement()
-        elif (self.global_step - self.hparams.warmup_stage_steps) % self.hparams.ema_every == 0:
+            return
+        if self.synthetic is None:  # resumed inside the stage: the checkpoint's pairs, never made again
+            self.ensure_pairs()
+        if (self.global_step - self.hparams.warmup_stage_steps) % self.hparams.ema_every == 0:
             self.teacher.update_parameters(self.student)  # after every ema_every optimizer steps of the student
 
     def on_train_end(self) -> None:
@@ -264,44 +267,47 @@ class SelfImprovingPerception(DenseEvaluation):
         log.info("creation: wrote %d pairs to %s (gallery: %s)", n, folder, folder / "gallery.png")
         return n
 
-    def mix(self, batch: dict) -> tuple[dict, torch.Tensor]:
+    def mix(self, batch: dict, n_real: int, step: int) -> tuple[dict, torch.Tensor]:
         """Each sample of a real batch is replaced, with probability n_synthetic / (n_synthetic + n_real), by a
         synthetic pair; the draw depends only on (seed, step), so a resumed run mixes the same batches. Returns the
-        batch and the [B] bool of its synthetic rows (their targets are filled in by the teacher)."""
-        b = batch["rgb"].shape[0]
-        n_syn, n_real = len(self.synthetic), len(self.trainer.datamodule.datasets["train"])
-        g = torch.Generator().manual_seed(int(self.hparams.seed) * 1_000_003 + int(self.global_step))
+        batch and the [B] bool of its synthetic rows (their targets are filled in by `label_synthetic`)."""
+        b, n_syn = batch["rgb"].shape[0], len(self.synthetic)
+        g = torch.Generator().manual_seed(int(self.hparams.seed) * 1_000_003 + int(step))
         synthetic = torch.rand(b, generator=g) < n_syn / (n_syn + n_real)
         picks = torch.randint(n_syn, (b,), generator=g)
-        if not synthetic.any():
-            return batch, synthetic
         out = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in batch.items()}
-        key = self.task.target_key
         for i in torch.nonzero(synthetic)[:, 0].tolist():
             pair = self.synthetic[int(picks[i])]
             if pair["rgb"].shape[-2:] != batch["rgb"].shape[-2:]:
                 raise ValueError(f"synthetic pair {pair['name']} is {tuple(pair['rgb'].shape[-2:])}, the training "
                                  f"batch {tuple(batch['rgb'].shape[-2:])}: train at the size the pairs were made at")
-            for k in ("rgb", key, "valid_mask"):
+            for k in ("rgb", self.task.target_key, "valid_mask"):
                 out[k][i] = pair[k].to(out[k])
         return out, synthetic.to(batch["rgb"].device)
+
+    @torch.no_grad()
+    def label_synthetic(self, batch: dict, synthetic: torch.Tensor, bins: list[torch.Tensor]) -> dict:
+        """The targets of the synthetic rows replaced by the teacher's current prediction; real rows keep GT."""
+        if not synthetic.any():
+            return batch
+        teacher, key = self.teacher.module, self.task.target_key
+        valid = self.student.target_valid(batch)[synthetic]
+        result = teacher([b[synthetic] for b in bins], batch["rgb"].shape[-2:], valid,
+                         sampled=self.hparams.teacher_refine == "sampled")
+        batch = dict(batch)
+        batch[key] = batch[key].clone()
+        batch[key][synthetic] = teacher.output(result).to(batch[key].dtype)
+        return batch
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         synthetic = None
         if self.improving and self.synthetic is not None:
-            batch, synthetic = self.mix(batch)
+            batch, synthetic = self.mix(batch, len(self.trainer.datamodule.datasets["train"]), self.global_step)
         batch, _ = pad_batch(batch, self.multiple)
-        size = batch["rgb"].shape[-2:]
         bins = self.bins(batch["rgb"])
-        if synthetic is not None and synthetic.any():  # the teacher's current labels for the synthetic rows
-            with torch.no_grad():
-                rows = [b[synthetic] for b in bins]
-                valid = self.student.target_valid(batch)[synthetic]
-                result = self.teacher.module(rows, size, valid, sampled=self.hparams.teacher_refine == "sampled")
-                key = self.task.target_key
-                batch[key] = batch[key].clone()
-                batch[key][synthetic] = self.teacher.module.output(result).to(batch[key].dtype)
-        result = self.student(bins, size, self.student.target_valid(batch), sampled=True)
+        if synthetic is not None:
+            batch = self.label_synthetic(batch, synthetic, bins)
+        result = self.student(bins, batch["rgb"].shape[-2:], self.student.target_valid(batch), sampled=True)
         loss = self.student.loss(result, batch)
         b = batch["rgb"].shape[0]
         self.log("train/loss", loss, batch_size=b, prog_bar=True)
