@@ -397,12 +397,41 @@ def multitask_arguments(cfg: DictConfig) -> dict:
                 gallery_size=int(cfg.get("gallery_size", 4)), **objective)
 
 
+def self_improving_arguments(cfg: DictConfig) -> dict:
+    """SelfImprovingPerception's arguments (objective=self_improving, Diff-2-in-1): the backbone folder (a 4-channel
+    text-to-image UNet), the task, the head group (conf/head) and every key of the objective group."""
+    if cfg.get("head") is None:
+        raise ConfigError("objective=self_improving predicts with a trained head: train it with train.py (head=bae "
+                          "or head=conv), then pass ckpt=<run>/checkpoints/last.ckpt")
+    head = _plain(cfg.head)
+    kind = head.pop("name")
+    if kind == "bae" and cfg.task.name != "normals":
+        raise ConfigError(f"head=bae predicts surface normals with their uncertainty; task={cfg.task.name} needs "
+                          "head=conv (or task=normals)")
+    objective = {k: v for k, v in _plain(cfg.objective).items() if k != "name"}
+    return dict(backbone_path=str(cfg.backbone.path), task=cfg.task.name, task_options=task_options(cfg),
+                head=kind, head_options=head, seed=int(cfg.seed), gallery_size=int(cfg.get("gallery_size", 4)),
+                **objective)
+
+
+def _self_improving_steps(cfg: DictConfig) -> None:
+    """objective=self_improving runs warm-up + self-improvement in one fit: trainer.max_steps is their sum."""
+    total = int(cfg.objective.warmup_stage_steps) + int(cfg.objective.improve_stage_steps)
+    if "trainer.max_steps" in command_line_keys() and int(cfg.trainer.max_steps) != total:
+        log.warning("objective=self_improving: trainer.max_steps=%s is replaced by objective.warmup_stage_steps + "
+                    "objective.improve_stage_steps = %d", cfg.trainer.max_steps, total)
+    with open_dict(cfg):
+        cfg.trainer.max_steps = total
+
+
 def build_model(cfg: DictConfig) -> L.LightningModule:
     if cfg.objective.name not in PARADIGMS:
         raise ConfigError(f"objective={cfg.objective.name} is not implemented yet; available: {', '.join(PARADIGMS)}")
     paradigm = PARADIGMS[cfg.objective.name]
     if cfg.objective.name == "multitask":
         arguments = multitask_arguments(cfg)
+    elif cfg.objective.name == "self_improving":  # a conv head serves the head-only tasks too
+        arguments = self_improving_arguments(cfg)
     elif cfg.task.name in ("multitask", "saliency", "edges"):
         raise ConfigError(f"task={cfg.task.name} trains with objective=multitask, not objective={cfg.objective.name}")
     else:
@@ -585,6 +614,8 @@ def train(cfg: DictConfig) -> dict:
     resolve_backbone_task(cfg, training=True)
     if cfg.get("ckpt_path"):
         _check_resume(cfg)
+    if cfg.objective.name == "self_improving":
+        _self_improving_steps(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     saved = saved_inference(Path(cfg.ckpt_path)) if cfg.get("ckpt_path") else None
     options = inference_options(cfg, "train", saved)
@@ -629,6 +660,8 @@ def load_checkpoint_model(cfg: DictConfig) -> L.LightningModule:
     if given & {"backbone.path", "backbone"}:  # the checkpoint names its backbone; an explicit one replaces it
         overrides["backbone_path"] = str(cfg.backbone.path)
         overrides["normals_frame"] = str(cfg.backbone.get("normals_frame", "canonical"))
+    if paradigm == "self_improving":  # the head's options are its own; the backbone frame does not apply
+        overrides.pop("normals_frame", None)
     if paradigm not in PARADIGMS:
         raise ConfigError(f"{path} was written by paradigm {paradigm!r}, unknown here ({', '.join(PARADIGMS)})")
     if paradigm == "geowizard":  # one model, both geometries: task=depth|normals picks the one it returns
@@ -762,16 +795,20 @@ def predict(cfg: DictConfig) -> None:
     check_config(cfg)
     if not cfg.get("ckpt"):
         resolve_backbone_task(cfg)
-    task = cfg.task.name
+    task, uncertainty = cfg.task.name, False
     if cfg.get("ckpt") and Path(cfg.ckpt).is_file():
         paradigm, trained_task = checkpoint_identity(Path(cfg.ckpt))
         if paradigm == "multitask":  # every task's files into <output>/<task>/
             return predict_multitask(cfg)
         if paradigm != "geowizard":  # a GeoWizard checkpoint predicts either geometry: task= picks it
             task = trained_task
-    root, images = check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite))  # before loading a model
+        # Bae's head predicts its expected angular error too: <stem>_uncertainty.npy/.png next to the normals
+        uncertainty = paradigm == "self_improving" and read_checkpoint(Path(cfg.ckpt)).get(
+            "hyper_parameters", {}).get("head") == "bae"
+    root, images = check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite),  # before loading a model
+                                 uncertainty=uncertainty)
     model, device = build_predictor(cfg)
-    written, skipped = predict_images(model, root, images, cfg.output, device)
+    written, skipped = predict_images(model, root, images, cfg.output, device, uncertainty=uncertainty)
     if skipped and not written:
         raise DataReadError(f"none of the {len(skipped)} images of input={cfg.input} could be read:\n  "
                             + "\n  ".join(skipped))

@@ -78,3 +78,65 @@ class DiffusionEncoder(nn.Module):
         self.unet(noisy, t, encoder_hidden_states=self.empty.to(latent).expand(rgb.shape[0], -1, -1))
         features, self._features = self._features[::-1], []  # finest first, like the ResNet's stages
         return features
+
+
+# ----------------------------------------------------------------------------- every block output (Diff-2-in-1)
+
+def block_modules(unet) -> list[nn.Module]:
+    """The modules whose outputs are the UNet's block outputs in LDM's numbering (SD 1.5: 12 input blocks, the
+    middle block, 12 output blocks = 25 maps): conv_in, each down level's (resnet[+attention]) units and its
+    downsampler, the mid block, each up level's units, the last of which is read after its upsampler (LDM puts the
+    upsample inside the level's last output block)."""
+    modules = [unet.conv_in]
+    for block in unet.down_blocks:
+        modules += list(block.attentions) if hasattr(block, "attentions") else list(block.resnets)
+        modules += list(block.downsamplers or [])
+    modules.append(unet.mid_block)
+    for block in unet.up_blocks:
+        units = list(block.attentions) if hasattr(block, "attentions") else list(block.resnets)
+        if block.upsamplers:
+            units[-1] = block.upsamplers[0]
+        modules += units
+    return modules
+
+
+class BlockRecorder:
+    """Forward hooks on `block_modules(unet)`; inside `with recorder.recording() as maps:` every UNet pass appends
+    its block outputs to `maps` (outside, the hooks do nothing, so generation steps cost no memory)."""
+
+    def __init__(self, unet):
+        self._maps: list[torch.Tensor] | None = None
+        for module in block_modules(unet):
+            module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if self._maps is not None:
+            if isinstance(output, tuple):  # Transformer2DModel with return_dict=False
+                output = output[0]
+            self._maps.append(getattr(output, "sample", output))
+
+    def recording(self) -> "_Recording":
+        return _Recording(self)
+
+
+class _Recording:
+    """One recording: the maps appended while it is entered (also readable as `.maps` afterwards)."""
+
+    def __init__(self, recorder: BlockRecorder):
+        self.recorder, self.maps = recorder, []
+
+    def __enter__(self) -> list[torch.Tensor]:
+        self.recorder._maps = self.maps
+        return self.maps
+
+    def __exit__(self, *exc) -> None:
+        self.recorder._maps = None
+
+
+def bin_by_resolution(maps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Block outputs grouped by spatial size and concatenated along channels, coarsest first (SD 1.5 at a 64x64
+    latent: 8x8 6x1280 ch, 16x16 640+5x1280, 32x32 1280+4x640+320, 64x64 640+6x320)."""
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for m in maps:
+        groups.setdefault(tuple(m.shape[-2:]), []).append(m)
+    return [torch.cat(groups[size], dim=1) for size in sorted(groups, key=lambda s: s[0] * s[1])]

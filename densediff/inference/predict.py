@@ -32,7 +32,8 @@ def find_images(source: str | Path) -> tuple[Path, list[Path]]:
     raise FileNotFoundError(f"input={source} does not exist (an image file or a folder of images)")
 
 
-def output_paths(image: Path, root: Path, output: Path, task: str, keep_suffix: bool = False) -> dict[str, Path]:
+def output_paths(image: Path, root: Path, output: Path, task: str, keep_suffix: bool = False,
+                 uncertainty: bool = False) -> dict[str, Path]:
     """Where the predictions of `image` go: `<stem>.npy`, `<stem>.png` (and `<stem>_16bit.png` for depth) at its
     place below `root`, mirrored into `output`. `keep_suffix` names them `<stem>_<ext>...` instead (two inputs that
     differ only in their extension, `a.png` and `a.jpg`, would otherwise write the same files)."""
@@ -43,25 +44,31 @@ def output_paths(image: Path, root: Path, output: Path, task: str, keep_suffix: 
     paths = {"npy": stem.with_suffix(".npy"), "png": stem.with_name(stem.name + ".png")}
     if task == "depth":
         paths["png16"] = stem.with_name(stem.name + "_16bit.png")
+    if uncertainty:  # a head with a predicted concentration (head=bae): its expected angular error in degrees
+        paths["uncertainty_npy"] = stem.with_name(stem.name + "_uncertainty.npy")
+        paths["uncertainty_png"] = stem.with_name(stem.name + "_uncertainty.png")
     return paths
 
 
-def plan_outputs(root: Path, images: list[Path], output: str | Path, task: str) -> dict[Path, dict[str, Path]]:
+def plan_outputs(root: Path, images: list[Path], output: str | Path, task: str,
+                 uncertainty: bool = False) -> dict[Path, dict[str, Path]]:
     """Every image's output paths, distinct for every image (see output_paths' keep_suffix)."""
     stems: dict[Path, int] = {}
     for image in images:
         key = image.relative_to(root).with_suffix("")
         stems[key] = stems.get(key, 0) + 1
     return {image: output_paths(image, root, Path(output), task,
-                                keep_suffix=stems[image.relative_to(root).with_suffix("")] > 1) for image in images}
+                                keep_suffix=stems[image.relative_to(root).with_suffix("")] > 1,
+                                uncertainty=uncertainty) for image in images}
 
 
-def check_outputs(source: str | Path, output: str | Path, task: str, overwrite: bool) -> tuple[Path, list[Path]]:
+def check_outputs(source: str | Path, output: str | Path, task: str, overwrite: bool,
+                  uncertainty: bool = False) -> tuple[Path, list[Path]]:
     """Find the images and refuse, before any work, to replace a file that is already there (unless `overwrite`)
     and, always, to write over an input image (output= equal to input=, whose `<stem>.png` is the input itself)."""
     root, images = find_images(source)
     inputs = {image.resolve() for image in images}
-    for paths in plan_outputs(root, images, output, task).values():
+    for paths in plan_outputs(root, images, output, task, uncertainty).values():
         for path in paths.values():
             if path.resolve() in inputs:
                 raise FileExistsError(f"writing the predictions would replace the input image {path}; choose an "
@@ -96,19 +103,35 @@ def depth_full_scale(task) -> float:
 
 
 def predict_images(model, root: Path, images: list[Path], output: str | Path,
-                   device: torch.device) -> tuple[int, list[str]]:
+                   device: torch.device, uncertainty: bool = False) -> tuple[int, list[str]]:
     """Write the predictions of `images` (found and checked by check_outputs) mirrored from `root` into `output`;
-    return (written, list of skipped-file messages)."""
+    return (written, list of skipped-file messages). With `uncertainty` (a model with predict_with_uncertainty)
+    also each prediction's expected angular error."""
     task = model.task.name
     output = Path(output)
     model.eval().to(device)
-    planned = plan_outputs(root, images, output, task)
+    planned = plan_outputs(root, images, output, task, uncertainty)
     skipped = []
     written = 0
     for image, rgb in readable_images(tqdm(images, desc=f"predict {task}", unit="image"), skipped):
-        write_prediction(model.task, model.predict(rgb.to(device))[0].cpu(), planned[image])
+        if uncertainty:
+            prediction, alpha = model.predict_with_uncertainty(rgb.to(device))
+            write_uncertainty(alpha[0].cpu(), planned[image])
+        else:
+            prediction = model.predict(rgb.to(device))
+        write_prediction(model.task, prediction[0].cpu(), planned[image])
         written += 1
     return written, skipped
+
+
+def write_uncertainty(alpha: torch.Tensor, paths: dict[str, Path]) -> None:
+    """HxW expected angular error in degrees: float32 `.npy` and a grey PNG (0 deg black, 90 deg or more white)."""
+    array = alpha.float().numpy()
+    paths["uncertainty_npy"].parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(paths["uncertainty_npy"]) as tmp:
+        np.save(tmp, array)
+    with atomic_write(paths["uncertainty_png"]) as tmp:
+        Image.fromarray((np.clip(array / 90.0, 0, 1) * 255 + 0.5).astype(np.uint8)).save(tmp)
 
 
 def readable_images(images, skipped: list[str]):
