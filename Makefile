@@ -6,8 +6,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN ?= outputs/quickstart/demo-$(shell date +%Y-%m-%d_%H-%M-%S)
 DEMO_ARGS ?=   # extra train.py overrides, e.g. make demo DEMO_ARGS="trainer.max_steps=100"
+PRIOR_DIR ?= outputs/prior/$(shell date +%Y-%m-%d_%H-%M-%S)
+PRIOR_RECIPES ?= prior/e2e_depth,prior/marigold_depth,prior/dmp_normal,prior/geowizard
+PRIOR_ARGS ?=  # extra train.py overrides for every job, e.g. PRIOR_ARGS="trainer.max_steps=100"
 
-.PHONY: help install demo test test-all bench app clean-outputs
+.PHONY: help install demo prior test test-all bench app clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -26,6 +29,11 @@ demo: $(STAMP)  ## E2E fine-tune the tiny backbone for depth on procedural scene
 	$(PY) train.py experiment=quickstart hydra.run.dir=$(RUN) $(DEMO_ARGS)
 	$(PY) evaluate.py ckpt=$(RUN)/checkpoints/last.ckpt dataset=procedural hydra.run.dir=$(RUN)/trained
 	$(PY) -m densediff.compare $(RUN)/untrained $(RUN)/trained
+
+prior: $(STAMP)  ## does the prior help? each recipe on backbone=tiny and tiny_random: one table, one plot
+	$(PY) train.py -m experiment=$(PRIOR_RECIPES) backbone=tiny,tiny_random hydra.sweep.dir=$(PRIOR_DIR) $(PRIOR_ARGS)
+	$(PY) -m densediff.compare --sweep $(PRIOR_DIR) --pivot backbone \
+		--metrics abs_rel,delta1,angular_mean,angular_11_25 --table $(PRIOR_DIR)/comparison.md --plot $(PRIOR_DIR)/curves.png
 
 test: $(STAMP)  ## the test suite (what CI runs)
 	$(PY) -m pytest -m "not slow" -q

@@ -51,3 +51,37 @@ class SkipNonFiniteSteps(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped, self.in_a_row = int(state_dict["skipped"]), int(state_dict["in_a_row"])
+
+
+class ValidationHistory(L.Callback):
+    """Every validation's metrics with the step it ran at, rewritten atomically into `path` (JSON) after each one, so
+    a run's learning curve can be read without a logger (densediff.compare --sweep plots it). The history is part of
+    the checkpoint, so a resumed run continues the file instead of starting it again. `monitor` (the metric that picks
+    the best checkpoint) and its `mode` are written with it: what a comparison should lead with."""
+
+    def __init__(self, path, monitor: str, mode: str):
+        self.path, self.monitor, self.mode = path, monitor, mode
+        self.history: list[dict] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {k.split("/", 1)[1]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if not metrics:
+            return
+        entry = {"step": int(trainer.global_step), **metrics}
+        # the validation after fit() runs at the last periodic one's step: one entry per step
+        self.history = [e for e in self.history if e["step"] != entry["step"]] + [entry]
+        if trainer.is_global_zero:
+            import json
+
+            from densediff.io import write_text
+
+            write_text(self.path, json.dumps({"monitor": self.monitor, "mode": self.mode, "history": self.history},
+                                             indent=2) + "\n")
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))

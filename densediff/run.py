@@ -29,7 +29,7 @@ from torch.utils.data import IterableDataset
 
 from densediff import threads
 from densediff.backbones.load import declared_task
-from densediff.callbacks import NonFiniteTrainingError, SkipNonFiniteSteps
+from densediff.callbacks import NonFiniteTrainingError, SkipNonFiniteSteps, ValidationHistory
 from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients
 from densediff.data.common import DataReadError
 from densediff.data.datamodule import DenseDataModule
@@ -48,9 +48,9 @@ CONFIG_PACKAGE = "densediff.conf"  # conf/, installed as package data (pyproject
 OmegaConf.register_new_resolver("densediff_asset", lambda name: str(ASSETS / name), replace=True)
 
 
-def _tiny_geowizard() -> str:
+def _tiny_geowizard(source: str | None = None) -> str:
     from densediff.backbones.geowizard import tiny_geowizard_folder
-    return str(tiny_geowizard_folder())
+    return str(tiny_geowizard_folder(source=source))
 
 
 # backbone=tiny_geowizard: generated from the shipped tiny backbone into a cache folder on first use (~10 MB)
@@ -443,8 +443,8 @@ def build_model(cfg: DictConfig) -> L.LightningModule:
                               f"objective={cfg.objective.name}")
         paradigm = PARADIGMS["geowizard"]
         arguments.update(geowizard_arguments(cfg))
-        if cfg.backbone.name == "tiny":  # a GeoWizard recipe on backbone=tiny: the tiny backbone in GeoWizard's layout
-            arguments["backbone_path"] = _tiny_geowizard()
+        if cfg.backbone.name in ("tiny", "tiny_random"):  # a GeoWizard recipe on a tiny backbone: it in GeoWizard's layout
+            arguments["backbone_path"] = _tiny_geowizard(str(cfg.backbone.path))
     unknown = sorted(set(arguments) - set(inspect.signature(paradigm.__init__).parameters))
     if unknown:
         raise ConfigError(f"objective={cfg.objective.name} has no option {unknown[0]!r} (objective.{unknown[0]})")
@@ -515,7 +515,8 @@ def build_trainer(cfg: DictConfig, model, loggers: list, checkpoints: bool,
             dirpath=folder, filename="best-step{step}", auto_insert_metric_name=False,
             monitor=f"val/{model.task.monitor}", mode=model.task.monitor_mode, save_top_k=1),
             LastCheckpoint(folder, every_n_train_steps=int(cfg.get("checkpoint_every_n_steps") or 0)),
-            PendingGradients(), SkipNonFiniteSteps(max_in_a_row=int(cfg.get("max_nonfinite_steps", 10)))]
+            PendingGradients(), SkipNonFiniteSteps(max_in_a_row=int(cfg.get("max_nonfinite_steps", 10))),
+            ValidationHistory(run_dir() / "validation_history.json", model.task.monitor, model.task.monitor_mode)]
         options.setdefault("plugins", [AtomicCheckpointIO()])
     return L.Trainer(**options, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir()),
                      enable_checkpointing=checkpoints)

@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 from safetensors.torch import load_file
 
 from densediff.backbones import load_backbone
-from densediff.backbones.tiny import TINY_DIR
+from densediff.backbones.tiny import TINY_DIR, TINY_RANDOM_DIR, derive_from_prior
 from densediff.backbones.tiny_sd import (TINY_SD_DIR, denoising_losses, encode_text, load_frozen_parts,
                                          procedural_latents, tiny_sd_unet, tokenize)
 
@@ -66,3 +66,26 @@ def test_backbone_widens_the_prior_for_concatenation():
     conv = backbone.unet.conv_in
     assert conv.in_channels == 8 and torch.equal(conv.weight[:, :4], prior.conv_in.weight / 2)
     assert torch.equal(conv.weight[:, 4:], conv.weight[:, :4]) and torch.equal(conv.bias, prior.conv_in.bias)
+
+
+def test_shipped_tiny_backbone_is_the_prior_widened_as_marigold_does(tmp_path):
+    tiny = load_file(TINY_DIR / "unet" / "diffusion_pytorch_model.safetensors")
+    prior = load_file(TINY_SD_DIR / "unet" / "diffusion_pytorch_model.safetensors")
+    assert tiny["conv_in.weight"].shape[1] == 8 and prior["conv_in.weight"].shape[1] == 4
+    assert torch.equal(tiny["conv_in.weight"][:, :4], prior["conv_in.weight"] / 2)  # tiled and halved
+    assert torch.equal(tiny["conv_in.weight"][:, 4:], prior["conv_in.weight"] / 2)
+    assert torch.equal(tiny["conv_in.bias"], prior["conv_in.bias"])  # Marigold keeps the bias
+    rest = [k for k in prior if not k.startswith("conv_in.")]
+    assert tiny.keys() == prior.keys() and all(torch.equal(tiny[k], prior[k]) for k in rest)
+    random = load_file(TINY_RANDOM_DIR / "unet" / "diffusion_pytorch_model.safetensors")
+    assert random.keys() == tiny.keys() and not torch.equal(random["conv_in.weight"], tiny["conv_in.weight"])
+    # the shipped folder is what the rebuild command writes, byte for byte outside the UNet's weights
+    derive_from_prior(output=tmp_path / "tiny")
+    for path in TINY_DIR.rglob("*"):
+        if path.is_file():
+            rebuilt = tmp_path / "tiny" / path.relative_to(TINY_DIR)
+            if path.suffix == ".safetensors":
+                ours, shipped = load_file(rebuilt), load_file(path)
+                assert all(torch.equal(ours[k], shipped[k]) for k in shipped), path
+            else:
+                assert rebuilt.read_bytes() == path.read_bytes(), path

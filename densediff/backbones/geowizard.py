@@ -485,10 +485,11 @@ def contents_digest(folder: Path, parts: Sequence[str] = ("unet", "vae", "schedu
 TINY_GEOWIZARD_VERSION = 1  # bump when the recipe below changes: the cache folder name carries it
 
 
-def tiny_geowizard_folder(cache_dir: str | os.PathLike | None = None) -> Path:
+def tiny_geowizard_folder(cache_dir: str | os.PathLike | None = None, source: str | os.PathLike | None = None) -> Path:
     """The tiny GeoWizard backbone (backbone=tiny_geowizard), built on first use into a cache folder.
 
-    It is GeoWizard's recipe applied to the shipped tiny backbone (densediff/assets/tiny): its UNet converted by
+    It is GeoWizard's recipe applied to a shipped tiny backbone (`source`, default densediff/assets/tiny; tiny_random
+    for the prior comparison): its UNet converted by
     `geowizard_unet_from_sd` (the 8-channel conv_in and the 32-d cross-attention kept, a fresh class embedding), its
     pretrained VAE and scheduler, and a seeded random tiny CLIP image encoder. Deterministic, so it is generated
     rather than shipped (~10 MB); the folder is written to a temporary sibling and renamed, so concurrent runs
@@ -499,14 +500,15 @@ def tiny_geowizard_folder(cache_dir: str | os.PathLike | None = None) -> Path:
 
     from densediff.backbones.tiny import TINY_DIR
 
+    source = Path(source or TINY_DIR)
     root = Path(cache_dir or os.environ.get("DENSEDIFF_CACHE") or Path.home() / ".cache" / "densediff")
-    folder = root / f"tiny_geowizard-v{TINY_GEOWIZARD_VERSION}-{contents_digest(TINY_DIR)}"
+    folder = root / f"tiny_geowizard-v{TINY_GEOWIZARD_VERSION}-{contents_digest(source)}"
     if (folder / "model_index.json").is_file():
         return folder
     root.mkdir(parents=True, exist_ok=True)
-    sd_unet = UNet2DConditionModel.from_pretrained(TINY_DIR, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(TINY_DIR, subfolder="vae")
-    scheduler = DDIMScheduler.from_pretrained(TINY_DIR, subfolder="scheduler")
+    sd_unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
+    scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler")
     image_encoder, processor = tiny_clip_image_encoder(int(sd_unet.config.cross_attention_dim))
     unet = geowizard_unet_from_sd(sd_unet, int(sd_unet.config.cross_attention_dim))
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))

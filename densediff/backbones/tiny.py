@@ -1,12 +1,23 @@
-"""The tiny backbone: the Stable Diffusion / Marigold architecture family at a size that trains on two CPU cores.
+"""The tiny backbones: the Stable Diffusion / Marigold architecture family at a size that trains on two CPU cores.
 
-It is shipped as a real diffusers folder in Marigold's layout (`densediff/assets/tiny`, model_index.json naming
-MarigoldDepthPipeline), so it goes through exactly the loading code that real checkpoints use, and diffusers' own
-pipelines can load it too. Its VAE is pretrained on procedural scenes (RGB and depth/normal maps rendered as
-images, which is what the SD VAE is asked to reconstruct in Marigold); its UNet is randomly initialised with a
-fixed seed, i.e. "the untrained tiny backbone". Rebuild it with:
+Three folders are shipped as real diffusers folders (densediff/assets/), so they go through exactly the loading code
+that real checkpoints use, and diffusers' own pipelines load them too. They share one VAE (pretrained here on
+procedural scenes: RGB and depth/normal maps rendered as images, which is what the SD VAE is asked to reconstruct in
+Marigold), one tiny CLIP text encoder and one scheduler; they differ in the UNet:
 
-    python -m densediff.backbones.tiny --steps 1200 --output densediff/assets/tiny
+- `tiny_random` (Marigold's layout): a randomly initialised 8-channel UNet with a fixed seed, the control of
+  "does the prior help?" (experiments/prior/README.md).
+- `tiny_sd` (Stable Diffusion's layout): the 4-channel UNet pretrained as a text-to-image model on procedural scenes
+  (densediff.backbones.tiny_sd), the embedded default's prior.
+- `tiny` (Marigold's layout), the default: tiny_sd's UNet with conv_in widened to 8 input channels exactly as Marigold
+  derives its start point from Stable Diffusion (the weight tiled and halved, the bias kept), so every recipe on the
+  embedded default starts from a prior, as the papers do.
+
+Rebuild them in this order (each step reads the previous one's folder):
+
+    python -m densediff.backbones.tiny --steps 1200 --output densediff/assets/tiny_random   # the VAE, ~10 min
+    python -m densediff.backbones.tiny_sd                                                   # the prior, ~17 min
+    python -m densediff.backbones.tiny --derive                                             # tiny, seconds
 """
 
 from __future__ import annotations
@@ -21,7 +32,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TINY_DIR = ASSETS / "tiny"                # the default: derived from tiny_sd
+TINY_RANDOM_DIR = ASSETS / "tiny_random"  # the random-UNet control; also the source of the shared VAE
+TINY_SD_DIR = ASSETS / "tiny_sd"          # the 4-channel text-to-image prior
 TEXT_DIM = 32
 
 
@@ -170,9 +184,38 @@ def pretrain_vae(vae: AutoencoderKL, steps: int, batch_size: int, height: int, w
     return float(1.0 / latents.std())
 
 
+def derive_from_prior(prior: str | Path = TINY_SD_DIR, shared: str | Path = TINY_RANDOM_DIR,
+                      output: str | Path = TINY_DIR) -> Path:
+    """Write backbone=tiny: the prior's 4-channel UNet widened to 8 channels the way Marigold widens SD's (tiled and
+    halved, bias kept: with identical halves the layer first computes what it did), in Marigold's layout with the
+    VAE, scheduler, text encoder and tokenizer that the prior was trained with (`shared`)."""
+    import shutil
+
+    from densediff.backbones.load import widen_conv_in
+
+    unet = UNet2DConditionModel.from_pretrained(prior, subfolder="unet")
+    if unet.config.in_channels != 4:
+        raise ValueError(f"{prior}: expected a 4-channel (Stable Diffusion layout) UNet, got "
+                         f"{unet.config.in_channels} input channels")
+    widen_conv_in(unet, 8, halve_bias=False)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    for part in ("vae", "scheduler", "text_encoder", "tokenizer"):  # byte for byte: the prior was trained with these
+        shutil.copytree(Path(shared) / part, output / part, dirs_exist_ok=True)
+    shutil.copy2(Path(shared) / "model_index.json", output / "model_index.json")
+    unet.save_pretrained(output / "unet")
+    config = json.loads((output / "unet" / "config.json").read_text())
+    config.pop("_name_or_path", None)  # from_pretrained records where it read from: a path on the building machine
+    (output / "unet" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return output
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default=str(TINY_DIR))
+    parser.add_argument("--derive", action="store_true", help="write --output (default densediff/assets/tiny) from "
+                        "tiny_sd's UNet and tiny_random's other components instead of pretraining a VAE")
+    parser.add_argument("--output", default=None, help="default: densediff/assets/tiny_random, or with --derive "
+                        "densediff/assets/tiny")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch-size", type=int, default=6)
     parser.add_argument("--height", type=int, default=64)
@@ -182,13 +225,16 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.derive:
+        print(f"wrote {derive_from_prior(output=args.output or TINY_DIR)}")
+        return
     torch.manual_seed(args.seed)
     components = get_dummy_components(args.seed)
     scaling = pretrain_vae(components["vae"], args.steps, args.batch_size, args.height, args.width, args.lr,
                            args.kl_weight, args.seed, args.crop)
     components["vae"].register_to_config(scaling_factor=scaling)
     print(f"latent scaling factor {scaling:.5f}")
-    print(f"wrote {save_marigold_folder(components, args.output)}")
+    print(f"wrote {save_marigold_folder(components, args.output or TINY_RANDOM_DIR)}")
 
 
 if __name__ == "__main__":

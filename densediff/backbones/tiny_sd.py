@@ -37,9 +37,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-from densediff.backbones.tiny import TINY_DIR, tiny_scheduler, tiny_unet
+from densediff.backbones.tiny import TINY_RANDOM_DIR, TINY_SD_DIR, tiny_scheduler, tiny_unet
 
-TINY_SD_DIR = TINY_DIR.parent / "tiny_sd"
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
 GRID_CAPTION_SCENES = (0, 1, 2, 3)  # the held-out (val split) scenes whose captions the sample grid draws
 
@@ -49,7 +48,7 @@ def tiny_sd_unet(seed: int = 0) -> UNet2DConditionModel:
     return tiny_unet(in_channels=4, seed=seed)
 
 
-def load_frozen_parts(source: str | Path = TINY_DIR):
+def load_frozen_parts(source: str | Path = TINY_RANDOM_DIR):
     """The shipped tiny VAE, CLIP text encoder and tokenizer, in eval mode without gradients."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -169,7 +168,7 @@ def save_sd_folder(unet, vae, text_encoder, tokenizer, scheduler, output: str | 
 def build(output: str | Path, steps: int, batch_size: int, scenes: int, height: int, width: int, lr: float,
           warmup: int, caption_dropout: float, ema_decay: float, seed: int) -> Path:
     torch.manual_seed(seed)
-    vae, text_encoder, tokenizer = load_frozen_parts(TINY_DIR)
+    vae, text_encoder, tokenizer = load_frozen_parts(TINY_RANDOM_DIR)
     start = time.time()
     print(f"rendering and encoding {scenes} training scenes at {height}x{width}", flush=True)
     means, stds, captions = procedural_latents(vae, "train", scenes, height, width, seed=seed, progress=True)
