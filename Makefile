@@ -35,11 +35,11 @@ prior: $(STAMP)  ## does the prior help? each recipe on backbone=tiny and tiny_r
 	$(PY) -m densediff.compare --sweep $(PRIOR_DIR) --pivot backbone \
 		--metrics abs_rel,delta1,angular_mean,angular_11_25 --table $(PRIOR_DIR)/comparison.md --plot $(PRIOR_DIR)/curves.png
 
-test: $(STAMP)  ## the test suite (what CI runs)
-	$(PY) -m pytest -m "not slow" -q
+test: $(STAMP)  ## the test suite (what CI runs): one worker per core, a test file per worker at a time
+	$(PY) -m pytest -m "not slow" -q -n auto --dist loadfile
 
 test-all: $(STAMP)  ## every test, including the slow demo-length training
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 bench: $(STAMP)  ## benchmarks, JSON in benchmarks/results/
 	@mkdir -p benchmarks/results

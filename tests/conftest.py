@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-import densediff  # noqa: F401  (thread settings before any test module imports torch: densediff/threads.py)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    # `make test` runs one pytest worker per core: each worker (and the entry points it starts) gets its share of the
+    # cores, so the workers never oversubscribe them (densediff/threads.py takes a user's OMP_NUM_THREADS as given)
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+
+import densediff  # noqa: E402,F401  (thread settings before any test module imports torch: densediff/threads.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 
