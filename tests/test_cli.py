@@ -127,9 +127,9 @@ def test_published_recipe_stops_with_a_clear_message_without_data(tmp_path):
 
 
 @pytest.mark.parametrize("experiment", ["e2e_ft_depth", "e2e_ft_normals"])
-def test_published_recipe_runs_on_tiny_and_procedural(experiment, tmp_path):
+def test_published_recipe_runs_on_tiny_random_and_procedural(experiment, tmp_path):
     run = tmp_path / experiment
-    run_cli("train.py", f"experiment={experiment}", "backbone=tiny", "dataset=procedural", "logger=csv",
+    run_cli("train.py", f"experiment={experiment}", "backbone=tiny_random", "dataset=procedural", "logger=csv",
             f"hydra.run.dir={run}", *FAST, "trainer.max_steps=1", "trainer.accumulate_grad_batches=2")
     metrics = read_metrics(run)
     assert ("abs_rel" if experiment.endswith("depth") else "angular_mean") in metrics
@@ -156,18 +156,20 @@ def test_missing_checkpoint_is_reported_by_path(tmp_path):
     assert result.returncode == 1 and str(missing) in result.stderr and "Traceback" not in result.stderr
 
 
-def _train_and_compare_with_untrained(tmp_path, steps: int) -> tuple[dict, dict]:
+def _train_and_compare_with_untrained(tmp_path, steps: int, backbone: str = "tiny") -> tuple[dict, dict]:
     """Train the quickstart for `steps`, then score the untrained backbone on the same validation scenes."""
     trained, untrained = tmp_path / "trained", tmp_path / "untrained"
-    run_cli("train.py", "experiment=quickstart", "logger=csv", f"hydra.run.dir={trained}",
+    run_cli("train.py", "experiment=quickstart", f"backbone={backbone}", "logger=csv", f"hydra.run.dir={trained}",
             f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.enable_progress_bar=false")
-    run_cli("evaluate.py", "backbone=tiny", "dataset=procedural", "split=val", f"hydra.run.dir={untrained}")
+    run_cli("evaluate.py", f"backbone={backbone}", "dataset=procedural", "split=val", f"hydra.run.dir={untrained}")
     return read_metrics(trained), read_metrics(untrained)
 
 
-def test_short_training_learns_depth(tmp_path):
-    """100 steps of the quickstart already beat the untrained backbone clearly (about 0.75x abs_rel measured)."""
-    trained, untrained = _train_and_compare_with_untrained(tmp_path, steps=100)
+def test_short_training_learns_depth_from_scratch(tmp_path):
+    """100 steps of the quickstart recipe on the random UNet (backbone=tiny_random) already beat it clearly (about
+    0.75x abs_rel measured). On backbone=tiny the prior starts closer (0.28 vs 0.34 abs_rel) and 100 steps gain ~7%:
+    experiments/prior/README.md."""
+    trained, untrained = _train_and_compare_with_untrained(tmp_path, steps=100, backbone="tiny_random")
     assert trained["abs_rel"] < 0.9 * untrained["abs_rel"]
     assert trained["delta1"] > untrained["delta1"]
 

@@ -90,10 +90,11 @@ RECIPES = {"marigold_depth": "abs_rel", "dmp_normal": "angular_mean", "dmp_depth
 
 
 @pytest.mark.parametrize("experiment", list(RECIPES))
-def test_diffusion_recipe_runs_on_tiny_and_procedural(experiment, tmp_path):
-    """Every paper recipe of this paradigm trains and validates with just backbone=tiny dataset=procedural."""
+def test_diffusion_recipe_runs_on_tiny_random_and_procedural(experiment, tmp_path):
+    """Every paper recipe of this paradigm trains and validates with just backbone=tiny_random dataset=procedural (the
+    prior's control; the same recipes on backbone=tiny run in tests/test_prior.py)."""
     run = tmp_path / "run"
-    run_cli("train.py", f"experiment={experiment}", "backbone=tiny", "dataset=procedural", "logger=csv",
+    run_cli("train.py", f"experiment={experiment}", "backbone=tiny_random", "dataset=procedural", "logger=csv",
             f"hydra.run.dir={run}", *FAST, "inference.steps=2")
     assert RECIPES[experiment] in read_metrics(run)
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

@@ -68,7 +68,7 @@ def test_nyud_recipe_on_procedural_with_the_diffusion_encoder(tmp_path):
     import torch
 
     run = tmp_path / "run"
-    run_cli("train.py", "experiment=diffusionmtl_nyud", "dataset=procedural", "encoder=diffusion", "backbone=tiny",
+    run_cli("train.py", "experiment=diffusionmtl_nyud", "dataset=procedural", "encoder=diffusion", "backbone=tiny_random",
             f"hydra.run.dir={run}", *FAST, *TINY[:4], "logger=csv")
     metrics = read_metrics(run)
     assert {"segmentation/miou", "depth/rmse", "normals/angular_mean", "edges/ods_f"} <= set(metrics)

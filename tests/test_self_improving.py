@@ -71,7 +71,8 @@ def test_synthetic_targets_come_from_the_teacher_and_real_from_gt(model, tmp_pat
     labelled = model.label_synthetic(batch, synthetic, bins)
     assert torch.equal(labelled["normals"][~synthetic], real["normals"][~synthetic])
     teacher = model.teacher.module.output(model.teacher.module(bins, batch["rgb"].shape[-2:]))
-    assert torch.allclose(labelled["normals"][synthetic], teacher[synthetic])
+    # the teacher ran on the synthetic rows alone there: another batch shape, so float rounding differs (~1e-7)
+    assert torch.allclose(labelled["normals"][synthetic], teacher[synthetic], atol=1e-5)
     assert not torch.allclose(labelled["normals"][synthetic], batch["normals"][synthetic])  # not the stored label
 
     result = model.student(bins, batch["rgb"].shape[-2:], model.student.target_valid(labelled), sampled=True)
