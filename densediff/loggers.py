@@ -7,10 +7,13 @@
 - `log_model` (checkpoints as `model` artifacts) also works offline: the artifacts wait in the offline run for
   `wandb sync`, as its metrics do. Lightning refuses offline=True with log_model, so an offline run with log_model
   is made offline through wandb's own `mode` instead.
+- A run resumed in its own directory continues its W&B run (`previous_run_id`), so its curves stay one run.
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any, Mapping
 
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
@@ -36,3 +39,12 @@ class WandbLogger(LightningWandbLogger):
     @rank_zero_only
     def log_summary(self, values: Mapping[str, Any]) -> None:
         self.experiment.summary.update(dict(values))
+
+
+RUN_FOLDER = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-(\w+)$")  # wandb/<offline-run|run>-<time>-<id>
+
+
+def previous_run_id(save_dir: str | Path) -> str | None:
+    """The id of the newest W&B run kept under `save_dir`/wandb (a run directory's earlier start), or None."""
+    found = [match.groups() for p in Path(save_dir, "wandb").glob("*run-*") if (match := RUN_FOLDER.match(p.name))]
+    return max(found)[1] if found else None

@@ -36,6 +36,7 @@ from densediff.data.common import DataReadError
 from densediff.data.datamodule import DenseDataModule
 from densediff.inference.predictor import InferenceOptions
 from densediff.io import remove_temporaries, write_text
+from densediff.loggers import previous_run_id
 from densediff.paradigms import PARADIGMS
 from densediff.paradigms.precomputed import PrecomputedPredictions
 
@@ -500,13 +501,18 @@ def wandb_identity(cfg: DictConfig, node: DictConfig) -> dict:
     """W&B's name, group and job_type of this job, for the keys logger.wandb leaves null: job_type is the entry
     point (train, evaluate); a multirun's jobs share one group, the sweep (<task_name>/<sweep folder name>), so the
     W&B project shows a sweep as one group; the name is task_name plus the job's overrides (Hydra's
-    hydra.job.override_dirname), so each job of a sweep says what it varies. A single run has no group."""
+    hydra.job.override_dirname), so each job of a sweep says what it varies. A single run has no group. A run
+    resumed in its own directory (ckpt_path=<run>/checkpoints/...) continues the W&B run it started there."""
     hydra = HydraConfig.get()
     overrides = str(hydra.job.get("override_dirname") or "")
     derived = {"job_type": str(hydra.job.name),
                "name": f"{cfg.task_name}:{overrides}" if overrides else str(cfg.task_name),
                "group": (f"{cfg.task_name}/{Path(str(hydra.sweep.dir)).name}"
                          if hydra.mode == RunMode.MULTIRUN else None)}
+    resume = cfg.get("ckpt_path")
+    if resume and Path(str(resume)).resolve().parent == (run_dir() / "checkpoints").resolve() and node.get(
+            "save_dir") and node.get("version") is None:  # resumed in its own directory: the same W&B run
+        derived["id"] = previous_run_id(node.save_dir)
     return {key: value for key, value in derived.items() if node.get(key) is None and value is not None}
 
 

@@ -145,3 +145,12 @@ def test_evaluate_logs_test_metrics_and_the_per_image_table(tmp_path):
     assert table["columns"] == csv_lines[0].split(",") and "abs_rel" in table["columns"]
     assert len(table["data"]) == len(csv_lines) - 1 == 4
     assert [row[0] for row in table["data"]] == [line.split(",")[0] for line in csv_lines[1:]]
+
+
+def test_a_run_resumed_in_its_own_directory_continues_its_wandb_run(tmp_path):
+    from densediff.loggers import previous_run_id
+
+    assert previous_run_id(tmp_path) is None
+    for name in ("offline-run-20260101_120000-first1", "run-20260102_080000-second2", "latest-run", "debug.log"):
+        (tmp_path / "wandb" / name).mkdir(parents=True)
+    assert previous_run_id(tmp_path) == "second2"  # the newest start; densediff.run passes it as the W&B id
