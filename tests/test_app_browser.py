@@ -24,10 +24,9 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 BROWSER = next((found for name in BROWSERS if (found := shutil.which(name))), None)
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    BROWSER is None or DRIVER is None,
-    reason=f"no headless browser: {' and '.join(n for n, p in (('chromium', BROWSER), ('chromedriver', DRIVER)) if p is None)} "
-           "not on PATH (Debian: apt-get install chromium chromium-driver; .ci/run installs them)")
+MISSING = [name for name, found in (("chromium", BROWSER), ("chromedriver", DRIVER)) if found is None]
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"no headless browser: {' and '.join(MISSING)} not on PATH "
+                                "(Debian: apt-get install chromium chromium-driver; .ci/run installs them)")
 RESULT_TIMEOUT = 120  # s: the first prediction on a busy 2-core machine
 
 
