@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import FAST, read_metrics, run_cli
-from test_wandb import OfflineRun
+from wandb_records import OfflineRun
 from test_data_multitask import pascal_root  # noqa: F401  (the fixture: ATRC's PASCALContext layout, 32x48)
 
 # a tiny network: ResNet-18's layout at width 8-16, an 8-wide neck/denoiser with one cross-attention block
