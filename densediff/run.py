@@ -580,9 +580,11 @@ def print_summary(title: str, metrics: dict, directory: Path, checkpoints: Path 
 
 
 def _finish_loggers() -> None:
-    if "wandb" in sys.modules:  # multirun jobs must not share one W&B run
+    """Close the W&B run (multirun jobs must not share one), as failed when an error is on its way out (this is
+    called from `finally`), so a sweep's dashboard shows which jobs failed."""
+    if "wandb" in sys.modules:
         import wandb
-        wandb.finish()
+        wandb.finish(exit_code=1 if sys.exc_info()[0] is not None else None)
 
 
 def _check_fresh_run_dir(cfg: DictConfig) -> None:

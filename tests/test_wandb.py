@@ -51,6 +51,7 @@ def test_a_training_run_logs_config_metrics_gallery_parameters_and_checkpoints(s
     # log_model: the checkpoints as `model` artifacts (the best one and last.ckpt), kept offline for `wandb sync`
     names = {json.loads(a.metadata)["original_filename"] for a in run.artifacts if a.type == "model"}
     assert "last.ckpt" in names and any(name.startswith("best-step") for name in names)
+    assert run.exit_code == 0  # finished (a failed run's is 1: test_reliability)
 
 
 def test_a_multirun_is_one_group_whose_job_names_carry_the_overrides(sweep):

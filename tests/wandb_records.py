@@ -47,13 +47,14 @@ def _key(item) -> str:
 
 class OfflineRun:
     """The parts of one offline run a dashboard shows: run (name, group, job_type), config, history rows, summary,
-    artifacts."""
+    artifacts, exit code."""
 
     def __init__(self, run_dir: Path):
         files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
         assert len(files) == 1, f"expected one offline W&B run in {run_dir / 'wandb'}, found {files}"
         self.folder = files[0].parent
         self.config, self.history, self.summary, self.artifacts, self.run = {}, [], {}, [], None
+        self.exit_code = None  # the exit record's: 0 finished, else failed
         for record in wandb_records(files[0]):
             kind = record.WhichOneof("record_type")
             if kind == "run":
@@ -66,6 +67,8 @@ class OfflineRun:
                 self.summary.update({_key(u): json.loads(u.value_json) for u in record.summary.update})
             elif kind == "artifact":
                 self.artifacts.append(record.artifact)
+            elif kind == "exit":
+                self.exit_code = record.exit.exit_code
 
     def rows_with(self, key: str) -> list[dict]:
         return [row for row in self.history if key in row]
