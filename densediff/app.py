@@ -141,6 +141,8 @@ class UserError(ValueError):
 
 
 def build_ui(demo: Demo):
+    """The page; its elements have stable ids for a browser to find (tests/test_app_browser.py): input-image,
+    run-button, prediction, prediction-npy, prediction-png16."""
     import gradio as gr
 
     tasks = list(demo.models)
@@ -169,17 +171,19 @@ def build_ui(demo: Demo):
         gr.Markdown(f"# densediff: dense prediction with diffusion priors\nModels on {demo.device}:\n{loaded}")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(label="image", type="filepath", sources=["upload", "clipboard"])
+                image = gr.Image(label="image", type="filepath", sources=["upload", "clipboard"],
+                                 elem_id="input-image")
                 task = gr.Dropdown(tasks, value=tasks[0], label="task")
                 steps = gr.Slider(1, 50, value=min(max(steps0, 1), 50), step=1, label="denoising steps")
                 ensemble = gr.Slider(1, 10, value=min(max(ensemble0, 1), 10), step=1, label="ensemble members",
                                      info="more than 1 starts from gaussian noise when the model's "
                                           "inference.noise is zeros")
-                button = gr.Button("Run", variant="primary")
+                button = gr.Button("Run", variant="primary", elem_id="run-button")
             with gr.Column():
-                coloured = gr.Image(label="prediction", type="filepath", format="png", interactive=False)
-                npy = gr.File(label="float prediction (.npy)", interactive=False)
-                png16 = gr.File(label="16-bit PNG (depth)", interactive=False)
+                coloured = gr.Image(label="prediction", type="filepath", format="png", interactive=False,
+                                    elem_id="prediction")
+                npy = gr.File(label="float prediction (.npy)", interactive=False, elem_id="prediction-npy")
+                png16 = gr.File(label="16-bit PNG (depth)", interactive=False, elem_id="prediction-png16")
         task.change(pick, inputs=task, outputs=[steps, ensemble], api_name=False)
         button.click(run, inputs=[image, task, steps, ensemble], outputs=[coloured, npy, png16],
                      api_name="predict", preprocess=False)

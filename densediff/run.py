@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import IterableDataset
 
 from densediff import threads
+from densediff.adapters import count_parameters
 from densediff.backbones.load import declared_task
 from densediff.callbacks import NonFiniteTrainingError, SkipNonFiniteSteps, ValidationHistory
 from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients
@@ -35,6 +36,7 @@ from densediff.data.common import DataReadError
 from densediff.data.datamodule import DenseDataModule
 from densediff.inference.predictor import InferenceOptions
 from densediff.io import remove_temporaries, write_text
+from densediff.loggers import previous_run_id
 from densediff.paradigms import PARADIGMS
 from densediff.paradigms.precomputed import PrecomputedPredictions
 
@@ -484,10 +486,43 @@ def build_datamodule(cfg: DictConfig, splits: tuple[str, ...]) -> DenseDataModul
 
 
 def build_loggers(cfg: DictConfig) -> list:
-    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node and "_target_" in node]
+    """The configured loggers, each given the run's composed config (resolved, as a plain dict). The W&B run is
+    named and grouped from Hydra's job (wandb_identity) where conf/logger/wandb.yaml leaves it to the run."""
+    nodes = {name: node for name, node in (cfg.get("logger") or {}).items() if node and "_target_" in node}
+    loggers = [instantiate(node, **(wandb_identity(cfg, node) if name == "wandb" else {}))
+               for name, node in nodes.items()]
+    config = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        (logger.log_config if hasattr(logger, "log_config") else logger.log_hyperparams)(config)
     return loggers
+
+
+def wandb_identity(cfg: DictConfig, node: DictConfig) -> dict:
+    """W&B's name, group and job_type of this job, for the keys logger.wandb leaves null: job_type is the entry
+    point (train, evaluate); a multirun's jobs share one group, the sweep (<task_name>/<sweep folder name>), so the
+    W&B project shows a sweep as one group; the name is task_name plus the job's overrides (Hydra's
+    hydra.job.override_dirname), so each job of a sweep says what it varies. A single run has no group. A run
+    resumed in its own directory (ckpt_path=<run>/checkpoints/...) continues the W&B run it started there."""
+    hydra = HydraConfig.get()
+    overrides = str(hydra.job.get("override_dirname") or "")
+    derived = {"job_type": str(hydra.job.name),
+               "name": f"{cfg.task_name}:{overrides}" if overrides else str(cfg.task_name),
+               "group": (f"{cfg.task_name}/{Path(str(hydra.sweep.dir)).name}"
+                         if hydra.mode == RunMode.MULTIRUN else None)}
+    resume = cfg.get("ckpt_path")
+    if resume and Path(str(resume)).resolve().parent == (run_dir() / "checkpoints").resolve() and node.get(
+            "save_dir") and node.get("version") is None:  # resumed in its own directory: the same W&B run
+        derived["id"] = previous_run_id(node.save_dir)
+    return {key: value for key, value in derived.items() if node.get(key) is None and value is not None}
+
+
+def log_parameter_counts(loggers: list, model: torch.nn.Module) -> None:
+    """parameters/total and parameters/trainable in the run summary of the loggers that keep one (W&B)."""
+    counts = {"parameters/total": count_parameters(model),
+              "parameters/trainable": count_parameters(model, trainable_only=True)}
+    for logger in loggers:
+        if hasattr(logger, "log_summary"):
+            logger.log_summary(counts)
 
 
 def local_cpu_processes(options: dict) -> int:
@@ -545,9 +580,11 @@ def print_summary(title: str, metrics: dict, directory: Path, checkpoints: Path 
 
 
 def _finish_loggers() -> None:
-    if "wandb" in sys.modules:  # multirun jobs must not share one W&B run
+    """Close the W&B run (multirun jobs must not share one), as failed when an error is on its way out (this is
+    called from `finally`), so a sweep's dashboard shows which jobs failed."""
+    if "wandb" in sys.modules:
         import wandb
-        wandb.finish()
+        wandb.finish(exit_code=1 if sys.exc_info()[0] is not None else None)
 
 
 def _check_fresh_run_dir(cfg: DictConfig) -> None:
@@ -626,6 +663,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(cfg, ("train", "val", None))
     _check_captions(cfg, datamodule)
     loggers = build_loggers(cfg)
+    log_parameter_counts(loggers, model)
     trainer = build_trainer(cfg, model, loggers, checkpoints=True, datamodule=datamodule)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
@@ -748,6 +786,7 @@ def evaluate(cfg: DictConfig) -> dict:
                           f"pass task={model.task.name}")
     datamodule = build_datamodule(cfg, (None, None, cfg.split))
     loggers = build_loggers(cfg)
+    log_parameter_counts(loggers, model)
     trainer = build_trainer(cfg, model, loggers, checkpoints=False)
     try:
         metrics = _strip_stage(trainer.test(model, datamodule=datamodule, verbose=False), "test")

@@ -51,15 +51,20 @@ def rgb_to_uint8(rgb) -> np.ndarray:
     return (np.clip(_as_numpy(rgb).transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def save_gallery(rows: list[list[np.ndarray]], path: str | Path, gap: int = 2) -> Path:
-    """Tile rows of equally sized uint8 images (input | ground truth | prediction) into one PNG."""
+def tile_gallery(rows: list[list[np.ndarray]], gap: int = 2) -> np.ndarray:
+    """Rows of equally sized uint8 images (input | ground truth | prediction) tiled into one [H,W,3] uint8 image."""
     height, width = rows[0][0].shape[:2]
     columns = max(len(row) for row in rows)
     canvas = np.full((len(rows) * (height + gap) - gap, columns * (width + gap) - gap, 3), 255, np.uint8)
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             canvas[r * (height + gap):r * (height + gap) + height, c * (width + gap):c * (width + gap) + width] = image
+    return canvas
+
+
+def save_gallery(rows: list[list[np.ndarray]], path: str | Path, gap: int = 2) -> Path:
+    """Tile rows of equally sized uint8 images (input | ground truth | prediction) into one PNG."""
     path = Path(path)
     with atomic_write(path) as tmp:
-        Image.fromarray(canvas).save(tmp)
+        Image.fromarray(tile_gallery(rows, gap)).save(tmp)
     return path

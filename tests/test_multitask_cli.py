@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import FAST, read_metrics, run_cli
+from wandb_records import OfflineRun
 from test_data_multitask import pascal_root  # noqa: F401  (the fixture: ATRC's PASCALContext layout, 32x48)
 
 # a tiny network: ResNet-18's layout at width 8-16, an 8-wide neck/denoiser with one cross-attention block
@@ -21,8 +22,21 @@ MONITORED = {"segmentation": "miou", "depth": "rmse", "normals": "angular_mean",
 def procedural_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("diffusionmtl") / "run"
     run_cli("train.py", "experiment=diffusionmtl_pascal", "dataset=procedural", f"hydra.run.dir={run}",
-            "task.baselines={segmentation: {miou: 0.5}, normals: {angular_mean: 30.0}}", *FAST, *TINY)
+            "task.baselines={segmentation: {miou: 0.5}, normals: {angular_mean: 30.0}}", *FAST, *TINY,
+            "logger=wandb")  # W&B offline: each task's gallery (test_wandb_shows_each_tasks_gallery_and_metrics)
     return run
+
+
+def test_wandb_shows_each_tasks_gallery_and_metrics(procedural_run):
+    run = OfflineRun(procedural_run)
+    validations = run.rows_with("val/delta_m")
+    assert validations and {f"val/{name}" for name in read_metrics(procedural_run)} <= set(validations[-1])
+    for task in PROCEDURAL_TASKS:  # one picture per task (input | GT | prediction) at every validation
+        galleries = run.rows_with(f"val/{task}/gallery/filenames")
+        assert len(galleries) == len(validations), task
+        assert all((run.folder / "files" / name).is_file() for name in galleries[-1][f"val/{task}/gallery/filenames"])
+    assert len(run.rows_with("val/gallery/filenames")) == len(validations)  # and the whole of gallery.png
+    assert set(run.config["task"]["tasks"]) == set(PROCEDURAL_TASKS)
 
 
 def test_procedural_run_trains_every_task_from_one_label(procedural_run):

@@ -15,6 +15,7 @@ from conftest import FAST, read_metrics, run_cli
 from densediff.backbones.geowizard import contents_digest
 from densediff.backbones.tiny import TINY_DIR, tiny_text_encoder_and_tokenizer, tiny_unet, tiny_vae
 from densediff.callbacks import NonFiniteTrainingError, SkipNonFiniteSteps
+from wandb_records import OfflineRun
 
 # A recipe whose validation uses non-default inference (gaussian noise, 2 steps, an ensemble of 2)
 RECIPE_INFERENCE = ["inference.steps=2", "inference.noise=gaussian", "inference.ensemble=2"]
@@ -129,12 +130,13 @@ def test_non_finite_steps_in_a_row_stop_training_with_a_clear_error():
 
 
 def test_train_cli_stops_cleanly_when_the_loss_diverges(tmp_path):
-    result = run_cli("train.py", "experiment=quickstart", "logger=none", f"hydra.run.dir={tmp_path}", *FAST,
+    result = run_cli("train.py", "experiment=quickstart", "logger=wandb", f"hydra.run.dir={tmp_path}", *FAST,
                      "objective.lr=1e30", "objective.warmup_steps=0", "trainer.max_steps=8",
                      "max_nonfinite_steps=2", "trainer.gradient_clip_val=null", expect_ok=False)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "optimizer steps in a row had non-finite gradients" in result.stderr
     assert "Traceback" not in result.stderr
+    assert OfflineRun(tmp_path).exit_code == 1  # the W&B run is marked failed
 
 
 # ---- nothing a user wrote is overwritten -----------------------------------------------------------------------

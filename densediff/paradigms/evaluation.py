@@ -1,5 +1,6 @@
 """What every model does in validation and test, whatever trains it: predict, update the task's metrics, log them,
-write the gallery (input | ground truth | prediction) and, on test, one row of metrics per image (per_image.csv).
+write the gallery (input | ground truth | prediction) and, on test, one row of metrics per image (per_image.csv);
+the loggers that take images and tables (W&B) get the gallery as `<stage>/gallery` and the rows as `test/per_image`.
 
 The latent paradigms subclass `LatentModel` (below); `PrecomputedPredictions` (evaluate.py predictions=<dir>)
 subclasses `DenseEvaluation` and implements `predict_batch` by reading files instead.
@@ -65,6 +66,11 @@ class DenseEvaluation(L.LightningModule):
                 writer = csv.DictWriter(file, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
+            for logger in self.loggers:
+                if hasattr(logger, "log_table"):  # W&B gets the same rows: test/per_image
+                    columns = list(rows[0])
+                    logger.log_table(key="test/per_image", columns=columns,
+                                     data=[[row[c] for c in columns] for row in rows], step=self.global_step)
         self._test_rows = []
 
     def _all_test_rows(self) -> list[dict]:

@@ -29,7 +29,7 @@ from torch import nn
 
 from densediff.tasks import build_task
 from densediff.tasks.heads import DEFAULT_WEIGHTS, HEAD_TASKS, Head
-from densediff.visualize import rgb_to_uint8, save_gallery
+from densediff.visualize import rgb_to_uint8, save_gallery, tile_gallery
 
 # Metrics where lower is better (delta_m's sign); every other metric is higher-is-better.
 LOWER_IS_BETTER = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "i_rmse", "silog", "angular_mean",
@@ -356,9 +356,13 @@ class MultiTaskDenoising(L.LightningModule):
         if self._gallery and self.trainer.is_global_zero:
             path = save_gallery(self._gallery, f"{self.trainer.default_root_dir}/gallery.png")
             for logger in self.loggers:
-                if hasattr(logger, "log_image"):
+                if hasattr(logger, "log_image"):  # the whole picture, and each task's own: <stage>/<task>/gallery
                     logger.log_image(key=f"{stage}/gallery", images=[str(path)], step=self.global_step,
                                      caption=["input | " + " | ".join(f"{t} GT | {t}" for t in self.tasks)])
+                    for i, t in enumerate(self.tasks):
+                        rows = [[row[0], row[1 + 2 * i], row[2 + 2 * i]] for row in self._gallery]
+                        logger.log_image(key=f"{stage}/{t}/gallery", images=[tile_gallery(rows)],
+                                         step=self.global_step, caption=[f"input | {t} GT | {t}"])
         self._gallery = []
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
