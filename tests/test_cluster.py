@@ -144,7 +144,7 @@ def submitit_task(sweep: Path) -> int | None:
     return None
 
 
-@pytest.mark.slow  # two train.py runs of 10 steps and submitit's requeue: about 1.5 minutes on 2 cores
+@pytest.mark.slow  # two train.py runs of 10 steps and submitit's requeue: about 1.5 minutes on 2 idle cores (4 under load)
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds submitit's task process in /proc")
 def test_a_job_preempted_on_the_local_launcher_is_requeued_and_resumes_to_the_uninterrupted_weights(tmp_path):
     straight, sweep = tmp_path / "straight", tmp_path / "sweep"
