@@ -13,6 +13,7 @@ import math
 import os
 import re
 import signal
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -185,6 +186,12 @@ def _route_library_logs() -> None:
         for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
             logger.removeHandler(handler)
         logger.propagate = True
+
+
+def first_process() -> bool:
+    """Whether this is a run's first process: not a DDP rank Lightning started (LOCAL_RANK), nor another task of a
+    SLURM job (SLURM_PROCID: hydra/launcher=slurm or srun start one per GPU, each running the whole command)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0"
 
 
 def run_dir() -> Path:
@@ -360,7 +367,7 @@ def _check_captions(cfg: DictConfig, datamodule: DenseDataModule) -> None:
 
 def _warn_ignored_options(model, options: InferenceOptions, stage: str) -> None:
     """Say once (on rank 0) when a set option cannot act: recipes carry settings for variants they were not run as."""
-    if os.environ.get("LOCAL_RANK", "0") != "0":
+    if not first_process():
         return
     prompts = stage != "predict" and getattr(getattr(model, "estimator", None), "text_encoder", None) is not None
     if options.guidance != 1 and not prompts:
@@ -520,15 +527,34 @@ def slurm_trainer_shape(options: dict, given: set[str]) -> dict:
 
 def preemption_signal() -> int | None:
     """The signal a cluster job gets shortly before it is stopped (preempted, or at its time limit), where this run
-    can act on it: submitit's (USR2, or $SUBMITIT_PREEMPT_SIGNAL) in a job of Hydra's submitit launcher
-    (hydra/launcher=slurm or local). None elsewhere."""
-    if not os.environ.get("SUBMITIT_FOLDER"):
-        return None
+    acts on it: submitit's (USR2, or $SUBMITIT_PREEMPT_SIGNAL) in a job of Hydra's submitit launcher
+    (hydra/launcher=slurm or local); Lightning's SLURM requeue signal, USR1, in a SLURM job started by hand
+    (sbatch --signal=USR1@<seconds>). None elsewhere."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    if not os.environ.get("SUBMITIT_FOLDER"):  # (Lightning then leaves USR1 to this run: it has a handler)
+        return signal.SIGUSR1 if SLURMEnvironment.detect() else None
     try:
         from submitit import JobEnvironment
         return JobEnvironment._usr_sig()
     except (ImportError, AttributeError):
         return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+
+
+def _scontrol_requeue() -> None:
+    """Requeue a SLURM job started by hand (not by submitit), as Lightning's SLURM auto-requeue does: SLURM stops
+    the job and starts it again under the same job id."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else os.environ.get("SLURM_JOB_ID")
+    if not job or not re.fullmatch(r"[0-9_]+", job):
+        return
+    try:
+        result = subprocess.call(["scontrol", "requeue", job])
+    except OSError as error:
+        result = error
+    if result == 0:
+        log.info("requeued SLURM job %s", job)
+    else:
+        log.warning("could not requeue SLURM job %s (scontrol requeue: %s); start it again to resume", job, result)
 
 
 def build_trainer(cfg: DictConfig, model, loggers: list, checkpoints: bool,
@@ -617,7 +643,7 @@ def optimized_metric(cfg: DictConfig, metrics: dict) -> float | None:
 
 def _check_fresh_run_dir(cfg: DictConfig) -> None:
     """Never write over a finished run's checkpoints unless resuming it (rank 0 only: DDP children reuse the dir)."""
-    if os.environ.get("LOCAL_RANK", "0") != "0" or cfg.get("ckpt_path"):
+    if not first_process() or cfg.get("ckpt_path"):
         return
     existing = sorted(p for p in (run_dir() / "checkpoints").glob("*.ckpt") if not p.name.startswith("."))
     if existing:
@@ -645,7 +671,7 @@ class RunDirGuard(Callback):
     saved as .hydra/resume-<n>/, keeping the original run's."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        if os.environ.get("LOCAL_RANK", "0") != "0":  # DDP children re-enter the parent's directory
+        if not first_process():  # DDP children, the other tasks of a SLURM job: the first one's directory
             return
         job, directory = config.hydra.job.name, Path(str(config.hydra.run.dir))
         found = _holds_results(directory) if directory.is_dir() else None
@@ -679,7 +705,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (a last.ckpt from an earlier run's "
                                 "checkpoints/ folder resumes it)")
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # what a run killed mid-write left (its targets are intact)
+    if first_process():  # what a run killed mid-write left (its targets are intact)
         for folder in (run_dir(), run_dir() / "checkpoints"):
             remove_temporaries(folder)
     resolve_backbone_task(cfg, training=True)
@@ -723,6 +749,8 @@ def _requeue(trainer: L.Trainer, stop: Preempted) -> None:
     for callback in trainer.callbacks:
         if isinstance(callback, Preemption):
             callback.hand_over()  # submitit: requeue, then exit (rank 0)
+    if not os.environ.get("SUBMITIT_FOLDER") and trainer.is_global_zero:
+        _scontrol_requeue()  # a SLURM job started by hand
     sys.exit(0)  # the other ranks (or no requeue mechanism: resume by starting the same job again)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from conftest import FAST, ROOT, read_metrics, run_cli
 from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients, Preempted, Preemption
-from densediff.run import PREEMPTED, requeued_checkpoint, slurm_trainer_shape
+from densediff.run import PREEMPTED, _scontrol_requeue, preemption_signal, requeued_checkpoint, slurm_trainer_shape
 from test_resume import LOADERS, MIXED, Learner, global_step
 
 # ----------------------------------------------------------------------------- preemption, in process
@@ -115,6 +115,33 @@ def test_a_slurm_job_sets_the_trainers_nodes_and_devices_unless_the_command_line
     assert slurm_trainer_shape({"devices": 2}, {"trainer.devices"}) == {"devices": 2, "num_nodes": 2}
     monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive allocation: Lightning starts the processes
     assert slurm_trainer_shape({"devices": 2}, set()) == {"devices": 2}
+
+
+def test_the_preemption_signal_is_submitits_in_its_jobs_and_lightnings_in_a_slurm_job_started_by_hand(monkeypatch):
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_"))]:
+        monkeypatch.delenv(key)
+    assert preemption_signal() is None  # no cluster: no handler, the signals keep their defaults
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert preemption_signal() == signal.SIGUSR1  # sbatch --signal=USR1@300
+    monkeypatch.setenv("SUBMITIT_FOLDER", "/tmp/sweep/.submitit/1")
+    assert preemption_signal() == signal.SIGUSR2  # submitit's default
+
+
+def test_a_slurm_job_started_by_hand_requeues_itself_with_scontrol(tmp_path, monkeypatch):
+    calls = tmp_path / "calls"
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    _scontrol_requeue()
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4200")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    _scontrol_requeue()
+    assert calls.read_text().split("\n")[:2] == ["requeue 4242", "requeue 4200_3"]
 
 
 # ----------------------------------------------------------------------------- the submitit launcher, for real
