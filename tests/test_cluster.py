@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import FAST, ROOT, read_metrics, run_cli
 from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients, Preempted, Preemption
@@ -142,6 +143,35 @@ def test_a_slurm_job_started_by_hand_requeues_itself_with_scontrol(tmp_path, mon
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     _scontrol_requeue()
     assert calls.read_text().split("\n")[:2] == ["requeue 4242", "requeue 4200_3"]
+
+
+def test_the_slurm_launcher_config_asks_for_one_task_per_gpu_the_warning_signal_and_the_setup_lines(tmp_path,
+                                                                                                    monkeypatch):
+    import submitit
+    from hydra.utils import instantiate
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    from densediff.run import compose
+
+    srun = tmp_path / "srun"  # submitit's SLURM executor checks that it runs where srun exists
+    srun.write_text("#!/bin/sh\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    cfg = compose("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.account=lab",
+                            "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4",
+                            f"hydra.launcher.submitit_folder={tmp_path}/%j",
+                            "hydra.launcher.setup=[module load cuda]", "experiment=e2e_ft_depth"])
+    launcher = instantiate(cfg.hydra.launcher)
+    params = dict(launcher.params)  # what SlurmLauncher.launch hands submitit
+    executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
+                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    script = executor._executor._make_submission_file_text("python -m submitit.core._submit x", "uid")
+    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--account=lab",
+                 "--signal=USR2@300", "--time=1440"):
+        assert f"#SBATCH {line}\n" in script
+    assert "\nmodule load cuda\n" in script and "srun " in script
 
 
 # ----------------------------------------------------------------------------- the submitit launcher, for real
