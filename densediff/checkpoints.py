@@ -3,6 +3,8 @@ accumulated since the last optimizer step, so that any checkpoint resumes exactl
 
 from __future__ import annotations
 
+import signal
+import threading
 import warnings
 
 import torch
@@ -44,6 +46,65 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         if self._fitting(trainer) and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def save_now(self, trainer) -> None:
+        """Write last.ckpt with the trainer's state as it is (called between two training batches)."""
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class Preempted(Exception):
+    """Training stopped on the preemption signal; checkpoints/last.ckpt holds the state to resume from."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after optimizer step {step}; "
+                         f"checkpoints/last.ckpt resumes it")
+        self.step, self.signum = step, signum
+
+
+class Preemption(Callback):
+    """On the cluster's warning signal (SLURM's, through submitit: a preemption or the time limit ahead) training
+    stops at the end of the current batch with last.ckpt written there, the same place every_n_train_steps saves,
+    so the resumed run continues exactly (same batches, gradients and optimizer state), and fit raises Preempted.
+    The signal handler only takes note: a checkpoint written inside it could catch the model halfway through an
+    optimizer step. Under DDP the ranks agree on the batch to stop after (one rank may get the signal first).
+
+    The handler it replaces during fit (submitit's checkpoint-and-requeue) is kept as `replaced`; hand_over()
+    calls it once the checkpoint is written, so the job is requeued by the mechanism that started it."""
+
+    def __init__(self, last: LastCheckpoint, signum: int):
+        self.last, self.signum = last, signum
+        self.received = False
+        self.replaced = None
+
+    def _note(self, signum, frame) -> None:
+        self.received = True
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            self.received = False
+            self.replaced = signal.signal(self.signum, self._note)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self._restore()
+
+    def _restore(self) -> None:
+        if self.replaced is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(self.signum, self.replaced)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+            return
+        self.last.save_now(trainer)
+        raise Preempted(trainer.global_step, self.signum)
+
+    def hand_over(self) -> None:
+        """Pass the signal on to the handler this callback replaced (submitit's: on rank 0 it requeues the job
+        and exits; on the other ranks it returns). Fit ended by an exception does not call teardown: the handler
+        is put back here."""
+        self._restore()
+        if callable(self.replaced):
+            self.replaced(self.signum, None)
 
 
 class PendingGradients(Callback):

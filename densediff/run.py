@@ -11,6 +11,9 @@ import json
 import logging
 import math
 import os
+import re
+import signal
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -31,7 +34,7 @@ from densediff import threads
 from densediff.adapters import count_parameters
 from densediff.backbones.load import declared_task
 from densediff.callbacks import NonFiniteTrainingError, SkipNonFiniteSteps, ValidationHistory
-from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients
+from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients, Preempted, Preemption
 from densediff.data.common import DataReadError
 from densediff.data.datamodule import DenseDataModule
 from densediff.inference.predictor import InferenceOptions
@@ -185,6 +188,12 @@ def _route_library_logs() -> None:
         for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
             logger.removeHandler(handler)
         logger.propagate = True
+
+
+def first_process() -> bool:
+    """Whether this is a run's first process: not a DDP rank Lightning started (LOCAL_RANK), nor another task of a
+    SLURM job (SLURM_PROCID: hydra/launcher=slurm or srun start one per GPU, each running the whole command)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0"
 
 
 def run_dir() -> Path:
@@ -360,7 +369,7 @@ def _check_captions(cfg: DictConfig, datamodule: DenseDataModule) -> None:
 
 def _warn_ignored_options(model, options: InferenceOptions, stage: str) -> None:
     """Say once (on rank 0) when a set option cannot act: recipes carry settings for variants they were not run as."""
-    if os.environ.get("LOCAL_RANK", "0") != "0":
+    if not first_process():
         return
     prompts = stage != "predict" and getattr(getattr(model, "estimator", None), "text_encoder", None) is not None
     if options.guidance != 1 and not prompts:
@@ -532,9 +541,60 @@ def local_cpu_processes(options: dict) -> int:
     return devices if on_cpu and isinstance(devices, int) and devices > 1 else 1  # Lightning's devices: per node
 
 
+def slurm_trainer_shape(options: dict, given: set[str]) -> dict:
+    """In the tasks of a SLURM job (hydra/launcher=slurm: one task per GPU) Lightning's SLURMEnvironment, which it
+    detects by itself, takes each process's rank and the master address from SLURM; trainer.num_nodes and
+    trainer.devices (per node) must match the job's nodes and tasks per node, so they are taken from the job unless
+    the command line sets them (`given`: command_line_keys)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    if not SLURMEnvironment.detect():
+        return options
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+    per_node = re.match(r"\d+", os.environ.get("SLURM_NTASKS_PER_NODE", ""))  # "4", or "4(x2)"
+    tasks = int(per_node.group()) if per_node else max(1, int(os.environ.get("SLURM_NTASKS") or 1) // nodes)
+    shape = {"num_nodes": nodes, "devices": tasks}
+    for key, value in shape.items():
+        if f"trainer.{key}" not in given and options.get(key, 1) != value:
+            log.info("SLURM job: trainer.%s=%s (was %s)", key, value, options.get(key, 1))
+            options[key] = value
+    return options
+
+
+def preemption_signal() -> int | None:
+    """The signal a cluster job gets shortly before it is stopped (preempted, or at its time limit), where this run
+    acts on it: submitit's (USR2, or $SUBMITIT_PREEMPT_SIGNAL) in a job of Hydra's submitit launcher
+    (hydra/launcher=slurm or local); Lightning's SLURM requeue signal, USR1, in a SLURM job started by hand
+    (sbatch --signal=USR1@<seconds>). None elsewhere."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    if not os.environ.get("SUBMITIT_FOLDER"):  # (Lightning then leaves USR1 to this run: it has a handler)
+        return signal.SIGUSR1 if SLURMEnvironment.detect() else None
+    try:
+        from submitit import JobEnvironment
+        return JobEnvironment._usr_sig()
+    except (ImportError, AttributeError):
+        return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+
+
+def _scontrol_requeue() -> None:
+    """Requeue a SLURM job started by hand (not by submitit), as Lightning's SLURM auto-requeue does: SLURM stops
+    the job and starts it again under the same job id."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else os.environ.get("SLURM_JOB_ID")
+    if not job or not re.fullmatch(r"[0-9_]+", job):
+        return
+    try:
+        result = subprocess.call(["scontrol", "requeue", job])
+    except OSError as error:
+        result = error
+    if result == 0:
+        log.info("requeued SLURM job %s", job)
+    else:
+        log.warning("could not requeue SLURM job %s (scontrol requeue: %s); start it again to resume", job, result)
+
+
 def build_trainer(cfg: DictConfig, model, loggers: list, checkpoints: bool,
                   datamodule: DenseDataModule | None = None) -> L.Trainer:
-    options = _plain(cfg.trainer)
+    options = slurm_trainer_shape(_plain(cfg.trainer), command_line_keys())
     # CPU DDP: split the cores between the ranks before they start (they inherit the environment)
     threads.use_threads_for(local_cpu_processes(options))
     log.info("threads: %s", threads.describe())
@@ -546,10 +606,12 @@ def build_trainer(cfg: DictConfig, model, loggers: list, checkpoints: bool,
     callbacks = [L.pytorch.callbacks.LearningRateMonitor("step")] if loggers else []
     if checkpoints:  # training: the best by the monitored metric, and last.ckpt: the newest state
         folder = run_dir() / "checkpoints"
+        last = LastCheckpoint(folder, every_n_train_steps=int(cfg.get("checkpoint_every_n_steps") or 0))
+        signum = preemption_signal()
+        callbacks += [Preemption(last, signum)] if signum is not None else []
         callbacks += [L.pytorch.callbacks.ModelCheckpoint(
             dirpath=folder, filename="best-step{step}", auto_insert_metric_name=False,
-            monitor=f"val/{model.task.monitor}", mode=model.task.monitor_mode, save_top_k=1),
-            LastCheckpoint(folder, every_n_train_steps=int(cfg.get("checkpoint_every_n_steps") or 0)),
+            monitor=f"val/{model.task.monitor}", mode=model.task.monitor_mode, save_top_k=1), last,
             PendingGradients(), SkipNonFiniteSteps(max_in_a_row=int(cfg.get("max_nonfinite_steps", 10))),
             ValidationHistory(run_dir() / "validation_history.json", model.task.monitor, model.task.monitor_mode)]
         options.setdefault("plugins", [AtomicCheckpointIO()])
@@ -587,9 +649,38 @@ def _finish_loggers() -> None:
         wandb.finish(exit_code=1 if sys.exc_info()[0] is not None else None)
 
 
+# In a run directory: the run stopped on the cluster's preemption signal with checkpoints/last.ckpt, and its job was
+# requeued; the requeued job resumes from it (requeued_checkpoint). Removed when the run finishes.
+PREEMPTED = "preempted.json"
+
+
+def requeued_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint a requeued job resumes from without being told: checkpoints/last.ckpt of an unfinished run
+    (no metrics.json) in the job's own run directory, when that run stopped on the preemption signal
+    (preempted.json) or SLURM restarted the job (SLURM_RESTART_COUNT > 0: requeued after a preemption or a node
+    failure). None otherwise: a fresh start into a run's directory stays refused."""
+    last = directory / "checkpoints" / "last.ckpt"
+    if not last.is_file() or (directory / "metrics.json").is_file():
+        return None
+    restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    return last if restarted or (directory / PREEMPTED).is_file() else None
+
+
+def optimized_metric(cfg: DictConfig, metrics: dict) -> float | None:
+    """The value of `optimized_metric` (a validation metric's name) among a run's metrics, which train.py returns
+    for a sweeper (hparams_search=...); None when no metric is named."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise ConfigError(f"optimized_metric={name} is not a validation metric of this run; it has: "
+                          f"{', '.join(sorted(metrics))}")
+    return float(metrics[name])
+
+
 def _check_fresh_run_dir(cfg: DictConfig) -> None:
     """Never write over a finished run's checkpoints unless resuming it (rank 0 only: DDP children reuse the dir)."""
-    if os.environ.get("LOCAL_RANK", "0") != "0" or cfg.get("ckpt_path"):
+    if not first_process() or cfg.get("ckpt_path"):
         return
     existing = sorted(p for p in (run_dir() / "checkpoints").glob("*.ckpt") if not p.name.startswith("."))
     if existing:
@@ -617,13 +708,15 @@ class RunDirGuard(Callback):
     saved as .hydra/resume-<n>/, keeping the original run's."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        if os.environ.get("LOCAL_RANK", "0") != "0":  # DDP children re-enter the parent's directory
+        if not first_process():  # DDP children, the other tasks of a SLURM job: the first one's directory
             return
         job, directory = config.hydra.job.name, Path(str(config.hydra.run.dir))
         found = _holds_results(directory) if directory.is_dir() else None
         if job not in ("train", "evaluate") or found is None:
             return
         resume = config.get("ckpt_path") if job == "train" else None
+        if job == "train" and not resume:  # a requeued cluster job resumes by itself (train)
+            resume = requeued_checkpoint(directory)
         own = resume and Path(str(resume)).resolve().parent == (directory / "checkpoints").resolve()
         if not own:
             hint = (f"; to resume it: ckpt_path={directory / 'checkpoints' / 'last.ckpt'}" if job == "train"
@@ -641,12 +734,15 @@ class RunDirGuard(Callback):
 
 
 def train(cfg: DictConfig) -> dict:
+    if not cfg.get("ckpt_path") and (requeued := requeued_checkpoint(run_dir())) is not None:
+        log.info("requeued job: resuming the interrupted run from %s", requeued)
+        cfg.ckpt_path = str(requeued)
     _check_fresh_run_dir(cfg)
     check_config(cfg)
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (a last.ckpt from an earlier run's "
                                 "checkpoints/ folder resumes it)")
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # what a run killed mid-write left (its targets are intact)
+    if first_process():  # what a run killed mid-write left (its targets are intact)
         for folder in (run_dir(), run_dir() / "checkpoints"):
             remove_temporaries(folder)
     resolve_backbone_task(cfg, training=True)
@@ -670,11 +766,30 @@ def train(cfg: DictConfig) -> dict:
         metrics = _strip_stage(trainer.validate(model, datamodule=datamodule, verbose=False), "val")
         if trainer.is_global_zero:
             write_metrics(metrics, run_dir() / "metrics.json")
+            (run_dir() / PREEMPTED).unlink(missing_ok=True)
             print_summary(f"trained {cfg.task_name}: validation metrics after {trainer.global_step} steps",
                           metrics, run_dir(), checkpoints=run_dir() / "checkpoints")
+    except Preempted as stop:
+        _requeue(trainer, stop)
     finally:
         _finish_loggers()
     return metrics
+
+
+def _requeue(trainer: L.Trainer, stop: Preempted) -> None:
+    """After the preemption signal stopped training (last.ckpt written): mark the run as waiting for its requeue,
+    then let submitit requeue the job (it exits this process); the requeued job resumes (requeued_checkpoint)."""
+    if trainer.is_global_zero:
+        write_text(run_dir() / PREEMPTED, json.dumps({"step": stop.step, "signal": signal.Signals(stop.signum).name,
+                                                      "checkpoint": "checkpoints/last.ckpt"}) + "\n")
+    log.warning("preempted: %s; the job is requeued and resumes in %s", stop, run_dir())
+    _finish_loggers()
+    for callback in trainer.callbacks:
+        if isinstance(callback, Preemption):
+            callback.hand_over()  # submitit: requeue, then exit (rank 0)
+    if not os.environ.get("SUBMITIT_FOLDER") and trainer.is_global_zero:
+        _scontrol_requeue()  # a SLURM job started by hand
+    sys.exit(0)  # the other ranks (or no requeue mechanism: resume by starting the same job again)
 
 
 def load_checkpoint_model(cfg: DictConfig) -> L.LightningModule:

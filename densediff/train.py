@@ -4,14 +4,13 @@
 import hydra
 from omegaconf import DictConfig
 
-from densediff.run import config_dir, train, user_errors
+from densediff.run import config_dir, optimized_metric, train, user_errors
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     with user_errors():
-        metrics = train(cfg)
-    return metrics.get(cfg.get("optimized_metric", "")) if cfg.get("optimized_metric") else None
+        return optimized_metric(cfg, train(cfg))  # the value a sweeper optimises (hparams_search=...), or None
 
 
 if __name__ == "__main__":
