@@ -89,7 +89,7 @@ def sweep_table(jobs: list[dict], pivot: str, metrics: list[str] | None = None) 
     """Markdown: for each group, its monitored metric (or `metrics`, where it has them) per pivot value, and the
     first value's ratio to each other value."""
     values, groups = pivot_groups(jobs, pivot)
-    head = f"| run | metric | " + " | ".join(f"{pivot}={v}" for v in values)
+    head = "| run | metric | " + " | ".join(f"{pivot}={v}" for v in values)
     head += " | " + " | ".join(f"{values[0]} / {v}" for v in values[1:]) + " |" if len(values) > 1 else " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for label, by_value in groups.items():
