@@ -422,13 +422,24 @@ def self_improving_arguments(cfg: DictConfig) -> dict:
     objective = {k: v for k, v in _plain(cfg.objective).items() if k != "name"}
     return dict(backbone_path=str(cfg.backbone.path), task=cfg.task.name, task_options=task_options(cfg),
                 head=kind, head_options=head, seed=int(cfg.seed), gallery_size=int(cfg.get("gallery_size", 4)),
-                **objective)
+                widened_generator=bool(cfg.backbone.get("widened_generator", False)), **objective)
 
 
 def _self_improving_steps(cfg: DictConfig) -> None:
     """objective=self_improving runs warm-up + self-improvement in one fit: trainer.max_steps is their sum."""
     total = int(cfg.objective.warmup_stage_steps) + int(cfg.objective.improve_stage_steps)
-    if "trainer.max_steps" in command_line_keys() and int(cfg.trainer.max_steps) != total:
+    given = command_line_keys()
+    stages = {"objective.warmup_stage_steps", "objective.improve_stage_steps"}
+    if "trainer.max_steps" in given and not given & stages and total > 0 and int(cfg.trainer.max_steps) >= 2:
+        # a budget without stage lengths (e.g. one trainer.max_steps for every job of a sweep): split it as the recipe does
+        budget = int(cfg.trainer.max_steps)
+        warmup = min(max(round(budget * int(cfg.objective.warmup_stage_steps) / total), 1), budget - 1)
+        log.info("objective=self_improving: trainer.max_steps=%d split as the recipe's stages: %d warm-up + %d "
+                 "self-improvement steps", budget, warmup, budget - warmup)
+        with open_dict(cfg):
+            cfg.objective.warmup_stage_steps, cfg.objective.improve_stage_steps = warmup, budget - warmup
+        return
+    if "trainer.max_steps" in given and int(cfg.trainer.max_steps) != total:
         log.warning("objective=self_improving: trainer.max_steps=%s is replaced by objective.warmup_stage_steps + "
                     "objective.improve_stage_steps = %d", cfg.trainer.max_steps, total)
     with open_dict(cfg):

@@ -11,15 +11,15 @@ from PIL import Image
 
 from conftest import ROOT
 
-RECIPES = ("prior/e2e_depth", "prior/marigold_depth", "prior/dmp_normal", "prior/geowizard")
+RECIPES = ("prior/e2e_depth", "prior/marigold_depth", "prior/dmp_normal", "prior/geowizard", "prior/diff2in1")
 HEADLINE = {"prior/e2e_depth": "abs_rel", "prior/marigold_depth": "abs_rel", "prior/dmp_normal": "angular_mean",
-            "prior/geowizard": "abs_rel"}
+            "prior/geowizard": "abs_rel", "prior/diff2in1": "angular_mean"}
 
 
 def test_make_prior_runs_every_recipe_on_both_backbones_and_writes_one_table_and_one_plot(tmp_path):
     sweep = tmp_path / "sweep"
     toy = ("trainer.max_steps=2 trainer.val_check_interval=1 dataset.val.num_scenes=2 dataset.batch_size=2 "
-           "dataset.val_batch_size=2 trainer.enable_progress_bar=false")
+           "dataset.val_batch_size=2 dataset.train.num_scenes=4 trainer.enable_progress_bar=false")
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     # STAMP= : the interpreter running the tests already has densediff installed (no .venv to make)
     result = subprocess.run(["make", "-s", "prior", f"PY={sys.executable}", "STAMP=", f"PRIOR_DIR={sweep}",
@@ -36,6 +36,11 @@ def test_make_prior_runs_every_recipe_on_both_backbones_and_writes_one_table_and
         assert history["monitor"] in history["history"][-1]
         final = json.loads((job / "metrics.json").read_text())
         assert final[history["monitor"]] == history["history"][-1][history["monitor"]]
+    # Diff-2-in-1 split the budget into its two stages and generated one pair per training scene on both backbones
+    for job in jobs:
+        if (job / "synthetic").is_dir():
+            assert json.loads((job / "synthetic" / "manifest.json").read_text())["count"] == 4
+    assert len([job for job in jobs if (job / "synthetic").is_dir()]) == 2
 
     table = (sweep / "comparison.md").read_text().splitlines()
     assert table[0].startswith("| run | metric | backbone=tiny | backbone=tiny_random | tiny / tiny_random |")

@@ -103,8 +103,20 @@ def test_nll_angular_and_kappa_to_alpha_against_hand_values():
     assert kappa_to_alpha(torch.tensor(1.0)).item() == pytest.approx(64.752, abs=1e-3)
 
 
+def test_a_widened_generator_is_narrowed_back_to_the_generator():
+    """...unless it was widened from a generator (backbone.widened_generator: backbone=tiny from tiny_sd): summing the
+    tiled halves gives tiny_sd's own conv_in, so the prior comparison runs Diff-2-in-1 on tiny and tiny_random."""
+    from diffusers import UNet2DConditionModel
+
+    model = SelfImprovingPerception(str(ROOT / "densediff" / "assets" / "tiny"), head_options=HEAD,
+                                    widened_generator=True)
+    prior = UNet2DConditionModel.from_pretrained(TINY_SD, subfolder="unet").conv_in
+    assert torch.allclose(model.prior["unet"].conv_in.weight, prior.weight, atol=1e-7)
+    assert torch.equal(model.prior["unet"].conv_in.bias, prior.bias)
+
+
 def test_bad_configs_are_refused_clearly():
-    with pytest.raises(ValueError, match="4 input channels"):  # the Marigold-layout tiny backbone cannot generate
+    with pytest.raises(ValueError, match="4 input channels"):  # an 8-channel estimator folder cannot generate...
         SelfImprovingPerception(str(ROOT / "densediff" / "assets" / "tiny"))
     with pytest.raises(ValueError, match="head=conv"):
         build_head("bae", [8, 8, 8], build_task("depth"))

@@ -67,7 +67,7 @@ class SelfImprovingPerception(DenseEvaluation):
                  creation_timestep: int = 600, creation_steps: int = 50, creation_samples: int | None = None,
                  creation_batch_size: int = 4, feature_timestep: int = 0, lr: float = 3.57e-4,
                  input_size: list[int] | None = None, teacher_refine: str = "sampled", seed: int = 42,
-                 gallery_size: int = 4):
+                 gallery_size: int = 4, widened_generator: bool = False):
         super().__init__(task, task_options, gallery_size)
         self.save_hyperparameters()
         from densediff.backbones import load_backbone
@@ -83,7 +83,9 @@ class SelfImprovingPerception(DenseEvaluation):
             raise ValueError(f"objective.teacher_refine must be sampled or dense, got {teacher_refine!r}")
         self.timesteps = creation_timesteps(creation_timestep, creation_steps)
         channels = UNet2DConditionModel.load_config(backbone_path, subfolder="unet")["in_channels"]
-        if channels != 4:
+        # an 8-channel folder whose conv_in was widened from a generator's (backbone=tiny from tiny_sd, tiny_random as
+        # its control) is narrowed back by summing the halves: exactly the generator's conv_in again
+        if channels != 4 and not widened_generator:
             raise ValueError(f"objective=self_improving generates images with the backbone's text-to-image UNet (4 "
                              f"input channels: backbone=tiny_sd, sd15, sd2); {backbone_path} has {channels} (a "
                              "Marigold-layout estimator cannot generate)")
