@@ -47,11 +47,11 @@ def compare_table(runs: list[str]) -> str:
 def sweep_jobs(sweep: str | Path) -> list[dict]:
     """The jobs of a Hydra multirun folder: their directory, command-line overrides (key -> value), final metrics
     (None if the job wrote none) and validation history."""
+    from omegaconf import OmegaConf
+
     sweep = Path(sweep)
     jobs = []
     for overrides_file in sorted(sweep.glob("*/.hydra/overrides.yaml"), key=lambda p: _job_number(p.parents[1])):
-        from omegaconf import OmegaConf
-
         folder = overrides_file.parents[1]
         overrides = dict(o.split("=", 1) for o in OmegaConf.load(overrides_file) if "=" in o)
         history_file = folder / "validation_history.json"

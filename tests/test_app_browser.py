@@ -40,8 +40,8 @@ def browser(tmp_path):
     service = webdriver.ChromeService(executable_path=DRIVER, log_output=str(tmp_path / "chromedriver.log"))
     try:
         driver = webdriver.Chrome(options=options, service=service)
-    except WebDriverException as error:  # installed but cannot start here: say why
-        pytest.skip(f"{BROWSER} with {DRIVER} does not start: {error.msg}")
+    except WebDriverException as error:  # installed but broken is a failure, not a skip (missing: the skipif above)
+        pytest.fail(f"{BROWSER} with {DRIVER} is installed but does not start: {error.msg}")
     yield driver
     driver.quit()
 
