@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
     # `make test` runs one pytest worker per core: each worker (and the entry points it starts) gets its share of the
@@ -27,19 +29,55 @@ FAST = ["trainer.max_steps=2", "trainer.val_check_interval=2", "dataset.val.num_
 
 
 def run_cli(script: str, *overrides: str, expect_ok: bool = True, timeout: int = 600,
-            cwd: Path = ROOT) -> subprocess.CompletedProcess:
+            cwd: Path = ROOT, fresh: bool = False) -> subprocess.CompletedProcess:
     """Run an entry point (`train.py`, ...) or a module (`"-m", "densediff.export"`) with key=value arguments, from
-    `cwd` (the default roots data/, models/ and outputs/ are below it)."""
+    `cwd` (the default roots data/, models/ and outputs/ are below it). It runs in a fork of a process that has
+    imported densediff already (tests/cli_zygote.py), which saves each call the import time; `fresh=True` (or
+    DENSEDIFF_TEST_FORK=0 for the whole run) starts a new interpreter instead, for what depends on interpreter
+    start-up itself."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
            "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, *(["-m", overrides[0]] if script == "-m" else [str(ROOT / script)])]
+    command = ["-m", overrides[0]] if script == "-m" else [str(ROOT / script)]
     overrides = overrides[1:] if script == "-m" else overrides
-    result = subprocess.run([*command, *overrides], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    if fresh or os.environ.get("DENSEDIFF_TEST_FORK", "1") == "0":
+        result = subprocess.run([sys.executable, *command, *overrides], cwd=cwd, env=env,
+                                capture_output=True, text=True, timeout=timeout)
+    else:
+        result = _ZYGOTE.run([*command, *overrides], cwd=cwd, env=env, timeout=timeout)
     if expect_ok and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(overrides)} failed ({result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+class _Zygote:
+    """The client of tests/cli_zygote.py: started on first use in each pytest process, restarted if it died."""
+
+    def __init__(self):
+        self.process = None
+
+    def run(self, argv: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        if self.process is None or self.process.poll() is not None:
+            self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cli_zygote.py")], cwd=ROOT,
+                                            env={**env, "HYDRA_FULL_ERROR": "0"}, text=True,
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        with tempfile.TemporaryDirectory() as folder:
+            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+            self.process.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out),
+                                                 "stderr": str(err), "timeout": timeout}) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"tests/cli_zygote.py died (exit {self.process.wait()}) running {argv}")
+            answer = json.loads(line)
+            result = subprocess.CompletedProcess([sys.executable, *argv], answer["returncode"],
+                                                 out.read_text(errors="replace"), err.read_text(errors="replace"))
+        if answer["timed_out"]:
+            raise subprocess.TimeoutExpired(result.args, timeout, result.stdout, result.stderr)
+        return result
+
+
+_ZYGOTE = _Zygote()
 
 
 def read_metrics(run: Path) -> dict:
@@ -47,8 +85,17 @@ def read_metrics(run: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory) -> Path:
-    """One short quickstart training shared by the tests that need a checkpoint."""
-    run = tmp_path_factory.mktemp("quickstart") / "run"
-    run_cli("train.py", "experiment=quickstart", "logger=csv", f"hydra.run.dir={run}", *FAST)
+def trained_run(tmp_path_factory, worker_id) -> Path:
+    """One short quickstart training shared by the tests that need a checkpoint (they only read it: the tests that
+    try to overwrite it check that it stays byte for byte). Under xdist the workers share one run: the first to need
+    it trains it, under a lock in the session's common temporary folder, the others wait and reuse it."""
+    if worker_id == "master":
+        run = tmp_path_factory.mktemp("quickstart") / "run"
+        run_cli("train.py", "experiment=quickstart", "logger=csv", f"hydra.run.dir={run}", *FAST)
+        return run
+    shared = tmp_path_factory.getbasetemp().parent  # this session's folder, one per `pytest -n` run
+    run = shared / "quickstart_run"
+    with FileLock(str(shared / "quickstart_run.lock")):
+        if not (run / "metrics.json").exists():
+            run_cli("train.py", "experiment=quickstart", "logger=csv", f"hydra.run.dir={run}", *FAST)
     return run

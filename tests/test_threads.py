@@ -52,7 +52,8 @@ def test_ddp_ranks_split_the_cores_unless_the_user_chose(monkeypatch):
 
 
 def test_entry_points_log_the_settings_in_force(tmp_path):
-    result = run_cli("train.py", "debug=fdr", f"hydra.run.dir={tmp_path}", *FAST[:2])
+    # a new interpreter: the settings are made when densediff is first imported, which a forked run_cli inherits
+    result = run_cli("train.py", "debug=fdr", f"hydra.run.dir={tmp_path}", *FAST[:2], fresh=True)
     line = next(line for line in (tmp_path / "train.log").read_text().splitlines() if "threads:" in line)
     assert "OMP_WAIT_POLICY=PASSIVE" in line and f"{threads.usable_cores()} usable cores" in line
     assert result.returncode == 0
