@@ -33,7 +33,7 @@ from torch.utils.data import IterableDataset
 from densediff import threads
 from densediff.adapters import count_parameters
 from densediff.backbones.load import declared_task
-from densediff.callbacks import NonFiniteTrainingError, SkipNonFiniteSteps, ValidationHistory
+from densediff.callbacks import NonFiniteTrainingError
 from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients, Preempted, Preemption
 from densediff.data.common import DataReadError
 from densediff.data.datamodule import DenseDataModule
@@ -603,6 +603,27 @@ def _scontrol_requeue() -> None:
         log.warning("could not requeue SLURM job %s (scontrol requeue: %s); start it again to resume", job, result)
 
 
+def build_callbacks(cfg: DictConfig, model, loggers: list) -> list[L.Callback]:
+    """The training callbacks of conf/callbacks/ (an entry set to null is left out), given what only the run knows:
+    the checkpoint folder (<run>/checkpoints, where resuming, requeueing and the run-dir guard look), the history's
+    file, and the task's monitored metric and its mode wherever an entry leaves `monitor`/`mode` null."""
+    folder, metric, mode = run_dir() / "checkpoints", model.task.monitor, model.task.monitor_mode
+    where = {"model_checkpoint": {"dirpath": folder}, "last_checkpoint": {"dirpath": folder},
+             "validation_history": {"path": run_dir() / "validation_history.json"}}
+    monitored = {"model_checkpoint": {"monitor": f"val/{metric}", "mode": mode},
+                 "validation_history": {"monitor": metric, "mode": mode}}
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        unset = {key: value for key, value in monitored.get(name, {}).items() if node.get(key) is None}
+        callback = instantiate(node, **where.get(name, {}), **unset)
+        if isinstance(callback, L.pytorch.callbacks.LearningRateMonitor) and not loggers:
+            continue  # nothing to write the learning rate to (logger=none); Lightning would refuse it
+        callbacks.append(callback)
+    return callbacks
+
+
 def build_trainer(cfg: DictConfig, model, loggers: list, checkpoints: bool,
                   datamodule: DenseDataModule | None = None) -> L.Trainer:
     options = slurm_trainer_shape(_plain(cfg.trainer), command_line_keys())
@@ -614,17 +635,14 @@ def build_trainer(cfg: DictConfig, model, loggers: list, checkpoints: bool,
     max_batches = int(options["max_steps"]) * int(options.get("accumulate_grad_batches") or 1)
     if isinstance(options.get("val_check_interval"), int) and options["val_check_interval"] > max_batches > 0:
         options["val_check_interval"] = max_batches  # validate (and keep a best checkpoint) at least once
-    callbacks = [L.pytorch.callbacks.LearningRateMonitor("step")] if loggers else []
-    if checkpoints:  # training: the best by the monitored metric, and last.ckpt: the newest state
-        folder = run_dir() / "checkpoints"
-        last = LastCheckpoint(folder, every_n_train_steps=int(cfg.get("checkpoint_every_n_steps") or 0))
+    callbacks = []
+    if checkpoints:  # training: conf/callbacks/ (the best and the newest checkpoint, ...) and what resuming needs
+        callbacks = build_callbacks(cfg, model, loggers)
+        last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
         signum = preemption_signal()
-        callbacks += [Preemption(last, signum)] if signum is not None else []
-        callbacks += [L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=folder, filename="best-step{step}", auto_insert_metric_name=False,
-            monitor=f"val/{model.task.monitor}", mode=model.task.monitor_mode, save_top_k=1), last,
-            PendingGradients(), SkipNonFiniteSteps(max_in_a_row=int(cfg.get("max_nonfinite_steps", 10))),
-            ValidationHistory(run_dir() / "validation_history.json", model.task.monitor, model.task.monitor_mode)]
+        if signum is not None and last is not None:  # a cluster job stops with last.ckpt written, and is requeued
+            callbacks.insert(0, Preemption(last, signum))
+        callbacks.append(PendingGradients())
         options.setdefault("plugins", [AtomicCheckpointIO()])
     return L.Trainer(**options, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir()),
                      enable_checkpointing=checkpoints)
