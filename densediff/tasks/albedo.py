@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from densediff.inference.single_step import resize_to
 from densediff.metrics import IntrinsicMetrics
+from densediff.resize import resize_to
 from densediff.tasks.losses import masked_mse
 from densediff.visualize import rgb_to_uint8
 
