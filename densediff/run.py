@@ -54,7 +54,7 @@ OmegaConf.register_new_resolver("densediff_asset", lambda name: str(ASSETS / nam
 
 
 def _tiny_geowizard(source: str | None = None) -> str:
-    from densediff.backbones.geowizard import tiny_geowizard_folder
+    from densediff.backbones.geowizard_build import tiny_geowizard_folder
     return str(tiny_geowizard_folder(source=source))
 
 

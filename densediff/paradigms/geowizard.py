@@ -30,7 +30,8 @@ from collections.abc import Sequence
 
 import torch
 
-from densediff.backbones.geowizard import DOMAINS, encode_image_embedding, geowizard_class_labels, load_geowizard
+from densediff.backbones.geowizard import encode_image_embedding, load_geowizard
+from densediff.backbones.geowizard_unet import DOMAINS, geowizard_class_labels
 from densediff.inference import SingleStepEstimator
 from densediff.inference.predictor import InferenceOptions, predict, pyramid_noise
 from densediff.paradigms.denoising import LatentDenoiser, masked_latent_mse
