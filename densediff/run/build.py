@@ -27,8 +27,8 @@ from densediff.inference.predictor import InferenceOptions
 from densediff.loggers import previous_run_id
 from densediff.paradigms import PARADIGMS
 from densediff.run.cluster import local_cpu_processes, preemption_signal, slurm_trainer_shape
-from densediff.run.config import (ConfigError, _plain, _tiny_geowizard, command_line_keys, compose_group,
-                                  first_process, group_is_chosen, log, run_dir)
+from densediff.run.config import (ConfigError, command_line_keys, compose_group, first_process, group_is_chosen, log,
+                                  run_dir, tiny_geowizard_path, to_plain)
 
 
 # Task options that belong to the evaluation dataset's protocol rather than to the model (task_options below).
@@ -39,7 +39,7 @@ def task_options(cfg: DictConfig, name: str | None = None) -> dict:
     """Options of the configured task, or of task `name` (its defaults plus the dataset's protocol) when another
     task is needed next to it (GeoWizard predicts depth and normals whatever `task` is)."""
     name = name or cfg.task.name
-    options = {k: v for k, v in _plain(cfg.task).items() if k != "name"} if name == cfg.task.name else {}
+    options = {k: v for k, v in to_plain(cfg.task).items() if k != "name"} if name == cfg.task.name else {}
     if name == "depth" and "dataset" in cfg:  # the valid GT range belongs to the dataset's protocol
         options.update(min_depth=float(cfg.dataset.min_depth), max_depth=float(cfg.dataset.max_depth))
         if cfg.dataset.get("alignment_max_res"):
@@ -53,7 +53,7 @@ def model_arguments(cfg: DictConfig) -> dict:
     """The paradigm's constructor arguments: backbone, adapter and task, plus every key of the objective group (its
     training options: lr, schedule, timestep or noise, ...) under the same names."""
     b, a = cfg.backbone, cfg.adapter
-    objective = {k: v for k, v in _plain(cfg.objective).items() if k != "name"}
+    objective = {k: v for k, v in to_plain(cfg.objective).items() if k != "name"}
     if "betas" in objective:
         objective["betas"] = tuple(objective["betas"])
     return dict(
@@ -81,7 +81,7 @@ def inference_options(cfg: DictConfig, stage: str, saved: dict | None = None) ->
     """The inference options of this run. With `saved` (the options a checkpoint was validated with: its recipe's)
     one rule holds for evaluate, predict and resumed training: the checkpoint's settings, except the keys the
     command line sets and the evaluation dataset's protocol resolution (`dataset.processing_res`)."""
-    values = _plain(cfg.inference)
+    values = to_plain(cfg.inference)
     if saved:
         given = command_line_keys()
         if "inference" in given:
@@ -166,7 +166,7 @@ def resolve_backbone_task(cfg: DictConfig, training: bool = False) -> None:
         cfg.task = compose_group("task", declared)
 
 
-def _check_resume(cfg: DictConfig) -> None:
+def check_resume(cfg: DictConfig) -> None:
     """A checkpoint resumes only the kind of run that wrote it: same paradigm and adapter (checked before the model
     is built; Lightning would fail on the first missing weight with a traceback)."""
     checkpoint = read_checkpoint(Path(cfg.ckpt_path))
@@ -183,7 +183,7 @@ def _check_resume(cfg: DictConfig) -> None:
                           "from the backbone")
 
 
-def _check_captions(cfg: DictConfig, datamodule: DenseDataModule) -> None:
+def check_captions(cfg: DictConfig, datamodule: DenseDataModule) -> None:
     """objective.prompts=dataset needs a caption per sample; say so before training, not at the first step."""
     dataset = datamodule.datasets["train"]
     if cfg.objective.get("prompts") != "dataset" or dataset is None or isinstance(dataset, IterableDataset):
@@ -194,7 +194,7 @@ def _check_captions(cfg: DictConfig, datamodule: DenseDataModule) -> None:
                           "objective.prompts=empty")
 
 
-def _warn_ignored_options(model, options: InferenceOptions, stage: str) -> None:
+def warn_ignored_options(model, options: InferenceOptions, stage: str) -> None:
     """Say once (on rank 0) when a set option cannot act: recipes carry settings for variants they were not run as."""
     if not first_process():
         return
@@ -204,7 +204,7 @@ def _warn_ignored_options(model, options: InferenceOptions, stage: str) -> None:
                     "with objective.prompts=dataset, scored on a captioned dataset)", options.guidance)
 
 
-def _check_finite(metrics: dict, directory: Path) -> None:
+def check_finite(metrics: dict, directory: Path) -> None:
     """A NaN score is never reported as a result."""
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
@@ -224,14 +224,14 @@ def multitask_arguments(cfg: DictConfig) -> dict:
     (each task's dataset protocol too), the encoder group, and every key of the objective group."""
     if cfg.task.name != "multitask":
         raise ConfigError(f"objective=multitask trains task=multitask (task.tasks=[...]), not task={cfg.task.name}")
-    t, encoder = cfg.task, _plain(cfg.encoder)
+    t, encoder = cfg.task, to_plain(cfg.encoder)
     kind = encoder.pop("name")
     if kind == "diffusion":  # the backbone group names the diffusion model whose UNet features are read
         encoder.update(backbone_path=str(cfg.backbone.path), unet_in_channels=int(cfg.backbone.unet_in_channels))
-    options = {name: {**task_options(cfg, name), **(_plain(t.options.get(name)) or {})} for name in t.tasks}
-    objective = {k: v for k, v in _plain(cfg.objective).items() if k != "name"}
-    return dict(tasks=list(t.tasks), task_options=options, task_weights=_plain(t.weights), encoder=kind,
-                encoder_options=encoder, monitor=t.monitor, monitor_mode=t.monitor_mode, baselines=_plain(t.baselines),
+    options = {name: {**task_options(cfg, name), **(to_plain(t.options.get(name)) or {})} for name in t.tasks}
+    objective = {k: v for k, v in to_plain(cfg.objective).items() if k != "name"}
+    return dict(tasks=list(t.tasks), task_options=options, task_weights=to_plain(t.weights), encoder=kind,
+                encoder_options=encoder, monitor=t.monitor, monitor_mode=t.monitor_mode, baselines=to_plain(t.baselines),
                 gallery_size=int(cfg.get("gallery_size", 4)), **objective)
 
 
@@ -241,18 +241,18 @@ def self_improving_arguments(cfg: DictConfig) -> dict:
     if cfg.get("head") is None:
         raise ConfigError("objective=self_improving predicts with a trained head: train it with train.py (head=bae "
                           "or head=conv), then pass ckpt=<run>/checkpoints/last.ckpt")
-    head = _plain(cfg.head)
+    head = to_plain(cfg.head)
     kind = head.pop("name")
     if kind == "bae" and cfg.task.name != "normals":
         raise ConfigError(f"head=bae predicts surface normals with their uncertainty; task={cfg.task.name} needs "
                           "head=conv (or task=normals)")
-    objective = {k: v for k, v in _plain(cfg.objective).items() if k != "name"}
+    objective = {k: v for k, v in to_plain(cfg.objective).items() if k != "name"}
     return dict(backbone_path=str(cfg.backbone.path), task=cfg.task.name, task_options=task_options(cfg),
                 head=kind, head_options=head, seed=int(cfg.seed), gallery_size=int(cfg.get("gallery_size", 4)),
                 widened_generator=bool(cfg.backbone.get("widened_generator", False)), **objective)
 
 
-def _self_improving_steps(cfg: DictConfig) -> None:
+def self_improving_steps(cfg: DictConfig) -> None:
     """objective=self_improving runs warm-up + self-improvement in one fit: trainer.max_steps is their sum."""
     total = int(cfg.objective.warmup_stage_steps) + int(cfg.objective.improve_stage_steps)
     given = command_line_keys()
@@ -293,7 +293,7 @@ def build_model(cfg: DictConfig) -> L.LightningModule:
         paradigm = PARADIGMS["geowizard"]
         arguments.update(geowizard_arguments(cfg))
         if cfg.backbone.name in ("tiny", "tiny_random"):  # a GeoWizard recipe on a tiny backbone: it in GeoWizard's layout
-            arguments["backbone_path"] = _tiny_geowizard(str(cfg.backbone.path))
+            arguments["backbone_path"] = tiny_geowizard_path(str(cfg.backbone.path))
     unknown = sorted(set(arguments) - set(inspect.signature(paradigm.__init__).parameters))
     if unknown:
         raise ConfigError(f"objective={cfg.objective.name} has no option {unknown[0]!r} (objective.{unknown[0]})")
@@ -329,7 +329,7 @@ def build_datamodule(cfg: DictConfig, splits: tuple[str, ...]) -> DenseDataModul
                 for name, split in zip(("train", "val", "test"), splits) if split}
     return DenseDataModule(**datasets, batch_size=int(cfg.dataset.batch_size),
                            val_batch_size=int(cfg.dataset.val_batch_size), num_workers=int(cfg.dataset.num_workers),
-                           mix_ratios=_plain(cfg.dataset.get("mix_ratios")), seed=int(cfg.seed))
+                           mix_ratios=to_plain(cfg.dataset.get("mix_ratios")), seed=int(cfg.seed))
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -395,7 +395,7 @@ def build_callbacks(cfg: DictConfig, model, loggers: list) -> list[L.Callback]:
 
 def build_trainer(cfg: DictConfig, model, loggers: list, checkpoints: bool,
                   datamodule: DenseDataModule | None = None) -> L.Trainer:
-    options = slurm_trainer_shape(_plain(cfg.trainer), command_line_keys())
+    options = slurm_trainer_shape(to_plain(cfg.trainer), command_line_keys())
     # CPU DDP: split the cores between the ranks before they start (they inherit the environment)
     threads.use_threads_for(local_cpu_processes(options))
     log.info("threads: %s", threads.describe())

@@ -55,7 +55,7 @@ def preemption_signal() -> int | None:
         return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
 
 
-def _scontrol_requeue() -> None:
+def scontrol_requeue() -> None:
     """Requeue a SLURM job started by hand (not by submitit), as Lightning's SLURM auto-requeue does: SLURM stops
     the job and starts it again under the same job id."""
     array = os.environ.get("SLURM_ARRAY_JOB_ID")

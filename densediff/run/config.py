@@ -39,13 +39,13 @@ CONFIG_PACKAGE = "densediff.conf"  # conf/, installed as package data (pyproject
 OmegaConf.register_new_resolver("densediff_asset", lambda name: str(ASSETS / name), replace=True)
 
 
-def _tiny_geowizard(source: str | None = None) -> str:
+def tiny_geowizard_path(source: str | None = None) -> str:
     from densediff.backbones.geowizard_build import tiny_geowizard_folder
     return str(tiny_geowizard_folder(source=source))
 
 
 # backbone=tiny_geowizard: generated from the shipped tiny backbone into a cache folder on first use (~10 MB)
-OmegaConf.register_new_resolver("densediff_tiny_geowizard", _tiny_geowizard, replace=True, use_cache=True)
+OmegaConf.register_new_resolver("densediff_tiny_geowizard", tiny_geowizard_path, replace=True, use_cache=True)
 
 
 class ConfigError(ValueError):
@@ -183,5 +183,6 @@ def run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def _plain(node):
+def to_plain(node):
+    """A config node as plain, resolved Python values (dicts, lists); anything else as it is."""
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node

@@ -20,13 +20,12 @@ from densediff.data.common import DataReadError
 from densediff.io import remove_temporaries, write_text
 from densediff.paradigms import PARADIGMS
 from densediff.paradigms.precomputed import PrecomputedPredictions
-from densediff.run.build import (DATASET_PROTOCOL_KEYS, _check_captions, _check_finite, _check_resume,
-                                 _self_improving_steps, _warn_ignored_options, build_datamodule, build_loggers,
-                                 build_model, build_trainer, check_config, geowizard_arguments, inference_options,
-                                 log_parameter_counts, read_checkpoint, resolve_backbone_task, task_options,
-                                 use_half_precision)
-from densediff.run.cluster import PREEMPTED, _scontrol_requeue, requeued_checkpoint
-from densediff.run.config import ConfigError, _plain, command_line_keys, first_process, log, run_dir
+from densediff.run.build import (DATASET_PROTOCOL_KEYS, build_datamodule, build_loggers, build_model, build_trainer,
+                                 check_captions, check_config, check_finite, check_resume, geowizard_arguments,
+                                 inference_options, log_parameter_counts, read_checkpoint, resolve_backbone_task,
+                                 self_improving_steps, task_options, use_half_precision, warn_ignored_options)
+from densediff.run.cluster import PREEMPTED, requeued_checkpoint, scontrol_requeue
+from densediff.run.config import ConfigError, command_line_keys, first_process, log, run_dir, to_plain
 
 
 def write_metrics(values: dict, path: Path) -> Path:
@@ -140,17 +139,17 @@ def train(cfg: DictConfig) -> dict:
             remove_temporaries(folder)
     resolve_backbone_task(cfg, training=True)
     if cfg.get("ckpt_path"):
-        _check_resume(cfg)
+        check_resume(cfg)
     if cfg.objective.name == "self_improving":
-        _self_improving_steps(cfg)
+        self_improving_steps(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     saved = saved_inference(Path(cfg.ckpt_path)) if cfg.get("ckpt_path") else None
     options = inference_options(cfg, "train", saved)
     model = build_model(cfg)
     model.configure_inference(options)
-    _warn_ignored_options(model, options, "train")
+    warn_ignored_options(model, options, "train")
     datamodule = build_datamodule(cfg, ("train", "val", None))
-    _check_captions(cfg, datamodule)
+    check_captions(cfg, datamodule)
     loggers = build_loggers(cfg)
     log_parameter_counts(loggers, model)
     trainer = build_trainer(cfg, model, loggers, checkpoints=True, datamodule=datamodule)
@@ -181,7 +180,7 @@ def _requeue(trainer: L.Trainer, stop: Preempted) -> None:
         if isinstance(callback, Preemption):
             callback.hand_over()  # submitit: requeue, then exit (rank 0)
     if not os.environ.get("SUBMITIT_FOLDER") and trainer.is_global_zero:
-        _scontrol_requeue()  # a SLURM job started by hand
+        scontrol_requeue()  # a SLURM job started by hand
     sys.exit(0)  # the other ranks (or no requeue mechanism: resume by starting the same job again)
 
 
@@ -240,7 +239,7 @@ def run_record(folder: Path) -> dict:
 
     def value(node, key):
         found = OmegaConf.select(node, key, default=None, throw_on_resolution_failure=False)
-        return _plain(found) if found is not None else None
+        return to_plain(found) if found is not None else None
 
     job = value(hydra, "job.name") or ("evaluate" if "split" in cfg else "train")
     record = {"job": job, "choices": {k: v for k, v in (value(hydra, "runtime.choices") or {}).items()
@@ -283,7 +282,7 @@ def evaluate(cfg: DictConfig) -> dict:
         model = load_checkpoint_model(cfg) if cfg.get("ckpt") else build_model(cfg)
         options = inference_options(cfg, "evaluate", saved)
         model.configure_inference(options)
-        _warn_ignored_options(model, options, "evaluate")
+        warn_ignored_options(model, options, "evaluate")
         if options.half:
             use_half_precision(model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if model.task.name == "multitask":  # the data carries every task the checkpoint predicts
@@ -303,7 +302,7 @@ def evaluate(cfg: DictConfig) -> dict:
             source = cfg.ckpt or (f"predictions={cfg.predictions}" if cfg.get("predictions") else
                                   f"backbone={cfg.backbone.name} (not fine-tuned)")
             print_summary(f"evaluated {source} on {cfg.dataset.name}/{cfg.split}", metrics, run_dir())
-        _check_finite(metrics, run_dir())
+        check_finite(metrics, run_dir())
     finally:
         _finish_loggers()
     return metrics
@@ -331,7 +330,7 @@ def build_predictor(cfg: DictConfig) -> tuple[L.LightningModule, torch.device]:
     model = load_checkpoint_model(cfg) if ckpt else build_model(cfg)
     model.configure_inference(options)
     device = predictor_device(str(cfg.get("device") or "auto"))
-    _warn_ignored_options(model, options, "predict")
+    warn_ignored_options(model, options, "predict")
     if options.half:
         use_half_precision(model, device)
     return model.eval(), device
