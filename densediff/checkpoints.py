@@ -31,8 +31,10 @@ class LastCheckpoint(ModelCheckpoint):
     by count), after every validation and at the end of training. Lightning's save_last on the monitored checkpoint
     rewrites last.ckpt at a validation only when the metric improved, so a run could end with an older last.ckpt."""
 
-    def __init__(self, dirpath, every_n_train_steps: int = 0):
-        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps,
+    def __init__(self, dirpath, every_n_train_steps: int | None = 0):
+        # None is 0 here: ModelCheckpoint would read it as "once per epoch"
+        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True,
+                         every_n_train_steps=int(every_n_train_steps or 0),
                          enable_version_counter=False)  # one last.ckpt, also when resuming into another folder
 
     @staticmethod

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from conftest import FAST, ROOT, read_metrics, run_cli
 from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients, Preempted, Preemption
-from densediff.run import PREEMPTED, _scontrol_requeue, preemption_signal, requeued_checkpoint, slurm_trainer_shape
+from densediff.run import PREEMPTED, scontrol_requeue, preemption_signal, requeued_checkpoint, slurm_trainer_shape
 from test_resume import LOADERS, MIXED, Learner, global_step
 
 # ----------------------------------------------------------------------------- preemption, in process
@@ -138,10 +138,10 @@ def test_a_slurm_job_started_by_hand_requeues_itself_with_scontrol(tmp_path, mon
     monkeypatch.setenv("PATH", f"{scontrol.parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    _scontrol_requeue()
+    scontrol_requeue()
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4200")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
-    _scontrol_requeue()
+    scontrol_requeue()
     assert calls.read_text().split("\n")[:2] == ["requeue 4242", "requeue 4200_3"]
 
 

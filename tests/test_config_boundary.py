@@ -1,4 +1,4 @@
-"""densediff/run.py composes every command's config and builds every predictor: the demo app and the DMP tools get
+"""The densediff.run package composes every command's config and builds every predictor: the demo app and the DMP tools get
 predict.py's rules (the checkpoint's inference settings unless the command line sets a key; the backbone's declared
 task unless one is picked), and what the command line or a recipe picked is read from Hydra itself."""
 

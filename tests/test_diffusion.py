@@ -9,7 +9,7 @@ from conftest import FAST, read_metrics, run_cli
 from densediff.data.procedural import ProceduralScenes
 from densediff.inference.predictor import InferenceOptions, denoise
 from densediff.paradigms import DiffusionEstimator
-from densediff.paradigms.diffusion import latent_valid_mask
+from densediff.paradigms.denoising import latent_valid_mask
 from densediff.run import ASSETS
 
 TINY = str(ASSETS / "tiny")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from densediff.tools import dmp_data
+from densediff.tools import dmp_data, dmp_generate
 from tests.conftest import run_cli
 
 MODULE = "densediff.tools.dmp_data"
@@ -79,7 +79,7 @@ def test_gencap_writes_n_clean_captions_per_word(tiny_lm, tmp_path):
     assert dmp_data.main(["gencap", "bedroom", "--model", str(tiny_lm), "-n", "20", "-o", str(out), "--seed", "3",
                           "--overwrite", "--device", "cpu"]) == 0
     assert (out / "bedroom.txt").read_text().split("\n") == first["bedroom"]
-    assert dmp_data.clean_caption(" a 1red\nroom 150\n") == "a redroom"  # DMP deletes digits and newlines
+    assert dmp_generate.clean_caption(" a 1red\nroom 150\n") == "a redroom"  # DMP deletes digits and newlines
 
 
 def test_txt2img_sizes_and_saved_noise_reproduces_images(tiny_sd, tmp_path):

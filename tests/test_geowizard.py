@@ -16,11 +16,13 @@ from densediff.backbones import BackboneNotFoundError
 from densediff.backbones.geowizard import (
     EMA_CONFIG_KEYS,
     GeoWizardLoadError,
-    JointAttnProcessor,
     encode_image_embedding,
-    geowizard_class_labels,
     load_geowizard,
     load_geowizard_unet,
+)
+from densediff.backbones.geowizard_unet import (
+    JointAttnProcessor,
+    geowizard_class_labels,
     self_attention_modules,
     set_geowizard_attention,
     uses_joint_attention,

@@ -9,7 +9,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from conftest import FAST, read_metrics, run_cli
-from densediff.backbones.geowizard import load_geowizard, tiny_geowizard_folder
+from densediff.backbones.geowizard import load_geowizard
+from densediff.backbones.geowizard_build import tiny_geowizard_folder
 from densediff.inference.predictor import InferenceOptions, denoise, pyramid_noise
 from densediff.paradigms import PARADIGMS
 from densediff.paradigms.geowizard import GeoWizardEstimator

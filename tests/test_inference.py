@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, MarigoldDepthPipeline, MarigoldNormalsPipel
 
 from densediff.backbones import load_backbone
 from densediff.inference import SingleStepEstimator
-from densediff.inference.ensemble import ensemble_depth, ensemble_normals
+from densediff.tasks.ensemble import ensemble_depth, ensemble_normals
 from densediff.inference.predictor import InferenceOptions, predict, pyramid_noise, timesteps
 from densediff.run import ASSETS
 from densediff.tasks import build_task

@@ -8,7 +8,7 @@ import torch
 from densediff.backbones import widen_conv_in
 from densediff.backbones.tiny import tiny_scheduler, tiny_unet
 from densediff.inference.single_step import pad_to_multiple, x0_from_model_output
-from densediff.paradigms.e2e import exponential_schedule
+from densediff.paradigms.optim import exponential_schedule
 from densediff.tasks.depth import DepthTask, masked_quantile_clip, scale_shift_invariant_l1
 from densediff.tasks.normals import angular_loss
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import FAST, read_metrics, run_cli
-from densediff.backbones.geowizard import contents_digest
+from densediff.backbones.geowizard_build import contents_digest
 from densediff.backbones.tiny import TINY_DIR, tiny_text_encoder_and_tokenizer, tiny_unet, tiny_vae
 from densediff.callbacks import NonFiniteTrainingError, SkipNonFiniteSteps
 from wandb_records import OfflineRun

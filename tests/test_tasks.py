@@ -397,3 +397,18 @@ def test_predict_writes_class_ids_for_segmentation_and_images_for_albedo(tmp_pat
         else:
             assert values.shape == (24, 30, 3) and values.dtype == np.float32 and 0 <= values.min() <= values.max() <= 1
         assert np.asarray(Image.open(out / "a.png")).shape == (24, 30, 3)
+
+
+def test_the_tasks_import_neither_the_data_nor_inference():
+    """The dependency runs data/inference -> tasks (docs/architecture.md#layout): importing every task module loads
+    no module of densediff.data or densediff.inference."""
+    script = textwrap.dedent("""
+        import pkgutil, sys
+        import densediff.tasks
+        for module in pkgutil.iter_modules(densediff.tasks.__path__):
+            __import__(f"densediff.tasks.{module.name}")
+        print(sorted(m for m in sys.modules if m.startswith(("densediff.data", "densediff.inference"))))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -39,6 +39,8 @@ def test_a_training_run_logs_config_metrics_gallery_parameters_and_checkpoints(s
     assert {f"val/{name}" for name in read_metrics(job)} <= set(validations[-1])
     assert validations[-1]["val/abs_rel"] == pytest.approx(read_metrics(job)["abs_rel"])
     assert run.rows_with("train/loss")
+    # the learning rate under the name of its concept (config key = log key), not Lightning's lr-AdamW
+    assert run.rows_with("train/lr") and not run.rows_with("lr-AdamW")
     # one gallery image per validation, stored with the run
     galleries = run.rows_with("val/gallery/filenames")
     assert len(galleries) == len(validations)

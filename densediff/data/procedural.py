@@ -22,7 +22,9 @@ import math
 import numpy as np
 import torch
 
-CLASS_NAMES = ("wall", "floor", "ceiling", "box", "sphere", "cylinder")
+from densediff.tasks.palettes import PROCEDURAL_CLASSES
+
+CLASS_NAMES = PROCEDURAL_CLASSES  # kept with their palette: the tasks never import the data
 WALL, FLOOR, CEILING, BOX, SPHERE, CYLINDER = range(len(CLASS_NAMES))
 PATTERNS = ("plain", "checker", "stripes", "noise")
 TASKS = ("depth", "normals", "albedo", "shading", "segmentation", "edges", "saliency")

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densediff.resize import resize_to
+
 
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """Replicate-pad [B,C,H,W] on the right/bottom to a multiple; return the padded image and the original size."""
@@ -28,14 +30,6 @@ def resize_to_max_edge(image: torch.Tensor, max_edge: int, mode: str = "bilinear
     height, width = image.shape[-2:]
     scale = min(max_edge / width, max_edge / height)
     return resize_to(image, (int(height * scale), int(width * scale)), mode)
-
-
-def resize_to(image: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    if mode == "nearest":  # torchvision's NEAREST_EXACT, as Marigold maps "nearest"
-        return F.interpolate(image, size=size, mode="nearest-exact")
-    return F.interpolate(image, size=size, mode=mode, antialias=True, align_corners=False)
 
 
 def x0_from_model_output(output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor,

@@ -19,34 +19,18 @@ oracle DDIM).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from densediff.backbones import load_backbone
 from densediff.inference import SingleStepEstimator
 from densediff.inference.predictor import InferenceOptions, pyramid_noise
-from densediff.paradigms.e2e import exponential_schedule
-from densediff.paradigms.evaluation import LatentModel
+from densediff.paradigms.denoising import LatentDenoiser, masked_latent_mse
+from densediff.paradigms.optim import schedule_error
 
 CONDITIONINGS = ("concat", "interpolate")
 PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
 
 
-def cosine_schedule(step: int, warmup_steps: int, total_steps: int, final_ratio: float = 0.0) -> float:
-    """DMP's diffusers `get_scheduler("cosine")`: linear warm-up, then half a cosine from 1 to final_ratio."""
-    if step < warmup_steps:
-        return step / max(warmup_steps, 1)
-    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-    return final_ratio + (1 - final_ratio) * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
-
-
-def latent_valid_mask(valid: torch.Tensor, factor: int) -> torch.Tensor:
-    """[B,H,W] pixel mask -> [B,1,h,w]: a latent pixel is valid when its whole factor x factor footprint is
-    (Marigold's `~max_pool(~mask)`)."""
-    invalid = F.max_pool2d((~valid).float()[:, None], kernel_size=factor, stride=factor, ceil_mode=True)
-    return invalid < 0.5
-
-
-class DiffusionEstimator(LatentModel):
+class DiffusionEstimator(LatentDenoiser):
     paradigm = "diffusion"  # written into checkpoints so evaluate/predict/export rebuild the right class
 
     def __init__(
@@ -89,8 +73,8 @@ class DiffusionEstimator(LatentModel):
             raise ValueError(f"objective.latent must be mean (Marigold) or sample (DMP), got {latent!r}")
         if prompts not in ("empty", "dataset"):
             raise ValueError(f"objective.prompts must be empty or dataset (the samples' captions), got {prompts!r}")
-        if lr_schedule not in ("exponential", "cosine", "constant"):
-            raise ValueError(f"objective.lr_schedule must be exponential, cosine or constant, got {lr_schedule!r}")
+        if schedule_error(lr_schedule):
+            raise ValueError(schedule_error(lr_schedule))
         in_channels = 8 if conditioning == "concat" else 4
         if unet_in_channels != in_channels:
             raise ValueError(f"objective.conditioning={conditioning} needs a {in_channels}-channel UNet; "
@@ -110,23 +94,7 @@ class DiffusionEstimator(LatentModel):
         # Marigold-style inference by default: Gaussian start, DDIM, x0 at the last step; DMP: see its experiments.
         self.inference = InferenceOptions(steps=10, noise="gaussian" if conditioning == "concat" else "zeros")
 
-    def use_schedule(self, scheduler, prediction_type: str | None) -> None:
-        """The training schedule and what the UNet predicts: the scheduler config's type unless set (DMP re-registers
-        the training prediction type on the scheduler, docs/paradigms.md#dmp)."""
-        if prediction_type:
-            scheduler.register_to_config(prediction_type=prediction_type)
-        self.prediction_type = scheduler.config.prediction_type
-        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
-        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
-
     # ---- training -------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] in [-1,1] -> latent x scaling (posterior mean: Marigold; a posterior sample: DMP)."""
-        distribution = self.estimator.vae.encode(image.to(self.estimator.vae.dtype)).latent_dist
-        latent = distribution.mode() if self.hparams.latent == "mean" else distribution.sample()
-        return latent * self.estimator.scaling_factor
-
     def noisy_input(self, target_latent: torch.Tensor, rgb_latent: torch.Tensor,
                     timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(UNet input, the model output's regression target) for one batch."""
@@ -140,14 +108,7 @@ class DiffusionEstimator(LatentModel):
             noise = pyramid_noise(tuple(target_latent.shape), None, discount=discount).to(target_latent)
         else:
             noise = torch.randn_like(target_latent)
-        a = self.alphas_cumprod[timesteps].to(target_latent.dtype)[:, None, None, None]
-        noisy = a.sqrt() * target_latent + (1 - a).sqrt() * noise
-        if self.prediction_type == "v_prediction":
-            regression_target = a.sqrt() * noise - (1 - a).sqrt() * target_latent
-        elif self.prediction_type == "epsilon":
-            regression_target = noise
-        else:
-            regression_target = target_latent
+        noisy, regression_target = self.forward_process(target_latent, noise, timesteps)
         unet_input = noisy if self.hparams.conditioning == "interpolate" else torch.cat([rgb_latent, noisy], dim=1)
         return unet_input, regression_target
 
@@ -165,26 +126,6 @@ class DiffusionEstimator(LatentModel):
         else:
             context = self.estimator.empty_text_embedding.to(unet_input.dtype).expand(rgb.shape[0], -1, -1)
         output = self.estimator.unet(unet_input, timesteps, encoder_hidden_states=context).sample
-        mask = latent_valid_mask(batch["valid_mask"], self.estimator.downsampling)
-        mask = mask | ~mask.flatten(1).any(1)[:, None, None, None]  # a sample without a valid footprint: all pixels
-        error = (output.float() - regression_target.float()).pow(2) * mask
-        loss = error.sum() / (mask.sum() * output.shape[1]).clamp_min(1)
+        loss = masked_latent_mse(output, regression_target, self.latent_valid_mask(batch["valid_mask"]))
         self.log("train/loss", loss, prog_bar=True, batch_size=rgb.shape[0])
         return loss
-
-    def param_groups(self) -> list[dict]:
-        """The optimizer's parameter groups (a group's "lr" defaults to objective.lr; the schedule scales them all)."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas),
-                                      weight_decay=hp.weight_decay)
-        if hp.lr_schedule == "cosine":
-            factor = lambda step: cosine_schedule(step, hp.warmup_steps, hp.decay_steps, hp.final_lr_ratio)
-        elif hp.lr_schedule == "exponential":
-            factor = lambda step: exponential_schedule(step, hp.warmup_steps, hp.decay_steps, hp.final_lr_ratio)
-        else:
-            factor = lambda step: min(1.0, step / hp.warmup_steps) if hp.warmup_steps else 1.0
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

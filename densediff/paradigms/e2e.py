@@ -6,7 +6,6 @@ by the frozen VAE (gradients flow through the decoder), and the task loss is app
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -15,21 +14,12 @@ from densediff.backbones import load_backbone
 from densediff.inference import SingleStepEstimator
 from densediff.inference.predictor import InferenceOptions
 from densediff.paradigms.evaluation import LatentModel
+from densediff.paradigms.optim import optimizer_with_schedule, schedule_factor
 
 
 # Checkpoints omit the frozen weights on purpose (they come from the backbone folder); on_load_checkpoint checks
 # that every trainable weight is there, so Lightning's list of the omitted keys is noise.
 warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
-
-
-def exponential_schedule(step: int, warmup_steps: int, decay_steps: int, final_ratio: float) -> float:
-    """Learning-rate factor of E2E-FT/Marigold's IterExponential: linear warm-up from 0, then exponential decay to
-    final_ratio at decay_steps, constant after."""
-    if step < warmup_steps:
-        return step / warmup_steps
-    if step >= decay_steps:
-        return final_ratio
-    return math.exp((step - warmup_steps) / max(decay_steps - warmup_steps, 1) * math.log(final_ratio))
 
 
 class E2EFineTune(LatentModel):
@@ -80,9 +70,7 @@ class E2EFineTune(LatentModel):
         return loss
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: exponential_schedule(step, hp.warmup_steps, hp.decay_steps, hp.final_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        hp = self.hparams  # E2E-FT's schedule: exponential decay after a linear warm-up
+        factor = schedule_factor("exponential", hp.warmup_steps, hp.decay_steps, hp.final_lr_ratio)
+        return optimizer_with_schedule([p for p in self.parameters() if p.requires_grad], hp.lr, factor,
+                                       weight_decay=hp.weight_decay, betas=hp.betas)

@@ -23,6 +23,16 @@ from densediff.tasks import build_task
 from densediff.visualize import rgb_to_uint8, save_gallery
 
 
+def write_gallery(module: L.LightningModule, rows: list[list[np.ndarray]], stage: str, caption: str) -> Path:
+    """A validation's (or test's) picture: <run>/gallery.png, and the same picture as <stage>/gallery in the
+    loggers that take images (W&B). Rank 0 only."""
+    path = save_gallery(rows, Path(module.trainer.default_root_dir) / "gallery.png")
+    for logger in module.loggers:
+        if hasattr(logger, "log_image"):
+            logger.log_image(key=f"{stage}/gallery", images=[str(path)], step=module.global_step, caption=[caption])
+    return path
+
+
 class DenseEvaluation(L.LightningModule):
     def __init__(self, task: str, task_options: dict | None, gallery_size: int):
         super().__init__()
@@ -91,21 +101,19 @@ class DenseEvaluation(L.LightningModule):
         self.log_dict(scalars, sync_dist=False)
         self._write_gallery(stage)
 
-    def _collect_gallery(self, batch: dict, output: torch.Tensor) -> None:
-        target, valid = batch[self.task.target_key], batch["valid_mask"]
+    def _collect_gallery(self, batch: dict, output: torch.Tensor, task=None) -> None:
+        """Gallery rows input | ground truth | prediction of `task` (default: the model's) for the first samples."""
+        task = task or self.task
+        target, valid = batch[task.target_key], batch["valid_mask"]
         for i in range(min(self.gallery_size, output.shape[0])):
-            self._gallery.append([rgb_to_uint8(batch["rgb"][i]), self.task.colorize(target[i], valid[i]),
-                                  self.task.colorize(output[i])])
+            self._gallery.append([rgb_to_uint8(batch["rgb"][i]), task.colorize(target[i], valid[i]),
+                                  task.colorize(output[i])])
 
     def _write_gallery(self, stage: str) -> None:
         if not self._gallery or not self.trainer.is_global_zero:
             self._gallery = []
             return
-        path = save_gallery(self._gallery, Path(self.trainer.default_root_dir) / "gallery.png")
-        for logger in self.loggers:
-            if hasattr(logger, "log_image"):  # W&B gets the same picture
-                logger.log_image(key=f"{stage}/gallery", images=[str(path)], step=self.global_step,
-                                 caption=["input | ground truth | prediction"])
+        write_gallery(self, self._gallery, stage, "input | ground truth | prediction")
         self._gallery = []
 
 

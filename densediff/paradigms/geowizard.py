@@ -30,19 +30,21 @@ from collections.abc import Sequence
 
 import torch
 
-from densediff.backbones.geowizard import DOMAINS, encode_image_embedding, geowizard_class_labels, load_geowizard
+from densediff.backbones.geowizard import encode_image_embedding, load_geowizard
+from densediff.backbones.geowizard_unet import DOMAINS, geowizard_class_labels
 from densediff.inference import SingleStepEstimator
 from densediff.inference.predictor import InferenceOptions, predict, pyramid_noise
-from densediff.paradigms.diffusion import DiffusionEstimator, latent_valid_mask
+from densediff.paradigms.denoising import LatentDenoiser, masked_latent_mse
+from densediff.paradigms.optim import schedule_error
 from densediff.tasks import build_task
-from densediff.visualize import rgb_to_uint8
 
 GEOMETRY_TASKS = ("depth", "normals")  # the batch order: [depth_1..depth_B, normal_1..normal_B]
 
 
-class GeoWizardEstimator(DiffusionEstimator):
-    """Joint depth + normal diffusion estimator on a GeoWizard backbone. Reuses the diffusion estimator's VAE
-    encoding, optimizer and LR schedules; everything batch-shaped is GeoWizard's."""
+class GeoWizardEstimator(LatentDenoiser):
+    """Joint depth + normal diffusion estimator on a GeoWizard backbone. Shares the diffusion estimator's base
+    (denoising.py: VAE encoding, forward process, masked loss, optimizer and LR schedules); everything batch-shaped
+    is GeoWizard's."""
 
     paradigm = "geowizard"
 
@@ -96,16 +98,14 @@ class GeoWizardEstimator(DiffusionEstimator):
         if prediction_type not in (None, "v_prediction", "epsilon"):
             problems.append(f"objective.prediction_type must be null, v_prediction or epsilon (GeoWizard's "
                             f"choices), got {prediction_type!r}")
-        if lr_schedule not in ("exponential", "cosine", "constant"):
-            problems.append(f"objective.lr_schedule must be exponential, cosine or constant, got {lr_schedule!r}")
+        if schedule_error(lr_schedule):
+            problems.append(schedule_error(lr_schedule))
         if domain not in DOMAINS:
             problems.append(f"backbone.domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
         if problems:
             raise ValueError("; ".join(problems))
         primary_options = {**(task_options or {}), **({"model_frame": normals_frame} if task == "normals" else {})}
-        # LatentModel's __init__, not DiffusionEstimator's (another backbone); super() also lets Lightning find the
-        # init arguments for save_hyperparameters
-        super(DiffusionEstimator, self).__init__(task, primary_options, gallery_size)
+        super().__init__(task, primary_options, gallery_size)
         self.save_hyperparameters()
         other = GEOMETRY_TASKS[1 - GEOMETRY_TASKS.index(task)]
         other_options = {**(other_task_options or {}), **({"model_frame": normals_frame} if other == "normals" else {})}
@@ -185,19 +185,14 @@ class GeoWizardEstimator(DiffusionEstimator):
         rgb_latent, geometry = latents[:size], latents[size:]  # geometry: [depth_1..depth_B, normal_1..normal_B]
         timesteps = torch.randint(0, self.num_train_timesteps, (size,), device=rgb.device).repeat(2)
         noise = self.training_noise(geometry, timesteps)
-        a = self.alphas_cumprod[timesteps].to(geometry.dtype)[:, None, None, None]
-        noisy = a.sqrt() * geometry + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * geometry if self.prediction_type == "v_prediction" else noise
+        noisy, target = self.forward_process(geometry, noise, timesteps)
         unet_input = torch.cat([rgb_latent.repeat(2, 1, 1, 1), noisy], dim=1)
         output = self.estimator.unet(unet_input, timesteps,
                                      **self.unet_conditioning(rgb, self.domains(batch, size))).sample
-        error = (output.float() - target.float()).pow(2)
         if self.hparams.masked_loss:  # Marigold-style valid footprint (GeoWizard averages over every latent pixel)
-            mask = latent_valid_mask(batch["valid_mask"], self.estimator.downsampling).repeat(2, 1, 1, 1)
-            mask = mask | ~mask.flatten(1).any(1)[:, None, None, None]
-            loss = (error * mask).sum() / (mask.sum() * output.shape[1]).clamp_min(1)
+            loss = masked_latent_mse(output, target, self.latent_valid_mask(batch["valid_mask"]).repeat(2, 1, 1, 1))
         else:
-            loss = error.mean()
+            loss = (output.float() - target.float()).pow(2).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 
@@ -255,14 +250,8 @@ class GeoWizardEstimator(DiffusionEstimator):
         if batch_idx == 0 and self.trainer.is_global_zero:
             for name, task in self.tasks.items():  # depth rows, then normal rows: input | ground truth | prediction
                 if task.target_key in batch:
-                    self._collect_task_gallery(task, batch, outputs[name])
+                    self._collect_gallery(batch, outputs[name], task)
         return outputs[self.task.name]
-
-    def _collect_task_gallery(self, task, batch: dict, output: torch.Tensor) -> None:
-        target, valid = batch[task.target_key], batch["valid_mask"]
-        for i in range(min(self.gallery_size, output.shape[0])):
-            self._gallery.append([rgb_to_uint8(batch["rgb"][i]), task.colorize(target[i], valid[i]),
-                                  task.colorize(output[i])])
 
     def _log_metrics(self, metrics, stage: str) -> None:
         other_metrics = self.other_val_metrics if stage == "val" else self.other_test_metrics

@@ -27,9 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densediff.paradigms.evaluation import write_gallery
+from densediff.paradigms.optim import optimizer_with_schedule, poly_schedule
 from densediff.tasks import build_task
 from densediff.tasks.heads import DEFAULT_WEIGHTS, HEAD_TASKS, Head
-from densediff.visualize import rgb_to_uint8, save_gallery, tile_gallery
+from densediff.visualize import rgb_to_uint8, tile_gallery
 
 # Metrics where lower is better (delta_m's sign); every other metric is higher-is-better.
 LOWER_IS_BETTER = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "i_rmse", "silog", "angular_mean",
@@ -295,11 +297,9 @@ class MultiTaskDenoising(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=hp.lr,
-                                     weight_decay=hp.weight_decay)
-        poly = lambda i: max(0.0, 1 - min(i, hp.schedule_length) / hp.schedule_length) ** hp.poly_power
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": hp.schedule_interval}}
+        return optimizer_with_schedule([p for p in self.parameters() if p.requires_grad], hp.lr,
+                                       lambda i: poly_schedule(i, hp.schedule_length, hp.poly_power),
+                                       weight_decay=hp.weight_decay, decoupled=False, interval=hp.schedule_interval)
 
     # ---- evaluation -----------------------------------------------------------------------------------------
     def configure_inference(self, options) -> None:
@@ -354,11 +354,9 @@ class MultiTaskDenoising(L.LightningModule):
         self.log_dict({f"{stage}/{k}": torch.as_tensor(v, dtype=torch.float32) for k, v in values.items()},
                       sync_dist=False)
         if self._gallery and self.trainer.is_global_zero:
-            path = save_gallery(self._gallery, f"{self.trainer.default_root_dir}/gallery.png")
+            write_gallery(self, self._gallery, stage, "input | " + " | ".join(f"{t} GT | {t}" for t in self.tasks))
             for logger in self.loggers:
-                if hasattr(logger, "log_image"):  # the whole picture, and each task's own: <stage>/<task>/gallery
-                    logger.log_image(key=f"{stage}/gallery", images=[str(path)], step=self.global_step,
-                                     caption=["input | " + " | ".join(f"{t} GT | {t}" for t in self.tasks)])
+                if hasattr(logger, "log_image"):  # and each task's own picture: <stage>/<task>/gallery
                     for i, t in enumerate(self.tasks):
                         rows = [[row[0], row[1 + 2 * i], row[2 + 2 * i]] for row in self._gallery]
                         logger.log_image(key=f"{stage}/{t}/gallery", images=[tile_gallery(rows)],

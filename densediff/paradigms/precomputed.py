@@ -16,8 +16,8 @@ import torch
 
 from densediff.data.common import DataReadError
 from densediff.data.depth_benchmarks import marigold_prediction_name
-from densediff.inference.single_step import resize_to
 from densediff.paradigms.evaluation import DenseEvaluation
+from densediff.resize import resize_to
 
 
 def prediction_candidates(folder: Path, relative_path: str, dataset_name: str) -> list[Path]:

@@ -33,6 +33,7 @@ from densediff.inference.predictor import InferenceOptions
 from densediff.paradigms.creation import (SyntheticPairs, creation_timesteps, ddim_regenerate, read_manifest,
                                           write_manifest, write_pair)
 from densediff.paradigms.evaluation import DenseEvaluation
+from densediff.paradigms.optim import optimizer_with_schedule
 from densediff.visualize import rgb_to_uint8, save_gallery
 
 log = logging.getLogger("densediff")
@@ -185,7 +186,8 @@ class SelfImprovingPerception(DenseEvaluation):
         return self
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.student.parameters(), lr=self.hparams.lr)  # no schedule (reference)
+        # no schedule (reference): a constant one, so the LR is logged as train/lr like every paradigm's
+        return optimizer_with_schedule(self.student.parameters(), self.hparams.lr, decoupled=False)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if not self.improving:

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from densediff.inference.ensemble import ensemble_depth
-from densediff.inference.single_step import resize_to
 from densediff.metrics import DepthMetrics
+from densediff.resize import resize_to
+from densediff.tasks.ensemble import ensemble_depth
 from densediff.visualize import colorize_depth
 
 

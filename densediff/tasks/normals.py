@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torchmetrics import MetricCollection
 
-from densediff.inference.ensemble import ensemble_normals
-from densediff.inference.single_step import resize_to
 from densediff.metrics import NormalMetrics
+from densediff.resize import resize_to
+from densediff.tasks.ensemble import ensemble_normals
 from densediff.visualize import colorize_normals
 
 

@@ -8,8 +8,8 @@ Data only. Where the numbers come from:
 docs/protocols.md#segmentation),
   the ADE20K palette with the 25 entries of BEDROOM_OVERRIDES replaced by softer, well separated colours. DMP trains
   its segmentation LoRA on maps coloured with it and evaluates the 29 BEDROOM_CLASSES (`target_classes`).
-- PROCEDURAL_PALETTE: ours, for densediff.data.procedural.CLASS_NAMES: six corners of the RGB cube (pairwise at least
-  255 apart), leaving black for ignored pixels and white unused.
+- PROCEDURAL_PALETTE: ours, for PROCEDURAL_CLASSES (the classes of densediff.data.procedural, whose CLASS_NAMES they
+  are): six corners of the RGB cube (pairwise at least 255 apart), leaving black for ignored pixels and white unused.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ BEDROOM_PALETTE = tuple(BEDROOM_OVERRIDES.get(i, colour) for i, colour in enumer
 # DMP's `target_classes`: the 25 re-coloured classes plus wall, floor, ceiling and windowpane
 BEDROOM_CLASSES = tuple(sorted({0, 3, 5, 8} | set(BEDROOM_OVERRIDES)))
 
+PROCEDURAL_CLASSES = ("wall", "floor", "ceiling", "box", "sphere", "cylinder")  # densediff.data.procedural.CLASS_NAMES
 PROCEDURAL_PALETTE = (
     (0, 0, 255),  # wall
     (255, 0, 0),  # floor
@@ -112,9 +113,7 @@ def palette_info(name: str) -> tuple[tuple[tuple[int, int, int], ...], tuple[str
     if name == "bedroom":
         return BEDROOM_PALETTE, ADE20K_CLASSES, BEDROOM_CLASSES
     if name == "procedural":
-        from densediff.data.procedural import CLASS_NAMES
-
-        return PROCEDURAL_PALETTE, tuple(CLASS_NAMES), None
+        return PROCEDURAL_PALETTE, PROCEDURAL_CLASSES, None
     if name == "voc":
         return voc_colour_map(21), VOC_CLASSES, None
     if name == "human_parts":

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from densediff.metrics import SegmentationMetrics
+from densediff.tasks.losses import masked_mse
 from densediff.tasks.palettes import IGNORE_COLOUR, palette_info
 
 
@@ -106,9 +107,7 @@ class SegmentationTask:
     # --------------------------------------------------------------------------------------------- the rest
     def loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
         """Differentiable stand-in for cross-entropy: MSE to the encoded target colours over non-ignored pixels."""
-        valid = self.valid(batch)
-        m = valid.float()[:, None].expand_as(pred)
-        return (((pred.float() - self.encode(batch)) ** 2) * m).sum() / m.sum().clamp_min(1)
+        return masked_mse(pred, self.encode(batch), self.valid(batch))
 
     def to_output(self, pred: torch.Tensor) -> torch.Tensor:
         """Model-space colour image [B,3,H,W] -> [B,H,W] int64 class ids (already ids: returned as they are)."""

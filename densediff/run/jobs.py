@@ -1,0 +1,377 @@
+"""The jobs of the entry points: train, evaluate, predict, and the run-directory guard.
+(Part of the densediff.run package, the config boundary: docs/architecture.md#the-config-boundary.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from densediff.checkpoints import Preempted, Preemption
+from densediff.data.common import DataReadError
+from densediff.io import remove_temporaries, write_text
+from densediff.paradigms import PARADIGMS
+from densediff.paradigms.precomputed import PrecomputedPredictions
+from densediff.run.build import (DATASET_PROTOCOL_KEYS, build_datamodule, build_loggers, build_model, build_trainer,
+                                 check_captions, check_config, check_finite, check_resume, geowizard_arguments,
+                                 inference_options, log_parameter_counts, read_checkpoint, resolve_backbone_task,
+                                 self_improving_steps, task_options, use_half_precision, warn_ignored_options)
+from densediff.run.cluster import PREEMPTED, requeued_checkpoint, scontrol_requeue
+from densediff.run.config import ConfigError, command_line_keys, first_process, log, run_dir, to_plain
+
+
+def write_metrics(values: dict, path: Path) -> Path:
+    """Flat JSON of metric name -> float, written atomically (densediff.io)."""
+    return write_text(path, json.dumps({k: float(v) for k, v in values.items()}, indent=2) + "\n")
+
+
+def _strip_stage(results: list[dict], stage: str) -> dict:
+    merged = {k: v for result in results for k, v in result.items()}
+    return {k.split("/", 1)[1]: float(v) for k, v in merged.items() if k.startswith(f"{stage}/")}
+
+
+def print_summary(title: str, metrics: dict, directory: Path, checkpoints: Path | None = None) -> None:
+    width = max(len(k) for k in metrics) if metrics else 0
+    lines = [f"\n{title}", f"  run directory: {directory}"]
+    lines += [f"  {k:<{width}}  {v:.4f}" for k, v in metrics.items()]
+    lines += [f"  metrics:       {directory / 'metrics.json'}", f"  gallery:       {directory / 'gallery.png'}"]
+    lines += [f"  checkpoints:   {checkpoints}"] if checkpoints else []
+    if metrics.get("negative_scale", 0) > 0:  # the alignment turned inverted depth into a score: say so
+        lines.append(f"  warning: {metrics['negative_scale']:.0%} of the images needed a negative scale to align: "
+                     "the model predicts (partly) inverted depth, which the metrics above do not show")
+    log.info("\n".join(lines))  # the console and the run's log file (Hydra's job logging)
+
+
+def _finish_loggers() -> None:
+    """Close the W&B run (multirun jobs must not share one), as failed when an error is on its way out (this is
+    called from `finally`), so a sweep's dashboard shows which jobs failed."""
+    if "wandb" in sys.modules:
+        import wandb
+        wandb.finish(exit_code=1 if sys.exc_info()[0] is not None else None)
+
+
+def optimized_metric(cfg: DictConfig, metrics: dict) -> float | None:
+    """The value of `optimized_metric` (a validation metric's name) among a run's metrics, which train.py returns
+    for a sweeper (hparams_search=...); None when no metric is named."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise ConfigError(f"optimized_metric={name} is not a validation metric of this run; it has: "
+                          f"{', '.join(sorted(metrics))}")
+    return float(metrics[name])
+
+
+def _check_fresh_run_dir(cfg: DictConfig) -> None:
+    """Never write over a finished run's checkpoints unless resuming it (rank 0 only: DDP children reuse the dir)."""
+    if not first_process() or cfg.get("ckpt_path"):
+        return
+    existing = sorted(p for p in (run_dir() / "checkpoints").glob("*.ckpt") if not p.name.startswith("."))
+    if existing:
+        raise ConfigError(f"{run_dir()} already holds checkpoints ({existing[0].name}); choose another "
+                          f"hydra.run.dir, or resume with ckpt_path={existing[-1]}")
+
+
+# Files that make a run directory someone's results: never written over by another train.py or evaluate.py.
+RESULT_FILES = ("metrics.json", "per_image.csv", "gallery.png")
+
+
+def _holds_results(directory: Path) -> str | None:
+    """The first file that makes `directory` a finished or started run, or None."""
+    for name in RESULT_FILES:
+        if (directory / name).is_file():
+            return name
+    checkpoints = sorted(p for p in (directory / "checkpoints").glob("*.ckpt") if not p.name.startswith("."))
+    return f"checkpoints/{checkpoints[0].name}" if checkpoints else None  # (hidden: a killed write's leftover)
+
+
+class RunDirGuard(Callback):
+    """Refuses a train.py or evaluate.py run into a directory that already holds a run's results before Hydra
+    writes anything there (Hydra saves .hydra/ before the job starts, so a check inside the job would be too late).
+    The one exception is resuming a run in its own directory from one of its own checkpoints; its .hydra/ is then
+    saved as .hydra/resume-<n>/, keeping the original run's."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if not first_process():  # DDP children, the other tasks of a SLURM job: the first one's directory
+            return
+        job, directory = config.hydra.job.name, Path(str(config.hydra.run.dir))
+        found = _holds_results(directory) if directory.is_dir() else None
+        if job not in ("train", "evaluate") or found is None:
+            return
+        resume = config.get("ckpt_path") if job == "train" else None
+        if job == "train" and not resume:  # a requeued cluster job resumes by itself (train)
+            resume = requeued_checkpoint(directory)
+        own = resume and Path(str(resume)).resolve().parent == (directory / "checkpoints").resolve()
+        if not own:
+            hint = (f"; to resume it: ckpt_path={directory / 'checkpoints' / 'last.ckpt'}" if job == "train"
+                    and not resume else "")
+            what = ("resuming another run's checkpoint there would mix two runs" if resume else
+                    "it is never written over")
+            print(f"\nerror: {directory} already holds a run ({found}); {what}. Choose a new hydra.run.dir"
+                  f"{hint}", file=sys.stderr)
+            sys.exit(1)
+        subdir = config.hydra.output_subdir
+        if subdir is not None:
+            n = 1 + sum(1 for _ in (directory / str(subdir)).glob("resume-*"))
+            with open_dict(config):
+                config.hydra.output_subdir = f"{subdir}/resume-{n}"
+
+
+def train(cfg: DictConfig) -> dict:
+    if not cfg.get("ckpt_path") and (requeued := requeued_checkpoint(run_dir())) is not None:
+        log.info("requeued job: resuming the interrupted run from %s", requeued)
+        cfg.ckpt_path = str(requeued)
+    _check_fresh_run_dir(cfg)
+    check_config(cfg)
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (a last.ckpt from an earlier run's "
+                                "checkpoints/ folder resumes it)")
+    if first_process():  # what a run killed mid-write left (its targets are intact)
+        for folder in (run_dir(), run_dir() / "checkpoints"):
+            remove_temporaries(folder)
+    resolve_backbone_task(cfg, training=True)
+    if cfg.get("ckpt_path"):
+        check_resume(cfg)
+    if cfg.objective.name == "self_improving":
+        self_improving_steps(cfg)
+    L.seed_everything(int(cfg.seed), workers=True)
+    saved = saved_inference(Path(cfg.ckpt_path)) if cfg.get("ckpt_path") else None
+    options = inference_options(cfg, "train", saved)
+    model = build_model(cfg)
+    model.configure_inference(options)
+    warn_ignored_options(model, options, "train")
+    datamodule = build_datamodule(cfg, ("train", "val", None))
+    check_captions(cfg, datamodule)
+    loggers = build_loggers(cfg)
+    log_parameter_counts(loggers, model)
+    trainer = build_trainer(cfg, model, loggers, checkpoints=True, datamodule=datamodule)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        metrics = _strip_stage(trainer.validate(model, datamodule=datamodule, verbose=False), "val")
+        if trainer.is_global_zero:
+            write_metrics(metrics, run_dir() / "metrics.json")
+            (run_dir() / PREEMPTED).unlink(missing_ok=True)
+            print_summary(f"trained {cfg.task_name}: validation metrics after {trainer.global_step} steps",
+                          metrics, run_dir(), checkpoints=run_dir() / "checkpoints")
+    except Preempted as stop:
+        _requeue(trainer, stop)
+    finally:
+        _finish_loggers()
+    return metrics
+
+
+def _requeue(trainer: L.Trainer, stop: Preempted) -> None:
+    """After the preemption signal stopped training (last.ckpt written): mark the run as waiting for its requeue,
+    then let submitit requeue the job (it exits this process); the requeued job resumes (requeued_checkpoint)."""
+    if trainer.is_global_zero:
+        write_text(run_dir() / PREEMPTED, json.dumps({"step": stop.step, "signal": signal.Signals(stop.signum).name,
+                                                      "checkpoint": "checkpoints/last.ckpt"}) + "\n")
+    log.warning("preempted: %s; the job is requeued and resumes in %s", stop, run_dir())
+    _finish_loggers()
+    for callback in trainer.callbacks:
+        if isinstance(callback, Preemption):
+            callback.hand_over()  # submitit: requeue, then exit (rank 0)
+    if not os.environ.get("SUBMITIT_FOLDER") and trainer.is_global_zero:
+        scontrol_requeue()  # a SLURM job started by hand
+    sys.exit(0)  # the other ranks (or no requeue mechanism: resume by starting the same job again)
+
+
+def load_checkpoint_model(cfg: DictConfig) -> L.LightningModule:
+    path = Path(cfg.ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt={path} does not exist: pass a checkpoint written by train.py "
+                                "(<run>/checkpoints/last.ckpt or best-step*.ckpt)")
+    paradigm, task = checkpoint_identity(path)
+    if paradigm == "multitask":  # its hyper-parameters name every task, its encoder and their options
+        return PARADIGMS[paradigm].load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    given = command_line_keys()
+    overrides = {}
+    if task == cfg.task.name:
+        # The checkpoint's own task options (its codec: DMP float depth, a palette, ...), updated with the dataset's
+        # protocol (valid range, alignment) and whatever task.* the command line sets explicitly.
+        saved = read_checkpoint(path).get("hyper_parameters", {})
+        current = task_options(cfg)
+        explicit = {key.removeprefix("task.") for key in given if key.startswith("task.")}
+        protocol = {k: current[k] for k in DATASET_PROTOCOL_KEYS if k in current}
+        overrides["task_options"] = {**(saved.get("task_options") or {}), **protocol,
+                                     **{k: current[k] for k in explicit if k in current}}
+    if given & {"backbone.path", "backbone"}:  # the checkpoint names its backbone; an explicit one replaces it
+        overrides["backbone_path"] = str(cfg.backbone.path)
+        overrides["normals_frame"] = str(cfg.backbone.get("normals_frame", "canonical"))
+    if paradigm == "self_improving":  # the head's options are its own; the backbone frame does not apply
+        overrides.pop("normals_frame", None)
+    if paradigm not in PARADIGMS:
+        raise ConfigError(f"{path} was written by paradigm {paradigm!r}, unknown here ({', '.join(PARADIGMS)})")
+    if paradigm == "geowizard":  # one model, both geometries: task=depth|normals picks the one it returns
+        overrides.update(task=cfg.task.name, task_options=task_options(cfg), **geowizard_arguments(cfg))
+        overrides.pop("joint_attention")  # how it was trained
+        if "backbone.domain" not in given:
+            overrides.pop("domain")  # the checkpoint's, unless given on the command line
+    return PARADIGMS[paradigm].load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
+
+
+def saved_inference(path: Path) -> dict | None:
+    """The inference options a train.py checkpoint was validated with (its recipe's), or None."""
+    if not path.is_file():
+        return None
+    return read_checkpoint(path).get("densediff_inference")
+
+
+def run_record(folder: Path) -> dict:
+    """What a model card says about the train.py or evaluate.py run in `folder`, as plain values read from the
+    config Hydra saved there (.hydra/config.yaml, .hydra/hydra.yaml) and its metrics.json: job (train or
+    evaluate), the config choices (experiment, backbone, objective, adapter, task, dataset), the training recipe
+    (steps, lr, batch size, ...), the split its metrics were scored on (train.py: the validation at the end of
+    training) and the metrics. Keys without a value are left out; a folder without a saved config gives {}."""
+    saved = folder / ".hydra"
+    if not (saved / "config.yaml").is_file():
+        return {}
+    cfg = OmegaConf.load(saved / "config.yaml")
+    hydra = OmegaConf.load(saved / "hydra.yaml").hydra if (saved / "hydra.yaml").is_file() else OmegaConf.create()
+
+    def value(node, key):
+        found = OmegaConf.select(node, key, default=None, throw_on_resolution_failure=False)
+        return to_plain(found) if found is not None else None
+
+    job = value(hydra, "job.name") or ("evaluate" if "split" in cfg else "train")
+    record = {"job": job, "choices": {k: v for k, v in (value(hydra, "runtime.choices") or {}).items()
+                                      if "/" not in k and v is not None},
+              "overrides": list(value(hydra, "overrides.task") or [])}
+    keys = {"backbone": "backbone.name", "objective": "objective.name",
+            "adapter": "adapter.kind", "adapter_rank": "adapter.rank", "task": "task.name", "dataset": "dataset.name",
+            "steps": "trainer.max_steps", "lr": "objective.lr", "batch_size": "dataset.batch_size",
+            "accumulate_grad_batches": "trainer.accumulate_grad_batches", "precision": "trainer.precision",
+            "seed": "seed", "checkpoint": "ckpt"}
+    record.update({name: v for name, key in keys.items() if (v := value(cfg, key)) is not None})
+    explicit_path = any(o.key_or_group == "backbone.path"
+                        for o in OverridesParser.create().parse_overrides(record["overrides"]))
+    if value(cfg, "backbone.hub_id") and not explicit_path:  # the config's weights, not a folder given instead
+        record["base_model"] = value(cfg, "backbone.hub_id")
+    record["split"] = value(cfg, "split") if job == "evaluate" else "val"
+    if (folder / "metrics.json").is_file():
+        record["metrics"] = json.loads((folder / "metrics.json").read_text())
+    return record
+
+
+def checkpoint_identity(path: Path) -> tuple[str, str]:
+    """(paradigm, task) of a train.py checkpoint, read without building the model."""
+    checkpoint = read_checkpoint(path)
+    return checkpoint.get("densediff_paradigm", "e2e"), checkpoint.get("hyper_parameters", {}).get("task")
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    check_config(cfg)
+    L.seed_everything(int(cfg.seed), workers=True)
+    if cfg.get("predictions") and cfg.get("ckpt"):
+        raise ConfigError("pass either ckpt= (predict, then score) or predictions= (score files), not both")
+    if not cfg.get("predictions") and not cfg.get("ckpt"):
+        resolve_backbone_task(cfg)
+    if cfg.get("predictions"):
+        model = PrecomputedPredictions(cfg.predictions, cfg.task.name, cfg.dataset.name, task_options(cfg),
+                                       int(cfg.gallery_size), flip_normals_x=bool(cfg.predictions_flip_normals_x))
+    else:
+        saved = saved_inference(Path(cfg.ckpt)) if cfg.get("ckpt") else None
+        model = load_checkpoint_model(cfg) if cfg.get("ckpt") else build_model(cfg)
+        options = inference_options(cfg, "evaluate", saved)
+        model.configure_inference(options)
+        warn_ignored_options(model, options, "evaluate")
+        if options.half:
+            use_half_precision(model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if model.task.name == "multitask":  # the data carries every task the checkpoint predicts
+        with open_dict(cfg):
+            cfg.dataset.tasks = list(model.tasks)
+    elif cfg.get("ckpt") and model.task.name != cfg.task.name:
+        raise ConfigError(f"the checkpoint predicts {model.task.name} but task={cfg.task.name}; "
+                          f"pass task={model.task.name}")
+    datamodule = build_datamodule(cfg, (None, None, cfg.split))
+    loggers = build_loggers(cfg)
+    log_parameter_counts(loggers, model)
+    trainer = build_trainer(cfg, model, loggers, checkpoints=False)
+    try:
+        metrics = _strip_stage(trainer.test(model, datamodule=datamodule, verbose=False), "test")
+        if trainer.is_global_zero:  # under DDP every process has the synchronised metrics; one writes them
+            write_metrics(metrics, run_dir() / "metrics.json")
+            source = cfg.ckpt or (f"predictions={cfg.predictions}" if cfg.get("predictions") else
+                                  f"backbone={cfg.backbone.name} (not fine-tuned)")
+            print_summary(f"evaluated {source} on {cfg.dataset.name}/{cfg.split}", metrics, run_dir())
+        check_finite(metrics, run_dir())
+    finally:
+        _finish_loggers()
+    return metrics
+
+
+def predictor_device(name: str) -> torch.device:
+    """`device=`: auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:<n>."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_predictor(cfg: DictConfig) -> tuple[L.LightningModule, torch.device]:
+    """The model predict.py, the demo app (densediff/app.py) and the DMP data tools run, built by one rule:
+    `ckpt=` (a train.py checkpoint of any paradigm, with the task and options it was trained with), else the
+    backbone as it is, whose declared task is the task unless the command line or the experiment picks one
+    (resolve_backbone_task); the inference options are the checkpoint's saved settings except the keys the command
+    line sets (inference_options); inference.half gives fp16 weights. Returns (model in eval mode, `device=`)."""
+    check_config(cfg)
+    ckpt = Path(cfg.ckpt) if cfg.get("ckpt") else None
+    if ckpt is None:
+        resolve_backbone_task(cfg)
+    # options first: a bad value is reported before a model is loaded (saved_inference reads only the file)
+    options = inference_options(cfg, "predict", saved_inference(ckpt) if ckpt and ckpt.is_file() else None)
+    model = load_checkpoint_model(cfg) if ckpt else build_model(cfg)
+    model.configure_inference(options)
+    device = predictor_device(str(cfg.get("device") or "auto"))
+    warn_ignored_options(model, options, "predict")
+    if options.half:
+        use_half_precision(model, device)
+    return model.eval(), device
+
+
+def predict(cfg: DictConfig) -> None:
+    from densediff.inference.predict import check_outputs, predict_images
+
+    check_config(cfg)
+    if not cfg.get("ckpt"):
+        resolve_backbone_task(cfg)
+    task, uncertainty = cfg.task.name, False
+    if cfg.get("ckpt") and Path(cfg.ckpt).is_file():
+        paradigm, trained_task = checkpoint_identity(Path(cfg.ckpt))
+        if paradigm == "multitask":  # every task's files into <output>/<task>/
+            return predict_multitask(cfg)
+        if paradigm != "geowizard":  # a GeoWizard checkpoint predicts either geometry: task= picks it
+            task = trained_task
+        # Bae's head predicts its expected angular error too: <stem>_uncertainty.npy/.png next to the normals
+        uncertainty = paradigm == "self_improving" and read_checkpoint(Path(cfg.ckpt)).get(
+            "hyper_parameters", {}).get("head") == "bae"
+    root, images = check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite),  # before loading a model
+                                 uncertainty=uncertainty)
+    model, device = build_predictor(cfg)
+    written, skipped = predict_images(model, root, images, cfg.output, device, uncertainty=uncertainty)
+    if skipped and not written:
+        raise DataReadError(f"none of the {len(skipped)} images of input={cfg.input} could be read:\n  "
+                            + "\n  ".join(skipped))
+    print(f"\nwrote {written} predictions to {cfg.output}" + (f"; skipped {len(skipped)} unreadable:" if skipped else ""))
+    for message in skipped:
+        print(f"  {message}")
+
+
+def predict_multitask(cfg: DictConfig) -> None:
+    from densediff.inference.predict import check_multitask_outputs, predict_multitask_images
+
+    tasks = torch.load(cfg.ckpt, map_location="cpu", mmap=True, weights_only=True)["hyper_parameters"]["tasks"]
+    root, images = check_multitask_outputs(cfg.input, cfg.output, tasks, bool(cfg.overwrite))
+    model, device = build_predictor(cfg)
+    written, skipped = predict_multitask_images(model, root, images, cfg.output, device)
+    print(f"\nwrote {written} predictions of {', '.join(tasks)} to {cfg.output}/<task>/"
+          + (f"; skipped {len(skipped)} unreadable:" if skipped else ""))
+    for message in skipped:
+        print(f"  {message}")
