@@ -38,6 +38,7 @@ from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGra
 from densediff.data.common import DataReadError
 from densediff.data.datamodule import DenseDataModule
 from densediff.inference.predictor import InferenceOptions
+from densediff.inference.speedup import speed_up
 from densediff.io import remove_temporaries, write_text
 from densediff.loggers import previous_run_id
 from densediff.paradigms import PARADIGMS
@@ -904,6 +905,7 @@ def evaluate(cfg: DictConfig) -> dict:
         _warn_ignored_options(model, options, "evaluate")
         if options.half:
             use_half_precision(model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        speed_up(getattr(model, "estimator", None), predictor_device("auto"), options.compile, options.channels_last)
     if model.task.name == "multitask":  # the data carries every task the checkpoint predicts
         with open_dict(cfg):
             cfg.dataset.tasks = list(model.tasks)
@@ -952,6 +954,7 @@ def build_predictor(cfg: DictConfig) -> tuple[L.LightningModule, torch.device]:
     _warn_ignored_options(model, options, "predict")
     if options.half:
         use_half_precision(model, device)
+    speed_up(getattr(model, "estimator", None), device, options.compile, options.channels_last)
     return model.eval(), device
 
 

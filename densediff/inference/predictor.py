@@ -32,6 +32,8 @@ class InferenceOptions:
     processing_res: int = 0           # long edge the image is resized to first (0 = native resolution)
     resample: str = "bilinear"        # resize of the input and of the prediction back to the input size
     half: bool = False                # fp16 weights and activations (CUDA only; set up by run.py)
+    compile: bool = False             # torch.compile the UNet and VAE for prediction (inference/speedup.py)
+    channels_last: bool = False       # NHWC weights and activations (inference/speedup.py)
     batch_size: int = 0               # images x members per UNet call (0 = the whole batch at once)
     seed: int | None = None           # noise generator seed (None = the global torch RNG)
     final_step: str = "x0"            # last DDIM step returns the x0 estimate (E2E-FT) or prev_sample (Marigold)
