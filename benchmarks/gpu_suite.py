@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import platform
 import statistics
 import sys
@@ -29,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from bench_predictor import (PeakMemory, backbone_folder, load_both, measure, predictor_calls, synchronize)
+from bench_predictor import PeakMemory, backbone_folder, load_both, measure, predictor_calls, synchronize, write_json
 from densediff.backbones.load import set_attention_backend
 
 SINGLE_STEP = dict(steps=1, ensemble=1, noise="zeros")
-ENSEMBLE_10 = dict(steps=4, ensemble=10, noise="gaussian")
+ENSEMBLE_10 = dict(steps=4, ensemble=10, noise="gaussian", final_step="prev_sample")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -44,9 +43,10 @@ def attention_backends(device: torch.device) -> list[str]:
 
 
 def use_attention(estimator, pipe, attention: str) -> None:
+    """The same attention kernels in both UNets (the VAEs keep SDPA)."""
     if attention == "xformers":
         set_attention_backend(estimator.unet, "xformers")
-        pipe.enable_xformers_memory_efficient_attention()
+        pipe.unet.enable_xformers_memory_efficient_attention()
 
 
 def inference_rows(folder: Path, device: torch.device, size: tuple[int, int], precisions: list[str],
@@ -77,9 +77,34 @@ def report(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def training_step(model, optimizer, batch: dict, autocast) -> None:
+    with autocast:
+        loss = model.task.loss(model(batch["rgb"]), batch)  # = E2EFineTune.training_step without the logging
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def time_training(model, optimizer, batch: dict, autocast, reps: int, device: torch.device):
+    """Median seconds of a training step after two warm-up steps (optimizer state, allocator, kernels), and the
+    PeakMemory of one more."""
+    for _ in range(2):
+        training_step(model, optimizer, batch, autocast)
+    times = []
+    for _ in range(reps):
+        synchronize(device)
+        start = time.perf_counter()
+        training_step(model, optimizer, batch, autocast)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    with PeakMemory(device) as memory:
+        training_step(model, optimizer, batch, autocast)
+    return statistics.median(times), memory
+
+
 def training_rows(folder: Path, device: torch.device, size: tuple[int, int], precisions: list[str],
                   reps: int, batch_size: int = 2) -> list[dict]:
-    """E2E-FT's optimisation step on a full UNet, timed after two warm-up steps; peak memory of one step."""
+    """E2E-FT's optimisation step on a full UNet at batch 2, with gradient checkpointing off and on."""
     from densediff.paradigms.e2e import E2EFineTune
 
     generator = torch.Generator().manual_seed(0)
@@ -93,26 +118,7 @@ def training_rows(folder: Path, device: torch.device, size: tuple[int, int], pre
             optimizer = model.configure_optimizers()["optimizer"]
             autocast = (torch.autocast(device.type, dtype=DTYPES[precision.split("-")[0]])
                         if precision.endswith("-mixed") else nullcontext())
-
-            def step():
-                with autocast:
-                    loss = model.task.loss(model(batch["rgb"]), batch)  # = training_step without the logging
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            for _ in range(2):  # warm-up: optimizer state, allocator, kernels
-                step()
-            times = []
-            for _ in range(reps):
-                synchronize(device)
-                start = time.perf_counter()
-                step()
-                synchronize(device)
-                times.append(time.perf_counter() - start)
-            with PeakMemory(device) as memory:
-                step()
-            latency = statistics.median(times)
+            latency, memory = time_training(model, optimizer, batch, autocast, reps, device)
             rows += report([{"part": "e2e training step", "image": list(size), "batch_size": batch_size,
                              "precision": precision, "gradient_checkpointing": checkpointing,
                              "step_s": round(latency, 5), "images_per_s": round(batch_size / latency, 3),
@@ -152,8 +158,7 @@ def main() -> None:
                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                    "torch": torch.__version__, "cuda": torch.version.cuda, "machine": platform.platform(),
                    "results": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report_json, indent=2) + "\n")
+    write_json(report_json, Path(args.out))
     print(f"wrote {args.out}")
 
 
