@@ -10,7 +10,7 @@ PRIOR_DIR ?= outputs/prior/$(shell date +%Y-%m-%d_%H-%M-%S)
 PRIOR_RECIPES ?= prior/e2e_depth,prior/marigold_depth,prior/dmp_normal,prior/geowizard,prior/diff2in1
 PRIOR_ARGS ?=  # extra train.py overrides for every job, e.g. PRIOR_ARGS="trainer.max_steps=100"
 
-.PHONY: help install demo prior test test-all bench app clean-outputs
+.PHONY: help install demo prior test test-all bench bench-gpu app clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -44,6 +44,10 @@ test-all: $(STAMP)  ## every test, including the slow demo-length training
 bench: $(STAMP)  ## benchmarks, JSON in benchmarks/results/
 	@mkdir -p benchmarks/results
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+bench-gpu: $(STAMP)  ## CUDA only: SD-sized latency fp16/bf16 (+compile, xformers) vs diffusers, E2E-FT train step
+	@mkdir -p benchmarks/results
+	$(PY) benchmarks/gpu_suite.py --out benchmarks/results/gpu.json
 
 app: $(STAMP)  ## the Gradio demo (APP_ARGS="ckpt=<run>/checkpoints/last.ckpt"; default backbone=tiny)
 	$(PY) -m densediff.app $(or $(APP_ARGS),backbone=tiny)

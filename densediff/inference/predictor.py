@@ -25,13 +25,15 @@ RESAMPLES = ("bilinear", "bicubic", "nearest")
 @dataclass
 class InferenceOptions:
     steps: int = 1                    # DDIM steps
-    ensemble: int = 1                 # predictions merged per image (inference/ensemble.py)
+    ensemble: int = 1                 # predictions merged per image (tasks/ensemble.py)
     ensemble_reduction: str = "median"  # depth members: median or mean after alignment
     timestep_spacing: str = "trailing"  # trailing: 1 step is t = 999 (E2E-FT's fix); leading: t = 1 (Marigold v1.0)
     noise: str = "zeros"              # initial target latent: zeros (E2E-FT), gaussian (Marigold), pyramid
     processing_res: int = 0           # long edge the image is resized to first (0 = native resolution)
     resample: str = "bilinear"        # resize of the input and of the prediction back to the input size
     half: bool = False                # fp16 weights and activations (CUDA only; set up by run.py)
+    compile: bool = False             # torch.compile the UNet and VAE for prediction (inference/speedup.py)
+    channels_last: bool = False       # NHWC weights and activations (inference/speedup.py)
     batch_size: int = 0               # images x members per UNet call (0 = the whole batch at once)
     seed: int | None = None           # noise generator seed (None = the global torch RNG)
     final_step: str = "x0"            # last DDIM step returns the x0 estimate (E2E-FT) or prev_sample (Marigold)

