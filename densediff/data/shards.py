@@ -362,10 +362,7 @@ def shard_dataset(shards, split: str, stream: bool, seed: int = 0, shuffle_buffe
 
 def main(argv: list[str] | None = None) -> int:
     """python -m densediff.data.shards dataset=<name> [overrides...] output=<dir> [split=train[,val]] [maxcount=N]"""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from densediff.run import compose
+    from densediff.run import datasets_to_shard
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -376,25 +373,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not own.get("output"):
             raise DatasetLayoutError("pass output=<new folder> for the shards")
-        cfg = compose("train", overrides)  # train.py's config: every dataset and override works
-        if cfg.dataset.get("format", "folder") != "folder":
-            raise DatasetLayoutError("the shards writer reads the dataset itself: drop dataset.format=shards")
-        splits = own["split"].split(",") if own.get("split") else [s for s in SPLITS if cfg.dataset.get(s)]
-        missing = [s for s in splits if not cfg.dataset.get(s)]
-        if missing or not splits:
-            raise DatasetLayoutError(f"dataset={cfg.dataset.name} has no split {missing or splits}")
         output = Path(own["output"])
         if output.exists() and (not output.is_dir() or any(output.iterdir())):
             raise FileExistsError(f"shards output {output} is not an empty folder: choose a new output= folder")
-        datasets = {s: instantiate(cfg.dataset[s], _convert_="all") for s in splits}
-        config = OmegaConf.to_container(cfg.dataset, resolve=True)
+        datasets, config, name = datasets_to_shard(overrides, own["split"].split(",") if own.get("split") else None)
         index = write_shards(datasets, output, config, maxcount=int(own.get("maxcount", 1000)))
     except (FileNotFoundError, FileExistsError, DataReadError, ValueError) as error:
         print(f"\nerror: {error}", file=sys.stderr)
         return 1
     for split, entry in index["splits"].items():
         print(f"{split}: {entry['count']} samples in {len(entry['shards'])} shards under {output / split}")
-    print(f"index: {output / INDEX}\ntrain from them: python train.py dataset={cfg.dataset.name} "
+    print(f"index: {output / INDEX}\ntrain from them: python train.py dataset={name} "
           f"dataset.format=shards dataset.shards={output}")
     return 0
 

@@ -42,6 +42,7 @@ from densediff.run.build import (  # noqa: F401
     build_callbacks,
     build_datamodule,
     build_dataset,
+    datasets_to_shard,
     build_loggers,
     build_model,
     build_trainer,

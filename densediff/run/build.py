@@ -27,8 +27,8 @@ from densediff.inference.predictor import InferenceOptions
 from densediff.loggers import previous_run_id
 from densediff.paradigms import PARADIGMS
 from densediff.run.cluster import local_cpu_processes, preemption_signal, slurm_trainer_shape
-from densediff.run.config import (ConfigError, command_line_keys, compose_group, first_process, group_is_chosen, log,
-                                  run_dir, tiny_geowizard_path, to_plain)
+from densediff.run.config import (ConfigError, command_line_keys, compose, compose_group, first_process,
+                                  group_is_chosen, log, run_dir, tiny_geowizard_path, to_plain)
 
 
 # Task options that belong to the evaluation dataset's protocol rather than to the model (task_options below).
@@ -322,6 +322,23 @@ def build_dataset(cfg: DictConfig, split: str, stream: bool = False):
         if isinstance(error.__cause__, (ConfigError, FileNotFoundError, DataReadError)):
             raise error.__cause__ from None
         raise
+
+
+def datasets_to_shard(overrides: list[str], splits: list[str] | None) -> tuple[dict, dict, str]:
+    """The shard writer's input (python -m densediff.data.shards): with train.py's config and `overrides`, each split's
+    dataset read by its own loader, the resolved dataset config (the shards' index records it) and the dataset's
+    name. `splits` None: every split the dataset config has."""
+    from densediff.data.shards import SPLITS
+
+    cfg = compose("train", overrides)  # train.py's config: every dataset and override works
+    if cfg.dataset.get("format", "folder") != "folder":
+        raise ConfigError("the shards writer reads the dataset itself: drop dataset.format=shards")
+    splits = splits or [s for s in SPLITS if cfg.dataset.get(s)]
+    missing = [s for s in splits if not cfg.dataset.get(s)]
+    if missing or not splits:
+        raise ConfigError(f"dataset={cfg.dataset.name} has no split {missing or splits}")
+    datasets = {split: build_dataset(cfg, split) for split in splits}
+    return datasets, OmegaConf.to_container(cfg.dataset, resolve=True), str(cfg.dataset.name)
 
 
 def build_datamodule(cfg: DictConfig, splits: tuple[str, ...]) -> DenseDataModule:
