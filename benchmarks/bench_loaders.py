@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from densediff.data.hypersim import Hypersim
 from densediff.data.procedural import ProceduralScenes
 from densediff.data.shards import ShardSamples, StreamingShards, resolve_shards, write_shards
+from densediff.io import write_text  # atomic: a stopped benchmark leaves no torn JSON
 
 SCENE, CAM = "ai_000_000", "cam_00"
 
@@ -119,7 +120,7 @@ def main() -> None:
         report["bytes_on_disk"] = {("hypersim_folder" if k == "hypersim" else k): v for k, v in sizes.items()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_text(out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 
 

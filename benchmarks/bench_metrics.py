@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from densediff.metrics import (DepthMetrics, EdgeMetrics, IntrinsicMetrics, NormalMetrics, SaliencyMetrics,
                                SegmentationMetrics)
 from densediff.metrics.morphology import thin
+from densediff.io import write_text  # atomic: a stopped benchmark leaves no torn JSON
 
 B, H, W = 8, 480, 640
 
@@ -144,7 +145,7 @@ def main() -> None:
         print(line, flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_text(out, json.dumps(report, indent=2))
     print(f"wrote {out}")
 
 

@@ -37,6 +37,7 @@ from densediff.inference.predictor import InferenceOptions, predict
 from densediff.inference.speedup import speed_up
 from densediff.run import ASSETS
 from densediff.tasks import build_task
+from densediff.io import write_text  # atomic: a stopped benchmark leaves no torn JSON
 
 # Marigold's setting returns prev_sample like diffusers, so that both ensemble the same members (the alignment's
 # BFGS path, and with it its cost, depends on them); E2E-FT's x0 costs what diffusers' prev_sample costs.
@@ -232,8 +233,7 @@ def main() -> None:
 
 
 def write_json(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_text(path, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

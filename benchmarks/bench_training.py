@@ -29,6 +29,7 @@ import torch
 
 from densediff import threads
 from densediff.run import build_dataset, build_model, compose, to_plain
+from densediff.io import write_text  # atomic: a stopped benchmark leaves no torn JSON
 
 
 class StepTimes(L.Callback):
@@ -131,8 +132,7 @@ def main() -> None:
         "data": {"num_workers": workers, "scenes_per_s": scenes_per_s, "training_samples_per_s": step_rate,
                  "data_over_training": scenes_per_s / step_rate},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
     print(f"Lightning overhead {overhead * 100:+.1f}% ({median['Lightning Trainer'] * 1e3:.1f} vs "
           f"{median['bare PyTorch loop'] * 1e3:.1f} ms/step); renderer {scenes_per_s:.0f} scenes/s with {workers} "
           f"workers = {scenes_per_s / step_rate:.1f}x what training consumes ({step_rate:.1f} samples/s)")

@@ -30,6 +30,7 @@ from bench_metrics import edge_scene
 from densediff.metrics import EdgeMetrics
 from densediff.metrics.edges import SEISM_HED_THRESHOLDS, _f_measure, _seism_ap
 from densediff.metrics.morphology import edge_nms, thin
+from densediff.io import write_text  # atomic: a stopped benchmark leaves no torn JSON
 
 
 def scores(counts: np.ndarray) -> dict:
@@ -155,7 +156,7 @@ def main() -> None:
             print(f"  {k:32s} {v}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_text(out, json.dumps(report, indent=2))
     print(f"wrote {out}")
 
 

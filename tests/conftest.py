@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -59,8 +60,7 @@ class _Zygote:
     def run(self, argv: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
         if self.process is None or self.process.poll() is not None:
             self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cli_zygote.py")], cwd=ROOT,
-                                            env={**env, "HYDRA_FULL_ERROR": "0"}, text=True,
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                            env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         with tempfile.TemporaryDirectory() as folder:
             out, err = Path(folder) / "stdout", Path(folder) / "stderr"
             self.process.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out),
@@ -89,10 +89,15 @@ def trained_run(tmp_path_factory, worker_id) -> Path:
     """One short quickstart training shared by the tests that need a checkpoint (they only read it: the tests that
     try to overwrite it check that it stays byte for byte). Under xdist the workers share one run: the first to need
     it trains it, under a lock in the session's common temporary folder, the others wait and reuse it."""
-    if worker_id == "master":
+    shared = worker_id != "master"
+    if shared:  # this session's common folder, one per `pytest -n` run
+        run = tmp_path_factory.getbasetemp().parent / "quickstart_run"
+    else:
         run = tmp_path_factory.mktemp("quickstart") / "run"
-        run_cli("train.py", "experiment=quickstart", "logger=csv", f"hydra.run.dir={run}", *FAST)
-        return run
+    with FileLock(f"{run}.lock") if shared else contextlib.nullcontext():
+        if not (run / "metrics.json").exists():
+            run_cli("train.py", "experiment=quickstart", "logger=csv", f"hydra.run.dir={run}", *FAST)
+    return run
     shared = tmp_path_factory.getbasetemp().parent  # this session's folder, one per `pytest -n` run
     run = shared / "quickstart_run"
     with FileLock(str(shared / "quickstart_run.lock")):
