@@ -28,7 +28,7 @@ import lightning as L
 import torch
 
 from densediff import threads
-from densediff.run import build_dataset, build_model, compose, to_plain
+from densediff.run import training_parts
 from densediff.io import write_text  # atomic: a stopped benchmark leaves no torn JSON
 
 
@@ -99,15 +99,13 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="train.py overrides (after experiment=quickstart)")
     args = parser.parse_args()
 
-    cfg = compose("train", ["experiment=quickstart", *args.overrides])
-    trainer_options = to_plain(cfg.trainer)
-    dataset = build_dataset(cfg, "train")
-    batch_size, workers = int(cfg.dataset.batch_size), int(cfg.dataset.num_workers)
+    torch.manual_seed(0)
+    parts = training_parts(["experiment=quickstart", *args.overrides])
+    initial, dataset, trainer_options = parts["model"], parts["dataset"], parts["trainer"]
+    batch_size, workers = parts["batch_size"], parts["num_workers"]
     count = args.warmup + args.steps
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     batches = [batch for _, batch in zip(range(count), loader)]
-    torch.manual_seed(0)
-    initial = build_model(cfg)
     times = {"bare PyTorch loop": [], "Lightning Trainer": []}
     with tempfile.TemporaryDirectory() as folder:
         for round_ in range(args.rounds):

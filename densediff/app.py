@@ -62,19 +62,16 @@ def load_models(ckpts: list[str], overrides: list[str]) -> tuple[dict, dict, obj
     """({task: model}, {task: where it came from}, device): each model built from predict.py's config with
     `overrides` by predict.py's own rule (densediff.run.build_predictor); raises run.ConfigError or
     FileNotFoundError with a message for the user."""
-    from densediff.run import ConfigError, build_predictor, compose
+    from densediff.run import ConfigError, load_predictor
 
     models, sources = {}, {}
     for ckpt in ckpts or [None]:
-        cfg = compose("predict", overrides)
-        if ckpt is not None:
-            cfg.ckpt = ckpt  # set, not an override: any path (spaces, commas) works
-        model, device = build_predictor(cfg)
+        model, device, source = load_predictor(overrides, ckpt)
         name = model.task.name
         if name in models:
             raise ConfigError(f"ckpt={sources[name]} and ckpt={ckpt} both predict {name}: the demo serves one "
                               "model per task")
-        models[name], sources[name] = model.to(device), ckpt or f"backbone={cfg.backbone.name}"
+        models[name], sources[name] = model.to(device), source if ckpt is None else ckpt
     return models, sources, device
 
 

@@ -57,3 +57,37 @@ def test_picked_groups_come_from_hydras_defaults_list(tmp_path):
     assert not run.group_is_chosen("task")
     from hydra.core.global_hydra import GlobalHydra
     assert not GlobalHydra.instance().is_initialized()  # left as it was: a later initialize_config_dir works
+
+
+def _python_files_outside_the_run_package():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    package = root / "densediff"
+    files = [p for p in package.rglob("*.py") if p.relative_to(package).parts[0] != "run"]
+    return root, files + sorted(root.glob("*.py")) + sorted((root / "benchmarks").rglob("*.py"))
+
+
+def test_only_the_run_package_reads_a_composed_config():
+    """densediff/run/ is the one config boundary: everything else takes plain arguments. Outside it nothing composes
+    a config, reads or sets a field of one (a name `cfg`), and only the thin @hydra.main entry points name DictConfig
+    (to hand it to densediff.run unread)."""
+    import ast
+
+    root, files = _python_files_outside_the_run_package()
+    entry_points = {"train.py", "evaluate.py", "predict.py"}
+    assert len(files) > 40
+    found = []
+    for path in files:
+        where = path.relative_to(root)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.Attribute, ast.Subscript)) and getattr(node.value, "id", None) == "cfg":
+                found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+            elif isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name in ("compose", "compose_group", "initialize", "initialize_config_dir"):
+                    found.append(f"{where}:{node.lineno}: {ast.unparse(node.func)}()")
+            elif isinstance(node, ast.ImportFrom) and any(alias.name == "DictConfig" for alias in node.names):
+                if path.name not in entry_points:
+                    found.append(f"{where}:{node.lineno}: imports DictConfig")
+    assert found == [], "\n".join(found)

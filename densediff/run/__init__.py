@@ -73,6 +73,8 @@ from densediff.run.jobs import (  # noqa: F401
     _requeue,
     _strip_stage,
     build_predictor,
+    load_predictor,
+    training_parts,
     checkpoint_identity,
     evaluate,
     load_checkpoint_model,

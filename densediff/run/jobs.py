@@ -339,6 +339,40 @@ def build_predictor(cfg: DictConfig) -> tuple[L.LightningModule, torch.device]:
     return model.eval(), device
 
 
+def load_predictor(overrides: list[str], ckpt: str | Path | None = None, task_hint: str | None = None
+                   ) -> tuple[L.LightningModule, torch.device, str]:
+    """build_predictor for the commands that run without @hydra.main (the demo app, the DMP data tools): predict.py's
+    config composed with command-line `overrides`, and `ckpt` set after composing (not an override, so any path
+    works: spaces, commas). `task_hint` (how that command names a task, e.g. "pass --task"): a backbone that predicts
+    any task and no task= among the overrides is a ConfigError instead of predict.yaml's default task.
+    Returns (model in eval mode, device, where the model came from: the checkpoint path or backbone=<name>)."""
+    from densediff.run.build import backbone_task
+    from densediff.run.config import compose
+
+    cfg = compose("predict", overrides)
+    if ckpt is not None:
+        cfg.ckpt = str(ckpt)
+    elif task_hint and not any(o.lstrip("+~").split("=", 1)[0] == "task" for o in overrides):
+        declared, source = backbone_task(cfg)
+        if declared is None:
+            raise ConfigError(f"{source} predicts any task: {task_hint} (depth, normals, albedo, shading or "
+                              "segmentation)")
+    model, device = build_predictor(cfg)
+    return model, device, str(ckpt) if ckpt is not None else f"backbone={cfg.backbone.name}"
+
+
+def training_parts(overrides: list[str]) -> dict:
+    """What train.py would build from `overrides`, as plain objects, for a benchmark that drives the training step
+    itself (benchmarks/bench_training.py): the model, the training dataset, the trainer options (a dict), the batch
+    size and the number of DataLoader workers."""
+    from densediff.run.build import build_dataset
+    from densediff.run.config import compose
+
+    cfg = compose("train", overrides)
+    return {"model": build_model(cfg), "dataset": build_dataset(cfg, "train"), "trainer": to_plain(cfg.trainer),
+            "batch_size": int(cfg.dataset.batch_size), "num_workers": int(cfg.dataset.num_workers)}
+
+
 def predict(cfg: DictConfig) -> None:
     from densediff.inference.predict import check_outputs, predict_images
 

@@ -150,7 +150,7 @@ def _predict_with_model(args, task: str | None, folder: Path) -> str:
     from hydra.errors import HydraException
 
     from densediff.inference.predict import check_outputs, predict_images
-    from densediff.run import backbone_task, build_predictor, checkpoint_identity, compose
+    from densediff.run import checkpoint_identity, load_predictor  # its ConfigError is a ValueError: main prints it
 
     overrides = list(args.set or [])
     if args.ckpt:
@@ -163,16 +163,10 @@ def _predict_with_model(args, task: str | None, folder: Path) -> str:
         overrides += [f"backbone={args.backbone}"]
     torch_device(args.device)  # a CUDA device that is not there: the tool's own message
     overrides = [*([f"task={task}"] if task else []), f"device={args.device}", *overrides]
-    try:
-        cfg = compose("predict", overrides)
+    try:  # without --task: the backbone's declared task
+        model, device, _ = load_predictor(overrides, ckpt.resolve() if args.ckpt else None, task_hint="pass --task")
     except HydraException as error:
         raise ToolError(f"cannot build the model config from {overrides}: {str(error).splitlines()[0]}") from error
-    # paths are set, not overrides: any path (spaces, commas) works
-    cfg.input, cfg.output, cfg.ckpt = str(args.input), str(folder), str(ckpt.resolve()) if args.ckpt else None
-    if task is None and not args.ckpt and backbone_task(cfg)[0] is None:
-        raise ToolError(f"backbone={args.backbone} predicts any task: pass --task (depth, normals, albedo, shading "
-                        "or segmentation)")
-    model, device = build_predictor(cfg)  # without --task: the backbone's declared task
     root, images = check_outputs(args.input, folder, model.task.name, overwrite=True)
     with torch.no_grad():
         written, skipped = predict_images(model, root, images, folder, device)
