@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ from torch.utils.data import DataLoader
 from densediff.data.hypersim import Hypersim
 from densediff.data.procedural import ProceduralScenes
 from densediff.data.shards import ShardSamples, StreamingShards, resolve_shards, write_shards
-from densediff.io import write_text  # atomic: a stopped benchmark leaves no torn JSON
+from report import machine, write_json
 
 SCENE, CAM = "ai_000_000", "cam_00"
 
@@ -87,8 +85,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     h, w, n, bs = args.height, args.width, args.n, args.batch
-    report = {"samples": n, "size": [h, w], "batch": bs, "workers": args.workers, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
+    report = {"samples": n, "size": [h, w], "batch": bs, "workers": args.workers, "machine": machine(),
               "loaders": {}, "write_seconds": {}}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.keep or tmp)
@@ -119,8 +116,7 @@ def main() -> None:
         sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in base.iterdir()}
         report["bytes_on_disk"] = {("hypersim_folder" if k == "hypersim" else k): v for k, v in sizes.items()}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(out, json.dumps(report, indent=2) + "\n")
+    write_json(report, out)
     print(f"wrote {out}")
 
 

@@ -1,7 +1,7 @@
 """Throughput of every densediff metric: update + compute on batches of 8 x 480 x 640, fixed seed.
 
     python benchmarks/bench_metrics.py [--out benchmarks/results/metrics.json] [--reps 3] [--device cpu|cuda]
-                                       [--threads N] [--only NAME ...]
+                                       [--threads N] [--only NAME ...] [--size 8 480 640]
 
 Inputs are random with a fixed seed. Edges get structured inputs instead (random Voronoi boundaries, a blurred and
 shifted copy as the prediction plus a faint smooth background, quantised to uint8 levels like the PNGs SEISM reads):
@@ -15,8 +15,6 @@ Not a test: numbers depend on the machine and on other load (wall-clock; `cpu_se
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
@@ -26,9 +24,9 @@ import torch.nn.functional as F
 from densediff.metrics import (DepthMetrics, EdgeMetrics, IntrinsicMetrics, NormalMetrics, SaliencyMetrics,
                                SegmentationMetrics)
 from densediff.metrics.morphology import thin
-from densediff.io import write_text  # atomic: a stopped benchmark leaves no torn JSON
+from report import machine, write_json
 
-B, H, W = 8, 480, 640
+SIZE = (8, 480, 640)  # batch, height, width
 
 
 def _voronoi_boundaries(g: torch.Generator, regions: int, h: int, w: int) -> torch.Tensor:
@@ -47,7 +45,7 @@ def _blur(x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x.float()[None, None], k[None, None], padding=2)[0, 0]
 
 
-def edge_scene(g: torch.Generator, regions: int = 40, h: int = H, w: int = W, clutter: float = 0.0):
+def edge_scene(g: torch.Generator, regions: int = 40, h: int = SIZE[1], w: int = SIZE[2], clutter: float = 0.0):
     """(prob, gt) for one image: thin Voronoi boundaries; prediction = shifted, blurred copy + smooth background.
     clutter > 0 adds false responses of that strength: the boundaries of a second, finer tessellation (texture) and
     a second copy of the true boundaries 4 px away (a double response)."""
@@ -63,7 +61,8 @@ def edge_scene(g: torch.Generator, regions: int = 40, h: int = H, w: int = W, cl
     return torch.floor(prob.clamp(0, 1) * 255) / 255, gt.float()
 
 
-def make_inputs(seed: int = 0):
+def make_inputs(seed: int = 0, size: tuple[int, int, int] = SIZE):
+    B, H, W = size
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -71,7 +70,7 @@ def make_inputs(seed: int = 0):
 
     depth_gt = rand(B, H, W) * 9 + 0.5
     normal_gt = rand(B, 3, H, W) - 0.5
-    edges = [edge_scene(g) for _ in range(B)]
+    edges = [edge_scene(g, h=H, w=W) for _ in range(B)]
     edge_prob, edge_gt = torch.stack([e[0] for e in edges]), torch.stack([e[1] for e in edges])
     return {
         "depth": (lambda: DepthMetrics(), (rand(B, H, W), depth_gt, rand(B, H, W) > 0.1)),
@@ -84,13 +83,13 @@ def make_inputs(seed: int = 0):
         "edges": (lambda: EdgeMetrics(), (edge_prob, edge_gt)),
         "edges_distance": (lambda: EdgeMetrics(matching="distance"), (edge_prob, edge_gt)),
         "edges_noise": (lambda: EdgeMetrics(), (rand(B, H, W), edge_gt)),
-        "edges_512": (lambda: EdgeMetrics(), _edges_512(seed + 1)),
+        "edges_512": (lambda: EdgeMetrics(), _edges_512(seed + 1, B)),
     }
 
 
-def _edges_512(seed: int):
+def _edges_512(seed: int, batch: int):
     g = torch.Generator().manual_seed(seed)
-    scenes = [edge_scene(g, h=512, w=512, clutter=0.2) for _ in range(B)]
+    scenes = [edge_scene(g, h=512, w=512, clutter=0.2) for _ in range(batch)]
     return torch.stack([e[0] for e in scenes]), torch.stack([e[1] for e in scenes])
 
 
@@ -124,15 +123,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", nargs="*", help="subset of metric names")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--size", type=int, nargs=3, default=list(SIZE), metavar=("BATCH", "HEIGHT", "WIDTH"),
+                        help="the batch every metric gets (edges_512: this batch of 512 x 512)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    inputs = make_inputs()
-    report = {"batch": [B, H, W], "device": args.device, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
-              "metrics": {}}
-    if args.device.startswith("cuda"):
-        report["gpu"] = torch.cuda.get_device_name()
+    inputs = make_inputs(size=tuple(args.size))
+    report = {"batch": args.size, "device": args.device, "machine": machine(args.device), "metrics": {}}
     for name, (factory, data) in inputs.items():
         if args.only and name not in args.only:
             continue
@@ -144,8 +141,7 @@ def main() -> None:
             line += f"  {r['seconds_per_image_threshold'] * 1e3:6.2f} ms/image/threshold"
         print(line, flush=True)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(out, json.dumps(report, indent=2))
+    write_json(report, out)
     print(f"wrote {out}")
 
 

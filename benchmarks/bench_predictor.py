@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
-import platform
 import statistics
 import tempfile
 import threading
@@ -37,7 +35,7 @@ from densediff.inference.predictor import InferenceOptions, predict
 from densediff.inference.speedup import speed_up
 from densediff.run import ASSETS
 from densediff.tasks import build_task
-from densediff.io import write_text  # atomic: a stopped benchmark leaves no torn JSON
+from report import machine, write_json
 
 # Marigold's setting returns prev_sample like diffusers, so that both ensemble the same members (the alignment's
 # BFGS path, and with it its cost, depends on them); E2E-FT's x0 costs what diffusers' prev_sample costs.
@@ -208,8 +206,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     results = []
-    report = {"benchmark": "predictor_vs_diffusers_marigold", "device": str(device),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.platform(),
+    report = {"benchmark": "predictor_vs_diffusers_marigold", "device": str(device), "machine": machine(device),
               "results": results}
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.size:
@@ -230,10 +227,6 @@ def main() -> None:
                     write_json(report, Path(args.out))  # after every row: a long run stopped early keeps its rows
                 del estimator, pipe
     print(f"wrote {args.out}")
-
-
-def write_json(report: dict, path: Path) -> None:
-    write_text(path, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -96,7 +96,10 @@ def main() -> None:
                      "quiet_s": None, "contended_s": control, "ratio": None})
         print(json.dumps(rows[-1]), flush=True)
 
-    result = {"benchmark": "threads", "machine": platform.machine(), "cores": os.cpu_count(),
+    # benchmarks/report.machine()'s keys, without importing torch here
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cores": len(os.sched_getaffinity(0))}
+    result = {"benchmark": "threads", "machine": machine,
               "competitor": "one torch process, torch defaults, conv forward+backward in a loop", "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

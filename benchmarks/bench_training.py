@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import tempfile
 import time
@@ -27,9 +25,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from densediff import threads
 from densediff.run import training_parts
-from densediff.io import write_text  # atomic: a stopped benchmark leaves no torn JSON
+from report import machine, write_json
 
 
 class StepTimes(L.Callback):
@@ -123,14 +120,13 @@ def main() -> None:
     step_rate = batch_size / median["Lightning Trainer"]
     scenes_per_s = data_rate(dataset, batch_size, workers, args.data_batches)
     result = {
-        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "threads": threads.describe(), "batch_size": batch_size, "height_width": list(batches[0]["rgb"].shape[-2:]),
+        "machine": machine(), "batch_size": batch_size, "height_width": list(batches[0]["rgb"].shape[-2:]),
         "timed_steps_per_side": len(times["bare PyTorch loop"]),
         "median_step_s": median, "lightning_overhead": overhead,
         "data": {"num_workers": workers, "scenes_per_s": scenes_per_s, "training_samples_per_s": step_rate,
                  "data_over_training": scenes_per_s / step_rate},
     }
-    write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
+    write_json(result, args.out)
     print(f"Lightning overhead {overhead * 100:+.1f}% ({median['Lightning Trainer'] * 1e3:.1f} vs "
           f"{median['bare PyTorch loop'] * 1e3:.1f} ms/step); renderer {scenes_per_s:.0f} scenes/s with {workers} "
           f"workers = {scenes_per_s / step_rate:.1f}x what training consumes ({step_rate:.1f} samples/s)")

@@ -18,7 +18,6 @@ threshold at 375x500). Writes JSON; prints a table. Not a test: BSDS's counts va
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from bench_metrics import edge_scene
 from densediff.metrics import EdgeMetrics
 from densediff.metrics.edges import SEISM_HED_THRESHOLDS, _f_measure, _seism_ap
 from densediff.metrics.morphology import edge_nms, thin
-from densediff.io import write_text  # atomic: a stopped benchmark leaves no torn JSON
+from report import machine, write_json
 
 
 def scores(counts: np.ndarray) -> dict:
@@ -102,7 +101,7 @@ def main() -> None:
     radius = args.max_dist * math.hypot(h, w)
     sel = np.unique(np.linspace(0, len(SEISM_HED_THRESHOLDS) - 1, args.thresholds).round().astype(int))
     thr = [SEISM_HED_THRESHOLDS[i] for i in sel]
-    report = {"size": [h, w], "max_dist": args.max_dist, "radius_px": radius, "thresholds": thr, "sets": {}}
+    report = {"machine": machine(), "size": [h, w], "max_dist": args.max_dist, "radius_px": radius, "thresholds": thr, "sets": {}}
     for clutter in args.clutter:
         g = torch.Generator().manual_seed(0)
         counts = {k: [] for k in ["bipartite", "distance", "min_cost"] + [f"bsds_{i}" for i in range(args.bsds_runs)]}
@@ -155,8 +154,7 @@ def main() -> None:
         for k, v in entry.items():
             print(f"  {k:32s} {v}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(out, json.dumps(report, indent=2))
+    write_json(report, out)
     print(f"wrote {out}")
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from bench_predictor import PeakMemory, backbone_folder, load_both, measure, predictor_calls, synchronize, write_json
+from bench_predictor import PeakMemory, backbone_folder, load_both, measure, predictor_calls, synchronize
 from densediff.backbones.load import set_attention_backend
+from report import machine, write_json
 
 SINGLE_STEP = dict(steps=1, ensemble=1, noise="zeros")
 ENSEMBLE_10 = dict(steps=4, ensemble=10, noise="gaussian", final_step="prev_sample")
@@ -154,9 +154,7 @@ def main() -> None:
         rows = inference_rows(folder, device, size, precisions, reps, (False,) if args.toy else (False, True))
         if not args.skip_training:
             rows += training_rows(folder, device, size, training_precisions, reps)
-    report_json = {"benchmark": "gpu_suite", "device": str(device), "toy": args.toy,
-                   "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                   "torch": torch.__version__, "cuda": torch.version.cuda, "machine": platform.platform(),
+    report_json = {"benchmark": "gpu_suite", "device": str(device), "toy": args.toy, "machine": machine(device),
                    "results": rows}
     write_json(report_json, Path(args.out))
     print(f"wrote {args.out}")

@@ -91,7 +91,9 @@ def test_predictor_benchmark_runs_at_a_toy_size_and_writes_json(tmp_path):
     result = run_script(ROOT / "benchmarks" / "bench_predictor.py", "--height", 16, "--width", 16, "--reps", 1,
                         "--modes", "channels_last", "--out", out)
     assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())["results"]
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert report["machine"]["torch"] == torch.__version__ and report["machine"]["gpu"] is None  # benchmarks/report.py
     assert {(r["mode"], r["setting"], r["implementation"]) for r in rows} == {
         ("channels_last", setting, who) for who in ("densediff", "diffusers")
         for setting in ("1 step", "4 steps x ensemble 5")}
@@ -107,7 +109,9 @@ def test_gpu_suite_refuses_without_cuda_and_runs_its_code_paths_on_cpu_at_toy_si
     out = tmp_path / "gpu.json"
     result = run_script(script, "--device", "cpu", "--toy", "--out", out)
     assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())["results"]
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert report["machine"]["torch"] == torch.__version__
     assert {r["part"] for r in rows} == {"single step", "4 steps x ensemble 10", "e2e training step"}
     training = [r for r in rows if r["part"] == "e2e training step"]
     assert {r["gradient_checkpointing"] for r in training} == {False, True}

@@ -1,0 +1,48 @@
+"""The CPU benchmarks run at a toy size and write their JSON, each starting with the same machine block
+(benchmarks/report.py). No timing is asserted (benchmarks/README). bench_predictor and gpu_suite: test_speedup.py;
+bench_threads: test_threads.py."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+MACHINE_KEYS = {"platform", "processor", "cores", "threads", "torch", "cuda", "gpu"}
+
+
+def run_benchmark(name: str, *args) -> dict:
+    out = args[args.index("--out") + 1]
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["machine"]) == MACHINE_KEYS and report["machine"]["cores"] >= 1
+    return report
+
+
+def test_training_benchmark_runs_both_loops_and_the_renderer_and_writes_json(tmp_path):
+    result = run_benchmark("bench_training.py", "--steps", 2, "--warmup", 1, "--rounds", 1, "--data-batches", 2,
+                           "--out", tmp_path / "training.json", "dataset.batch_size=2", "dataset.num_workers=0")
+    assert result["timed_steps_per_side"] == 2 and result["batch_size"] == 2
+    assert set(result["median_step_s"]) == {"bare PyTorch loop", "Lightning Trainer"}
+    assert all(seconds > 0 for seconds in result["median_step_s"].values())
+    assert result["data"]["num_workers"] == 0 and result["data"]["scenes_per_s"] > 0
+    assert result["data"]["data_over_training"] > 0
+
+
+def test_metrics_benchmark_runs_at_a_toy_size_and_writes_json(tmp_path):
+    result = run_benchmark("bench_metrics.py", "--size", 2, 24, 32, "--reps", 1, "--device", "cpu", "--only", "depth",
+                           "edges", "--out", tmp_path / "metrics.json")
+    assert result["batch"] == [2, 24, 32] and set(result["metrics"]) == {"depth", "edges"}
+    depth, edges = result["metrics"]["depth"], result["metrics"]["edges"]
+    assert depth["shape"] == [2, 24, 32] and depth["seconds_per_batch_min"] > 0 and "abs_rel" in depth["result"]
+    assert edges["seconds_per_image_threshold"] > 0 and 0 < edges["result"]["ods_f"] <= 1
+
+
+def test_loader_benchmark_runs_at_a_toy_size_and_writes_json(tmp_path):
+    result = run_benchmark("bench_loaders.py", "--n", 4, "--height", 24, "--width", 32, "--batch", 2, "--reps", 1,
+                           "--out", tmp_path / "loaders.json")
+    assert result["samples"] == 4 and result["loaders"]
+    assert all(entry["samples"] == 4 and entry["samples_per_second"] > 0 for entry in result["loaders"].values())
+    assert result["bytes_on_disk"]["hypersim_folder"] > 0
