@@ -115,20 +115,21 @@ def test_noise_is_independent_per_branch_in_training_and_shared_at_inference(mod
 
 
 def test_regression_target_is_diffusers_velocity_and_loss_is_mse_over_both_branches(model):
-    torch.manual_seed(0)
-    with Recorder(model.estimator.unet) as rec:
-        torch.manual_seed(3)
-        loss = model.training_step(_batch(), 0)
-    call = rec.calls[0]
-    # rebuild the step's draws: the same seed replays encode (deterministic), randint and the pyramid noise
     torch.manual_seed(3)
     batch = _batch()
+    draws = model.step_randomness.draws
+    with Recorder(model.estimator.unet) as rec:
+        loss = model.training_step(batch, 0)
+    call = rec.calls[0]
+    # rebuild the step's draws: the step's generator replays randint and the pyramid noise (encode: the mean)
+    model.step_randomness.draws = draws
+    generator = model.step_generator()
     targets = [task.encode(batch) for task in model.tasks.values()]
     latents = model.encode(torch.cat([batch["rgb"] * 2 - 1, *targets]))
     geometry = latents[2:]
-    t = torch.randint(0, 1000, (2,)).repeat(2)
+    t = torch.randint(0, 1000, (2,), generator=generator).repeat(2)
     assert torch.equal(t, call["timestep"])
-    noise = model.training_noise(geometry, t)
+    noise = model.training_noise(geometry, t, generator)
     scheduler = DDPMScheduler.from_config(model.estimator.scheduler_config)
     assert torch.allclose(call["sample"][:, 4:], scheduler.add_noise(geometry, noise, t), atol=1e-5)
     velocity = scheduler.get_velocity(geometry, noise, t)

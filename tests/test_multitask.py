@@ -88,9 +88,10 @@ def batch_of(tasks, n=2):
     return default_collate([data[i] for i in range(n)])
 
 
-def gradients(model, batch, seed=0):
+def gradients(model, batch, draws=0):
+    """One training step's gradients; `draws` picks its noise (the same value replays the same noise)."""
     model.zero_grad()
-    model._generator = torch.Generator().manual_seed(seed)
+    model.step_randomness.draws = draws
     model.training_step(batch, 0).backward()
     return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 

@@ -170,6 +170,38 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_uninterrupted_weights_bit
     assert not [p for p in run.rglob("*") if ".tmp" in p.name], "a temporary file stayed behind"
 
 
+# The denoising paradigms draw timesteps, noise and posterior samples at every step (densediff/paradigms/noise.py):
+# a run stopped after step 2 (its validation there draws noise too) and resumed to step 4 must draw what the
+# uninterrupted run drew, bit for bit. Gradient accumulation 2: the draws count micro-batches.
+DENOISING = {
+    "marigold": ["experiment=marigold_depth", "backbone=tiny"],  # pyramid noise, posterior mean
+    "dmp": ["experiment=dmp_normal", "backbone=tiny"],  # LoRA, posterior samples, captions
+    "geowizard": ["experiment=geowizard", "backbone=tiny"],
+    "diffusionmtl": ["experiment=diffusionmtl_pascal", "objective.embed_dim=8", "objective.denoiser_blocks=1",
+                     "objective.denoiser_heads=2", "objective.time_freq_dim=8", "encoder.config.embedding_size=8",
+                     "encoder.config.hidden_sizes=[8,8,16,16]", "encoder.config.depths=[1,1,1,1]"],
+}
+SMALL = ["dataset=procedural", "logger=none", "dataset.height=32", "dataset.width=40", "dataset.train.num_scenes=12",
+         "dataset.val.num_scenes=2", "dataset.batch_size=2", "dataset.val_batch_size=2",
+         "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=4", "checkpoint_every_n_steps=1",
+         "trainer.enable_progress_bar=false", "inference.steps=2", "inference.ensemble=1"]
+
+
+@pytest.mark.parametrize("recipe", [pytest.param(name, marks=pytest.mark.slow) if name in ("geowizard", "dmp")
+                                    else name for name in DENOISING])
+def test_a_resumed_denoising_run_draws_the_uninterrupted_runs_noise(recipe, tmp_path):
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    run_cli("train.py", *DENOISING[recipe], *SMALL, "trainer.max_steps=4", f"hydra.run.dir={straight}")
+    run_cli("train.py", *DENOISING[recipe], *SMALL, "trainer.max_steps=2", f"hydra.run.dir={run}")
+    last = run / "checkpoints" / "last.ckpt"
+    run_cli("train.py", *DENOISING[recipe], *SMALL, "trainer.max_steps=4", f"hydra.run.dir={run}", f"ckpt_path={last}")
+    a, b = (torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True) for r in (straight, run))
+    assert a["global_step"] == b["global_step"] == 4 and a["densediff_training_draws"] == 8
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    unequal = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
+    assert not unequal, f"{len(unequal)} of {len(a['state_dict'])} tensors differ after the resume, e.g. {unequal[0]}"
+
+
 def test_last_checkpoint_is_the_final_step_and_best_is_the_best_validation(tmp_path):
     run = tmp_path / "run"  # validations at steps 3 and 6; training goes on to step 8
     run_cli("train.py", "experiment=quickstart", "logger=csv", f"hydra.run.dir={run}", *FAST,

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from densediff.paradigms.evaluation import LatentModel
+from densediff.paradigms.noise import StepRandomness
 from densediff.paradigms.optim import optimizer_with_schedule, schedule_factor
 from densediff.tasks.losses import masked_mse
 
@@ -31,7 +32,24 @@ class LatentDenoiser(LatentModel):
     """A UNet trained to denoise target latents conditioned on the image latent. Subclasses set `estimator`
     (SingleStepEstimator), call use_schedule with their backbone's scheduler, and define training_step; the
     hyperparameters read here are objective.latent, lr, weight_decay, betas, lr_schedule, warmup_steps,
-    decay_steps and final_lr_ratio."""
+    decay_steps and final_lr_ratio. Training draws its timesteps, noise and posterior samples from step_generator,
+    so a resumed run repeats them exactly (densediff/paradigms/noise.py)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_randomness = StepRandomness()
+
+    def step_generator(self) -> torch.Generator:
+        """This training step's random source (CPU): call it once per training_step."""
+        return self.step_randomness.next_generator(self.global_rank)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        self.step_randomness.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.step_randomness.load(checkpoint)
 
     def use_schedule(self, scheduler, prediction_type: str | None) -> None:
         """The training schedule and what the UNet predicts: the scheduler config's type unless set (DMP re-registers
@@ -52,10 +70,15 @@ class LatentDenoiser(LatentModel):
         return noisy, noise if self.prediction_type == "epsilon" else clean
 
     @torch.no_grad()
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] in [-1,1] -> latent x scaling (posterior mean: Marigold; a posterior sample: DMP)."""
+    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[B,3,H,W] in [-1,1] -> latent x scaling (posterior mean: Marigold; a posterior sample drawn from
+        `generator`: DMP)."""
         distribution = self.estimator.vae.encode(image.to(self.estimator.vae.dtype)).latent_dist
-        latent = distribution.mode() if self.hparams.latent == "mean" else distribution.sample()
+        if self.hparams.latent == "mean":
+            latent = distribution.mode()
+        else:  # on the generator's device (the CPU), then moved: the same draw on every device
+            latent = distribution.mean + distribution.std * torch.randn(
+                distribution.mean.shape, generator=generator).to(distribution.mean)
         return latent * self.estimator.scaling_factor
 
     def latent_valid_mask(self, valid: torch.Tensor) -> torch.Tensor:

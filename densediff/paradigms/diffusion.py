@@ -95,9 +95,9 @@ class DiffusionEstimator(LatentDenoiser):
         self.inference = InferenceOptions(steps=10, noise="gaussian" if conditioning == "concat" else "zeros")
 
     # ---- training -------------------------------------------------------------------------------------------
-    def noisy_input(self, target_latent: torch.Tensor, rgb_latent: torch.Tensor,
-                    timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(UNet input, the model output's regression target) for one batch."""
+    def noisy_input(self, target_latent: torch.Tensor, rgb_latent: torch.Tensor, timesteps: torch.Tensor,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(UNet input, the model output's regression target) for one batch, the noise drawn from `generator`."""
         if self.hparams.conditioning == "interpolate":
             noise = rgb_latent  # DMP: the image latent is the "noise"
         elif self.hparams.noise == "pyramid":
@@ -105,9 +105,9 @@ class DiffusionEstimator(LatentDenoiser):
             discount = self.hparams.pyramid_discount
             if self.hparams.noise_annealing:
                 discount = discount * timesteps.float() / self.num_train_timesteps
-            noise = pyramid_noise(tuple(target_latent.shape), None, discount=discount).to(target_latent)
+            noise = pyramid_noise(tuple(target_latent.shape), generator, discount=discount).to(target_latent)
         else:
-            noise = torch.randn_like(target_latent)
+            noise = torch.randn(target_latent.shape, generator=generator).to(target_latent)
         noisy, regression_target = self.forward_process(target_latent, noise, timesteps)
         unet_input = noisy if self.hparams.conditioning == "interpolate" else torch.cat([rgb_latent, noisy], dim=1)
         return unet_input, regression_target
@@ -115,10 +115,11 @@ class DiffusionEstimator(LatentDenoiser):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         rgb = batch["rgb"]
         target_image = self.task.encode(batch)
-        rgb_latent = self.encode(rgb * 2 - 1)
-        target_latent = self.encode(target_image)
-        timesteps = torch.randint(0, self.num_train_timesteps, (rgb.shape[0],), device=rgb.device)
-        unet_input, regression_target = self.noisy_input(target_latent, rgb_latent, timesteps)
+        generator = self.step_generator()
+        rgb_latent = self.encode(rgb * 2 - 1, generator)
+        target_latent = self.encode(target_image, generator)
+        timesteps = torch.randint(0, self.num_train_timesteps, (rgb.shape[0],), generator=generator).to(rgb.device)
+        unet_input, regression_target = self.noisy_input(target_latent, rgb_latent, timesteps, generator)
         if self.hparams.prompts == "dataset":  # DMP: the sample's caption, padded to 77 tokens
             if "prompt" not in batch:
                 raise ValueError("objective.prompts=dataset needs captions: this dataset's samples have no 'prompt'")

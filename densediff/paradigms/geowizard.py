@@ -158,7 +158,8 @@ class GeoWizardEstimator(LatentDenoiser):
                 "class_labels": geowizard_class_labels(domain, rgb.shape[0], device=rgb.device, dtype=dtype)}
 
     # ---- training -------------------------------------------------------------------------------------------
-    def training_noise(self, geometry_latent: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def training_noise(self, geometry_latent: torch.Tensor, timesteps: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Noise for the 2B geometry latents. GeoWizard: multi-resolution over all 2B rows (independent per branch),
         levels weighted t/T x 0.9^i (noise_annealing; without it 0.9^i), r ~ U[1.5, 3), normalised to unit std."""
         hp = self.hparams
@@ -166,10 +167,10 @@ class GeoWizardEstimator(LatentDenoiser):
         shape = (rows, *geometry_latent.shape[1:])
         if hp.noise == "pyramid":
             strength = timesteps[:rows].float() / self.num_train_timesteps if hp.noise_annealing else 1.0
-            noise = pyramid_noise(shape, None, discount=hp.pyramid_discount, strength=strength,
+            noise = pyramid_noise(shape, generator, discount=hp.pyramid_discount, strength=strength,
                                   scale_range=(1.5, 3.0), cumulative=False)
         else:
-            noise = torch.randn(shape)
+            noise = torch.randn(shape, generator=generator)
         noise = noise.to(geometry_latent)
         return noise.repeat(2, 1, 1, 1) if hp.training_noise == "shared" else noise
 
@@ -181,10 +182,11 @@ class GeoWizardEstimator(LatentDenoiser):
             raise ValueError(f"GeoWizard trains on depth and normals together: this batch has no {missing}; ask the "
                              "dataset for both (dataset.tasks=[depth,normals], as experiment=geowizard does)")
         targets = [task.encode(batch) for task in self.tasks.values()]
-        latents = self.encode(torch.cat([rgb * 2 - 1, *targets]))  # one VAE call, as the reference
+        generator = self.step_generator()
+        latents = self.encode(torch.cat([rgb * 2 - 1, *targets]), generator)  # one VAE call, as the reference
         rgb_latent, geometry = latents[:size], latents[size:]  # geometry: [depth_1..depth_B, normal_1..normal_B]
-        timesteps = torch.randint(0, self.num_train_timesteps, (size,), device=rgb.device).repeat(2)
-        noise = self.training_noise(geometry, timesteps)
+        timesteps = torch.randint(0, self.num_train_timesteps, (size,), generator=generator).to(rgb.device).repeat(2)
+        noise = self.training_noise(geometry, timesteps, generator)
         noisy, target = self.forward_process(geometry, noise, timesteps)
         unet_input = torch.cat([rgb_latent.repeat(2, 1, 1, 1), noisy], dim=1)
         output = self.estimator.unet(unet_input, timesteps,

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densediff.paradigms.evaluation import write_gallery
+from densediff.paradigms.noise import StepRandomness
 from densediff.paradigms.optim import optimizer_with_schedule, poly_schedule
 from densediff.tasks import build_task
 from densediff.tasks.heads import DEFAULT_WEIGHTS, HEAD_TASKS, Head
@@ -206,6 +207,7 @@ class MultiTaskDenoising(L.LightningModule):
         self.val_metrics = nn.ModuleDict({t: self.heads[t].metrics() for t in tasks})
         self.test_metrics = nn.ModuleDict({t: self.heads[t].metrics() for t in tasks})
         self.gallery_size, self._gallery, self._seed, self._generator = gallery_size, [], 0, None
+        self.step_randomness = StepRandomness()  # training noise a resumed run repeats (paradigms/noise.py)
         self.strict_loading = all(p.requires_grad for p in self.parameters())  # see on_save_checkpoint
 
     def _monitor_spec(self, monitor, mode):
@@ -288,6 +290,7 @@ class MultiTaskDenoising(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         labelled = self.labelled(batch)
         run = [t for j, t in enumerate(self.tasks) if labelled[:, j].any()]
+        self._generator = self.step_randomness.next_generator(self.global_rank)
         preliminary, final = self(batch["rgb"], run)
         losses = self.losses(preliminary, final, batch, labelled)
         b = batch["rgb"].shape[0]
@@ -369,4 +372,8 @@ class MultiTaskDenoising(L.LightningModule):
         frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["densediff_paradigm"] = self.paradigm
+        self.step_randomness.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.step_randomness.load(checkpoint)
 
