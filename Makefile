@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 RUN ?= outputs/quickstart/demo-$(shell date +%Y-%m-%d_%H-%M-%S)
 DEMO_ARGS ?=   # extra train.py overrides, e.g. make demo DEMO_ARGS="trainer.max_steps=100"
 PRIOR_DIR ?= outputs/prior/$(shell date +%Y-%m-%d_%H-%M-%S)
-PRIOR_RECIPES ?= prior/e2e_depth,prior/marigold_depth,prior/dmp_normal,prior/geowizard,prior/diff2in1
+PRIOR_RECIPES ?= prior/e2e_depth,prior/marigold_depth,prior/dmp_normal,prior/geowizard,prior/diff2in1,prior/diffusionmtl
+PRIOR_METRICS ?= abs_rel,delta1,angular_mean,angular_11_25,segmentation/miou,depth/abs_rel,normals/angular_mean,edges/ods_f
 PRIOR_ARGS ?=  # extra train.py overrides for every job, e.g. PRIOR_ARGS="trainer.max_steps=100"
 
 .PHONY: help install demo prior test test-all bench bench-gpu app clean-outputs
@@ -24,6 +25,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv with densediff and its test tools
 
+# One thread: the tiny backbone's kernels are too small to share between two cores with passive OpenMP waiting
+# (benchmarks/README.md, "Threads on shared cores"); an OMP_NUM_THREADS of your own wins.
+demo: export OMP_NUM_THREADS ?= 1
 demo: $(STAMP)  ## E2E fine-tune the tiny backbone for depth on procedural scenes, then evaluate it
 	$(PY) evaluate.py backbone=tiny dataset=procedural hydra.run.dir=$(RUN)/untrained
 	$(PY) train.py experiment=quickstart hydra.run.dir=$(RUN) $(DEMO_ARGS)
@@ -33,7 +37,7 @@ demo: $(STAMP)  ## E2E fine-tune the tiny backbone for depth on procedural scene
 prior: $(STAMP)  ## does the prior help? each recipe on backbone=tiny and tiny_random: one table, one plot
 	$(PY) train.py -m experiment=$(PRIOR_RECIPES) backbone=tiny,tiny_random hydra.sweep.dir=$(PRIOR_DIR) $(PRIOR_ARGS)
 	$(PY) -m densediff.compare --sweep $(PRIOR_DIR) --pivot backbone \
-		--metrics abs_rel,delta1,angular_mean,angular_11_25 --table $(PRIOR_DIR)/comparison.md --plot $(PRIOR_DIR)/curves.png
+		--metrics $(PRIOR_METRICS) --table $(PRIOR_DIR)/comparison.md --plot $(PRIOR_DIR)/curves.png
 
 test: $(STAMP)  ## the test suite (what CI runs): one worker per core, a test file per worker at a time
 	$(PY) -m pytest -m "not slow" -q -n auto --dist loadfile

@@ -18,6 +18,8 @@ other load (wall-clock).
 
 from __future__ import annotations
 
+import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+
 import argparse
 import csv
 import tempfile

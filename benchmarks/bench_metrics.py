@@ -14,6 +14,8 @@ Not a test: numbers depend on the machine and on other load (wall-clock; `cpu_se
 
 from __future__ import annotations
 
+import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+
 import argparse
 import time
 from pathlib import Path

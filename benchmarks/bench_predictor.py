@@ -19,6 +19,8 @@ Not a test: numbers depend on the machine and on other load (wall-clock).
 
 from __future__ import annotations
 
+import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+
 import argparse
 import ctypes
 import statistics

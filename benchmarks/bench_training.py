@@ -15,6 +15,8 @@ samples per second the training step consumes. Wall-clock numbers: not a test.
 
 from __future__ import annotations
 
+import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+
 import argparse
 import copy
 import statistics

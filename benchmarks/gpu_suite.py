@@ -15,6 +15,8 @@ Without CUDA it exits with status 1 and says so; `--device cpu --toy` runs the s
 
 from __future__ import annotations
 
+import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+
 import argparse
 import importlib.util
 import statistics

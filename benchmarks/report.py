@@ -9,6 +9,8 @@ import torch or densediff (it times fresh interpreters with their own thread set
 
 from __future__ import annotations
 
+import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+
 import json
 import platform
 from pathlib import Path

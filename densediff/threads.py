@@ -10,11 +10,21 @@ and test gets it. It only fills in what the user's environment leaves unset: `OM
 (and MKL's) given explicitly always win. `use_threads_for(processes)` then splits the cores between the local
 processes of a run (CPU DDP) once the config says how many there are.
 
+The same call keeps glibc's allocator from handing memory back to the kernel after every training step
+(`configure_allocator`). By default glibc serves blocks above a sliding threshold (128 KiB at first) with fresh
+mmap'd pages and trims the heap top as soon as 128 KiB are free, so each step's activations are mapped, faulted in
+page by page and unmapped again: on the tiny backbone that made element-wise kernels ~40 % slower and a training
+step 15-20 % slower (benchmarks/README.md). Blocks up to 32 MiB now come from the heap, and freed memory stays
+mapped for the next step (the process keeps its peak resident size). The user's own MALLOC_MMAP_THRESHOLD_,
+MALLOC_TRIM_THRESHOLD_ or MALLOC_TOP_PAD_ win; DENSEDIFF_MALLOC=default leaves glibc as it is.
+
 This module must not import torch: the OpenMP runtime reads its environment when torch loads.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 
 # Set by configure_environment when it chose OMP_NUM_THREADS itself, so DDP children (which inherit the environment)
@@ -46,6 +56,34 @@ def configure_environment() -> None:
     if "OMP_NUM_THREADS" not in os.environ:  # else the user's, or a parent run's split for its DDP children
         os.environ["OMP_NUM_THREADS"] = str(threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         os.environ[AUTO_MARKER] = "1"
+    configure_allocator()
+
+
+# glibc mallopt parameters and the environment variables that set them at process start (children inherit these)
+ALLOCATOR = {"MALLOC_TRIM_THRESHOLD_": (-1, 1 << 30), "MALLOC_TOP_PAD_": (-2, 64 << 20),
+             "MALLOC_MMAP_THRESHOLD_": (-3, 32 << 20)}
+
+
+def configure_allocator() -> dict[str, int]:
+    """Keep freed memory mapped between training steps (see the module docstring). Returns what it set in this
+    process ({} where glibc is not the allocator, or DENSEDIFF_MALLOC=default)."""
+    if os.environ.get("DENSEDIFF_MALLOC") == "default":
+        return {}
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):  # musl, macOS, Windows: no mallopt
+        mallopt = None
+    if mallopt is None:
+        return {}
+    applied = {}
+    for variable, (parameter, value) in ALLOCATOR.items():
+        if variable in os.environ:  # the user's: glibc read it when this process started
+            continue
+        os.environ[variable] = str(value)  # for the processes this one starts (DDP ranks, spawned workers)
+        if mallopt(parameter, value) == 1:
+            applied[variable] = value
+    return applied
 
 
 def use_threads_for(processes: int) -> int:
@@ -68,6 +106,8 @@ def describe() -> str:
     """One line for logs and benchmark JSON: what is in force and who chose it."""
     import torch
 
-    who = "set by the environment" if user_set_threads() else "densediff's default"
+    who = ("set by the environment" if user_set_threads() else "densediff's default"
+           if os.environ.get(AUTO_MARKER) == "1" else "torch's default: torch was imported before densediff")
     return (f"{torch.get_num_threads()} intra-op threads ({who}), OMP_WAIT_POLICY="
-            f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, {usable_cores()} usable cores")
+            f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, {usable_cores()} usable cores, malloc "
+            f"mmap threshold {os.environ.get('MALLOC_MMAP_THRESHOLD_', 'glibc default')}")

@@ -12,12 +12,13 @@ from conftest import FAST, ROOT, run_cli
 from densediff import threads
 
 PROBE = ("import json, os, densediff, torch; print(json.dumps({'threads': torch.get_num_threads(), "
-         "'wait': os.environ.get('OMP_WAIT_POLICY'), 'omp': os.environ.get('OMP_NUM_THREADS')}))")
+         "'wait': os.environ.get('OMP_WAIT_POLICY'), 'omp': os.environ.get('OMP_NUM_THREADS'), "
+         "'mmap': os.environ.get('MALLOC_MMAP_THRESHOLD_')}))")
+OURS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", threads.AUTO_MARKER, "DENSEDIFF_MALLOC", *threads.ALLOCATOR)
 
 
 def _probe(**env) -> dict:
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", threads.AUTO_MARKER)}
+    base = {k: v for k, v in os.environ.items() if k not in OURS}  # this process's densediff set some of them
     result = subprocess.run([sys.executable, "-c", PROBE], env={**base, **env}, capture_output=True, text=True,
                             check=True, cwd=ROOT)
     return json.loads(result.stdout)
@@ -30,8 +31,38 @@ def test_importing_densediff_sets_passive_waiting_and_one_thread_per_usable_core
 
 
 def test_the_users_environment_wins():
-    probe = _probe(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="ACTIVE")
-    assert probe == {"threads": 1, "wait": "ACTIVE", "omp": "1"}
+    probe = _probe(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="ACTIVE", MALLOC_MMAP_THRESHOLD_="65536")
+    assert probe == {"threads": 1, "wait": "ACTIVE", "omp": "1", "mmap": "65536"}
+
+
+def test_the_allocator_keeps_step_sized_blocks_on_the_heap_unless_told_not_to(monkeypatch):
+    assert _probe()["mmap"] == str(32 << 20)  # importing densediff set it, for the processes a run starts
+    assert _probe(DENSEDIFF_MALLOC="default")["mmap"] is None
+    for variable in threads.ALLOCATOR:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "0")  # the user's: glibc read it at start, densediff leaves it
+    applied = threads.configure_allocator()  # glibc's mallopt accepted the other two in this process
+    assert applied == {"MALLOC_TRIM_THRESHOLD_": 1 << 30, "MALLOC_MMAP_THRESHOLD_": 32 << 20}
+    assert os.environ["MALLOC_TOP_PAD_"] == "0"
+    monkeypatch.setenv("DENSEDIFF_MALLOC", "default")
+    assert threads.configure_allocator() == {}
+
+
+def test_benchmarks_import_densediff_before_torch():
+    """The settings are made when densediff is imported before torch: a benchmark that imported torch first would
+    measure torch's defaults (bench_threads.py imports neither: it times fresh interpreters)."""
+    import ast
+
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        if path.name == "bench_threads.py":
+            continue
+        body = ast.parse(path.read_text()).body
+        imported = [(alias.name if isinstance(node, ast.Import) else node.module or "").split(".")[0]
+                    for node in body if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names]
+        first = [m for m in imported if m != "__future__"]
+        heavy = [m for m in first if m in ("torch", "lightning", "diffusers", "numpy", "densediff", "report",
+                                           "bench_metrics", "bench_predictor")]
+        assert heavy and heavy[0] == "densediff", f"{path.name} imports {heavy[0]} before densediff"
 
 
 def test_ddp_ranks_split_the_cores_unless_the_user_chose(monkeypatch):

@@ -11,6 +11,8 @@ cut), a fresh tiny CLIP text encoder on that vocabulary trained jointly with the
 
 from __future__ import annotations
 
+import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+
 import argparse
 import copy
 import math
