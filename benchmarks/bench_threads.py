@@ -1,6 +1,7 @@
 """Does a training run hold up when another torch process shares the cores?
 
     python benchmarks/bench_threads.py [--out benchmarks/results/threads.json] [--steps 30] [--control-steps 5]
+                                       [--spin-counts 1000 10000 100000]
 
 Times `train.py experiment=quickstart trainer.max_steps=<steps>` (whole process, start-up included) on a quiet
 machine and next to a competing torch process that keeps every core busy with torch's own defaults (one thread per
@@ -8,6 +9,8 @@ core, OpenMP's active waiting), i.e. what a second experiment or a test run does
 - densediff's defaults (passive waiting, threads = usable cores), quiet and contended: the ratio is the headline
   (issue: below 2.5);
 - the same with one thread, quiet and contended;
+- with --spin-counts: densediff's defaults but letting libgomp's threads spin GOMP_SPINCOUNT times before they sleep
+  (passive waiting is a spin count of 0), quiet and contended, one row per count;
 - the control: torch's defaults (OMP_WAIT_POLICY=ACTIVE) contended, on `--control-steps` steps and scaled per step,
   which is what the project did before (a 30-step run took 41x longer than quiet).
 Not a test: wall-clock numbers depend on the machine and on any other load.
@@ -39,7 +42,8 @@ while True:
 
 def clean_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "DENSEDIFF_AUTO_THREADS")}
+           if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "DENSEDIFF_AUTO_THREADS",
+                        "GOMP_SPINCOUNT")}
     return {**env, "WANDB_MODE": "disabled", **extra}
 
 
@@ -77,11 +81,15 @@ def main() -> None:
     parser.add_argument("--control-steps", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--quick", action="store_true", help="densediff's defaults only, no control (a smoke run)")
+    parser.add_argument("--spin-counts", type=int, nargs="*", default=[],
+                        help="also densediff's defaults with GOMP_SPINCOUNT=N, one row per N")
     args = parser.parse_args()
 
     rows = []
     configurations = [("densediff defaults", clean_env(), args.steps),
                       ("densediff, 1 thread", clean_env(OMP_NUM_THREADS="1"), args.steps)][:1 if args.quick else 2]
+    configurations += [(f"densediff defaults, GOMP_SPINCOUNT={count}", clean_env(GOMP_SPINCOUNT=str(count)), args.steps)
+                       for count in args.spin_counts]
     for name, env, steps in configurations:
         quiet = measure(steps, env, contended=False, timeout=args.timeout)
         contended = measure(steps, env, contended=True, timeout=args.timeout)
