@@ -71,7 +71,7 @@ def load_models(ckpts: list[str], overrides: list[str]) -> tuple[dict, dict, obj
         if name in models:
             raise ConfigError(f"ckpt={sources[name]} and ckpt={ckpt} both predict {name}: the demo serves one "
                               "model per task")
-        models[name], sources[name] = model.to(device), source if ckpt is None else ckpt
+        models[name], sources[name] = model.to(device), source
     return models, sources, device
 
 

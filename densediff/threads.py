@@ -24,8 +24,8 @@ This module must not import torch: the OpenMP runtime reads its environment when
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
+import sys
 
 # Set by configure_environment when it chose OMP_NUM_THREADS itself, so DDP children (which inherit the environment)
 # know the value is ours to change, not the user's.
@@ -69,12 +69,9 @@ def configure_allocator() -> dict[str, int]:
     process ({} where glibc is not the allocator, or DENSEDIFF_MALLOC=default)."""
     if os.environ.get("DENSEDIFF_MALLOC") == "default":
         return {}
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):  # musl, macOS, Windows: no mallopt
-        mallopt = None
-    if mallopt is None:
+    # the symbols already loaded into this process (libc's among them); find_library would start a subprocess
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
+    if mallopt is None:  # musl has no mallopt; macOS and Windows use other allocators
         return {}
     applied = {}
     for variable, (parameter, value) in ALLOCATOR.items():

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from conftest import FAST, ROOT, run_cli
+from test_multitask_cli import TINY as MULTITASK_TINY
 from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients
 from densediff.data.datamodule import DenseDataModule
 from densediff.data.mixed import MixedDataset
@@ -177,9 +178,7 @@ DENOISING = {
     "marigold": ["experiment=marigold_depth", "backbone=tiny"],  # pyramid noise, posterior mean
     "dmp": ["experiment=dmp_normal", "backbone=tiny"],  # LoRA, posterior samples, captions
     "geowizard": ["experiment=geowizard", "backbone=tiny"],
-    "diffusionmtl": ["experiment=diffusionmtl_pascal", "objective.embed_dim=8", "objective.denoiser_blocks=1",
-                     "objective.denoiser_heads=2", "objective.time_freq_dim=8", "encoder.config.embedding_size=8",
-                     "encoder.config.hidden_sizes=[8,8,16,16]", "encoder.config.depths=[1,1,1,1]"],
+    "diffusionmtl": ["experiment=diffusionmtl_pascal", *(o for o in MULTITASK_TINY if not o.startswith("logger="))],
 }
 SMALL = ["dataset=procedural", "logger=none", "dataset.height=32", "dataset.width=40", "dataset.train.num_scenes=12",
          "dataset.val.num_scenes=2", "dataset.batch_size=2", "dataset.val_batch_size=2",

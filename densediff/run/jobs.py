@@ -347,12 +347,12 @@ def load_predictor(overrides: list[str], ckpt: str | Path | None = None, task_hi
     any task and no task= among the overrides is a ConfigError instead of predict.yaml's default task.
     Returns (model in eval mode, device, where the model came from: the checkpoint path or backbone=<name>)."""
     from densediff.run.build import backbone_task
-    from densediff.run.config import compose
+    from densediff.run.config import compose, group_is_chosen
 
     cfg = compose("predict", overrides)
     if ckpt is not None:
         cfg.ckpt = str(ckpt)
-    elif task_hint and not any(o.lstrip("+~").split("=", 1)[0] == "task" for o in overrides):
+    elif task_hint and not group_is_chosen("task"):  # neither the overrides nor their experiment picks one
         declared, source = backbone_task(cfg)
         if declared is None:
             raise ConfigError(f"{source} predicts any task: {task_hint} (depth, normals, albedo, shading or "
