@@ -89,6 +89,14 @@ def test_bad_counts_are_refused_by_key(override, key, tmp_path):
     assert_one_line_error(result, key, "an integer >=")
 
 
+@pytest.mark.parametrize("entry, experiment, needle", [("train.py", "dmp/base", "experiment=dmp_depth"),
+                                                      ("evaluate.py", "prior/budget", "experiment=prior/e2e_depth")])
+def test_a_shared_part_of_recipes_is_not_a_recipe(entry, experiment, needle, tmp_path):
+    result = run_cli(entry, f"experiment={experiment}", f"hydra.run.dir={tmp_path / 'r'}", expect_ok=False)
+    assert_one_line_error(result, f"experiment={experiment} is not a recipe", needle)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
 def test_resume_with_another_adapter_is_refused(trained_run, tmp_path):
     ckpt = trained_run / "checkpoints" / "last.ckpt"  # a full fine-tune
     result = run_cli("train.py", "experiment=quickstart", "adapter=lora", "logger=csv", f"ckpt_path={ckpt}",

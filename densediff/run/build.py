@@ -113,8 +113,20 @@ COUNT_KEYS = {"trainer.max_steps": (-1, "optimizer steps, -1 for no limit"),
               "dataset.num_workers": (0, "DataLoader worker processes, 0 for the main process")}
 
 
+# Experiment files that only hold what several recipes share; the recipes include them, a run never picks them alone.
+PARTIAL_EXPERIMENTS = {
+    "dmp/base": "the part DMP's five recipes share; pick one of them: experiment=dmp_depth, dmp_normal, "
+                "dmp_segmentation, dmp_albedo or dmp_shading",
+    "prior/budget": "the step budget the prior comparison's recipes share; pick one of them, e.g. "
+                    "experiment=prior/e2e_depth (make prior runs them all)",
+}
+
+
 def check_config(cfg: DictConfig) -> None:
     """Values that cannot work, refused at start-up by key before anything is built."""
+    chosen = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+    if chosen in PARTIAL_EXPERIMENTS:
+        raise ConfigError(f"experiment={chosen} is not a recipe of its own: it is {PARTIAL_EXPERIMENTS[chosen]}")
     for key, (least, meaning) in COUNT_KEYS.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
