@@ -25,9 +25,6 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv with densediff and its test tools
 
-# One thread: the tiny backbone's kernels are too small to share between two cores with passive OpenMP waiting
-# (benchmarks/README.md, "Threads on shared cores"); an OMP_NUM_THREADS of your own wins.
-demo: export OMP_NUM_THREADS ?= 1
 demo: $(STAMP)  ## E2E fine-tune the tiny backbone for depth on procedural scenes, then evaluate it
 	$(PY) evaluate.py backbone=tiny dataset=procedural hydra.run.dir=$(RUN)/untrained
 	$(PY) train.py experiment=quickstart hydra.run.dir=$(RUN) $(DEMO_ARGS)

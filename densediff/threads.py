@@ -8,7 +8,9 @@ and one thread per usable core per local process avoid that at almost no cost on
 `configure_environment()` runs when `densediff` is imported, before torch is, so every entry point, tool, benchmark
 and test gets it. It only fills in what the user's environment leaves unset: `OMP_WAIT_POLICY`, `OMP_NUM_THREADS`
 (and MKL's) given explicitly always win. `use_threads_for(processes)` then splits the cores between the local
-processes of a run (CPU DDP) once the config says how many there are.
+processes of a run (CPU DDP) once the config says how many there are, and gives a small model (the tiny backbone) one
+thread: its kernels are too short for a second thread to pay for the hand-over at passive waiting, quiet or on
+shared cores (benchmarks/README.md, "Threads on shared cores").
 
 The same call keeps glibc's allocator from handing memory back to the kernel after every training step
 (`configure_allocator`). By default glibc serves blocks above a sliding threshold (128 KiB at first) with fresh
@@ -83,15 +85,23 @@ def configure_allocator() -> dict[str, int]:
     return applied
 
 
-def use_threads_for(processes: int) -> int:
-    """Split the usable cores between `processes` local processes (CPU DDP ranks) unless the user chose a thread
-    count; sets torch's intra-op threads in this process and the environment its children inherit. Returns the
-    thread count in force."""
+# Below this many parameters one thread beats one per core: measured on the tiny backbone (~3 M parameters: 30
+# quickstart steps 32.9 s vs 39.2 s quiet, 46.1 s vs 51.8 s next to another torch job, 2 cores); SD-sized models
+# (~1 B) need every core. Models in between are unmeasured; the bound sits well above the tiny ones.
+SMALL_MODEL_PARAMETERS = 20_000_000
+
+
+def use_threads_for(processes: int, parameters: int | None = None) -> int:
+    """Split the usable cores between `processes` local processes (CPU DDP ranks), or give a model of fewer than
+    SMALL_MODEL_PARAMETERS `parameters` one thread, unless the user chose a thread count; sets torch's intra-op
+    threads in this process and the environment its children inherit. Returns the thread count in force."""
     import torch
 
     if user_set_threads():
         return torch.get_num_threads()
     threads = threads_per_process(processes)
+    if parameters is not None and parameters < SMALL_MODEL_PARAMETERS:
+        threads = 1
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ[AUTO_MARKER] = "1"
     if torch.get_num_threads() != threads:

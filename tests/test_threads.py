@@ -82,6 +82,31 @@ def test_ddp_ranks_split_the_cores_unless_the_user_chose(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_a_small_model_gets_one_thread_unless_the_user_chose(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv(threads.AUTO_MARKER, "1")
+        monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+        assert threads.use_threads_for(1, parameters=3_000_000) == 1 == torch.get_num_threads()
+        assert threads.use_threads_for(1, parameters=900_000_000) == 4 == torch.get_num_threads()
+        assert threads.use_threads_for(2, parameters=900_000_000) == 2
+        monkeypatch.delenv(threads.AUTO_MARKER)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's
+        assert threads.use_threads_for(1, parameters=3_000_000) == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_train_and_evaluate_give_the_tiny_backbone_one_thread(monkeypatch, tmp_path):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # densediff's choice, as a user without the variable gets
+    for entry, log in (("train.py", "train.log"), ("evaluate.py", "evaluate.log")):
+        run_cli(entry, "debug=fdr", f"hydra.run.dir={tmp_path / entry}", *FAST[:2], fresh=True)
+        line = next(line for line in (tmp_path / entry / log).read_text().splitlines() if "threads:" in line)
+        assert "1 intra-op threads (densediff's default)" in line, line
+
+
 def test_entry_points_log_the_settings_in_force(tmp_path):
     # a new interpreter: the settings are made when densediff is first imported, which a forked run_cli inherits
     result = run_cli("train.py", "debug=fdr", f"hydra.run.dir={tmp_path}", *FAST[:2], fresh=True)

@@ -425,8 +425,8 @@ def build_callbacks(cfg: DictConfig, model, loggers: list) -> list[L.Callback]:
 def build_trainer(cfg: DictConfig, model, loggers: list, checkpoints: bool,
                   datamodule: DenseDataModule | None = None) -> L.Trainer:
     options = slurm_trainer_shape(to_plain(cfg.trainer), command_line_keys())
-    # CPU DDP: split the cores between the ranks before they start (they inherit the environment)
-    threads.use_threads_for(local_cpu_processes(options))
+    # CPU DDP: split the cores between the ranks before they start (they inherit the environment); a tiny model: one
+    threads.use_threads_for(local_cpu_processes(options), count_parameters(model))
     log.info("threads: %s", threads.describe())
     if datamodule is not None and datamodule.mixes_batches:
         options["use_distributed_sampler"] = False  # the mixed batch sampler splits the data across ranks itself

@@ -15,6 +15,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from densediff import threads
+from densediff.adapters import count_parameters
 from densediff.checkpoints import Preempted, Preemption
 from densediff.data.common import DataReadError
 from densediff.inference.speedup import speed_up
@@ -336,6 +338,7 @@ def build_predictor(cfg: DictConfig) -> tuple[L.LightningModule, torch.device]:
     if options.half:
         use_half_precision(model, device)
     speed_up(getattr(model, "estimator", None), device, options.compile, options.channels_last)
+    threads.use_threads_for(1, count_parameters(model))
     return model.eval(), device
 
 
@@ -369,7 +372,9 @@ def training_parts(overrides: list[str]) -> dict:
     from densediff.run.config import compose
 
     cfg = compose("train", overrides)
-    return {"model": build_model(cfg), "dataset": build_dataset(cfg, "train"), "trainer": to_plain(cfg.trainer),
+    model = build_model(cfg)
+    threads.use_threads_for(1, count_parameters(model))  # the thread count train.py would give this model
+    return {"model": model, "dataset": build_dataset(cfg, "train"), "trainer": to_plain(cfg.trainer),
             "batch_size": int(cfg.dataset.batch_size), "num_workers": int(cfg.dataset.num_workers)}
 
 
