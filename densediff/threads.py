@@ -85,7 +85,7 @@ def configure_allocator() -> dict[str, int]:
     return applied
 
 
-# Below this many parameters one thread beats one per core: measured on the tiny backbone (~3 M parameters: 30
+# Below this many parameters one thread beats one per core: measured on the tiny backbone (2.3 M parameters: 30
 # quickstart steps 32.9 s vs 39.2 s quiet, 46.1 s vs 51.8 s next to another torch job, 2 cores); SD-sized models
 # (~1 B) need every core. Models in between are unmeasured; the bound sits well above the tiny ones.
 SMALL_MODEL_PARAMETERS = 20_000_000
