@@ -104,8 +104,12 @@ def test_pyramid_noise_has_unit_std_and_is_seeded():
     assert neighbour(a) > neighbour(white) + 0.2
 
 
-def test_processing_res_batch_size_and_seed(estimator):
+def test_processing_res_batch_size_and_seed(estimator, monkeypatch):
     depth = build_task("depth")
+    # The members merged by their plain mean: the alignment's BFGS works on finite differences of a float32 cost
+    # (as diffusers' does), so on this untrained backbone's almost flat maps 1e-6 changes in the members can move
+    # the merged map by 0.2. Chunking must not change the members themselves.
+    monkeypatch.setattr(depth, "ensemble", lambda members, reduction="median": members.mean(dim=0))
     rgb = rgb_batch(n=3, height=48, width=64)
     options = dict(steps=2, ensemble=2, noise="gaussian")
     whole = predict(estimator, depth, rgb, InferenceOptions(**options), torch.Generator().manual_seed(3))
@@ -114,8 +118,9 @@ def test_processing_res_batch_size_and_seed(estimator):
     assert whole.shape == (3, 48, 64) and torch.isfinite(whole).all()
     assert not torch.allclose(whole, predict(estimator, depth, rgb, InferenceOptions(**options),
                                              torch.Generator().manual_seed(4)))
-    # chunks draw their noise one after the other, so the same seed gives other noise per member: only check sanity
-    assert chunked.shape == whole.shape and 0 <= chunked.min() and chunked.max() <= 1
+    # the noise is drawn member by member before chunking: chunks of 2 of the 6 members (splitting image 1's pair
+    # between two UNet calls) give the same members up to float rounding of the other batch shapes
+    assert chunked.shape == whole.shape and (chunked - whole).abs().max() < 1e-5
     resized = predict(estimator, depth, rgb, InferenceOptions(processing_res=32))
     assert resized.shape == (3, 48, 64) and not torch.allclose(resized, predict(estimator, depth, rgb,
                                                                                 InferenceOptions()))

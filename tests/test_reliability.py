@@ -36,16 +36,18 @@ def test_evaluate_uses_the_checkpoints_inference_and_reproduces_its_validation(r
             f"hydra.run.dir={tmp_path / 'same'}")
     trained, evaluated = read_metrics(recipe_run), read_metrics(tmp_path / "same")
     assert evaluated["abs_rel"] == pytest.approx(trained["abs_rel"], rel=1e-6)
-    # a different inference batch size (UNet chunks of one member) must not change the noise: what remains is
-    # float rounding of other batch shapes, far below what other noise does (the seed= run below)
-    run_cli("evaluate.py", f"ckpt={ckpt}", "split=val", "dataset.val.num_scenes=4", "dataset.val_batch_size=2",
-            "inference.batch_size=1", f"hydra.run.dir={tmp_path / 'chunked'}")
-    chunked = read_metrics(tmp_path / "chunked")["abs_rel"]
+    # a different inference batch size (UNet chunks of one image of the loader's two) must not change the noise:
+    # what remains is float rounding of other batch shapes, far below what other noise does (the seed= run). One
+    # member per image here: the ensemble's alignment amplifies 1e-6 differences in this barely trained model's
+    # almost flat maps (tests/test_inference.py checks chunked members of one image).
+    single = ["split=val", "dataset.val.num_scenes=4", "dataset.val_batch_size=2", "inference.ensemble=1"]
+    results = {}
+    for name, extra in (("whole", []), ("chunked", ["inference.batch_size=1"]), ("other_noise", ["seed=7"])):
+        run_cli("evaluate.py", f"ckpt={ckpt}", *single, *extra, f"hydra.run.dir={tmp_path / name}")
+        results[name] = read_metrics(tmp_path / name)["abs_rel"]
     # an explicit command-line key wins over the checkpoint's (seed= moves inference.seed)
-    run_cli("evaluate.py", f"ckpt={ckpt}", "split=val", "dataset.val.num_scenes=4", "dataset.val_batch_size=2",
-            "seed=7", f"hydra.run.dir={tmp_path / 'other_noise'}")
-    other_noise = read_metrics(tmp_path / "other_noise")["abs_rel"]
-    assert abs(chunked - trained["abs_rel"]) < abs(other_noise - trained["abs_rel"]) / 10
+    assert results["other_noise"] != results["whole"]
+    assert abs(results["chunked"] - results["whole"]) < min(1e-5, abs(results["other_noise"] - results["whole"]) / 10)
 
 
 def test_resume_keeps_the_command_lines_inference_keys(recipe_run, tmp_path):
