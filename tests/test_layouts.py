@@ -115,7 +115,8 @@ def test_e2e_ft_normals_checkpoint_is_read_in_its_x_left_frame(tmp_path):
     from PIL import Image
 
     folder = e2e_ft_folder(tmp_path / "marigold-e2e-ft-normals")
-    rgb = torch.rand(1, 3, 32, 40)
+    # a fixed image: on some random ones a near-zero normal amplifies the rounding of two processes past 1e-5
+    rgb = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0))
     canonical = E2EFineTune(str(folder), task="normals").eval()
     x_left = E2EFineTune(str(folder), task="normals", normals_frame="x_left").eval()
     a, b = canonical.predict(rgb), x_left.predict(rgb)
