@@ -126,6 +126,9 @@ def test_e2e_ft_normals_checkpoint_is_read_in_its_x_left_frame(tmp_path):
     run_cli("predict.py", "backbone=marigold_e2e_ft_normals", f"backbone.path={folder}", "task=normals",
             f"input={tmp_path / 'image.png'}", f"output={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'r'}")
     written = torch.from_numpy(np.load(tmp_path / "out" / "image.npy")).permute(2, 0, 1)
+    from densediff import threads
+    from densediff.adapters import count_parameters
+    threads.use_threads_for(1, count_parameters(x_left))  # predict.py's thread count for this model: same rounding
     quantised = x_left.predict(torch.from_numpy(np.array(Image.open(tmp_path / "image.png"))).permute(2, 0, 1)[None]
                                .float() / 255)
     assert torch.allclose(written, quantised[0], atol=1e-5)
