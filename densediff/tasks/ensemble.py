@@ -5,7 +5,8 @@ minimise the summed pairwise RMS misalignment plus a pull of the merged map's ra
 scipy's BFGS (Marigold v1.1 / diffusers' `ensemble_depth`; diffusers' defaults max_iter 2, tol 1e-3, alignment at
 most 1024 px, so that our output and MarigoldDepthPipeline's agree on the same members). Like diffusers', the
 fit differentiates a float32 cost by finite differences: on almost flat members (a barely trained model) those are
-rounding noise, and 1e-6 changes in the members can move the merged map by 0.2 (seen on the tiny backbone). Normals take, per pixel,
+rounding noise, and 1e-6 changes in the members can move the merged map by 0.2 (seen on the tiny backbone).
+Normals take, per pixel,
 the member closest to the normalised mean direction (Marigold v1.1 / diffusers "closest").
 """
 
