@@ -3,7 +3,7 @@
 Three folders are shipped as real diffusers folders (densediff/assets/), so they go through exactly the loading code
 that real checkpoints use, and diffusers' own pipelines load them too. They share one VAE (pretrained here on
 procedural scenes: RGB and depth/normal maps rendered as images, which is what the SD VAE is asked to reconstruct in
-Marigold), one tiny CLIP text encoder and one scheduler; they differ in the UNet:
+Marigold) and the text encoder, tokenizer and scheduler that tiny_sd was trained with; they differ in the UNet:
 
 - `tiny_random` (Marigold's layout): a randomly initialised 8-channel UNet with a fixed seed, the control of
   "does the prior help?" (experiments/prior/README.md).
@@ -16,8 +16,10 @@ Marigold), one tiny CLIP text encoder and one scheduler; they differ in the UNet
 Rebuild them in this order (each step reads the previous one's folder):
 
     python -m densediff.backbones.tiny --steps 1200 --output densediff/assets/tiny_random   # the VAE, ~10 min
-    python -m densediff.backbones.tiny_sd                                                   # the prior, ~17 min
-    python -m densediff.backbones.tiny --derive                                             # tiny, seconds
+    OMP_NUM_THREADS=1 python -m densediff.backbones.tiny_sd                                 # the prior, ~70 min
+    python -m densediff.backbones.tiny --derive      # tiny; tiny_random gets tiny_sd's text path, seconds
+
+The first step also writes a character-level text encoder, which the prior's training replaces with its own.
 """
 
 from __future__ import annotations
@@ -184,11 +186,13 @@ def pretrain_vae(vae: AutoencoderKL, steps: int, batch_size: int, height: int, w
     return float(1.0 / latents.std())
 
 
-def derive_from_prior(prior: str | Path = TINY_SD_DIR, shared: str | Path = TINY_RANDOM_DIR,
-                      output: str | Path = TINY_DIR) -> Path:
+def derive_from_prior(prior: str | Path = TINY_SD_DIR, output: str | Path = TINY_DIR,
+                      layout: str | Path = TINY_RANDOM_DIR, control: str | Path | None = None) -> Path:
     """Write backbone=tiny: the prior's 4-channel UNet widened to 8 channels the way Marigold widens SD's (tiled and
-    halved, bias kept: with identical halves the layer first computes what it did), in Marigold's layout with the
-    VAE, scheduler, text encoder and tokenizer that the prior was trained with (`shared`)."""
+    halved, bias kept: with identical halves the layer first computes what it did), in Marigold's layout (`layout`'s
+    model_index.json) with the VAE, scheduler, text encoder and tokenizer that the prior was trained with. A `control`
+    folder (tiny_random) gets the prior's scheduler, text encoder and tokenizer too, so the two differ in the UNet
+    alone."""
     import shutil
 
     from densediff.backbones.load import widen_conv_in
@@ -198,11 +202,13 @@ def derive_from_prior(prior: str | Path = TINY_SD_DIR, shared: str | Path = TINY
         raise ValueError(f"{prior}: expected a 4-channel (Stable Diffusion layout) UNet, got "
                          f"{unet.config.in_channels} input channels")
     widen_conv_in(unet, 8, halve_bias=False)
-    output = Path(output)
+    prior, output = Path(prior), Path(output)
     output.mkdir(parents=True, exist_ok=True)
     for part in ("vae", "scheduler", "text_encoder", "tokenizer"):  # byte for byte: the prior was trained with these
-        shutil.copytree(Path(shared) / part, output / part, dirs_exist_ok=True)
-    shutil.copy2(Path(shared) / "model_index.json", output / "model_index.json")
+        for folder in (output,) if control is None or part == "vae" else (output, Path(control)):
+            shutil.rmtree(folder / part, ignore_errors=True)  # no stale file (another tokenizer's) may remain
+            shutil.copytree(prior / part, folder / part)
+    shutil.copy2(Path(layout) / "model_index.json", output / "model_index.json")
     unet.save_pretrained(output / "unet")
     config = json.loads((output / "unet" / "config.json").read_text())
     config.pop("_name_or_path", None)  # from_pretrained records where it read from: a path on the building machine
@@ -213,7 +219,8 @@ def derive_from_prior(prior: str | Path = TINY_SD_DIR, shared: str | Path = TINY
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--derive", action="store_true", help="write --output (default densediff/assets/tiny) from "
-                        "tiny_sd's UNet and tiny_random's other components instead of pretraining a VAE")
+                        "tiny_sd (its UNet widened, its other components) instead of pretraining a VAE, and give tiny_random tiny_sd's "
+                        "text encoder, tokenizer and scheduler")
     parser.add_argument("--output", default=None, help="default: densediff/assets/tiny_random, or with --derive "
                         "densediff/assets/tiny")
     parser.add_argument("--steps", type=int, default=1200)
@@ -226,7 +233,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.derive:
-        print(f"wrote {derive_from_prior(output=args.output or TINY_DIR)}")
+        print(f"wrote {derive_from_prior(output=args.output or TINY_DIR, control=TINY_RANDOM_DIR)}")
         return
     torch.manual_seed(args.seed)
     components = get_dummy_components(args.seed)

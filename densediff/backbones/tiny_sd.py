@@ -2,10 +2,13 @@
 
 The tiny UNet architecture (densediff.backbones.tiny.tiny_unet) with SD's 4 input channels, trained to denoise the
 latents of procedural rooms (the shipped tiny VAE, posterior samples x scaling factor) conditioned on their captions
-(densediff.data.procedural.describe_scene) through the shipped tiny CLIP text encoder, which stays frozen, as in
-Stable Diffusion. The objective is SD2's: v-prediction on the scaled-linear schedule of the tiny backbone's scheduler,
-uniform timesteps, MSE. The caption is replaced by the empty prompt (padded to 77 tokens, what StableDiffusionPipeline
-encodes for the unconditional branch) 10% of the time, so the model is ready for classifier-free guidance.
+(densediff.data.procedural.describe_scene). The objective is SD2's, v-prediction with uniform timesteps and MSE, on the
+tiny backbone's scaled-linear schedule rescaled to zero terminal SNR, so that at t = 999 the input is pure noise and
+only the caption tells the model what to draw (on the plain schedule t = 999 keeps enough of a 16x20 latent to give
+away a scene's colours, and the model learnt to ignore the caption). The text path is trained with the UNet: a
+word-level CLIP tokenizer made from the training captions (every caption word is one token) and a fresh 2-layer CLIP
+text encoder of the tiny backbone's width. The caption is replaced by the empty prompt (padded to 77 tokens, what
+StableDiffusionPipeline encodes for the unconditional branch) 10% of the time, so classifier-free guidance works.
 
 The result is a diffusers folder in Stable Diffusion's layout (`densediff/assets/tiny_sd`: model_index.json for
 StableDiffusionPipeline with no safety checker or feature extractor, unet/, vae/, text_encoder/, tokenizer/,
@@ -14,13 +17,14 @@ scheduler/), so diffusers' own pipeline samples from it (how well: experiments/p
     StableDiffusionPipeline.from_pretrained("densediff/assets/tiny_sd")("grey walls, brown checked floor, red sphere
     near centre", height=64, width=80, num_inference_steps=50, guidance_scale=3).images[0]
 
-Rebuild it (deterministic: seeded, a fixed set of 8000 training scenes, single-threaded; 1200 steps of batch 32 at
-64x80). On the project's 2 CPU cores, shared with other jobs, under nice, it took 42.5 minutes of wall time (16.6
-CPU-minutes: 4.5 minutes rendering and encoding the scenes, then 1.6-1.9 s per step); alone it takes ~17 minutes:
+Rebuild it (deterministic: seeded, a fixed set of 8000 training scenes, single-threaded; 6000 steps of batch 32 at
+64x80, about 70 minutes on one core of the project's 2-core machine: ~1.5 minutes rendering and encoding the scenes,
+then ~0.65 s per step), then re-derive backbone=tiny from it (`python -m densediff.backbones.tiny --derive`):
 
-    python -m densediff.backbones.tiny_sd
+    OMP_NUM_THREADS=1 python -m densediff.backbones.tiny_sd
 
-Measure it (held-out denoising loss at several timesteps against the random-init UNet, and a grid of samples):
+Measure it (held-out denoising loss at several timesteps with and without the caption, against the random-init UNet,
+and a grid of samples):
 
     python -m densediff.backbones.tiny_sd --evaluate experiments/prior
 """
@@ -37,9 +41,9 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-from densediff.backbones.tiny import TINY_RANDOM_DIR, TINY_SD_DIR, tiny_scheduler, tiny_unet
+from densediff.backbones.tiny import TEXT_DIM, TINY_RANDOM_DIR, TINY_SD_DIR, seeded, tiny_scheduler, tiny_unet
 
-EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
+EVAL_TIMESTEPS = (100, 300, 500, 700, 900, 999)
 GRID_CAPTION_SCENES = (0, 1, 2, 3)  # the held-out (val split) scenes whose captions the sample grid draws
 
 
@@ -111,17 +115,61 @@ def denoising_losses(unet, latents: torch.Tensor, context: torch.Tensor, schedul
     return out
 
 
-def train_unet(unet, means, stds, ids, empty_ids, text_encoder, scheduler, steps: int, batch_size: int, lr: float,
-               warmup: int, caption_dropout: float, ema_decay: float, seed: int, log_every: int = 50):
-    """v-prediction training on the pre-encoded scenes; returns the EMA copy of the UNet (what is shipped)."""
+def prior_scheduler() -> DDIMScheduler:
+    """The tiny backbone's schedule (v-prediction, scaled-linear betas, trailing spacing) rescaled to zero terminal
+    SNR (Lin et al. 2024, diffusers' `rescale_betas_zero_snr`): t = 999 is pure noise in training as it is at the
+    start of sampling. With the plain schedule t = 999 keeps 0.068 of the latent, which on 16x20 latents leaks a
+    scene's overall colour, so the model learnt to read colour from the noise and ignore the caption."""
+    return DDIMScheduler.from_config(tiny_scheduler().config, rescale_betas_zero_snr=True)
+
+
+def word_level_tokenizer(captions: list[str], folder: str | Path):
+    """A CLIP tokenizer whose vocabulary is the captions' words (tokenizers' BPE trainer with room for every word, so
+    each caption word is one token; the letters stay in the vocabulary for any word the captions never used)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Lowercase()
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    alphabet = sorted(set("".join(captions)) - {" "})
+    bpe.train_from_iterator(captions, trainers.BpeTrainer(
+        vocab_size=2000, end_of_word_suffix="</w>", initial_alphabet=alphabet, show_progress=False,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"]))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe.model.save(str(folder))  # vocab.json and merges.txt, CLIP's files
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def caption_text_encoder(tokenizer, seed: int = 0):
+    """A fresh 2-layer CLIP text model (the tiny backbone's size) on `tokenizer`'s vocabulary, trained with the UNet."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with seeded(seed):
+        return CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=64, num_attention_heads=4,
+            num_hidden_layers=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+
+
+def train_unet(unet, text_encoder, means, stds, ids, empty_ids, scheduler, steps: int, batch_size: int, lr: float,
+               warmup: int, caption_dropout: float, ema_decay: float, seed: int, log_every: int = 100,
+               snapshot=None, snapshot_every: int = 1000):
+    """v-prediction training of the UNet and the text encoder together on the pre-encoded scenes; returns the EMA
+    copies of both (what is shipped). `snapshot(step, unet, text_encoder)` receives the EMA copies every
+    `snapshot_every` steps."""
     import copy
 
     g = torch.Generator().manual_seed(seed)
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
+    ema_text = copy.deepcopy(text_encoder).eval().requires_grad_(False)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: min(1.0, (k + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / steps))))
     unet.train()
+    text_encoder.train()
     order, position, start, running = torch.randperm(len(means), generator=g), 0, time.time(), []
     for step in range(1, steps + 1):
         if position + batch_size > len(order):  # a new pass over the scenes, in a new order
@@ -130,28 +178,30 @@ def train_unet(unet, means, stds, ids, empty_ids, text_encoder, scheduler, steps
         position += batch_size
         z = means[index] + stds[index] * torch.randn(means[index].shape, generator=g)  # a posterior sample
         drop = torch.rand(len(index), generator=g) < caption_dropout
-        batch_ids = torch.where(drop[:, None], empty_ids, ids[index])
-        context = encode_text(text_encoder, batch_ids)
+        context = text_encoder(torch.where(drop[:, None], empty_ids, ids[index]))[0]
         noise = torch.randn(z.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=g)
         v = unet(scheduler.add_noise(z, noise, t), t, encoder_hidden_states=context).sample
         loss = torch.nn.functional.mse_loss(v, scheduler.get_velocity(z, noise, t))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters()):
-                e.lerp_(p, 1 - decay)
+            for model, ema in ((unet, ema_unet), (text_encoder, ema_text)):
+                for e, p in zip(ema.parameters(), model.parameters()):
+                    e.lerp_(p, 1 - decay)
         running.append(loss.item())
         if step % log_every == 0 or step == steps:
             elapsed = time.time() - start
             print(f"step {step}/{steps}  loss {np.mean(running):.4f}  lr {schedule.get_last_lr()[0]:.2e}  "
                   f"{elapsed:.0f}s ({elapsed / step:.2f}s/step)", flush=True)
             running = []
-    return ema
+        if snapshot is not None and step % snapshot_every == 0 and step < steps:
+            snapshot(step, ema_unet, ema_text)
+    return ema_unet, ema_text
 
 
 def save_sd_folder(unet, vae, text_encoder, tokenizer, scheduler, output: str | Path) -> Path:
@@ -162,22 +212,35 @@ def save_sd_folder(unet, vae, text_encoder, tokenizer, scheduler, output: str | 
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(output, safe_serialization=True)
+    for config in Path(output).glob("*/config.json"):  # from_pretrained records where a part was read from: a path
+        values = json.loads(config.read_text())        # on the building machine, which must not ship
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     return Path(output)
 
 
 def build(output: str | Path, steps: int, batch_size: int, scenes: int, height: int, width: int, lr: float,
-          warmup: int, caption_dropout: float, ema_decay: float, seed: int) -> Path:
+          warmup: int, caption_dropout: float, ema_decay: float, seed: int, snapshots: str | Path | None = None) -> Path:
+    import tempfile
+
     torch.manual_seed(seed)
-    vae, text_encoder, tokenizer = load_frozen_parts(TINY_RANDOM_DIR)
+    vae, _, _ = load_frozen_parts(TINY_RANDOM_DIR)  # the shared VAE; the text path is new and trained here
     start = time.time()
     print(f"rendering and encoding {scenes} training scenes at {height}x{width}", flush=True)
     means, stds, captions = procedural_latents(vae, "train", scenes, height, width, seed=seed, progress=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = word_level_tokenizer(captions, scratch)
     ids, empty_ids = tokenize(tokenizer, captions), tokenize(tokenizer, [""])
-    print(f"data ready in {time.time() - start:.0f}s; training {steps} steps of batch {batch_size}", flush=True)
-    unet = tiny_sd_unet(seed)
-    ema = train_unet(unet, means, stds, ids, empty_ids, text_encoder, tiny_scheduler(), steps, batch_size, lr, warmup,
-                     caption_dropout, ema_decay, seed)
-    folder = save_sd_folder(ema, vae, text_encoder, tokenizer, tiny_scheduler(), output)
+    print(f"data ready in {time.time() - start:.0f}s ({len(tokenizer)} tokens); training {steps} steps of batch "
+          f"{batch_size}", flush=True)
+    text_encoder, unet, scheduler = caption_text_encoder(tokenizer, seed), tiny_sd_unet(seed), prior_scheduler()
+
+    def snapshot(step, ema_unet, ema_text):
+        save_sd_folder(ema_unet, vae, ema_text, tokenizer, scheduler, Path(snapshots) / f"step_{step}")
+
+    ema_unet, ema_text = train_unet(unet, text_encoder, means, stds, ids, empty_ids, scheduler, steps, batch_size, lr,
+                                    warmup, caption_dropout, ema_decay, seed, snapshot=snapshot if snapshots else None)
+    folder = save_sd_folder(ema_unet, vae, ema_text, tokenizer, scheduler, output)
     print(f"wrote {folder} in {(time.time() - start) / 60:.1f} min", flush=True)
     return folder
 
@@ -186,7 +249,7 @@ def build(output: str | Path, steps: int, batch_size: int, scenes: int, height: 
 
 
 def evaluate(folder: str | Path, out_dir: str | Path, scenes: int = 256, height: int = 64, width: int = 80,
-             seed: int = 0, sample_steps: int = 50, guidance: float = 3.0, samples_per_caption: int = 4) -> dict:
+             seed: int = 0, sample_steps: int = 50, guidance: float = 7.5, samples_per_caption: int = 4) -> dict:
     """Held-out denoising losses (tiny_sd with the caption, with the empty prompt, the random-init UNet of the same
     architecture with the caption) on the first `scenes` val-split procedural scenes, written as JSON; and a grid of
     samples drawn by diffusers' StableDiffusionPipeline for the captions of val scenes GRID_CAPTION_SCENES."""
@@ -248,7 +311,7 @@ class ZeroPredictor(torch.nn.Module):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=str(TINY_SD_DIR), help="the folder to write (or, with --evaluate, read)")
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--scenes", type=int, default=8000, help="training scenes (train split 0..N-1), fixed")
     parser.add_argument("--height", type=int, default=64)
@@ -258,6 +321,8 @@ def main() -> None:
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--snapshots", metavar="DIR", help="also write the EMA folder every 1000 steps to "
+                        "DIR/step_<N> (to look at a long rebuild while it runs)")
     parser.add_argument("--eval-scenes", type=int, default=256, help="held-out (val split) scenes for the losses")
     parser.add_argument("--evaluate", metavar="DIR", help="measure the folder at --output instead of training: "
                         "held-out losses (DIR/tiny_sd_losses.json) and a sample grid (DIR/tiny_sd_samples.png)")
@@ -268,7 +333,7 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     build(args.output, args.steps, args.batch_size, args.scenes, args.height, args.width, args.lr, args.warmup,
-          args.caption_dropout, args.ema_decay, args.seed)
+          args.caption_dropout, args.ema_decay, args.seed, args.snapshots)
 
 
 if __name__ == "__main__":

@@ -420,7 +420,7 @@ def describe_scene(params, scene):
     pixels). What is out of view or hidden is not mentioned. A plain function of the parameters and the rendered
     instance and depth maps, so a scene always gets the same caption (at another resolution it can differ only where
     an area or a position sits on a threshold). The largest things come first, so an encoder that truncates (CLIP's
-    77 tokens; the tiny character-level tokenizer reaches them after ~75 letters) keeps the most visible ones."""
+    77 tokens; tiny_sd's word-level tokenizer gives every word and comma one token) keeps the most visible ones."""
     instance, depth = scene["instance"], scene["depth"]
     height, width = instance.shape
     area = np.bincount(instance.ravel(), minlength=6 + len(params["objects"])) / instance.size

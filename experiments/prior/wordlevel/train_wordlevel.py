@@ -21,24 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from densediff.backbones import tiny_sd
-from densediff.backbones.tiny import TEXT_DIM, TINY_RANDOM_DIR, seeded, tiny_scheduler
-
-
-def word_level_tokenizer(captions: list[str], folder: Path) -> CLIPTokenizer:
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.normalizer = normalizers.Lowercase()
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    alphabet = sorted(set("".join(captions)) - {" "})
-    bpe.train_from_iterator(captions, trainers.BpeTrainer(
-        vocab_size=2000, end_of_word_suffix="</w>", initial_alphabet=alphabet, show_progress=False,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"]))
-    folder.mkdir(parents=True, exist_ok=True)
-    bpe.model.save(str(folder))  # vocab.json, merges.txt (with the "#version" header CLIPTokenizer skips)
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+from densediff.backbones.tiny import TINY_RANDOM_DIR, tiny_scheduler
+from densediff.backbones.tiny_sd import word_level_tokenizer  # shipped since; the same function
 
 
 def main() -> None:
@@ -54,11 +40,7 @@ def main() -> None:
     means, stds, captions = tiny_sd.procedural_latents(vae, "train", args.scenes, 64, 80, seed=0, progress=True)
     tokenizer = word_level_tokenizer(captions, out / "tokenizer")
     print("vocabulary", len(tokenizer), tokenizer.tokenize(captions[0]), flush=True)
-    with seeded(0):
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=64, num_attention_heads=4,
-            num_hidden_layers=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    text_encoder = tiny_sd.caption_text_encoder(tokenizer, 0)  # seeded, the shipped recipe's
     ids, empty_ids = tiny_sd.tokenize(tokenizer, captions), tiny_sd.tokenize(tokenizer, [""])
     unet, scheduler = tiny_sd.tiny_sd_unet(0), tiny_scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())

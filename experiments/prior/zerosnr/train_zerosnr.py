@@ -1,7 +1,7 @@
 """Exploration behind experiments/prior/README.md ("Zero terminal SNR and 8000 steps"): tiny_sd trained with a
 zero-terminal-SNR schedule (diffusers' rescale_betas_zero_snr, so t = 999 is pure noise and only the caption says what
-to draw) and, with `word`, the word-level tokenizer and jointly trained text encoder of ../wordlevel/. Not shipped;
-densediff/backbones/tiny_sd.py builds the shipped folder.
+to draw) and, with `word`, the word-level tokenizer and jointly trained text encoder of ../wordlevel/. Shipped since
+(6000 steps): densediff/backbones/tiny_sd.py builds the shipped folder with this recipe.
 
     OMP_NUM_THREADS=1 python experiments/prior/zerosnr/train_zerosnr.py word 8000 OUT zsnr      # the recorded run
     OMP_NUM_THREADS=1 python experiments/prior/zerosnr/train_zerosnr.py char 600 OUT zsnr       # frozen char encoder
@@ -22,11 +22,9 @@ from pathlib import Path
 
 import numpy as np, torch
 from diffusers import DDIMScheduler
-from transformers import CLIPTextConfig, CLIPTextModel
 from densediff.backbones import tiny_sd
-from densediff.backbones.tiny import TINY_RANDOM_DIR, TEXT_DIM, seeded, tiny_scheduler
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "wordlevel"))
-from train_wordlevel import word_level_tokenizer
+from densediff.backbones.tiny import TINY_RANDOM_DIR, tiny_scheduler
+from densediff.backbones.tiny_sd import word_level_tokenizer  # the recipe shipped since (tiny_sd.py)
 
 mode, steps, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 zero = "zsnr" in sys.argv
@@ -47,11 +45,7 @@ else:
     torch.save({"m": vmeans, "c": vcaps}, vm_cache)
 if mode == "word":
     tokenizer = word_level_tokenizer(captions, out / "tokenizer")
-    with seeded(0):
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=64, num_attention_heads=4,
-            num_hidden_layers=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    text_encoder = tiny_sd.caption_text_encoder(tokenizer, 0)  # seeded, the shipped recipe's
     text_encoder.train()
 sched = DDIMScheduler.from_config(tiny_scheduler().config, rescale_betas_zero_snr=zero)
 print("alpha_bar[999]", float(sched.alphas_cumprod[999]), flush=True)
