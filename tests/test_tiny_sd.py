@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from densediff.backbones import load_backbone
 from densediff.backbones.tiny import TINY_DIR, TINY_RANDOM_DIR, derive_from_prior
-from densediff.backbones.tiny_sd import (TINY_SD_DIR, denoising_losses, encode_text, load_frozen_parts,
+from densediff.backbones.tiny_sd import (TINY_SD_DIR, build, denoising_losses, encode_text, load_frozen_parts,
                                          procedural_latents, tiny_sd_unet, tokenize)
 from densediff.data.procedural import ProceduralScenes
 
@@ -126,3 +126,24 @@ def test_shipped_tiny_backbone_is_the_prior_widened_as_marigold_does(tmp_path):
                 assert all(torch.equal(ours[k], shipped[k]) for k in shipped), path
             else:
                 assert rebuilt.read_bytes() == path.read_bytes(), path
+
+
+def test_the_rebuild_command_is_deterministic_and_writes_the_shipped_recipe(tmp_path):
+    """Two short rebuilds give the same bytes, with the shipped vocabulary (the default) and with one made anew from
+    the captions (tokenizers' trainer numbers tied merges in no fixed order; word_level_tokenizer renumbers them). The
+    folder has the shipped one's parts: the zero-SNR scheduler, the same architectures, the shipped tokenizer."""
+    recipe = dict(steps=2, batch_size=4, scenes=32, height=32, width=40, lr=1e-3, warmup=1, caption_dropout=0.1,
+                  ema_decay=0.998, seed=0)
+    folders = {name: [build(tmp_path / f"{name}{k}", tokenizer=source, **recipe) for k in (0, 1)]
+               for name, source in (("shipped", TINY_SD_DIR / "tokenizer"), ("new", None))}
+    for first, second in folders.values():
+        files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+        assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+        assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files), first
+    rebuilt = folders["shipped"][0]
+    for sub in ("scheduler/scheduler_config.json", "unet/config.json", "text_encoder/config.json",
+                "tokenizer/tokenizer.json", "model_index.json"):
+        assert (rebuilt / sub).read_bytes() == (TINY_SD_DIR / sub).read_bytes(), sub
+    _, _, new = load_frozen_parts(folders["new"][0])
+    caption = "grey striped walls, brown checked floor, red sphere near left"
+    assert new.tokenize(caption) == [word + "</w>" for word in caption.replace(",", " ,").split()]

@@ -15,11 +15,12 @@ StableDiffusionPipeline with no safety checker or feature extractor, unet/, vae/
 scheduler/), so diffusers' own pipeline samples from it (how well: experiments/prior/README.md):
 
     StableDiffusionPipeline.from_pretrained("densediff/assets/tiny_sd")("grey walls, brown checked floor, red sphere
-    near centre", height=64, width=80, num_inference_steps=50, guidance_scale=3).images[0]
+    near centre", height=64, width=80, num_inference_steps=50, guidance_scale=7.5).images[0]
 
-Rebuild it (deterministic: seeded, a fixed set of 8000 training scenes, single-threaded; 6000 steps of batch 32 at
-64x80, about 70 minutes on one core of the project's 2-core machine: ~1.5 minutes rendering and encoding the scenes,
-then ~0.65 s per step), then re-derive backbone=tiny from it (`python -m densediff.backbones.tiny --derive`):
+Rebuild it (deterministic: seeded, a fixed set of 8000 training scenes, the shipped vocabulary, single-threaded;
+6000 steps of batch 32 at 64x80: 56.5 minutes on one core of the project's 2-core machine, 73 s rendering and
+encoding the scenes, then 0.55 s per step), then re-derive backbone=tiny from it (`python -m densediff.backbones.tiny
+--derive`):
 
     OMP_NUM_THREADS=1 python -m densediff.backbones.tiny_sd
 
@@ -125,20 +126,30 @@ def prior_scheduler() -> DDIMScheduler:
 
 def word_level_tokenizer(captions: list[str], folder: str | Path):
     """A CLIP tokenizer whose vocabulary is the captions' words (tokenizers' BPE trainer with room for every word, so
-    each caption word is one token; the letters stay in the vocabulary for any word the captions never used)."""
+    each caption word is one token; the letters stay in the vocabulary for any word the captions never used). The
+    trainer's merges are deterministic but its token ids are not (ties are numbered in no fixed order), so the ids are
+    renumbered: the two special tokens, the initial symbols in sorted order, then each merge's result in merge order."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
+    specials = ["<|startoftext|>", "<|endoftext|>"]
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Lowercase()
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
     alphabet = sorted(set("".join(captions)) - {" "})
     bpe.train_from_iterator(captions, trainers.BpeTrainer(
         vocab_size=2000, end_of_word_suffix="</w>", initial_alphabet=alphabet, show_progress=False,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"]))
+        special_tokens=specials))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     bpe.model.save(str(folder))  # vocab.json and merges.txt, CLIP's files
+    trained = json.loads((folder / "vocab.json").read_text())
+    merged = [line.replace(" ", "") for line in (folder / "merges.txt").read_text().splitlines()
+              if line and not line.startswith("#version")]
+    order = specials + sorted(set(trained) - set(specials) - set(merged)) + list(dict.fromkeys(merged))
+    if sorted(order) != sorted(trained):
+        raise RuntimeError("word_level_tokenizer: the trained vocabulary is not its symbols plus its merges")
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(order)}, ensure_ascii=False))
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
@@ -220,7 +231,10 @@ def save_sd_folder(unet, vae, text_encoder, tokenizer, scheduler, output: str | 
 
 
 def build(output: str | Path, steps: int, batch_size: int, scenes: int, height: int, width: int, lr: float,
-          warmup: int, caption_dropout: float, ema_decay: float, seed: int, snapshots: str | Path | None = None) -> Path:
+          warmup: int, caption_dropout: float, ema_decay: float, seed: int, snapshots: str | Path | None = None,
+          tokenizer: str | Path | None = None) -> Path:
+    """Train tiny_sd and write it to `output`. `tokenizer`: a tokenizer folder whose vocabulary to use, or None to make
+    a word-level one from the training captions (word_level_tokenizer)."""
     import tempfile
 
     torch.manual_seed(seed)
@@ -228,8 +242,13 @@ def build(output: str | Path, steps: int, batch_size: int, scenes: int, height: 
     start = time.time()
     print(f"rendering and encoding {scenes} training scenes at {height}x{width}", flush=True)
     means, stds, captions = procedural_latents(vae, "train", scenes, height, width, seed=seed, progress=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = word_level_tokenizer(captions, scratch)
+    if tokenizer is None:
+        with tempfile.TemporaryDirectory() as scratch:
+            tokenizer = word_level_tokenizer(captions, scratch)
+    else:  # a fixed vocabulary (by default the shipped one): what the shipped weights were trained with
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer)
     ids, empty_ids = tokenize(tokenizer, captions), tokenize(tokenizer, [""])
     print(f"data ready in {time.time() - start:.0f}s ({len(tokenizer)} tokens); training {steps} steps of batch "
           f"{batch_size}", flush=True)
@@ -323,6 +342,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--snapshots", metavar="DIR", help="also write the EMA folder every 1000 steps to "
                         "DIR/step_<N> (to look at a long rebuild while it runs)")
+    parser.add_argument("--tokenizer", default=str(TINY_SD_DIR / "tokenizer"),
+                        help="the word-level vocabulary, a tokenizer folder (default: the shipped one, which the shipped "
+                        "weights were trained with), or `new` to make one from the training captions")
     parser.add_argument("--eval-scenes", type=int, default=256, help="held-out (val split) scenes for the losses")
     parser.add_argument("--evaluate", metavar="DIR", help="measure the folder at --output instead of training: "
                         "held-out losses (DIR/tiny_sd_losses.json) and a sample grid (DIR/tiny_sd_samples.png)")
@@ -333,7 +355,8 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     build(args.output, args.steps, args.batch_size, args.scenes, args.height, args.width, args.lr, args.warmup,
-          args.caption_dropout, args.ema_decay, args.seed, args.snapshots)
+          args.caption_dropout, args.ema_decay, args.seed, args.snapshots,
+          None if args.tokenizer == "new" else args.tokenizer)
 
 
 if __name__ == "__main__":
