@@ -168,8 +168,8 @@ def _train_and_compare_with_untrained(tmp_path, steps: int, backbone: str = "tin
 @pytest.mark.slow  # ~1.5 min of CPU: a learning check; make test-all runs it
 def test_short_training_learns_depth_from_scratch(tmp_path):
     """100 steps of the quickstart recipe on the random UNet (backbone=tiny_random) already beat it clearly (about
-    0.75x abs_rel measured). On backbone=tiny the prior starts closer (0.28 vs 0.34 abs_rel) and 100 steps gain ~7%:
-    experiments/prior/README.md."""
+    0.75x abs_rel measured). On backbone=tiny the prior starts closer (0.28 vs 0.34 abs_rel): experiments/prior and
+    experiments/quickstart."""
     trained, untrained = _train_and_compare_with_untrained(tmp_path, steps=100, backbone="tiny_random")
     assert trained["abs_rel"] < 0.9 * untrained["abs_rel"]
     assert trained["delta1"] > untrained["delta1"]
@@ -178,7 +178,7 @@ def test_short_training_learns_depth_from_scratch(tmp_path):
 @pytest.mark.slow
 def test_demo_training_reaches_the_promised_margin(tmp_path):
     """The demo's claim (README, experiments/quickstart): validation abs_rel at most 0.8x the untrained backbone's (the
-    prior starts at 0.277 there; 300 steps of the same recipe reached 0.219, i.e. 0.79x, in the prior comparison)."""
+    v2 prior starts at 0.281 there; the demo's 900 steps reached 0.166, 0.59x, on 2026-12-05)."""
     trained, untrained = _train_and_compare_with_untrained(tmp_path, steps=900)
     assert trained["abs_rel"] <= 0.8 * untrained["abs_rel"]
     assert trained["delta1"] > untrained["delta1"]

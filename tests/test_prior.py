@@ -48,5 +48,6 @@ def test_make_prior_runs_every_recipe_on_both_backbones_and_writes_one_table_and
     for recipe, metric in HEADLINE.items():
         row = next(line for line in table if f"experiment={recipe} | {metric} |" in line)
         tiny, random = (float(cell) for cell in row.split("|")[3:5])
-        assert tiny > 0 and random > 0 and tiny != random  # two different start points, both scored
+        # two different start points, both scored (after 2 steps a random UNet's mIoU can be a true 0.0)
+        assert tiny >= 0 and random >= 0 and tiny != random, row
     assert Image.open(sweep / "curves.png").size[0] > 400
