@@ -147,3 +147,5 @@ def test_the_rebuild_command_is_deterministic_and_writes_the_shipped_recipe(tmp_
     _, _, new = load_frozen_parts(folders["new"][0])
     caption = "grey striped walls, brown checked floor, red sphere near left"
     assert new.tokenize(caption) == [word + "</w>" for word in caption.replace(",", " ,").split()]
+    with pytest.raises(SystemExit, match="holds no tokenizer.*--tokenizer new"):
+        build(tmp_path / "c", tokenizer=tmp_path / "missing", **recipe)

@@ -237,6 +237,9 @@ def build(output: str | Path, steps: int, batch_size: int, scenes: int, height: 
     a word-level one from the training captions (word_level_tokenizer)."""
     import tempfile
 
+    if tokenizer is not None and not (Path(tokenizer) / "tokenizer_config.json").is_file():
+        raise SystemExit(f"error: {tokenizer} holds no tokenizer (tokenizer_config.json and its vocabulary); pass "
+                         "--tokenizer new to make one from the training captions")
     torch.manual_seed(seed)
     vae, _, _ = load_frozen_parts(TINY_RANDOM_DIR)  # the shared VAE; the text path is new and trained here
     start = time.time()
