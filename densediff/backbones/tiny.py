@@ -16,7 +16,7 @@ Marigold) and the text encoder, tokenizer and scheduler that tiny_sd was trained
 Rebuild them in this order (each step reads the previous one's folder):
 
     python -m densediff.backbones.tiny --steps 1200 --output densediff/assets/tiny_random   # the VAE, ~10 min
-    OMP_NUM_THREADS=1 python -m densediff.backbones.tiny_sd                                 # the prior, ~70 min
+    OMP_NUM_THREADS=1 python -m densediff.backbones.tiny_sd                                 # the prior, ~57 min
     python -m densediff.backbones.tiny --derive      # tiny; tiny_random gets tiny_sd's text path, seconds
 
 The first step also writes a character-level text encoder, which the prior's training replaces with its own.
@@ -204,23 +204,32 @@ def derive_from_prior(prior: str | Path = TINY_SD_DIR, output: str | Path = TINY
     widen_conv_in(unet, 8, halve_bias=False)
     prior, output = Path(prior), Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    for part in ("vae", "scheduler", "text_encoder", "tokenizer"):  # byte for byte: the prior was trained with these
-        for folder in (output,) if control is None or part == "vae" else (output, Path(control)):
-            shutil.rmtree(folder / part, ignore_errors=True)  # no stale file (another tokenizer's) may remain
-            shutil.copytree(prior / part, folder / part)
+    # byte for byte the parts the prior was trained with
+    copies = [(part, output) for part in ("vae", "scheduler", "text_encoder", "tokenizer")]
+    copies += [(part, Path(control)) for part in ("scheduler", "text_encoder", "tokenizer")] if control else []
+    for part, folder in copies:
+        shutil.rmtree(folder / part, ignore_errors=True)  # no stale file (another tokenizer's) may remain
+        shutil.copytree(prior / part, folder / part)
     shutil.copy2(Path(layout) / "model_index.json", output / "model_index.json")
     unet.save_pretrained(output / "unet")
-    config = json.loads((output / "unet" / "config.json").read_text())
-    config.pop("_name_or_path", None)  # from_pretrained records where it read from: a path on the building machine
-    (output / "unet" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    drop_build_paths(output)
     return output
+
+
+def drop_build_paths(folder: str | Path) -> None:
+    """from_pretrained records in a model's config where it was read from, a path on the building machine, and
+    save_pretrained writes it out: remove it from every part's config.json of a folder that will ship."""
+    for config in Path(folder).glob("*/config.json"):
+        values = json.loads(config.read_text())
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--derive", action="store_true", help="write --output (default densediff/assets/tiny) from "
-                        "tiny_sd (its UNet widened, its other components) instead of pretraining a VAE, and give tiny_random tiny_sd's "
-                        "text encoder, tokenizer and scheduler")
+                        "tiny_sd (its UNet widened, its other components) instead of pretraining a VAE, and give "
+                        "tiny_random tiny_sd's text encoder, tokenizer and scheduler")
     parser.add_argument("--output", default=None, help="default: densediff/assets/tiny_random, or with --derive "
                         "densediff/assets/tiny")
     parser.add_argument("--steps", type=int, default=1200)

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-from densediff.backbones.tiny import TEXT_DIM, TINY_RANDOM_DIR, TINY_SD_DIR, seeded, tiny_scheduler, tiny_unet
+from densediff.backbones.tiny import (TEXT_DIM, TINY_RANDOM_DIR, TINY_SD_DIR, drop_build_paths, seeded, tiny_scheduler,
+                                      tiny_unet)
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900, 999)
 GRID_CAPTION_SCENES = (0, 1, 2, 3)  # the held-out (val split) scenes whose captions the sample grid draws
@@ -223,10 +224,7 @@ def save_sd_folder(unet, vae, text_encoder, tokenizer, scheduler, output: str | 
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(output, safe_serialization=True)
-    for config in Path(output).glob("*/config.json"):  # from_pretrained records where a part was read from: a path
-        values = json.loads(config.read_text())        # on the building machine, which must not ship
-        if values.pop("_name_or_path", None) is not None:
-            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    drop_build_paths(output)
     return Path(output)
 
 
@@ -346,8 +344,8 @@ def main() -> None:
     parser.add_argument("--snapshots", metavar="DIR", help="also write the EMA folder every 1000 steps to "
                         "DIR/step_<N> (to look at a long rebuild while it runs)")
     parser.add_argument("--tokenizer", default=str(TINY_SD_DIR / "tokenizer"),
-                        help="the word-level vocabulary, a tokenizer folder (default: the shipped one, which the shipped "
-                        "weights were trained with), or `new` to make one from the training captions")
+                        help="the word-level vocabulary, a tokenizer folder (default: the shipped one, which the "
+                        "shipped weights were trained with), or `new` to make one from the training captions")
     parser.add_argument("--eval-scenes", type=int, default=256, help="held-out (val split) scenes for the losses")
     parser.add_argument("--evaluate", metavar="DIR", help="measure the folder at --output instead of training: "
                         "held-out losses (DIR/tiny_sd_losses.json) and a sample grid (DIR/tiny_sd_samples.png)")
