@@ -170,3 +170,94 @@ def test_procedural_scenes_carry_partial_labels():
     assert all(sum(bool(f[t]) for t in tasks) == 1 for f in flags)
     assert {t for f in flags for t in tasks if f[t]} == set(tasks)  # dealt to every task in turn
     assert "labelled" not in ProceduralScenes(tasks=tasks, num_scenes=2, height=16, width=16)[0]
+
+
+# ---- the denoiser against DiffusionMTL's arithmetic (issue 25 item 1) -----------------------------------------------
+def _layer_norm(x, p, name):
+    return F.layer_norm(x, x.shape[-1:], p[f"{name}.weight"], p[f"{name}.bias"], 1e-5)
+
+
+def _mlp(x, p, name):  # timm's Mlp: fc1, GELU (erf), fc2
+    return F.linear(F.gelu(F.linear(x, p[f"{name}.fc1.weight"], p[f"{name}.fc1.bias"])),
+                    p[f"{name}.fc2.weight"], p[f"{name}.fc2.bias"])
+
+
+def _reference_cross_block(p, i, x, kv, heads):
+    """DMTL's CrossBlock(x = condition tokens, kv = noisy task tokens), written out: kv gets its MLP residual first,
+    then x attends (q from x, k and v from the updated kv, no q/kv bias), then x gets its MLP residual."""
+    b = f"crossblocks.{i}"
+    kv = kv + _mlp(_layer_norm(kv, p, f"{b}.norm2_kv"), p, f"{b}.mlp_kv")
+    xn, kvn = _layer_norm(x, p, f"{b}.norm1"), _layer_norm(kv, p, f"{b}.norm_kv")
+    B, N, C = x.shape
+    q = (xn @ p[f"{b}.attn.q.weight"].T).reshape(B, N, heads, C // heads).permute(0, 2, 1, 3)
+    k, v = (kvn @ p[f"{b}.attn.kv.weight"].T).reshape(B, -1, 2, heads, C // heads).permute(2, 0, 3, 1, 4)
+    attn = ((q @ k.transpose(-2, -1)) * (C // heads) ** -0.5).softmax(-1)
+    out = (attn @ v).transpose(1, 2).reshape(B, N, C)
+    x = x + F.linear(out, p[f"{b}.attn.proj.weight"], p[f"{b}.attn.proj.bias"])
+    return x + _mlp(_layer_norm(x, p, f"{b}.norm2"), p, f"{b}.mlp"), kv
+
+
+def _reference_denoiser(p, x_t, t, feat, task, depth, heads, freq_dim):
+    """DMTL's Denosier.forward for one task (upsam=False): pre_layer conv + t embedding -> x0; condition `feat` and
+    x each bilinearly to 1/4 as tokens; condition = queries through the blocks; back x4, + x0; the task head."""
+    half = freq_dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)  # float32, as DiT's
+    args = torch.full((x_t.shape[0], 1), float(t)) * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], -1).to(x_t.dtype)
+    emb = F.linear(F.silu(F.linear(emb, p["t_embedder.mlp.0.weight"], p["t_embedder.mlp.0.bias"])),
+                   p["t_embedder.mlp.2.weight"], p["t_embedder.mlp.2.bias"])
+    x = F.conv2d(x_t, p[f"pre_layer.{task}.weight"], p[f"pre_layer.{task}.bias"], padding=1) + emb[:, :, None, None]
+    x0 = x
+    small = F.interpolate(feat, scale_factor=0.25, mode="bilinear", align_corners=False)
+    B, C, H, W = small.shape
+    cond = small.reshape(B, C, -1).transpose(1, 2)
+    x = F.interpolate(x, scale_factor=0.25, mode="bilinear", align_corners=False).reshape(B, C, -1).transpose(1, 2)
+    for i in range(depth):
+        cond, x = _reference_cross_block(p, i, cond, x, heads)
+    x = cond.reshape(B, H, W, C).permute(0, 3, 1, 2)
+    x = F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False) + x0
+    h = f"task_heads.{task}"
+    x = F.conv2d(x, p[f"{h}.0.weight"], p[f"{h}.0.bias"])
+    for j in (1, 3, 5):
+        x = F.relu(F.conv2d(x, p[f"{h}.{j}.weight"], p[f"{h}.{j}.bias"], padding=1))
+    return x
+
+
+def _to_reference_names(name: str) -> str:
+    """densediff Denoiser parameter -> DMTL Denosier parameter (the mapping CrossBlock's docstring states)."""
+    top = {"blocks": "crossblocks", "t_mlp": "t_embedder.mlp", "inputs": "pre_layer", "heads": "task_heads"}
+    inner = {"norm_q": "norm1", "norm_mlp": "norm2", "norm_kv_mlp": "norm2_kv", "mlp.0": "mlp.fc1", "mlp.2": "mlp.fc2",
+             "kv_mlp.0": "mlp_kv.fc1", "kv_mlp.2": "mlp_kv.fc2"}
+    head, rest = name.split(".", 1)
+    if head == "blocks":
+        index, module, leaf = rest.split(".", 1)[0], rest.split(".", 1)[1].rsplit(".", 1)[0], name.rsplit(".", 1)[1]
+        return f"crossblocks.{index}.{inner.get(module, module)}.{leaf}"
+    return f"{top[head]}.{rest}"
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_denoiser_computes_diffusionmtls_cross_blocks(dtype, tol):
+    from densediff.paradigms.multitask import Denoiser
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    dim, heads, depth, freq = 16, 4, 2, 8
+    model = Denoiser(["normals"], dim, depth, heads, 4.0, 0.25, freq).to(dtype)
+    with torch.no_grad():  # non-trivial norms and biases, so that every parameter matters
+        for name, param in model.named_parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    reference = {_to_reference_names(n): v.detach() for n, v in model.named_parameters()}
+    assert "crossblocks.1.norm2_kv.weight" in reference and "crossblocks.0.attn.kv.weight" in reference
+    x_t, feat = torch.randn(2, dim, 16, 12, dtype=dtype), torch.randn(2, dim, 16, 12, dtype=dtype)
+    for t in (1, 0):
+        expected = _reference_denoiser(reference, x_t, t, feat, "normals", depth, heads, freq)
+        ours = model(x_t, t, feat, "normals")
+        assert (ours - expected).abs().max() < tol * expected.abs().max()
+
+
+def test_a_checkpoint_of_the_old_denoiser_is_refused_clearly():
+    model = MultiTaskDenoising(["edges"], **TINY)
+    state = {k: v for k, v in model.state_dict().items() if ".attn." not in k}
+    state["denoiser.blocks.0.attn.in_proj_weight"] = torch.zeros(24, 8)
+    with pytest.raises(RuntimeError, match="predates DiffusionMTL's cross-attention block"):
+        model.on_load_checkpoint({"state_dict": state})

@@ -70,22 +70,45 @@ class BasicBlock(nn.Module):
         return F.relu(x + self.body(x))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention of the tokens `x` over the tokens `kv` in DMTL's layout: the query and the key/value
+    projections have no bias (`q` [d,d], `kv` [2d,d], keys first), the output projection `proj` has one."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, kv):
+        b, n, c = x.shape
+        q = self.q(x).view(b, n, self.heads, c // self.heads).transpose(1, 2)
+        k, v = self.kv(kv).view(b, kv.shape[1], 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c / heads)) v
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
 class CrossBlock(nn.Module):
-    """Condition tokens (queries) attend to the noisy task tokens (keys/values); both streams get an MLP residual."""
+    """DMTL's CrossBlock: the noisy task tokens `kv` are first updated by their own MLP residual, then the condition
+    tokens `q` attend to the *updated* task tokens, then get their own MLP residual (pre-LayerNorm everywhere).
+    Returns (q, kv), both updated. Parameter names map one to one onto the reference's `crossblocks.<i>`:
+    norm_q = norm1, norm_kv = norm_kv, norm_mlp = norm2, norm_kv_mlp = norm2_kv, attn.{q,kv,proj} = attn.{q,kv,proj},
+    mlp.0/mlp.2 = mlp.fc1/mlp.fc2, kv_mlp.0/kv_mlp.2 = mlp_kv.fc1/mlp_kv.fc2."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.attn = CrossAttention(dim, heads)
         self.norm_mlp, self.norm_kv_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.kv_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, q, kv):
-        k = self.norm_kv(kv)
-        q = q + self.attn(self.norm_q(q), k, k, need_weights=False)[0]
-        return q + self.mlp(self.norm_mlp(q)), kv + self.kv_mlp(self.norm_kv_mlp(kv))
+        kv = kv + self.kv_mlp(self.norm_kv_mlp(kv))
+        q = q + self.attn(self.norm_q(q), self.norm_kv(kv))
+        return q + self.mlp(self.norm_mlp(q)), kv
 
 
 class Denoiser(nn.Module):
@@ -101,6 +124,14 @@ class Denoiser(nn.Module):
         self.heads = nn.ModuleDict({t: nn.Sequential(
             nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(True), nn.Conv2d(dim, dim, 3, padding=1),
             nn.ReLU(True), nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(True)) for t in tasks})
+        # DMTL's initialisation: every Linear xavier-uniform with zero bias, then the timestep MLP's weights N(0, 0.02)
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for layer in (self.t_mlp[0], self.t_mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
 
     def _tokens(self, x):
         if self.token_scale != 1:
@@ -109,7 +140,7 @@ class Denoiser(nn.Module):
 
     def forward(self, x_t, t: int, condition, task: str):
         steps = torch.full((x_t.shape[0],), t, device=x_t.device)
-        x = self.inputs[task](x_t) + self.t_mlp(timestep_embedding(steps, self.freq_dim))[:, :, None, None]
+        x = self.inputs[task](x_t) + self.t_mlp(timestep_embedding(steps, self.freq_dim).to(x_t))[:, :, None, None]
         small, q = self._tokens(condition)
         _, kv = self._tokens(x)
         for block in self.blocks:
@@ -375,5 +406,9 @@ class MultiTaskDenoising(L.LightningModule):
         self.step_randomness.save(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if any(k.startswith("denoiser.blocks.") and ".attn.in_proj_" in k for k in checkpoint.get("state_dict", {})):
+            raise RuntimeError("this checkpoint's denoiser predates DiffusionMTL's cross-attention block (densediff "
+                               "issue 25: the task tokens' MLP now comes before the attention, whose q/kv "
+                               "projections have no bias); its weights do not fit the current model: retrain it")
         self.step_randomness.load(checkpoint)
 
