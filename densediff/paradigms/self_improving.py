@@ -331,6 +331,9 @@ class SelfImprovingPerception(DenseEvaluation):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._saved_synthetic = checkpoint.get("densediff_synthetic")
         missing = [k for k in self.student.state_dict() if f"student.{k}" not in checkpoint["state_dict"]]
+        if any(k.startswith(("student.fusion.fuse.", "student.fusion.up.")) for k in checkpoint["state_dict"]):
+            raise RuntimeError("this checkpoint's head=bae has densediff's old feature fusion (before issue 25 made it "
+                               "Diff-2-in-1's SNmodule); its weights do not fit the current head: retrain it")
         if missing:
             raise RuntimeError(f"checkpoint lacks {len(missing)} weights of the head (first: student.{missing[0]}); "
                                "was it trained with another head= or head options?")
