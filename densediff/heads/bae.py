@@ -45,12 +45,14 @@ def kappa_to_alpha(kappa: torch.Tensor) -> torch.Tensor:
 def nll_angular(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean over the valid pixels of -log(k^2 + 1) + k theta + log(1 + e^{-k pi}), theta the angle between the
     predicted and the target normal. `pred` [B,4,N...], `target` [B,3,N...]; pixels whose cosine is outside
-    (-0.999, 0.999) are left out, as in the reference (acos has no usable gradient there)."""
-    cosine = F.cosine_similarity(pred[:, :3].float(), target.float(), dim=1)
+    (-0.999, 0.999) are left out, as in the reference (acos has no usable gradient there). Computed in float32 at
+    least (float64 stays float64)."""
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    cosine = F.cosine_similarity(pred[:, :3].to(dtype), target.to(dtype), dim=1)
     valid = valid & (cosine > -0.999) & (cosine < 0.999)
     if not valid.any():
         return pred.sum() * 0
-    k, theta = pred[:, 3].float()[valid], torch.acos(cosine[valid])
+    k, theta = pred[:, 3].to(dtype)[valid], torch.acos(cosine[valid])
     return (-torch.log(k ** 2 + 1) + k * theta + torch.log1p(torch.exp(-k * math.pi))).mean()
 
 
@@ -266,7 +268,8 @@ class BaeDecoder(nn.Module):
                 mask = torch.ones(up.shape[0], *s, dtype=torch.bool, device=up.device) if valid is None else \
                     F.interpolate(valid[:, None].float(), size=s, mode="nearest")[:, 0] > 0.5
                 rows, cols = sample_points(up, mask, self.ratio, self.importance)
-                grid = point_grid(rows, cols, *s)
+                # coordinates in float32 arithmetic (the reference's), cast up for a float64 model
+                grid = point_grid(rows, cols, *s).to(torch.promote_types(feat.dtype, torch.float32))
                 inputs = torch.cat([F.grid_sample(feat, grid, align_corners=True),
                                     F.grid_sample(out, grid, align_corners=True)], dim=1)[:, :, 0]
                 pred = finish(mlp(inputs))
@@ -287,8 +290,8 @@ def ug_nll_loss(result: dict, target: torch.Tensor, valid: torch.Tensor) -> torc
     coarse = F.interpolate(result["maps"][0], size=target.shape[-2:], mode="bilinear", align_corners=True)
     loss = nll_angular(coarse, target, valid)
     for pred, grid in result["points"]:
-        gt = F.grid_sample(target.float(), grid, mode="nearest", align_corners=True)[:, :, 0]
-        ok = F.grid_sample(valid[:, None].float(), grid, mode="nearest", align_corners=True)[:, 0, 0] > 0.5
+        gt = F.grid_sample(target.to(grid.dtype), grid, mode="nearest", align_corners=True)[:, :, 0]
+        ok = F.grid_sample(valid[:, None].to(grid.dtype), grid, mode="nearest", align_corners=True)[:, 0, 0] > 0.5
         loss = loss + nll_angular(pred, gt, ok)
     return loss
 
