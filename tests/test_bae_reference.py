@@ -335,3 +335,13 @@ def test_a_checkpoint_of_the_old_fusion_is_refused_clearly():
     state["student.fusion.fuse.0.0.parametrizations.weight.original"] = torch.zeros(1)
     with pytest.raises(RuntimeError, match="old feature fusion"):
         SelfImprovingPerception.on_load_checkpoint(fake, {"state_dict": state})
+
+
+def test_bins_feed_the_four_fusion_paths():
+    from densediff.heads.bae import fusion_paths
+
+    assert fusion_paths(4) == [[0], [1], [2], [3]]          # SD 1.5: low, mid, high, highest as the reference
+    assert fusion_paths(5) == [[0], [1], [2, 3], [4]]
+    assert fusion_paths(3) == [[0], [1], [2], [2]]          # the tiny backbones: the finest feeds both stride-8 paths
+    with pytest.raises(ValueError, match=">= 3 resolutions"):
+        fusion_paths(2)
