@@ -36,7 +36,7 @@ import torch
 from PIL import Image, ImageOps
 
 from densediff.data.common import DataReadError, DatasetLayoutError, flip_seed, hflip_sample, resize, unit
-from densediff.data.normal_benchmarks import read_exr
+from densediff.data.exr import read_exr_planes
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def load_array(path: str) -> np.ndarray:
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
         if suffix == ".exr":
-            planes = read_exr(path)
+            planes = read_exr_planes(path)
             names = [c for c in ("R", "G", "B") if c in planes] or [c for c in ("Z", "Y") if c in planes][:1]
             names = names or sorted(planes)[:1]
             return np.stack([planes[c] for c in names], axis=-1).squeeze(-1) if len(names) == 1 else \
