@@ -11,7 +11,7 @@ PRIOR_RECIPES ?= prior/e2e_depth,prior/marigold_depth,prior/dmp_normal,prior/geo
 PRIOR_METRICS ?= abs_rel,delta1,angular_mean,angular_11_25,segmentation/miou,depth/abs_rel,normals/angular_mean,edges/ods_f
 PRIOR_ARGS ?=  # extra train.py overrides for every job, e.g. PRIOR_ARGS="trainer.max_steps=100"
 
-.PHONY: help install demo prior test test-all bench bench-gpu app clean-outputs
+.PHONY: help install demo prior test test-all bench bench-gpu gpu-wheels gpu-check app clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -49,6 +49,12 @@ bench: $(STAMP)  ## benchmarks, JSON in benchmarks/results/
 bench-gpu: $(STAMP)  ## CUDA only: SD-sized latency fp16/bf16 (+compile, xformers) vs diffusers, E2E-FT train step
 	@mkdir -p benchmarks/results
 	$(PY) benchmarks/gpu_suite.py --out benchmarks/results/gpu.json
+
+gpu-wheels: $(STAMP)  ## the wheels the lent GPU machine lacks, into .whl/ (benchmarks/README.md, "The GPU check")
+	benchmarks/gpu_wheels.sh
+
+gpu-check:  ## on the GPU machine (no .venv there): every CUDA path in one run (GPU_CHECK_ARGS="--out DIR ...")
+	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 app: $(STAMP)  ## the Gradio demo (APP_ARGS="ckpt=<run>/checkpoints/last.ckpt"; default backbone=tiny)
 	$(PY) -m densediff.app $(or $(APP_ARGS),backbone=tiny)

@@ -1,6 +1,7 @@
 """`make bench-gpu`: the CUDA measurements of issue #12, in one run, JSON beside the CPU results.
 
-    python benchmarks/gpu_suite.py [--out benchmarks/results/gpu.json] [--reps 10] [--skip-training]
+    python benchmarks/gpu_suite.py [--out benchmarks/results/gpu.json] [--reps 10] [--skip-training] [--skip-inference]
+                                   [--train-size 576x768] [--train-precisions 32,bf16-mixed]
     python benchmarks/gpu_suite.py --device cpu --toy     # every code path at a toy size, in seconds (tests)
 
 1. SD-sized single step (E2E-FT: zero latent, t = 999) at 576x768: our predictor vs diffusers' MarigoldDepthPipeline
@@ -137,6 +138,9 @@ def main() -> None:
     parser.add_argument("--toy", action="store_true", help="tiny backbone at 32x32: a test of the code paths")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument("--train-size", default="576x768", help="HxW of the training step's images")
+    parser.add_argument("--train-precisions", default="32,bf16-mixed", help="the training step's precisions")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -148,14 +152,16 @@ def main() -> None:
     size, folder_size = ((32, 32), "tiny") if args.toy else ((576, 768), "sd")
     # the toy run stays short in fp32 (CPU bf16 kernels are slow; fp16 convolutions are CUDA-only)
     precisions = ["fp32"] if device.type != "cuda" else ["fp16", "bf16"]
-    training_precisions = ["32"] if args.toy else ["32", "bf16-mixed"]
+    training_precisions = ["32"] if args.toy else args.train_precisions.split(",")
+    train_size = size if args.toy else tuple(int(n) for n in args.train_size.split("x"))
     reps = 1 if args.toy else args.reps
     with tempfile.TemporaryDirectory() as tmp:
         folder = backbone_folder(folder_size, Path(tmp))
         # --toy leaves compilation out: it takes minutes on a CPU (tests/test_speedup.py covers the switch)
-        rows = inference_rows(folder, device, size, precisions, reps, (False,) if args.toy else (False, True))
+        rows = [] if args.skip_inference else inference_rows(folder, device, size, precisions, reps,
+                                                             (False,) if args.toy else (False, True))
         if not args.skip_training:
-            rows += training_rows(folder, device, size, training_precisions, reps)
+            rows += training_rows(folder, device, train_size, training_precisions, reps)
     report_json = {"benchmark": "gpu_suite", "device": str(device), "toy": args.toy, "machine": machine(device),
                    "results": rows}
     write_json(report_json, Path(args.out))

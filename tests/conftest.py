@@ -19,9 +19,15 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.e
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
 
-import densediff  # noqa: E402,F401  (thread settings before any test module imports torch: densediff/threads.py)
+from densediff import threads  # noqa: E402  (thread settings before any test module imports torch: densediff/threads.py)
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The thread settings every entry point started by run_cli gets: this worker's share, as it stood before any test ran.
+# An in-process job (densediff/run's use_threads_for) rewrites OMP_NUM_THREADS for its own model; without this, the
+# children started after it would inherit that, and two CLI results compared in one test could come from two thread
+# counts (different rounding) depending on which tests ran before in the same worker.
+CHILD_THREADS = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", threads.AUTO_MARKER)}
 
 # Small but real: the tiny backbone on procedural scenes, a handful of steps and scenes.
 FAST = ["trainer.max_steps=2", "trainer.val_check_interval=2", "dataset.val.num_scenes=4",
@@ -38,6 +44,10 @@ def run_cli(script: str, *overrides: str, expect_ok: bool = True, timeout: int =
     start-up itself."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
            "PYTHONUNBUFFERED": "1"}
+    for key, value in CHILD_THREADS.items():
+        env.pop(key, None)
+        if value is not None:
+            env[key] = value
     command = ["-m", overrides[0]] if script == "-m" else [str(ROOT / script)]
     overrides = overrides[1:] if script == "-m" else overrides
     if fresh or os.environ.get("DENSEDIFF_TEST_FORK", "1") == "0":

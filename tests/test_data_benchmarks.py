@@ -19,7 +19,8 @@ from PIL import Image
 from conftest import ROOT, read_metrics, run_cli
 from densediff.data.common import DataReadError, DatasetLayoutError
 from densediff.data.depth_benchmarks import DIODE, ETH3D, KITTI, NYUv2, ScanNet, marigold_prediction_name
-from densediff.data.normal_benchmarks import IBims, NYUv2Normals, Sintel, contrast_stretch, read_exr
+from densediff.data.exr import read_exr, read_exr_with_library
+from densediff.data.normal_benchmarks import IBims, NYUv2Normals, Sintel, contrast_stretch
 
 RNG = np.random.default_rng(0)
 
@@ -509,10 +510,32 @@ def test_exr_reader(tmp_path, compression, half):
     a = RNG.normal(size=(37, 21, 3)).astype(np.float32)  # 37 lines: ZIP's 16-line chunks end short
     a[:20] = 0.25  # compressible region
     write_exr(tmp_path / "x.exr", a, compression, half)
-    planes = read_exr(tmp_path / "x.exr")
-    got = np.stack([planes[c] for c in "RGB"], -1)
     expected = a.astype(np.float16).astype(np.float32) if half else a
-    assert np.array_equal(got, expected)
+    # the built-in reader and the OpenEXR package (in the test extra) on the same file
+    for planes in (read_exr(tmp_path / "x.exr"), read_exr_with_library(tmp_path / "x.exr")):
+        assert np.array_equal(np.stack([planes[c] for c in "RGB"], -1), expected)
+
+
+def test_exr_compressions_beyond_the_built_in_reader_go_through_the_package(tmp_path, monkeypatch):
+    import OpenEXR
+
+    from densediff.data import exr
+
+    a = RNG.normal(size=(19, 23, 3)).astype(np.float32)
+    OpenEXR.File({"compression": OpenEXR.PIZ_COMPRESSION, "type": OpenEXR.scanlineimage}, {"RGB": a}).write(
+        str(tmp_path / "piz.exr"))
+    with pytest.raises(NotImplementedError, match="PIZ"):
+        read_exr(tmp_path / "piz.exr")
+    assert np.array_equal(exr.read_exr_rgb(tmp_path / "piz.exr"), a)
+
+    def not_installed(path):
+        raise ImportError("OpenEXR")
+
+    monkeypatch.setattr(exr, "read_exr_with_library", not_installed)
+    with pytest.raises(DataReadError, match=r"piz\.exr: it uses PIZ compression.*pip install OpenEXR"):
+        exr.read_exr_rgb(tmp_path / "piz.exr")
+    write_exr(tmp_path / "zip.exr", a, 3)  # without the package the built-in reader still reads ZIP
+    assert np.array_equal(exr.read_exr_rgb(tmp_path / "zip.exr"), a)
 
 
 def test_dsine_exr_normals(fixture_root):

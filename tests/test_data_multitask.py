@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 
 from densediff.data.common import DataReadError, DatasetLayoutError
-from densediff.data.multitask import label_boundaries, thin
+from densediff.data.multitask import label_boundaries
 from densediff.data.nyud import NYUD
 from densediff.data.partial_labels import generate
 from densediff.data.pascal_context import PascalContext
 from densediff.data.synthetic_bedrooms import SyntheticBedrooms, npz_bytes
+from densediff.metrics.morphology import thin
 
 H, W = 32, 48
 IDS = ["2008_000002", "2008_000003", "2008_000007"]
@@ -153,13 +154,13 @@ def test_thin_and_label_boundaries():
     raw = np.zeros((H, W), bool)
     raw[:, 23:25] = True  # the Laplacian marks both sides of the boundary
     # one pixel per row; the top end is eroded (skimage.morphology.thin 0.26 gives exactly this, checked once by hand)
-    assert thin(raw).sum(1).tolist() == [0] + [1] * (H - 1)
+    assert thin(torch.from_numpy(raw)).sum(1).tolist() == [0] + [1] * (H - 1)
     assert label_boundaries(lm).sum(1).tolist() == [0] + [1] * (H - 1)
-    block = np.zeros((9, 9), bool)
+    block = torch.zeros((9, 9), dtype=torch.bool)
     block[2:7, 2:7] = True
     t = thin(block)
     assert t.sum() == 1 and t[4, 4]  # a filled square thins to its centre
-    assert not thin(np.zeros((4, 4), bool)).any()
+    assert not thin(torch.zeros((4, 4), dtype=torch.bool)).any()
 
 
 def test_pascal_padding_marks_valid_pixels(pascal_root):

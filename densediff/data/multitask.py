@@ -15,6 +15,7 @@ from PIL import Image
 from scipy import ndimage
 
 from densediff.data.common import DataReadError, flip_seed
+from densediff.metrics.morphology import thin
 
 # Fill values of padding (ATRC PadImage: 255 for the label maps, 0 for image/normals/depth). Saliency and edges are
 # float 0/1 maps in our sample, so their padding is 0 and only valid_mask marks it.
@@ -53,47 +54,16 @@ def unit(n, eps=1e-12):
     return np.where(norm > eps, n / np.maximum(norm, eps), 0.0).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------- edge thinning (skimage.morphology.thin)
-
-
-def _thin_luts():
-    """The two deletion look-up tables of skimage.morphology.thin (Lam, Lee & Suen 1992, Guo & Hall's algorithm A1),
-    indexed by the 8-neighbourhood code N = sum of bit weights [[8, 4, 2], [16, 0, 1], [32, 64, 128]]."""
-    g123, g123p = np.zeros(256, bool), np.zeros(256, bool)
-    for n in range(256):
-        b = [(n >> i) & 1 for i in range(8)]
-        g1 = sum(1 for i in (0, 2, 4, 6) if not b[i] and (b[i + 1] or b[(i + 2) % 8])) == 1
-        n1 = sum(1 for k in (1, 3, 5, 7) if b[k] or b[k - 1])
-        n2 = sum(1 for k in (1, 3, 5, 7) if b[k] or b[(k + 1) % 8])
-        g2 = min(n1, n2) in (2, 3)
-        g3 = not ((b[1] or b[2] or not b[7]) and b[0])
-        g3p = not ((b[5] or b[6] or not b[3]) and b[4])
-        g123[n], g123p[n] = g1 and g2 and g3, g1 and g2 and g3p
-    return g123, g123p
-
-
-_LUTS = _thin_luts()
-_NEIGHBOUR_WEIGHTS = np.array([[8, 4, 2], [16, 0, 1], [32, 64, 128]], np.uint8)
-
-
-def thin(mask):
-    """Morphological thinning of a boolean mask to 1-pixel-wide lines, as skimage.morphology.thin (no iteration cap)."""
-    skel = np.asarray(mask, bool).astype(np.uint8)
-    old = -1
-    while old != (new := int(skel.sum())):
-        old = new
-        for lut in _LUTS:
-            code = ndimage.correlate(skel, _NEIGHBOUR_WEIGHTS, mode="constant")
-            skel[lut[code]] = 0
-    return skel.astype(bool)
+# ----------------------------------------------------------------------------- edge ground truth
 
 
 def label_boundaries(label_map):
     """ATRC's edge GT: cv2.Laplacian(LabelMap, CV_64F) (ksize 1 = the 4-neighbour kernel, border reflect-101), nonzero
-    -> skimage thin -> float32 {0, 1}."""
+    -> skimage thin -> float32 {0, 1}. The thinning is densediff.metrics.morphology.thin (the metric's own, the same
+    Guo-Hall tables as skimage.morphology.thin and MATLAB's bwmorph 'thin')."""
     kernel = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float64)
     lap = ndimage.correlate(np.asarray(label_map, np.float64), kernel, mode="mirror")  # mirror = reflect-101
-    return thin(np.abs(lap) > 0).astype(np.float32)
+    return thin(torch.from_numpy(np.abs(lap) > 0)).numpy().astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- geometry

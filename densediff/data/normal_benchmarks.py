@@ -18,156 +18,19 @@ flips). The package's canonical frame is x RIGHT, y up, z toward the viewer, so 
 Input (DSINE `projects/dsine/test.py` as E2E runs it): each image is contrast-stretched by its own min and max to
 [0, 255] and cast to uint8 before inference; `contrast_stretch=True` (the default) does this in the loader.
 
-EXR: no EXR library is a dependency, so `read_exr` below is a small reader for what these files use (single-part
-scanline OpenEXR, HALF/FLOAT/UINT channels, compression NONE, RLE, ZIPS or ZIP). Other compressions (PIZ, PXR24,
-B44, DWA) fall back to the `OpenEXR` package or OpenCV if installed, else fail naming them.
+EXR: read by densediff/data/exr.py (the `OpenEXR` package where installed, else a built-in reader).
 """
 
 from __future__ import annotations
 
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from densediff.data.common import DATA_HELP, DataReadError, DatasetLayoutError, read_image
-
-# ----------------------------------------------------------------------------- minimal OpenEXR reader
-
-_EXR_MAGIC = 20000630
-_PIXEL_DTYPES = {0: np.dtype("<u4"), 1: np.dtype("<f2"), 2: np.dtype("<f4")}  # UINT, HALF, FLOAT
-_LINES_PER_CHUNK = {0: 1, 1: 1, 2: 1, 3: 16}  # NONE, RLE, ZIPS, ZIP
-_COMPRESSION_NAMES = {0: "NONE", 1: "RLE", 2: "ZIPS", 3: "ZIP", 4: "PIZ", 5: "PXR24", 6: "B44", 7: "B44A",
-                      8: "DWAA", 9: "DWAB"}
-
-
-def _exr_header(data):
-    magic, version = struct.unpack_from("<ii", data, 0)
-    if magic != _EXR_MAGIC:
-        raise ValueError("not an OpenEXR file (bad magic number)")
-    if version & 0x200 or version & 0x800 or version & 0x1000:  # tiled, deep, multi-part
-        raise NotImplementedError(f"tiled, deep or multi-part EXR (version flags {version:#x})")
-    pos, attrs = 8, {}
-    while data[pos] != 0:
-        name_end = data.index(b"\0", pos)
-        type_end = data.index(b"\0", name_end + 1)
-        name, kind = data[pos:name_end].decode(), data[name_end + 1:type_end].decode()
-        (size,) = struct.unpack_from("<i", data, type_end + 1)
-        attrs[name] = (kind, data[type_end + 5:type_end + 5 + size])
-        pos = type_end + 5 + size
-    return attrs, pos + 1
-
-
-def _exr_channels(raw):
-    channels, pos = [], 0
-    while raw[pos] != 0:
-        end = raw.index(b"\0", pos)
-        name = raw[pos:end].decode()
-        pixel_type, _linear, xs, ys = struct.unpack_from("<iB3xii", raw, end + 1)
-        if (xs, ys) != (1, 1):
-            raise NotImplementedError(f"subsampled EXR channel {name}")
-        channels.append((name, _PIXEL_DTYPES[pixel_type]))
-        pos = end + 1 + 16
-    return channels
-
-
-def _undo_predictor_and_interleave(buf):
-    """OpenEXR's ZIP/RLE pre-processing, reversed: delta decoding (t[i] += t[i-1] - 128), then the bytes of the
-    first half are the even positions and those of the second half the odd ones."""
-    t = np.frombuffer(buf, np.uint8).astype(np.int64)
-    t = ((np.cumsum(t - 128) + 128) % 256).astype(np.uint8)  # closed form of the running sum; t[0] unchanged
-    out = np.empty_like(t)
-    half = (t.size + 1) // 2
-    out[0::2], out[1::2] = t[:half], t[half:]
-    return out.tobytes()
-
-
-def _rle_decompress(buf):
-    out, i = bytearray(), 0
-    while i < len(buf):
-        count = struct.unpack_from("b", buf, i)[0]
-        i += 1
-        if count < 0:  # -count literal bytes
-            out += buf[i:i - count]
-            i -= count
-        else:  # one byte repeated count + 1 times
-            out += buf[i:i + 1] * (count + 1)
-            i += 1
-    return bytes(out)
-
-
-def read_exr(path):
-    """An OpenEXR scanline image -> {channel name: float32 HxW array}."""
-    data = Path(path).read_bytes()
-    attrs, pos = _exr_header(data)
-    compression = attrs["compression"][1][0]
-    if compression not in _LINES_PER_CHUNK:
-        raise NotImplementedError(f"{_COMPRESSION_NAMES.get(compression, compression)} compression")
-    channels = _exr_channels(attrs["channels"][1])
-    x0, y0, x1, y1 = struct.unpack("<iiii", attrs["dataWindow"][1])
-    width, height = x1 - x0 + 1, y1 - y0 + 1
-    per_chunk = _LINES_PER_CHUNK[compression]
-    n_chunks = -(-height // per_chunk)
-    offsets = struct.unpack_from(f"<{n_chunks}Q", data, pos)
-    line_bytes = sum(width * dt.itemsize for _, dt in channels)
-    planes = {name: np.empty((height, width), np.float32) for name, _ in channels}
-    for offset in offsets:
-        y, size = struct.unpack_from("<ii", data, offset)
-        chunk = data[offset + 8:offset + 8 + size]
-        lines = min(per_chunk, y1 - y + 1)
-        raw_size = lines * line_bytes
-        if size < raw_size:  # OpenEXR stores a chunk raw when compressing does not make it smaller
-            chunk = zlib.decompress(chunk) if compression in (2, 3) else _rle_decompress(chunk)
-            chunk = _undo_predictor_and_interleave(chunk)
-        if len(chunk) != raw_size:
-            raise ValueError(f"chunk at line {y} has {len(chunk)} bytes, expected {raw_size}")
-        p = 0
-        for line in range(lines):  # per scanline: every channel's pixels in turn, channels in header order
-            for name, dt in channels:
-                n = width * dt.itemsize
-                planes[name][y - y0 + line] = np.frombuffer(chunk, dt, width, p)
-                p += n
-    return planes
-
-
-def _read_exr_with_library(path):
-    """Fallback for compressions the small reader does not decode: the OpenEXR package, then OpenCV."""
-    try:
-        import OpenEXR  # the `OpenEXR` pip package, >= 3.3 API (untested here: not installed)
-        with OpenEXR.File(str(path), separate_channels=True) as f:
-            return {k: np.asarray(v.pixels, np.float32) for k, v in f.channels().items()}
-    except ImportError:
-        pass
-    os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
-    import cv2  # raises ImportError when absent
-    bgr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if bgr is None:
-        raise ValueError("OpenCV could not decode it")
-    return {"R": bgr[..., 2].astype(np.float32), "G": bgr[..., 1].astype(np.float32),
-            "B": bgr[..., 0].astype(np.float32)}
-
-
-def read_exr_rgb(path):
-    """An EXR's R, G, B channels as an HxWx3 float32 array (what DSINE's cv2.imread + BGR->RGB gives)."""
-    try:
-        try:
-            planes = read_exr(path)
-        except NotImplementedError as unsupported:
-            try:
-                planes = _read_exr_with_library(path)
-            except ImportError:
-                raise DataReadError(
-                    f"cannot read {path}: it uses {unsupported}, which densediff's built-in EXR reader does not "
-                    f"decode; install the `OpenEXR` package (pip install OpenEXR) or opencv-python") from None
-        return np.stack([planes[c] for c in "RGB"], axis=-1)
-    except DataReadError:
-        raise
-    except Exception as e:
-        raise DataReadError(f"cannot read {path}: {e!r}") from e
-
+from densediff.data.exr import read_exr_rgb
 
 # ----------------------------------------------------------------------------- DSINE eval sets
 

@@ -33,7 +33,7 @@ def find_images(source: str | Path) -> tuple[Path, list[Path]]:
 
 
 def output_paths(image: Path, root: Path, output: Path, task: str, keep_suffix: bool = False,
-                 uncertainty: bool = False) -> dict[str, Path]:
+                 uncertainty: bool = False, pointcloud: bool = False) -> dict[str, Path]:
     """Where the predictions of `image` go: `<stem>.npy`, `<stem>.png` (and `<stem>_16bit.png` for depth) at its
     place below `root`, mirrored into `output`. `keep_suffix` names them `<stem>_<ext>...` instead (two inputs that
     differ only in their extension, `a.png` and `a.jpg`, would otherwise write the same files)."""
@@ -47,11 +47,13 @@ def output_paths(image: Path, root: Path, output: Path, task: str, keep_suffix: 
     if uncertainty:  # a head with a predicted concentration (head=bae): its expected angular error in degrees
         paths["uncertainty_npy"] = stem.with_name(stem.name + "_uncertainty.npy")
         paths["uncertainty_png"] = stem.with_name(stem.name + "_uncertainty.png")
+    if pointcloud:  # depth: the coloured points (densediff/inference/pointcloud.py)
+        paths["ply"] = stem.with_name(stem.name + ".ply")
     return paths
 
 
 def plan_outputs(root: Path, images: list[Path], output: str | Path, task: str,
-                 uncertainty: bool = False) -> dict[Path, dict[str, Path]]:
+                 uncertainty: bool = False, pointcloud: bool = False) -> dict[Path, dict[str, Path]]:
     """Every image's output paths, distinct for every image (see output_paths' keep_suffix)."""
     stems: dict[Path, int] = {}
     for image in images:
@@ -59,16 +61,16 @@ def plan_outputs(root: Path, images: list[Path], output: str | Path, task: str,
         stems[key] = stems.get(key, 0) + 1
     return {image: output_paths(image, root, Path(output), task,
                                 keep_suffix=stems[image.relative_to(root).with_suffix("")] > 1,
-                                uncertainty=uncertainty) for image in images}
+                                uncertainty=uncertainty, pointcloud=pointcloud) for image in images}
 
 
 def check_outputs(source: str | Path, output: str | Path, task: str, overwrite: bool,
-                  uncertainty: bool = False) -> tuple[Path, list[Path]]:
+                  uncertainty: bool = False, pointcloud: bool = False) -> tuple[Path, list[Path]]:
     """Find the images and refuse, before any work, to replace a file that is already there (unless `overwrite`)
     and, always, to write over an input image (output= equal to input=, whose `<stem>.png` is the input itself)."""
     root, images = find_images(source)
     inputs = {image.resolve() for image in images}
-    for paths in plan_outputs(root, images, output, task, uncertainty).values():
+    for paths in plan_outputs(root, images, output, task, uncertainty, pointcloud).values():
         for path in paths.values():
             if path.resolve() in inputs:
                 raise FileExistsError(f"writing the predictions would replace the input image {path}; choose an "
@@ -103,14 +105,16 @@ def depth_full_scale(task) -> float:
 
 
 def predict_images(model, root: Path, images: list[Path], output: str | Path,
-                   device: torch.device, uncertainty: bool = False) -> tuple[int, list[str]]:
+                   device: torch.device, uncertainty: bool = False,
+                   pointcloud: dict | None = None) -> tuple[int, list[str]]:
     """Write the predictions of `images` (found and checked by check_outputs) mirrored from `root` into `output`;
     return (written, list of skipped-file messages). With `uncertainty` (a model with predict_with_uncertainty)
-    also each prediction's expected angular error."""
+    also each prediction's expected angular error; with `pointcloud` ({"fov", "intrinsics", "references": {image:
+    reference depth file or None}}, depth only) each prediction's `<stem>.ply`."""
     task = model.task.name
     output = Path(output)
     model.eval().to(device)
-    planned = plan_outputs(root, images, output, task, uncertainty)
+    planned = plan_outputs(root, images, output, task, uncertainty, pointcloud is not None)
     skipped = []
     written = 0
     for image, rgb in readable_images(tqdm(images, desc=f"predict {task}", unit="image"), skipped):
@@ -120,6 +124,12 @@ def predict_images(model, root: Path, images: list[Path], output: str | Path,
         else:
             prediction = model.predict(rgb.to(device))
         write_prediction(model.task, prediction[0].cpu(), planned[image])
+        if pointcloud is not None:
+            from densediff.inference.pointcloud import write_pointcloud
+
+            write_pointcloud(planned[image]["ply"], prediction[0].float().cpu().numpy(),
+                             rgb[0].permute(1, 2, 0).numpy(), depth_full_scale(model.task) != 1.0,
+                             pointcloud["fov"], pointcloud["intrinsics"], pointcloud["references"][image])
         written += 1
     return written, skipped
 
@@ -188,3 +198,24 @@ def predict_multitask_images(model, root: Path, images: list[Path], output: str 
             write_prediction(task, prediction[0].cpu(), planned[t][image], getattr(task, "max_depth", None))
         written += 1
     return written, skipped
+
+
+def pointcloud_references(root: Path, images: list[Path], reference: str | Path | None) -> dict[Path, Path | None]:
+    """Each image's reference depth (metres) for aligning affine-invariant depth: `<reference>/<its relative stem>`
+    with .npy, else .png (16-bit millimetres); every one must exist. None everywhere when no folder is given."""
+    if reference is None:
+        return {image: None for image in images}
+    folder = Path(reference)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"pointcloud_reference={folder} is not a folder: give a folder of metric depth "
+                                f"(<stem>.npy in metres or 16-bit <stem>.png in millimetres) mirroring input=")
+    found = {}
+    for image in images:
+        stem = folder / image.relative_to(root).with_suffix("")
+        candidates = [stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".png")]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            raise FileNotFoundError(f"pointcloud_reference: no reference depth for {image}: expected {candidates[0]} "
+                                    f"(metres) or {candidates[1]} (16-bit millimetres)")
+        found[image] = path
+    return found

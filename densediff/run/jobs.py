@@ -388,16 +388,35 @@ def predict(cfg: DictConfig) -> None:
     if cfg.get("ckpt") and Path(cfg.ckpt).is_file():
         paradigm, trained_task = checkpoint_identity(Path(cfg.ckpt))
         if paradigm == "multitask":  # every task's files into <output>/<task>/
+            if cfg.get("pointcloud"):
+                raise ConfigError("pointcloud=true writes the point clouds of a depth model; a multi-task checkpoint "
+                                 "writes <output>/depth/<stem>.npy, not yet a .ply")
             return predict_multitask(cfg)
         if paradigm != "geowizard":  # a GeoWizard checkpoint predicts either geometry: task= picks it
             task = trained_task
         # Bae's head predicts its expected angular error too: <stem>_uncertainty.npy/.png next to the normals
         uncertainty = paradigm == "self_improving" and read_checkpoint(Path(cfg.ckpt)).get(
             "hyper_parameters", {}).get("head") == "bae"
+    wants_pointcloud = bool(cfg.get("pointcloud", False))
+    if wants_pointcloud and task != "depth":
+        raise ConfigError(f"pointcloud=true needs a depth model; this one predicts {task}")
     root, images = check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite),  # before loading a model
-                                 uncertainty=uncertainty)
+                                 uncertainty=uncertainty, pointcloud=wants_pointcloud)
+    pointcloud = None
+    if wants_pointcloud:
+        from densediff.inference.pointcloud import intrinsics_for
+        from densediff.inference.predict import pointcloud_references
+
+        intrinsics = list(cfg.pointcloud_intrinsics) if cfg.get("pointcloud_intrinsics") is not None else None
+        try:  # a bad camera fails before the model loads
+            intrinsics_for(1, 1, cfg.get("pointcloud_fov"), intrinsics)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        pointcloud = {"fov": cfg.get("pointcloud_fov"), "intrinsics": intrinsics,
+                      "references": pointcloud_references(root, images, cfg.get("pointcloud_reference"))}
     model, device = build_predictor(cfg)
-    written, skipped = predict_images(model, root, images, cfg.output, device, uncertainty=uncertainty)
+    written, skipped = predict_images(model, root, images, cfg.output, device, uncertainty=uncertainty,
+                                      pointcloud=pointcloud)
     if skipped and not written:
         raise DataReadError(f"none of the {len(skipped)} images of input={cfg.input} could be read:\n  "
                             + "\n  ".join(skipped))
