@@ -184,12 +184,14 @@ class MarigoldDepthBenchmark(torch.utils.data.Dataset):
     tar_name = ""                # the Marigold evaluation tar: the root is it, or the folder it is extracted into
     columns = 2                  # path columns used per line: rgb, depth (+ mask for DIODE)
     min_depth, max_depth = 0.0, float("inf")
+    provides = "depth"           # the one task of the set (marigold_normals.py: normals)
 
     def __init__(self, root, filename_list=None, tasks=("depth",), min_depth=None, max_depth=None):
         self.root = os.fspath(root)
         self.tasks = tuple(tasks)
-        if set(self.tasks) != {"depth"}:
-            raise ValueError(f"{self.title} is a depth benchmark; it provides tasks ['depth'], not {list(self.tasks)}")
+        if set(self.tasks) != {self.provides}:
+            raise ValueError(f"{self.title} is a {self.provides} benchmark; it provides tasks ['{self.provides}'], "
+                             f"not {list(self.tasks)}")
         self.min_depth = float(self.min_depth if min_depth is None else min_depth)
         self.max_depth = float(self.max_depth if max_depth is None else max_depth)
         what = f"the Marigold evaluation tar {self.tar_name} (extracted into a folder, or the .tar itself)"
