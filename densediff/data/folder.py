@@ -111,12 +111,17 @@ def read_rgb(path: str) -> np.ndarray:
         a = np.repeat(a[..., None], 3, axis=-1)
     if a.ndim != 3 or a.shape[-1] not in (3, 4):
         raise DataReadError(f"cannot read {path}: expected an RGB image, got an array of shape {a.shape}")
-    a = a[..., :3]
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) / 255.0
-    if a.dtype == np.uint16:
-        return a.astype(np.float32) / 65535.0
-    raise DataReadError(f"cannot read {path}: an RGB image of {a.dtype} (use 8 or 16 bits per channel)")
+    scaled = to_unit_range(a[..., :3])
+    if scaled is None:
+        raise DataReadError(f"cannot read {path}: an RGB image of {a.dtype} (use 8 or 16 bits per channel)")
+    return scaled
+
+
+def to_unit_range(a: np.ndarray) -> np.ndarray | None:
+    """8- or 16-bit integers -> float32 in [0, 1]; None for any other type."""
+    if a.dtype in (np.uint8, np.uint16):
+        return a.astype(np.float32) / float(np.iinfo(a.dtype).max)
+    return None
 
 
 def read_depth(path: str, per_metre: float) -> np.ndarray:
@@ -166,13 +171,12 @@ def read_albedo(path: str) -> np.ndarray:
     if a.ndim != 3 or a.shape[-1] < 3:
         raise DataReadError(f"cannot read {path}: albedo needs three channels, got shape {a.shape}")
     a = a[..., :3]
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) / 255.0
-    if a.dtype == np.uint16:
-        return a.astype(np.float32) / 65535.0
     if a.dtype.kind == "f":
         return np.clip(np.nan_to_num(a.astype(np.float32)), 0.0, 1.0)
-    raise DataReadError(f"cannot read {path}: albedo of type {a.dtype}")
+    scaled = to_unit_range(a)
+    if scaled is None:
+        raise DataReadError(f"cannot read {path}: albedo of type {a.dtype}")
+    return scaled
 
 
 def read_mask(path: str) -> np.ndarray:
