@@ -312,7 +312,7 @@ class DMPLoRAProcessor:
         return hidden / attn.rescale_output_factor
 
 
-def _lora_weights(unet, kind: str) -> dict:
+def _lora_weights(unet) -> dict:
     """Attention module name -> {projection: (down, up)} from peft's lora_A / lora_B."""
     weights = {}
     for name, module in unet.named_modules():
@@ -334,7 +334,7 @@ def test_peft_lora_is_dmps_lora_attention_processor(kind):
     base = UNet2DConditionModel.from_pretrained(str(ASSETS / "tiny_sd"), subfolder="unet").eval()
     reference = copy.deepcopy(base)
     apply_adapter(base, kind, rank=rank, alpha=alpha)
-    weights = _lora_weights(base, kind)
+    weights = _lora_weights(base)
     # DMP adapts every processor of the UNet (self_attn_only: the attn1 ones) on q, k, v and out
     names = [n.removesuffix(".processor") for n in reference.attn_processors]
     expected_names = [n for n in names if kind == "lora" or n.endswith("attn1")]
@@ -350,7 +350,7 @@ def test_peft_lora_is_dmps_lora_attention_processor(kind):
             if name in weights:
                 for projection in ("to_q", "to_k", "to_v", "to_out.0"):
                     module.get_submodule(projection).lora_B["default"].weight.normal_(0, 0.2, generator=g)
-    weights = _lora_weights(base, kind)
+    weights = _lora_weights(base)
     for name, module in reference.named_modules():
         if name in weights:
             module.set_processor(DMPLoRAProcessor(weights[name]))
@@ -361,7 +361,7 @@ def test_peft_lora_is_dmps_lora_attention_processor(kind):
         ours = base(sample, t, encoder_hidden_states=context).sample
         dmp = reference(sample, t, encoder_hidden_states=context).sample
         for module in reference.modules():  # DMP's processors with the LoRA switched off: the frozen UNet
-            if isinstance(module.processor if isinstance(module, Attention) else None, DMPLoRAProcessor):
+            if isinstance(module, Attention) and isinstance(module.processor, DMPLoRAProcessor):
                 module.processor.scale = 0.0
         frozen = reference(sample, t, encoder_hidden_states=context).sample
     torch.testing.assert_close(ours, dmp, atol=2e-5, rtol=1e-4)

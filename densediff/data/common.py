@@ -59,7 +59,8 @@ def make_sample(rgb, depth, normals, near, far, tasks, name, hflip_seed=None):
     valid = near < depth < far (E2E `load.py`); depth is set to 0 and normals to the zero vector outside it
     (E2E zeroes invalid normals; the 0-depth rule is our sample contract). With depth, `far_invalid` marks the invalid
     pixels whose raw depth lies at or beyond the far plane (VKITTI's sky): Marigold's target encoding maps them to the
-    far end, the other invalid pixels (raw 0) to the near end (DepthTask invalid_fill=raw). `normals` come canonical and unit length.
+    far end, the other invalid pixels (raw 0) to the near end (DepthTask invalid_fill=raw). `normals` come canonical
+    and unit length.
     With `hflip_seed` given, flips with p = 0.5 (E2E: RandomHorizontalFlip on every raster, normal x -> 255 - R,
     i.e. x negated; the x axis is mirrored, y and z are not, in E2E's frame and in ours alike).
     E2E flips before the resize (Hypersim) or crop (VKITTI); we flip after. The KB crop is centred and 1242 - 1216 is

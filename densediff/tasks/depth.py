@@ -108,8 +108,9 @@ class DepthTask:
         if invalid_fill not in INVALID_FILLS:
             raise ValueError(f"task.invalid_fill must be one of {', '.join(INVALID_FILLS)}, got {invalid_fill!r}")
         if invalid_fill == "raw" and encoding != "affine":
-            raise ValueError("task.invalid_fill=raw (Marigold's normaliser on the raw depth) needs task.encoding=affine; "
-                             "the float codec fills invalid pixels with the far end (task.invalid_fill=far)")
+            raise ValueError("task.invalid_fill=raw (Marigold's normaliser on the raw depth) needs "
+                             "task.encoding=affine; the float codec fills invalid pixels with the far end "
+                             "(task.invalid_fill=far)")
         if not (target_scale > 0 or target_scale == -1):
             raise ValueError(f"task.target_scale must be > 0 (metres per unit) or -1 (per-image min-max), "
                              f"got {target_scale}")
