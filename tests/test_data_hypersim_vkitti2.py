@@ -75,7 +75,7 @@ def test_hypersim_reads_depth_in_metres_and_filters_rows(hypersim_root):
     ds = Hypersim(hypersim_root, height=H, width=W)
     assert len(ds) == 2  # not excluded_from_public_release, not val
     s = ds[1]
-    assert set(s) == {"rgb", "depth", "valid_mask", "name"}
+    assert set(s) == {"rgb", "depth", "valid_mask", "name", "far_invalid"}
     assert s["name"] == f"{SCENE}/rgb_{CAM}_fr0001.png"
     assert s["rgb"].shape == (3, H, W) and s["rgb"].dtype == torch.float32
     assert torch.allclose(s["rgb"][0, 0], torch.arange(W) * 7 / 255.0)
@@ -84,6 +84,7 @@ def test_hypersim_reads_depth_in_metres_and_filters_rows(hypersim_root):
     assert d.dtype == torch.float32 and m.dtype == torch.bool
     assert d[5, 5].item() == pytest.approx(2.1) and d[2, 3].item() == pytest.approx(1.234)
     assert not m[0, 0] and not m[1, 1] and d[0, 0] == 0 and d[1, 1] == 0  # unknown and beyond 65 m
+    assert not s["far_invalid"][0, 0] and s["far_invalid"][1, 1] and s["far_invalid"].sum() == 1  # (Marigold's target)
     assert m.sum() == H * W - 2
 
 

@@ -57,7 +57,10 @@ def make_sample(rgb, depth, normals, near, far, tasks, name, hflip_seed=None):
     """Assemble the package's sample dict from HWC/HW numpy arrays at the final size.
 
     valid = near < depth < far (E2E `load.py`); depth is set to 0 and normals to the zero vector outside it
-    (E2E zeroes invalid normals; the 0-depth rule is our sample contract). `normals` come canonical and unit length.
+    (E2E zeroes invalid normals; the 0-depth rule is our sample contract). With depth, `far_invalid` marks the invalid
+    pixels whose raw depth lies at or beyond the far plane (VKITTI's sky): Marigold's target encoding maps them to the
+    far end, the other invalid pixels (raw 0) to the near end (DepthTask invalid_fill=raw). `normals` come canonical
+    and unit length.
     With `hflip_seed` given, flips with p = 0.5 (E2E: RandomHorizontalFlip on every raster, normal x -> 255 - R,
     i.e. x negated; the x axis is mirrored, y and z are not, in E2E's frame and in ours alike).
     E2E flips before the resize (Hypersim) or crop (VKITTI); we flip after. The KB crop is centred and 1242 - 1216 is
@@ -69,6 +72,7 @@ def make_sample(rgb, depth, normals, near, far, tasks, name, hflip_seed=None):
     item = {"rgb": rgb_t, "valid_mask": valid, "name": name}
     if "depth" in tasks:
         item["depth"] = depth_t
+        item["far_invalid"] = ~valid & (torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32)) >= far)
     if "normals" in tasks:
         n = torch.from_numpy(np.ascontiguousarray(normals.transpose(2, 0, 1), dtype=np.float32))
         item["normals"] = n * valid
@@ -82,7 +86,7 @@ def make_sample(rgb, depth, normals, near, far, tasks, name, hflip_seed=None):
 def hflip_sample(item):
     """Mirror every raster left-right; negate the normals' x (it is the only axis the mirror reverses)."""
     out = dict(item)
-    for k in ("rgb", "depth", "valid_mask", "normals"):
+    for k in ("rgb", "depth", "valid_mask", "normals", "far_invalid"):
         if k in out:
             out[k] = out[k].flip(-1)
     if "normals" in out:

@@ -40,6 +40,8 @@ class InferenceOptions:
     ddim: str = "original"            # interpolate conditioning (DMP): DDIM direction from the model (original) or
                                       # from the true image latent (oracle)
     guidance: float = 1.0             # classifier-free guidance scale when prompts are given (DMP: 2); 1 = none
+    image_latent: str = "mean"        # the input image's latent: the VAE posterior's mean (Marigold, E2E-FT,
+                                      # GeoWizard) or a sample of it drawn from the seed (DMP's infer)
 
     def __post_init__(self):
         problems = []
@@ -51,14 +53,16 @@ class InferenceOptions:
                                     SPACINGS), ("resample", self.resample, RESAMPLES),
                                     ("ensemble_reduction", self.ensemble_reduction, ("median", "mean")),
                                     ("final_step", self.final_step, ("x0", "prev_sample")),
-                                    ("ddim", self.ddim, ("original", "oracle"))):
+                                    ("ddim", self.ddim, ("original", "oracle")),
+                                    ("image_latent", self.image_latent, ("mean", "sample"))):
             if value not in allowed:
                 problems.append(f"inference.{key} must be one of {', '.join(allowed)}; got {value!r}")
         if self.processing_res < 0 or self.batch_size < 0:
             problems.append("inference.processing_res and inference.batch_size must be >= 0")
-        if self.ensemble > 1 and self.noise == "zeros":
+        if self.ensemble > 1 and self.noise == "zeros" and self.image_latent == "mean":
             problems.append("inference.ensemble > 1 with noise=zeros repeats one deterministic prediction (DDIM is "
-                            "deterministic); use inference.noise=gaussian or pyramid to ensemble")
+                            "deterministic and image_latent=mean encodes the image alike each time); use "
+                            "inference.noise=gaussian or pyramid, or inference.image_latent=sample, to ensemble")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -170,6 +174,23 @@ def denoise(estimator: SingleStepEstimator, rgb: torch.Tensor, options: Inferenc
 
 
 @torch.no_grad()
+def image_latents(estimator: SingleStepEstimator, rgb: torch.Tensor, options: InferenceOptions,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Padded RGB [B,3,H,W] in [0,1] -> the image latents of its B x ensemble members (image 0's first), x scaling.
+    image_latent=mean: the posterior mean, shared by an image's members. image_latent=sample (DMP's infer encodes
+    with latent_dist.sample()): mean + std x N(0, 1) per member, drawn member by member in order on the CPU from
+    `generator` (before any initial noise), so a seed gives the same latents on every device and batch size."""
+    if options.image_latent == "mean":
+        latents = estimator.encode_rgb(rgb.to(estimator.vae.dtype))
+        return latents.repeat_interleave(options.ensemble, dim=0) if options.ensemble > 1 else latents
+    posterior = estimator.vae.encode(rgb.to(estimator.vae.dtype) * 2 - 1).latent_dist
+    mean = posterior.mean.repeat_interleave(options.ensemble, dim=0)
+    std = posterior.std.repeat_interleave(options.ensemble, dim=0)
+    draws = torch.cat([torch.randn((1, *mean.shape[1:]), generator=generator) for _ in range(mean.shape[0])])
+    return (mean + std * draws.to(mean)) * estimator.scaling_factor
+
+
+@torch.no_grad()
 def predict(estimator: SingleStepEstimator, task, rgb: torch.Tensor, options: InferenceOptions,
             generator: torch.Generator | None = None, prompts: list[str] | None = None,
             conditioning: Callable[[torch.Tensor], dict] | None = None):
@@ -183,10 +204,8 @@ def predict(estimator: SingleStepEstimator, task, rgb: torch.Tensor, options: In
     if options.processing_res:
         rgb = resize_to_max_edge(rgb, options.processing_res, options.resample)
     members = rgb.repeat_interleave(options.ensemble, dim=0)  # image 0's members first, then image 1's, ...
-    # one VAE encoding per image, shared by its members (the members differ only in their noise)
-    latents = estimator.encode_rgb(pad_to_multiple(rgb, estimator.downsampling)[0].to(estimator.vae.dtype))
-    if options.ensemble > 1:
-        latents = latents.repeat_interleave(options.ensemble, dim=0)
+    # one VAE encoding per image, shared by its members: its posterior mean, or one posterior sample per member
+    latents = image_latents(estimator, pad_to_multiple(rgb, estimator.downsampling)[0], options, generator)
     # Initial noise drawn member by member, in order, before chunking: a prediction then depends on the seed and the
     # image's position in the stream only, not on inference.batch_size or the loader's batch size.
     noise = None

@@ -22,9 +22,9 @@ def latent_valid_mask(valid: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def masked_latent_mse(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """MSE over the latent pixels of `mask` ([B,1,h,w], latent_valid_mask) and all channels; a sample without a
-    valid footprint contributes all its pixels (Marigold)."""
-    mask = mask | ~mask.flatten(1).any(1)[:, None, None, None]
+    """MSE over the latent pixels of `mask` ([B,1,h,w], latent_valid_mask) and all channels, pooled over the batch
+    (Marigold's `loss(model_pred[valid_mask_down], target[valid_mask_down])`): a sample without a valid footprint
+    adds nothing. A batch without any is 0 with a zero gradient (Marigold's mean over no element is NaN)."""
     return masked_mse(output, target, mask[:, 0])
 
 

@@ -10,7 +10,7 @@ Two ways for the image x to condition it (`conditioning`):
 - `interpolate` (DMP): no Gaussian noise at all; the image latent takes the place of the noise,
   x_t = sqrt(a) y + sqrt(1 - a) x, and the UNet keeps its 4 input channels.
 Loss: MSE between the UNet output and the prediction type's target, over the latent pixels whose whole footprint
-is valid ground truth (Marigold's min-pooled mask), all pixels when a sample has none.
+is valid ground truth (Marigold's min-pooled mask), pooled over the batch; a sample without any adds nothing.
 Inference (shared predictor, densediff/inference/predictor.py): DDIM from the noise (concat) or from the image
 latent (interpolate; `inference.ddim=oracle` uses the true image latent in the DDIM direction term, DMP's
 oracle DDIM).
@@ -46,6 +46,7 @@ class DiffusionEstimator(LatentDenoiser):
         attention: str = "sdpa",
         gradient_checkpointing: bool = False,
         normals_frame: str = "canonical",
+        normals_decode: str = "normalize_clip",
         conditioning: str = "concat",
         prediction_type: str | None = None,
         noise: str = "gaussian",
@@ -79,7 +80,7 @@ class DiffusionEstimator(LatentDenoiser):
         if unet_in_channels != in_channels:
             raise ValueError(f"objective.conditioning={conditioning} needs a {in_channels}-channel UNet; "
                              f"backbone.unet_in_channels is {unet_in_channels}")
-        frame = {"model_frame": normals_frame} if task == "normals" else {}
+        frame = {"model_frame": normals_frame, "decode_order": normals_decode} if task == "normals" else {}
         super().__init__(task, {**(task_options or {}), **frame}, gallery_size)
         self.save_hyperparameters()
         backbone = load_backbone(backbone_path, unet_in_channels=unet_in_channels,
@@ -92,7 +93,9 @@ class DiffusionEstimator(LatentDenoiser):
                                              backbone.empty_text_embedding, conditioning=conditioning,
                                              text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer)
         # Marigold-style inference by default: Gaussian start, DDIM, x0 at the last step; DMP: see its experiments.
-        self.inference = InferenceOptions(steps=10, noise="gaussian" if conditioning == "concat" else "zeros")
+        # (DMP encodes the input image with a posterior sample at inference too)
+        self.inference = InferenceOptions(steps=10, noise="gaussian" if conditioning == "concat" else "zeros",
+                                          image_latent="mean" if conditioning == "concat" else "sample")
 
     # ---- training -------------------------------------------------------------------------------------------
     def noisy_input(self, target_latent: torch.Tensor, rgb_latent: torch.Tensor, timesteps: torch.Tensor,

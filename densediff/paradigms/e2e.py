@@ -38,6 +38,7 @@ class E2EFineTune(LatentModel):
         attention: str = "sdpa",
         gradient_checkpointing: bool = False,
         normals_frame: str = "canonical",
+        normals_decode: str = "normalize_clip",
         timestep: int = 999,
         lr: float = 3e-5,
         weight_decay: float = 0.01,
@@ -47,7 +48,8 @@ class E2EFineTune(LatentModel):
         final_lr_ratio: float = 0.01,
         gallery_size: int = 4,
     ):
-        frame = {"model_frame": normals_frame} if task == "normals" else {}  # the backbone's normal axes
+        # the backbone's normal axes and decode order (tasks/normals.py)
+        frame = {"model_frame": normals_frame, "decode_order": normals_decode} if task == "normals" else {}
         super().__init__(task, {**(task_options or {}), **frame}, gallery_size)
         self.save_hyperparameters()
         backbone = load_backbone(backbone_path, unet_in_channels=unet_in_channels,

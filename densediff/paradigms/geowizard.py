@@ -64,6 +64,7 @@ class GeoWizardEstimator(LatentDenoiser):
         attention: str = "sdpa",
         gradient_checkpointing: bool = False,
         normals_frame: str = "opencv",
+        normals_decode: str = "normalize_clip",
         conditioning: str = "concat",
         prediction_type: str | None = None,
         noise: str = "pyramid",
@@ -104,11 +105,12 @@ class GeoWizardEstimator(LatentDenoiser):
             problems.append(f"backbone.domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
         if problems:
             raise ValueError("; ".join(problems))
-        primary_options = {**(task_options or {}), **({"model_frame": normals_frame} if task == "normals" else {})}
+        normal_options = {"model_frame": normals_frame, "decode_order": normals_decode}
+        primary_options = {**(task_options or {}), **(normal_options if task == "normals" else {})}
         super().__init__(task, primary_options, gallery_size)
         self.save_hyperparameters()
         other = GEOMETRY_TASKS[1 - GEOMETRY_TASKS.index(task)]
-        other_options = {**(other_task_options or {}), **({"model_frame": normals_frame} if other == "normals" else {})}
+        other_options = {**(other_task_options or {}), **(normal_options if other == "normals" else {})}
         self.other_task = build_task(other, **other_options)
         self.other_val_metrics = self.other_task.metrics()
         self.other_test_metrics = self.other_task.metrics()

@@ -61,7 +61,8 @@ def model_arguments(cfg: DictConfig) -> dict:
         adapter=a.kind, adapter_rank=int(a.rank), adapter_alpha=float(a.alpha) if a.alpha else None,
         unet_in_channels=int(b.unet_in_channels), halve_conv_in_bias=bool(b.halve_conv_in_bias),
         attention=b.attention, gradient_checkpointing=bool(b.gradient_checkpointing),
-        normals_frame=str(b.get("normals_frame", "canonical")), gallery_size=int(cfg.get("gallery_size", 4)),
+        normals_frame=str(b.get("normals_frame", "canonical")),
+        normals_decode=str(b.get("normals_decode", "normalize_clip")), gallery_size=int(cfg.get("gallery_size", 4)),
         **objective,
     )
 

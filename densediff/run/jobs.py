@@ -209,8 +209,10 @@ def load_checkpoint_model(cfg: DictConfig) -> L.LightningModule:
     if given & {"backbone.path", "backbone"}:  # the checkpoint names its backbone; an explicit one replaces it
         overrides["backbone_path"] = str(cfg.backbone.path)
         overrides["normals_frame"] = str(cfg.backbone.get("normals_frame", "canonical"))
+        overrides["normals_decode"] = str(cfg.backbone.get("normals_decode", "normalize_clip"))
     if paradigm == "self_improving":  # the head's options are its own; the backbone frame does not apply
         overrides.pop("normals_frame", None)
+        overrides.pop("normals_decode", None)
     if paradigm not in PARADIGMS:
         raise ConfigError(f"{path} was written by paradigm {paradigm!r}, unknown here ({', '.join(PARADIGMS)})")
     if paradigm == "geowizard":  # one model, both geometries: task=depth|normals picks the one it returns

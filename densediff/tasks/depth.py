@@ -12,12 +12,20 @@ target_scale exceeds 1), or the per-image min-max of the valid pixels when targe
 / 2 + 0.5, clamp(min=0), * target_scale, so the model-space prediction and the output are metres (target_scale > 0;
 DMP's npz 'x') or a [0, 1] relative map (target_scale = -1, min-max normalised per image like DMP).
 
-Invalid pixels (outside valid_mask or (min_depth, max_depth)) are encoded as the far end of the image's valid range:
-p98 -> +1 in `affine` (exactly Marigold's ScaleShiftDepthNormalizer and E2E-FT's loader, so checkpoints see what
-they were trained on), the largest valid depth in `float` (the same "far plane" choice; DMP's pseudo GT has no invalid
-pixels, so it prescribes nothing). A nearest-valid fill would avoid an artificial edge but needs a distance transform
-per image; these pixels are masked from every loss and metric anyway. An image without valid pixels, or whose p2 ==
-p98, encodes as zeros (E2E-FT: zero map, empty mask).
+Invalid pixels (outside valid_mask or (min_depth, max_depth)) are masked from every loss and metric, but the VAE mixes
+them into the neighbouring latents, so what the target image holds there matters. Each recipe follows its own
+reference (`invalid_fill`):
+- `far` (default; E2E-FT's loader `load.py`, and GeoWizard's data, whose invalid regions hold a far depth): the far
+  end of the image's valid range, p98 -> +1 in `affine`; the largest valid depth in `float` (DMP's pseudo GT has no
+  invalid pixels, so it prescribes nothing).
+- `raw` (Marigold, `experiment=marigold_depth`; affine codec only): Marigold's ScaleShiftDepthNormalizer applied to
+  the raw depth of every pixel, then clipped to [-1, 1], with the image's p2/p98 from its valid pixels. A pixel
+  without a depth (raw 0: Hypersim's missing pixels, KITTI's LiDAR gaps) lies below p2, so -1 (near); a pixel
+  beyond the dataset's far plane (VKITTI's sky at 655.35 m) lies above p98, so +1. The loaders store 0 at every
+  invalid pixel (docs/data.md), so the second case comes from the sample's `far_invalid` mask (Hypersim and VKITTI
+  write it); without it every invalid pixel is near. A pixel valid for the loader but outside the task's range keeps
+  its own normalised value, as Marigold's depth_raw_norm does.
+An image without valid pixels, or whose p2 == p98, encodes as zeros (E2E-FT: zero map, empty mask).
 """
 
 from __future__ import annotations
@@ -83,6 +91,9 @@ def scale_shift_invariant_l1(pred: torch.Tensor, target: torch.Tensor, mask: tor
     return ((aligned - target).abs() * m).sum() / m.sum().clamp_min(1)
 
 
+INVALID_FILLS = ("far", "raw")
+
+
 class DepthTask:
     name = "depth"
     target_key = "depth"
@@ -91,9 +102,15 @@ class DepthTask:
 
     def __init__(self, min_depth: float = 1e-3, max_depth: float = 80.0, quantile: float = 0.02,
                  alignment_max_res: int | None = None, range_mask: bool = True, encoding: str = "affine",
-                 target_scale: float = 8.0):
+                 target_scale: float = 8.0, invalid_fill: str = "far"):
         if encoding not in ("affine", "float"):
             raise ValueError(f"task.encoding must be 'affine' or 'float', got {encoding!r}")
+        if invalid_fill not in INVALID_FILLS:
+            raise ValueError(f"task.invalid_fill must be one of {', '.join(INVALID_FILLS)}, got {invalid_fill!r}")
+        if invalid_fill == "raw" and encoding != "affine":
+            raise ValueError("task.invalid_fill=raw (Marigold's normaliser on the raw depth) needs "
+                             "task.encoding=affine; the float codec fills invalid pixels with the far end "
+                             "(task.invalid_fill=far)")
         if not (target_scale > 0 or target_scale == -1):
             raise ValueError(f"task.target_scale must be > 0 (metres per unit) or -1 (per-image min-max), "
                              f"got {target_scale}")
@@ -102,6 +119,7 @@ class DepthTask:
         self.alignment_max_res, self.range_mask = alignment_max_res, range_mask
         # float: DMP's README uses 8 (metres) for depth; only read when encoding == "float"
         self.encoding, self.target_scale = encoding, float(target_scale)
+        self.invalid_fill = invalid_fill  # what the target image holds at invalid pixels (module docstring)
 
     @property
     def metric_output(self) -> bool:
@@ -120,8 +138,10 @@ class DepthTask:
             for i in range(depth.shape[0]):
                 if not (hi[i] > lo[i]):  # NaN (nothing valid) or a flat image: zeros
                     continue
-                d = torch.where(valid[i], depth[i], hi[i])
+                d = torch.where(valid[i], depth[i], hi[i]) if self.invalid_fill == "far" else depth[i]
                 image[i] = (((d - lo[i]) / (hi[i] - lo[i]) - 0.5) * 2).clamp(-1, 1)
+                if self.invalid_fill == "raw" and batch.get("far_invalid") is not None:
+                    image[i] = torch.where(batch["far_invalid"][i] & ~valid[i], 1.0, image[i])
         else:
             for i in range(depth.shape[0]):
                 if not valid[i].any():

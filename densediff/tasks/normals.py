@@ -37,6 +37,8 @@ class NormalMetricsBothPoolings(MetricCollection):
 
 # Axes of a backbone's normal images relative to the canonical frame (x right, y up, z toward the viewer).
 MODEL_FRAMES = {"canonical": (1.0, 1.0, 1.0), "x_left": (-1.0, 1.0, 1.0), "opencv": (1.0, -1.0, -1.0)}
+LOSS_MASKS = ("valid_mask", "nonzero_normal")
+DECODE_ORDERS = ("normalize_clip", "clip_normalize")
 
 
 class NormalsTask:
@@ -45,12 +47,25 @@ class NormalsTask:
     monitor = "angular_mean"
     monitor_mode = "min"
 
-    def __init__(self, pooling: str = "pixels", model_frame: str = "canonical"):
+    def __init__(self, pooling: str = "pixels", model_frame: str = "canonical", loss_mask: str = "valid_mask",
+                 decode_order: str = "normalize_clip"):
         if pooling not in ("pixels", "images"):
             raise ValueError(f"task.pooling must be 'pixels' or 'images', got {pooling!r}")
         if model_frame not in MODEL_FRAMES:
             raise ValueError(f"backbone.normals_frame must be one of {', '.join(MODEL_FRAMES)}, got {model_frame!r}")
+        if loss_mask not in LOSS_MASKS:
+            raise ValueError(f"task.loss_mask must be one of {', '.join(LOSS_MASKS)}, got {loss_mask!r}")
+        if decode_order not in DECODE_ORDERS:
+            raise ValueError(f"backbone.normals_decode must be one of {', '.join(DECODE_ORDERS)}, got {decode_order!r}")
         self.pooling = pooling
+        # The angular loss's pixels. valid_mask (E2E-FT's AngularLoss, whose mask is the depth-valid mask): every
+        # valid pixel, so a zero ground-truth normal there counts as an angle of pi/2 with no gradient;
+        # nonzero_normal: also drop the pixels whose ground-truth normal is shorter than 0.5 (docs/paradigms.md#e2e-ft).
+        self.loss_mask = loss_mask
+        # How a decoded image becomes unit normals: normalize_clip (E2E-FT's decode_normal, GeoWizard: n / (|n| +
+        # 1e-5), then clip, a no-op) or clip_normalize (Marigold v1.1's and diffusers' pipelines: clip to [-1, 1],
+        # then n / max(|n|, 1e-6)). The backbone declares it (backbone.normals_decode).
+        self.decode_order = decode_order
         # The frame the backbone's decoded images use. E2E-FT's normals checkpoints were trained in DSINE's frame
         # (x left, y up, z toward the viewer; docs/data.md#normal-benchmarks), so their x is negated here, at the
         # boundary: everything after decode (loss, metrics, outputs) is canonical (x right). GeoWizard trains in
@@ -71,11 +86,16 @@ class NormalsTask:
         return self._to_model_frame(torch.where(valid[:, None], normals, torch.zeros_like(normals)).clamp(-1, 1))
 
     def decode(self, image: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] decoded image -> unit canonical vectors (E2E-FT decode_normal: divide by norm + 1e-5, clip)."""
+        """[B,3,H,W] decoded image -> unit canonical vectors, in the backbone's reference order (decode_order)."""
+        if self.decode_order == "clip_normalize":  # Marigold v1.1 / diffusers MarigoldNormalsPipeline
+            image = image.clamp(-1, 1)
+            return self._to_model_frame(image / image.norm(dim=1, keepdim=True).clamp_min(1e-6))
         return self._to_model_frame((image / (image.norm(dim=1, keepdim=True) + 1e-5)).clamp(-1, 1))
 
     def loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
-        valid = batch["valid_mask"] & (batch["normals"].norm(dim=1) > 0.5)
+        valid = batch["valid_mask"]
+        if self.loss_mask == "nonzero_normal":
+            valid = valid & (batch["normals"].norm(dim=1) > 0.5)
         return angular_loss(pred, batch["normals"], valid)
 
     def to_output(self, pred: torch.Tensor) -> torch.Tensor:
