@@ -96,6 +96,7 @@ def test_units_frames_masks_and_lists(folder):
     assert item["rgb"].shape == (3, 6, 8) and item["depth"].shape == (6, 8)
     assert not valid[0, 0] and not valid[5, 7] and not valid[2, 3] and valid.sum() == 48 - 3  # hole, range, mask
     assert item["depth"][1, 1] == pytest.approx(1.6) and item["depth"][0, 0] == 0 and item["depth"][5, 7] == 0
+    assert item["far_invalid"].nonzero().tolist() == [[5, 7]]  # beyond max_depth; the hole is near (Marigold's -1)
     expected = torch.tensor([-0.6, 0.0, 0.8])
     assert torch.allclose(item["normals"][:, 1, 1], expected, atol=0.01)  # x_left -> canonical, unit length
     assert torch.equal(item["normals"][:, 2, 3], torch.zeros(3))  # invalid pixels carry the zero vector

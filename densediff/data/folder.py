@@ -299,6 +299,7 @@ class FolderDataset(torch.utils.data.Dataset):
             item["normals"] = n * has_normal
         if "depth" in arrays:
             item["depth"] = torch.where(valid, depth, torch.zeros(()))
+            item["far_invalid"] = ~valid & (depth >= self.max_depth)  # beyond the far plane (docs/data.md)
         if "normals" in item:
             item["normals"] = item["normals"] * valid
         if "segmentation" in arrays:
