@@ -628,6 +628,42 @@ def test_evaluate_nyuv2_predictions_match_the_protocol_by_hand(tmp_path):
     assert [float(r["abs_rel"]) for r in per_image] == pytest.approx([e[0] for e in expected], rel=1e-4)
 
 
+def test_evaluate_scores_disparity_predictions_aligned_in_disparity_space_by_hand(tmp_path):
+    """task.alignment=least_squares_disparity (another method's affine-invariant disparity, as Depth Anything writes
+    it): each prediction is fitted to 1 / GT over the valid pixels, clipped at 1e-3, inverted, clipped to the range;
+    per-image abs_rel computed here by hand. Depth-space alignment of the same files scores worse."""
+    root = make_nyuv2(tmp_path / "nyuv2", n=2)
+    rows, cols = np.mgrid[0:480, 0:640]
+    preds, expected = tmp_path / "preds", []
+    for i in (1, 2):
+        folder = root / "test" / f"kitchen_{i:04d}"
+        gt_mm = (1000 + 10 * rows + 3 * cols + 500 * i).astype(np.uint16)
+        gt_mm[50:60, 50:60] = 0
+        Image.fromarray(gt_mm).save(folder / f"depth_{i:04d}.png")
+        gt = gt_mm / 1000.0
+        disparity = np.where(gt > 0, 2.0 / np.maximum(gt, 1e-3) + 0.1, 0) + RNG.normal(0, 0.01, gt.shape)
+        (preds / "test" / f"kitchen_{i:04d}").mkdir(parents=True)
+        np.save(preds / "test" / f"kitchen_{i:04d}" / f"pred_{i:04d}.npy", disparity.astype(np.float32))
+        valid = (gt > 1e-3) & (gt < 10)
+        crop = np.zeros_like(valid)
+        crop[45:471, 41:601] = True
+        valid &= crop
+        fit = valid & (disparity > 0)
+        A = np.stack([disparity[fit], np.ones(fit.sum())], 1).astype(np.float64)
+        (scale, shift), *_ = np.linalg.lstsq(A, 1.0 / gt[fit], rcond=None)
+        aligned = np.clip(1.0 / np.maximum(scale * disparity.astype(np.float32) + shift, 1e-3), 1e-3, 10)[valid]
+        expected.append(np.mean(np.abs(aligned - gt[valid]) / gt[valid]))
+    scores = {}
+    for alignment in ("least_squares_disparity", "least_squares"):
+        run = tmp_path / alignment
+        run_cli("evaluate.py", "dataset=nyuv2", f"dataset.root={root}", f"predictions={preds}",
+                f"task.alignment={alignment}", "dataset.num_workers=0", "logger=none", f"hydra.run.dir={run}",
+                "trainer.enable_progress_bar=false")
+        scores[alignment] = read_metrics(run)["abs_rel"]
+    assert scores["least_squares_disparity"] == pytest.approx(np.mean(expected), rel=1e-4)
+    assert scores["least_squares_disparity"] < 0.5 * scores["least_squares"], scores
+
+
 def test_evaluate_nyuv2_normals_predictions_pool_pixels_by_hand(tmp_path):
     """evaluate.py predictions= on the DSINE NYUv2 fixture: GT converted from x-left, mask = channel sum > 0, errors
     pooled over every valid pixel (DSINE) and per image (Marigold), computed here by hand."""

@@ -12,7 +12,7 @@ from torchmetrics import Metric
 from densediff.metrics.alignment import align_least_squares_disparity, fit_scale_shift
 
 DEPTH_KEYS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3", "i_rmse", "silog")
-_ALIGNMENTS = ("least_squares", "least_squares_disparity", "none")
+DEPTH_ALIGNMENTS = ("least_squares", "least_squares_disparity", "none")
 
 
 def _squeeze_channel(x: torch.Tensor) -> torch.Tensor:
@@ -45,8 +45,8 @@ class DepthMetrics(Metric):
     def __init__(self, alignment: str = "least_squares", min_depth: float = 1e-3, max_depth: float = 10.0,
                  alignment_max_res: int | None = None, range_mask: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
-        if alignment not in _ALIGNMENTS:
-            raise ValueError(f"alignment must be one of {_ALIGNMENTS}, got {alignment!r}")
+        if alignment not in DEPTH_ALIGNMENTS:
+            raise ValueError(f"alignment must be one of {DEPTH_ALIGNMENTS}, got {alignment!r}")
         self.alignment, self.min_depth, self.max_depth = alignment, min_depth, max_depth
         self.alignment_max_res, self.range_mask = alignment_max_res, range_mask
         for key in DEPTH_KEYS:  # sums of per-image values; float64 so long evaluations do not drift

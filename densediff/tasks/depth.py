@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from densediff.metrics import DepthMetrics
+from densediff.metrics import DEPTH_ALIGNMENTS, DepthMetrics
 from densediff.resize import resize_to
 from densediff.tasks.ensemble import ensemble_depth
 from densediff.visualize import colorize_depth
@@ -102,7 +102,9 @@ class DepthTask:
 
     def __init__(self, min_depth: float = 1e-3, max_depth: float = 80.0, quantile: float = 0.02,
                  alignment_max_res: int | None = None, range_mask: bool = True, encoding: str = "affine",
-                 target_scale: float = 8.0, invalid_fill: str = "far"):
+                 target_scale: float = 8.0, invalid_fill: str = "far", alignment: str = "least_squares"):
+        if alignment not in DEPTH_ALIGNMENTS:
+            raise ValueError(f"task.alignment must be one of {', '.join(DEPTH_ALIGNMENTS)}, got {alignment!r}")
         if encoding not in ("affine", "float"):
             raise ValueError(f"task.encoding must be 'affine' or 'float', got {encoding!r}")
         if invalid_fill not in INVALID_FILLS:
@@ -120,6 +122,9 @@ class DepthTask:
         # float: DMP's README uses 8 (metres) for depth; only read when encoding == "float"
         self.encoding, self.target_scale = encoding, float(target_scale)
         self.invalid_fill = invalid_fill  # what the target image holds at invalid pixels (module docstring)
+        # how the evaluation fits a prediction to the GT: depth space (Marigold, E2E-FT), disparity space (the
+        # prediction is affine-invariant disparity: Depth Anything, Lotus' disparity models), or not at all (metres)
+        self.alignment = alignment
 
     @property
     def metric_output(self) -> bool:
@@ -199,7 +204,7 @@ class DepthTask:
         return resized.clamp_min(0) if self.metric_output else resized.clamp(0, 1)
 
     def metrics(self) -> DepthMetrics:
-        return DepthMetrics(alignment="least_squares", min_depth=self.min_depth, max_depth=self.max_depth,
+        return DepthMetrics(alignment=self.alignment, min_depth=self.min_depth, max_depth=self.max_depth,
                             alignment_max_res=self.alignment_max_res, range_mask=self.range_mask)
 
     def update_metrics(self, metrics: DepthMetrics, output: torch.Tensor, batch: dict) -> None:
