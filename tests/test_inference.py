@@ -175,3 +175,58 @@ def test_evaluate_scores_precomputed_predictions_by_hand(tmp_path):
                       f"hydra.run.dir={tmp_path / 'run2'}", expect_ok=False)
     assert missing.returncode == 1 and "no prediction for test/000002.png" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+@pytest.fixture(scope="module")
+def lcm_folder(tmp_path_factory):
+    """The tiny Marigold folder with an LCMScheduler (as Marigold's LCM checkpoints ship one) and a folder naming a
+    scheduler densediff does not sample with."""
+    import json
+    import shutil
+
+    from diffusers import LCMScheduler
+
+    folder = tmp_path_factory.mktemp("lcm") / "tiny_lcm"
+    shutil.copytree(TINY, folder)
+    ddim = DDIMScheduler.from_pretrained(TINY, subfolder="scheduler")
+    LCMScheduler.from_config(ddim.config, original_inference_steps=50, timestep_scaling=10.0).save_pretrained(
+        folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "LCMScheduler"]}))
+    euler = folder.parent / "tiny_euler"
+    shutil.copytree(TINY, euler)
+    config = json.loads((euler / "scheduler" / "scheduler_config.json").read_text())
+    (euler / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config,
+                                                                           "_class_name": "EulerDiscreteScheduler"}))
+    return folder, euler
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_a_folder_with_an_lcm_scheduler_is_sampled_as_diffusers_samples_it(lcm_folder, steps):
+    """Marigold's LCM checkpoints: the folder's LCMScheduler drives the loop (its timesteps, its consistency
+    update and fresh noise between steps), matching diffusers' MarigoldDepthPipeline on the same weights and seed."""
+    from diffusers import LCMScheduler
+
+    from densediff.backbones.load import UnsupportedSchedulerError
+
+    folder, euler = lcm_folder
+    backbone = load_backbone(folder)
+    assert isinstance(backbone.scheduler, LCMScheduler)
+    lcm = SingleStepEstimator(backbone.unet.eval(), backbone.vae.eval(), backbone.scheduler,
+                              backbone.empty_text_embedding)
+    rgb = rgb_batch(n=1)
+    # two members: diffusers leaves a single member's depth as decoded, densediff normalises it to [0, 1]
+    options = InferenceOptions(steps=steps, ensemble=2, noise="gaussian", final_step="prev_sample")
+    ours = predict(lcm, build_task("depth"), rgb, options, torch.Generator().manual_seed(3))
+    pipe = MarigoldDepthPipeline.from_pretrained(folder)
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    theirs = pipe(rgb, num_inference_steps=steps, ensemble_size=2, batch_size=2, processing_resolution=0,
+                  generator=torch.Generator().manual_seed(3), output_type="pt").prediction[:, 0]
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    if steps > 1:  # and DDIM on the same weights and noise is another function
+        ddim = predict(SingleStepEstimator(backbone.unet.eval(), backbone.vae.eval(), DDIMScheduler.from_pretrained(
+            TINY, subfolder="scheduler"), backbone.empty_text_embedding), build_task("depth"), rgb, options,
+            torch.Generator().manual_seed(3))
+        assert (ddim - theirs).abs().max() > 1e-3
+    with pytest.raises(UnsupportedSchedulerError, match="EulerDiscreteScheduler"):
+        load_backbone(euler)

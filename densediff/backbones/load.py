@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, LCMScheduler, UNet2DConditionModel
 
 # What a folder must hold for this loader; shown in the error message when something is missing.
 REQUIRED_SUBFOLDERS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
@@ -112,6 +112,30 @@ def encode_empty_prompt(tokenizer, text_encoder) -> torch.Tensor:
     return text_encoder(ids.to(text_encoder.device))[0].float()
 
 
+# The schedulers a folder may name (scheduler/scheduler_config.json's _class_name), each with the class densediff
+# samples it with. DDPM and PNDM configs carry a training schedule (E2E-FT's folders, SD 1.5): every reference samples
+# those models with DDIM from the same betas and prediction type. An LCM folder (Marigold's LCM checkpoints) is sampled
+# with LCM, as diffusers' Marigold pipelines sample it.
+SAMPLERS = {"DDIMScheduler": DDIMScheduler, "DDPMScheduler": DDIMScheduler, "PNDMScheduler": DDIMScheduler,
+            "LCMScheduler": LCMScheduler}
+
+
+class UnsupportedSchedulerError(ValueError):
+    """The folder names a scheduler densediff does not sample with."""
+
+
+def load_scheduler(source: str, offline: bool = False):
+    """The folder's scheduler as the class SAMPLERS maps it to (its own config: betas, prediction type, spacing)."""
+    config = DDIMScheduler.load_config(source, subfolder="scheduler", local_files_only=offline)
+    name = config.get("_class_name", "DDIMScheduler")
+    if name not in SAMPLERS:
+        raise UnsupportedSchedulerError(
+            f"{source}/scheduler names {name}, which densediff does not sample with; it samples "
+            f"{', '.join(sorted(SAMPLERS))} (DDPM and PNDM as DDIM). Replace scheduler/scheduler_config.json's "
+            f"_class_name with one of them if the model was trained for it")
+    return SAMPLERS[name].from_config(config)
+
+
 def load_backbone(
     path: str | os.PathLike,
     unet_in_channels: int = 8,
@@ -129,8 +153,7 @@ def load_backbone(
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", local_files_only=offline)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", local_files_only=offline)
-        # E2E-FT checkpoints save a DDPMScheduler config; DDIM reads the same betas and prediction type.
-        scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=offline)
+        scheduler = load_scheduler(source, offline)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=offline)
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", local_files_only=offline)
     except OSError as error:  # hub unreachable / model unknown / a file missing inside the folder

@@ -139,7 +139,10 @@ def denoise(estimator: SingleStepEstimator, rgb: torch.Tensor, options: Inferenc
         latent = noise.to(rgb_latent) if noise is not None else initial_latent(rgb_latent, options.noise, generator)
     if branches > 1:
         rgb_latent, latent = rgb_latent.repeat(branches, 1, 1, 1), latent.repeat(branches, 1, 1, 1)
-    scheduler = estimator.ddim(options.timestep_spacing, options.steps, rgb.device)
+    scheduler = estimator.sampler(options.timestep_spacing, options.steps, rgb.device)
+    consistency = hasattr(scheduler, "get_scalings_for_boundary_condition")  # LCM: denoised, not x0, ends the loop
+    if consistency and interpolate and options.ddim == "oracle":
+        raise ValueError("inference.ddim=oracle is DDIM's update; this backbone's scheduler is an LCMScheduler")
     guided = prompts is not None and options.guidance != 1
     if conditioning is not None:
         unet_kwargs = conditioning(rgb)
@@ -161,7 +164,9 @@ def denoise(estimator: SingleStepEstimator, rgb: torch.Tensor, options: Inferenc
             output = estimator.unet(unet_input, t, **unet_kwargs).sample
         step = scheduler.step(output, t, latent, generator=generator)
         last = index == len(scheduler.timesteps) - 1
-        if last and options.final_step == "x0":
+        if consistency:  # LCM: x_prev = denoised + fresh noise, and the last step returns denoised (diffusers)
+            latent = step.prev_sample
+        elif last and options.final_step == "x0":
             latent = step.pred_original_sample
         elif interpolate and options.ddim == "oracle":
             previous = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps

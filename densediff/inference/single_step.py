@@ -61,7 +61,7 @@ class SingleStepEstimator(nn.Module):
         if text_encoder is not None:
             text_encoder.requires_grad_(False).eval()
         self.prediction_type = scheduler.config.prediction_type
-        self.scheduler_config = dict(scheduler.config)  # multi-step inference builds its DDIM schedule from it
+        self.scheduler_config = dict(scheduler.config)  # multi-step inference builds its sampler from it
         self._ddim_schedulers: dict = {}
         self.scaling_factor = float(vae.config.scaling_factor)
         self.downsampling = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -70,11 +70,17 @@ class SingleStepEstimator(nn.Module):
         self.register_buffer("alpha_bar", scheduler.alphas_cumprod[self.timestep].detach().clone().float(),
                              persistent=False)
 
-    def ddim(self, timestep_spacing: str, steps: int, device: torch.device):
-        """The DDIM scheduler for (spacing, steps), built once: from_config costs milliseconds per call, which is a
-        sizable share of a small model's single-step prediction. DDIM's step() keeps no state between calls."""
-        from diffusers import DDIMScheduler
+    def sampler(self, timestep_spacing: str, steps: int, device: torch.device):
+        """The multi-step sampler of the backbone's scheduler for (spacing, steps): DDIM, built once per key
+        (from_config costs milliseconds per call, a sizable share of a small model's single step; DDIM's step()
+        keeps no state between calls); LCM (a folder that ships an LCMScheduler), set up anew at each call because
+        its step() counts the steps taken, with its own timesteps (timestep_spacing does not apply)."""
+        from diffusers import DDIMScheduler, LCMScheduler
 
+        if self.scheduler_config.get("_class_name") == "LCMScheduler":
+            scheduler = LCMScheduler.from_config(self.scheduler_config)
+            scheduler.set_timesteps(int(steps), device=device)
+            return scheduler
         key = (timestep_spacing, int(steps), str(device))
         if key not in self._ddim_schedulers:
             scheduler = DDIMScheduler.from_config(self.scheduler_config, timestep_spacing=timestep_spacing)

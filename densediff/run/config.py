@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from densediff.callbacks import NonFiniteTrainingError
+from densediff.backbones.load import UnsupportedSchedulerError
 from densediff.data.common import DataReadError
 
 log = logging.getLogger("densediff")
@@ -143,7 +144,8 @@ def user_errors():
     _route_library_logs()
     try:
         yield
-    except (ConfigError, FileNotFoundError, FileExistsError, DataReadError, NonFiniteTrainingError) as error:
+    except (ConfigError, FileNotFoundError, FileExistsError, DataReadError, NonFiniteTrainingError,
+            UnsupportedSchedulerError) as error:
         print(f"\nerror: {_own_message(error)}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
 
