@@ -230,3 +230,116 @@ def test_a_folder_with_an_lcm_scheduler_is_sampled_as_diffusers_samples_it(lcm_f
         assert (ddim - theirs).abs().max() > 1e-3
     with pytest.raises(UnsupportedSchedulerError, match="EulerDiscreteScheduler"):
         load_backbone(euler)
+
+
+@pytest.mark.parametrize("reduction", ["median", "mean"])
+def test_ensemble_uncertainty_is_diffusers_for_depth_and_normals(reduction):
+    """depth: the aligned members' median absolute deviation (std for mean) over the merged range; normals: the mean
+    angle to the mean direction over pi: as MarigoldDepthPipeline / MarigoldNormalsPipeline compute them."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.rand(1, 24, 30, generator=g)
+    members = base * torch.tensor([1.0, 0.5, 2.0, 0.8])[:, None, None] + torch.tensor([0.0, 0.2, -0.3, 0.1])[:, None,
+                                                                                                        None]
+    members = members + 0.05 * torch.randn(members.shape, generator=g)
+    merged, spread = ensemble_depth(members, reduction=reduction, return_uncertainty=True)
+    span = merged.max() - merged.min()
+    theirs, their_uncertainty = MarigoldDepthPipeline.ensemble_depth(members[:, None], reduction=reduction,
+                                                                     output_uncertainty=True)
+    assert torch.allclose((merged - merged.min()) / span, theirs[0, 0], atol=1e-5)
+    assert torch.allclose(spread / span, their_uncertainty[0, 0], atol=1e-5) and spread.max() > 0.01
+    # the depth task (model space [-1, 1]) reports it over the merged range, in to_output's [0, 1] units (the fit
+    # runs on (m + 1) / 2, whose rounding differs from `members` by 1e-7: BFGS's finite differences see that)
+    unit = (members * 2 - 1 + 1) / 2
+    merged, uncertainty = build_task("depth").ensemble_uncertainty(members * 2 - 1, reduction)
+    expected_merged, expected_spread = ensemble_depth(unit, reduction=reduction, return_uncertainty=True)
+    assert torch.equal(merged, expected_merged)
+    assert torch.allclose(uncertainty, expected_spread / (expected_merged.max() - expected_merged.min()))
+    normals = torch.nn.functional.normalize(torch.randn(5, 3, 6, 7, generator=g) + torch.tensor([0, 0, 2.0])[:, None,
+                                                                                                          None], dim=1)
+    merged, uncertainty = build_task("normals").ensemble_uncertainty(normals)
+    theirs, their_uncertainty = MarigoldNormalsPipeline.ensemble_normals(normals, reduction="closest",
+                                                                         output_uncertainty=True)
+    assert torch.allclose(merged, theirs[0], atol=1e-6)
+    assert torch.allclose(uncertainty, their_uncertainty[0, 0], atol=1e-6) and uncertainty.max() > 0.05
+
+
+def test_predict_returns_the_uncertainty_of_an_ensemble_at_the_input_size(estimator):
+    depth, rgb = build_task("depth"), rgb_batch(n=2, height=30, width=37)
+    options = InferenceOptions(steps=2, ensemble=3, noise="gaussian", processing_res=24, ensemble_reduction="mean")
+    prediction, uncertainty = predict(estimator, depth, rgb, options, torch.Generator().manual_seed(1),
+                                      with_uncertainty=True)
+    assert torch.equal(prediction, predict(estimator, depth, rgb, options, torch.Generator().manual_seed(1)))
+    assert uncertainty.shape == (2, 30, 37) and (uncertainty >= 0).all() and uncertainty.max() > 0
+    single = predict(estimator, depth, rgb, InferenceOptions(), with_uncertainty=True)
+    assert single[1] is None  # one member: nothing to disagree
+
+
+def test_predict_writes_and_evaluate_scores_an_ensembles_uncertainty(tmp_path):
+    """predict.py with inference.ensemble > 1 writes <stem>_uncertainty.npy/.png (the predictor's own values), and
+    evaluate.py reports uncertainty_error_correlation, recomputed here from its definition on the same members."""
+    import json
+
+    from PIL import Image
+
+    from conftest import run_cli
+    from densediff.metrics.uncertainty import pearson_per_image
+
+    (tmp_path / "in").mkdir()
+    rgb = rgb_batch(n=1, height=24, width=32, seed=4)
+    Image.fromarray((rgb[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp_path / "in" / "a.png")
+    ensemble = ["inference.ensemble=3", "inference.steps=2", "inference.noise=gaussian", "inference.seed=5"]
+    run_cli("predict.py", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", "backbone=tiny", *ensemble)
+    uncertainty = np.load(tmp_path / "out" / "a_uncertainty.npy")
+    assert uncertainty.shape == (24, 32) and uncertainty.min() >= 0 and uncertainty.max() > 0
+    assert np.asarray(Image.open(tmp_path / "out" / "a_uncertainty.png")).shape == (24, 32)
+    run_cli("predict.py", f"input={tmp_path / 'in'}", f"output={tmp_path / 'one'}", "backbone=tiny")
+    assert not (tmp_path / "one" / "a_uncertainty.npy").exists()  # one member: nothing to disagree
+    # evaluate.py, on normals: their merge has no fit (a depth ensemble's BFGS alignment on this untrained model
+    # turns the rounding of another thread count into visible changes, docs/paradigms.md), so the CLI's number
+    # can be recomputed here exactly
+    run = tmp_path / "eval"
+    run_cli("evaluate.py", "backbone=tiny", "task=normals", "dataset=procedural", "dataset.test.num_scenes=2",
+            "dataset.val_batch_size=2", f"hydra.run.dir={run}", "logger=none", "trainer.enable_progress_bar=false",
+            *ensemble)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert -1 <= metrics["uncertainty_error_correlation"] <= 1
+    from densediff.data.procedural import ProceduralScenes
+
+    backbone = load_backbone(TINY)
+    estimator = SingleStepEstimator(backbone.unet.eval(), backbone.vae.eval(), backbone.scheduler,
+                                    backbone.empty_text_embedding)
+    data = ProceduralScenes("test", num_scenes=2, tasks=["normals"])
+    batch = {k: torch.stack([data[i][k] for i in range(2)]) for k in ("rgb", "normals", "valid_mask")}
+    normals = build_task("normals")
+    prediction, spread = predict(estimator, normals, batch["rgb"], InferenceOptions(
+        steps=2, ensemble=3, noise="gaussian", seed=5), torch.Generator().manual_seed(5), with_uncertainty=True)
+    target = batch["normals"]
+    error = torch.rad2deg(torch.arccos((prediction * target).sum(1).clamp(-1, 1)))
+    valid = batch["valid_mask"] & (target.norm(dim=1) > 0)
+    expected = pearson_per_image(spread, error, valid).mean().item()
+    assert metrics["uncertainty_error_correlation"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_uncertainty_error_correlation_by_hand():
+    from densediff.metrics.uncertainty import UncertaintyCorrelation, pearson_per_image
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(3, 5, 6, generator=g), torch.rand(3, 5, 6, generator=g)
+    valid = torch.rand(3, 5, 6, generator=g) > 0.3
+    valid[2] = False
+    valid[2, 0, :2] = True
+    x[2, 0, :2] = 0.5  # constant over its valid pixels: undefined, left out
+    r = pearson_per_image(x, y, valid)
+    for i in range(2):
+        assert r[i].item() == pytest.approx(np.corrcoef(x[i][valid[i]], y[i][valid[i]])[0, 1], abs=1e-9)
+    assert torch.isnan(r[2])
+    metric = UncertaintyCorrelation()
+    metric.update(x, y, valid)
+    assert metric.compute().item() == pytest.approx(r[:2].mean().item(), abs=1e-6) and metric.skipped == 1
+    # depth: the error is |aligned - gt| / gt after the protocol's own fit (here an exact affine map: error 0 but
+    # where the clip to the range bites)
+    depth = build_task("depth", min_depth=0.5, max_depth=4.0)
+    target = 1 + 3 * torch.rand(1, 8, 9, generator=g)
+    batch = {"depth": target, "valid_mask": torch.ones(1, 8, 9, dtype=torch.bool)}
+    error, ok = depth.pixel_errors(depth.metrics(), (target - 1) / 3, batch)
+    assert ok.all() and error.max() < 1e-6

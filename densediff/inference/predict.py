@@ -44,7 +44,7 @@ def output_paths(image: Path, root: Path, output: Path, task: str, keep_suffix: 
     paths = {"npy": stem.with_suffix(".npy"), "png": stem.with_name(stem.name + ".png")}
     if task == "depth":
         paths["png16"] = stem.with_name(stem.name + "_16bit.png")
-    if uncertainty:  # a head with a predicted concentration (head=bae): its expected angular error in degrees
+    if uncertainty:  # head=bae's expected angular error in degrees, or an ensemble's disagreement
         paths["uncertainty_npy"] = stem.with_name(stem.name + "_uncertainty.npy")
         paths["uncertainty_png"] = stem.with_name(stem.name + "_uncertainty.png")
     if pointcloud:  # depth: the coloured points (densediff/inference/pointcloud.py)
@@ -105,8 +105,8 @@ def depth_full_scale(task) -> float:
 
 
 def predict_images(model, root: Path, images: list[Path], output: str | Path,
-                   device: torch.device, uncertainty: bool = False,
-                   pointcloud: dict | None = None) -> tuple[int, list[str]]:
+                   device: torch.device, uncertainty: bool = False, pointcloud: dict | None = None,
+                   uncertainty_full_scale: float | None = 90.0) -> tuple[int, list[str]]:
     """Write the predictions of `images` (found and checked by check_outputs) mirrored from `root` into `output`;
     return (written, list of skipped-file messages). With `uncertainty` (a model with predict_with_uncertainty)
     also each prediction's expected angular error; with `pointcloud` ({"fov", "intrinsics", "references": {image:
@@ -120,7 +120,8 @@ def predict_images(model, root: Path, images: list[Path], output: str | Path,
     for image, rgb in readable_images(tqdm(images, desc=f"predict {task}", unit="image"), skipped):
         if uncertainty:
             prediction, alpha = model.predict_with_uncertainty(rgb.to(device))
-            write_uncertainty(alpha[0].cpu(), planned[image])
+            if alpha is not None:  # None: a model without one (GeoWizard's joint ensembles)
+                write_uncertainty(alpha[0].cpu(), planned[image], uncertainty_full_scale)
         else:
             prediction = model.predict(rgb.to(device))
         write_prediction(model.task, prediction[0].cpu(), planned[image])
@@ -134,14 +135,17 @@ def predict_images(model, root: Path, images: list[Path], output: str | Path,
     return written, skipped
 
 
-def write_uncertainty(alpha: torch.Tensor, paths: dict[str, Path]) -> None:
-    """HxW expected angular error in degrees: float32 `.npy` and a grey PNG (0 deg black, 90 deg or more white)."""
+def write_uncertainty(alpha: torch.Tensor, paths: dict[str, Path], full_scale: float | None = 90.0) -> None:
+    """HxW uncertainty: float32 `.npy` and a grey PNG, black at 0 and white at `full_scale` or above (Bae's expected
+    angular error: 90 degrees); None: white at the image's 95th percentile (diffusers' visualize_uncertainty, for an
+    ensemble's disagreement)."""
     array = alpha.float().numpy()
     paths["uncertainty_npy"].parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(paths["uncertainty_npy"]) as tmp:
         np.save(tmp, array)
+    white = full_scale if full_scale is not None else max(float(np.percentile(array, 95)), 1e-12)
     with atomic_write(paths["uncertainty_png"]) as tmp:
-        Image.fromarray((np.clip(array / 90.0, 0, 1) * 255 + 0.5).astype(np.uint8)).save(tmp)
+        Image.fromarray((np.clip(array / white, 0, 1) * 255 + 0.5).astype(np.uint8)).save(tmp)
 
 
 def readable_images(images, skipped: list[str]):

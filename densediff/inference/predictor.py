@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from densediff.inference.single_step import SingleStepEstimator, pad_to_multiple, resize_to_max_edge
+from densediff.resize import resize_to
 
 NOISES = ("zeros", "gaussian", "pyramid")
 SPACINGS = ("trailing", "leading", "linspace")
@@ -198,12 +199,15 @@ def image_latents(estimator: SingleStepEstimator, rgb: torch.Tensor, options: In
 @torch.no_grad()
 def predict(estimator: SingleStepEstimator, task, rgb: torch.Tensor, options: InferenceOptions,
             generator: torch.Generator | None = None, prompts: list[str] | None = None,
-            conditioning: Callable[[torch.Tensor], dict] | None = None):
+            conditioning: Callable[[torch.Tensor], dict] | None = None, with_uncertainty: bool = False):
     """RGB [B,3,H,W] in [0,1] -> the task's prediction at the input's exact size (depth [B,H,W] in [0,1],
     normals [B,3,H,W] unit canonical). Resize to processing_res, predict `ensemble` members per image in chunks of
     `batch_size`, merge, resize back (E2E-FT: normalise, resize back, clip).
     `task` may be a list of tasks, one per branch of a joint model (GeoWizard: [depth, normals]; see `denoise`):
-    then the list of their predictions is returned, each decoded, ensembled and resized by its own task."""
+    then the list of their predictions is returned, each decoded, ensembled and resized by its own task.
+    `with_uncertainty`: (prediction, uncertainty) instead, the uncertainty [B,H,W] at the input's size where the
+    ensemble has several members and the task measures their disagreement (depth, normals: task.ensemble_uncertainty,
+    diffusers' formulas), else None."""
     tasks = list(task) if isinstance(task, (list, tuple)) else [task]
     size = tuple(rgb.shape[-2:])
     if options.processing_res:
@@ -226,17 +230,26 @@ def predict(estimator: SingleStepEstimator, task, rgb: torch.Tensor, options: In
                          noise=None if noise is None else noise[i:i + chunk]).float()
         for decoded_task, branch, image in zip(decoded, tasks, images.chunk(len(tasks))):
             decoded_task.append(branch.decode(image))
-    outputs = []
+    outputs, uncertainties = [], []
     for branch, parts in zip(tasks, decoded):
-        merged = torch.cat(parts)
+        merged, uncertainty = torch.cat(parts), None
         if options.ensemble > 1:
             grouped = merged.unflatten(0, (rgb.shape[0], options.ensemble))
-            merged = torch.stack([branch.ensemble(group, options.ensemble_reduction) for group in grouped])
+            if with_uncertainty and hasattr(branch, "ensemble_uncertainty"):
+                merged, uncertainty = (torch.stack(values) for values in zip(
+                    *(branch.ensemble_uncertainty(group, options.ensemble_reduction) for group in grouped)))
+            else:
+                merged = torch.stack([branch.ensemble(group, options.ensemble_reduction) for group in grouped])
         output = branch.to_output(merged)
         if output.shape[-2:] != size:
             output = branch.resize_output(output, size, options.resample)
+        if uncertainty is not None and uncertainty.shape[-2:] != size:
+            uncertainty = resize_to(uncertainty[:, None], size, options.resample)[:, 0].clamp_min(0)
         outputs.append(output)
-    return outputs if isinstance(task, (list, tuple)) else outputs[0]
+        uncertainties.append(uncertainty)
+    if isinstance(task, (list, tuple)):
+        return (outputs, uncertainties) if with_uncertainty else outputs
+    return (outputs[0], uncertainties[0]) if with_uncertainty else outputs[0]
 
 
 def timesteps(steps: int, spacing: str, num_train_timesteps: int = 1000, steps_offset: int = 1) -> list[int]:

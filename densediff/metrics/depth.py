@@ -55,9 +55,9 @@ class DepthMetrics(Metric):
         self.add_state("skipped", default=torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("negative_scale", default=torch.tensor(0), dist_reduce_fx="sum")
 
-    def per_image(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None):
-        """Per-image metrics as a dict of (B,) float64 tensors (NaN where an image has no valid pixel), plus
-        `n_valid` (B,). `update` uses exactly this; evaluate.py can write it as a per-image CSV."""
+    def aligned(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None):
+        """Steps 1 and 2 of the protocol: (the aligned, clipped prediction in float64, the valid pixels, which fits
+        needed a negative scale), each per image (B, H, W) / (B,)."""
         pred, target = _squeeze_channel(pred), _squeeze_channel(target)
         valid = (target > self.min_depth) & (target < self.max_depth) if self.range_mask else target > 0
         valid = valid & torch.isfinite(target)  # inf/NaN GT is no measurement (it would make every metric NaN)
@@ -72,7 +72,13 @@ class DepthMetrics(Metric):
             p = align_least_squares_disparity(pred, target, valid, self.alignment_max_res)
         else:
             p = pred.double()
-        p = p.clamp(self.min_depth, self.max_depth).clamp_min(1e-6)
+        return p.clamp(self.min_depth, self.max_depth).clamp_min(1e-6), valid, negative
+
+    def per_image(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None):
+        """Per-image metrics as a dict of (B,) float64 tensors (NaN where an image has no valid pixel), plus
+        `n_valid` (B,). `update` uses exactly this; evaluate.py can write it as a per-image CSV."""
+        p, valid, negative = self.aligned(pred, target, mask)
+        target = _squeeze_channel(target)
         g = torch.where(valid, target.double(), 1.0)  # 1.0 keeps logs/divisions finite off the mask
         n = valid.sum((-1, -2)).double()
 

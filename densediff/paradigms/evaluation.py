@@ -19,6 +19,7 @@ import torch
 from densediff.adapters import apply_adapter
 from densediff.inference.predictor import InferenceOptions, predict
 from densediff.io import atomic_write
+from densediff.metrics.uncertainty import UncertaintyCorrelation
 from densediff.tasks import build_task
 from densediff.visualize import rgb_to_uint8, save_gallery
 
@@ -39,6 +40,8 @@ class DenseEvaluation(L.LightningModule):
         self.task = build_task(task, **(task_options or {}))
         self.val_metrics = self.task.metrics()
         self.test_metrics = self.task.metrics()
+        # ensembles: how well the members' disagreement predicts the error (densediff/metrics/uncertainty.py)
+        self.val_uncertainty, self.test_uncertainty = UncertaintyCorrelation(), UncertaintyCorrelation()
         self.gallery_size = gallery_size
         self._gallery: list[list[np.ndarray]] = []
         self._test_rows: list[dict] = []  # per-image test metrics, written as per_image.csv
@@ -49,9 +52,16 @@ class DenseEvaluation(L.LightningModule):
     def predict_batch(self, batch: dict) -> torch.Tensor:
         return self.predict(batch["rgb"])
 
+    def predict_batch_with_uncertainty(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prediction, per-pixel uncertainty [B,H,W] or None): models that have one override this."""
+        return self.predict_batch(batch), None
+
     def _evaluate_step(self, batch: dict, batch_idx: int, metrics) -> torch.Tensor:
-        output = self.predict_batch(batch)
+        output, uncertainty = self.predict_batch_with_uncertainty(batch)
         self.task.update_metrics(metrics, output, batch)
+        if uncertainty is not None and hasattr(self.task, "pixel_errors"):
+            correlation = self.val_uncertainty if metrics is self.val_metrics else self.test_uncertainty
+            correlation.update(uncertainty, *self.task.pixel_errors(metrics, output, batch))
         if batch_idx == 0 and self.trainer.is_global_zero:
             self._collect_gallery(batch, output)
         return output
@@ -98,6 +108,10 @@ class DenseEvaluation(L.LightningModule):
         values = metrics.compute()  # synchronised across processes by torchmetrics
         metrics.reset()
         scalars = {f"{stage}/{k}": v for k, v in values.items() if torch.as_tensor(v).numel() == 1}
+        correlation = self.val_uncertainty if stage == "val" else self.test_uncertainty
+        if correlation.update_called:
+            scalars[f"{stage}/uncertainty_error_correlation"] = correlation.compute()
+        correlation.reset()
         self.log_dict(scalars, sync_dist=False)
         self._write_gallery(stage)
 
@@ -169,6 +183,19 @@ class LatentModel(DenseEvaluation):
     def predict_batch(self, batch: dict) -> torch.Tensor:
         prompts = batch.get("prompt") if self.estimator.text_encoder is not None else None
         return self.predict(batch["rgb"], prompts)
+
+    @torch.no_grad()
+    def predict_with_uncertainty(self, rgb: torch.Tensor, prompts: list[str] | None = None):
+        """(prediction, the ensemble's per-pixel uncertainty [B,H,W], or None with one member or a task without
+        one): the members' disagreement, diffusers' formulas (densediff/tasks/ensemble.py)."""
+        return predict(self.estimator, self.task, rgb, self.inference, self._generator, prompts,
+                       with_uncertainty=True)
+
+    def predict_batch_with_uncertainty(self, batch: dict):
+        if self.inference.ensemble == 1:
+            return self.predict_batch(batch), None
+        prompts = batch.get("prompt") if self.estimator.text_encoder is not None else None
+        return self.predict_with_uncertainty(batch["rgb"], prompts)
 
     def train(self, mode: bool = True):
         super().train(mode)

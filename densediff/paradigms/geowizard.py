@@ -242,6 +242,13 @@ class GeoWizardEstimator(LatentDenoiser):
     def predict_batch(self, batch: dict) -> torch.Tensor:
         return self.predict_geometries(batch["rgb"], self.domains(batch, batch["rgb"].shape[0]))[self.task.name]
 
+    def predict_with_uncertainty(self, rgb: torch.Tensor, prompts: list[str] | None = None):
+        """The joint model's ensembles are merged per geometry without an uncertainty (not measured yet)."""
+        return self.predict(rgb), None
+
+    def predict_batch_with_uncertainty(self, batch: dict):
+        return self.predict_batch(batch), None
+
     # ---- validation / test: both geometries -----------------------------------------------------------------
     def _evaluate_step(self, batch: dict, batch_idx: int, metrics) -> torch.Tensor:
         stage = "val" if metrics is self.val_metrics else "test"

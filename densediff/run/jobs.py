@@ -399,6 +399,11 @@ def predict(cfg: DictConfig) -> None:
         # Bae's head predicts its expected angular error too: <stem>_uncertainty.npy/.png next to the normals
         uncertainty = paradigm == "self_improving" and read_checkpoint(Path(cfg.ckpt)).get(
             "hyper_parameters", {}).get("head") == "bae"
+    ensemble_uncertainty = False
+    if not uncertainty and task in ("depth", "normals"):  # an ensemble's members' disagreement, diffusers' formulas
+        ckpt = Path(cfg.ckpt) if cfg.get("ckpt") else None
+        saved = saved_inference(ckpt) if ckpt is not None and ckpt.is_file() else None
+        ensemble_uncertainty = uncertainty = inference_options(cfg, "predict", saved).ensemble > 1
     wants_pointcloud = bool(cfg.get("pointcloud", False))
     if wants_pointcloud and task != "depth":
         raise ConfigError(f"pointcloud=true needs a depth model; this one predicts {task}")
@@ -418,7 +423,7 @@ def predict(cfg: DictConfig) -> None:
                       "references": pointcloud_references(root, images, cfg.get("pointcloud_reference"))}
     model, device = build_predictor(cfg)
     written, skipped = predict_images(model, root, images, cfg.output, device, uncertainty=uncertainty,
-                                      pointcloud=pointcloud)
+                                      pointcloud=pointcloud, uncertainty_full_scale=None if ensemble_uncertainty else 90.0)
     if skipped and not written:
         raise DataReadError(f"none of the {len(skipped)} images of input={cfg.input} could be read:\n  "
                             + "\n  ".join(skipped))

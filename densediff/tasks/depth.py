@@ -199,6 +199,18 @@ class DepthTask:
             return ensemble_depth(members, reduction=reduction)
         return ensemble_depth((members + 1) / 2, reduction=reduction)
 
+    def ensemble_uncertainty(self, members: torch.Tensor, reduction: str = "median"):
+        """ensemble() and the members' disagreement [H,W] (densediff/tasks/ensemble.py): relative depth, over the
+        merged map's range, so in the units of to_output's [0, 1] map (diffusers); metres stay metres."""
+        if self.metric_output:
+            merged = self.ensemble(members, reduction)
+            spread = ((members - merged).abs().median(dim=0).values if reduction == "median"
+                      else members.std(dim=0))
+            return merged, spread
+        unit = (members + 1) / 2 if self.encoding == "affine" else members
+        merged, spread = ensemble_depth(unit, reduction=reduction, return_uncertainty=True)
+        return merged, spread / (merged.max() - merged.min()).clamp_min(1e-6)
+
     def resize_output(self, output: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
         resized = resize_to(output[:, None], size, mode)[:, 0]
         return resized.clamp_min(0) if self.metric_output else resized.clamp(0, 1)
@@ -206,6 +218,13 @@ class DepthTask:
     def metrics(self) -> DepthMetrics:
         return DepthMetrics(alignment=self.alignment, min_depth=self.min_depth, max_depth=self.max_depth,
                             alignment_max_res=self.alignment_max_res, range_mask=self.range_mask)
+
+    def pixel_errors(self, metrics: DepthMetrics, output: torch.Tensor, batch: dict):
+        """(B,H,W) relative error |p - g| / g of the prediction aligned and clipped as `metrics` scores it, and the
+        valid pixels."""
+        p, valid, _ = metrics.aligned(output.float(), batch["depth"].float(), batch["valid_mask"])
+        target = batch["depth"].double()
+        return torch.where(valid, (p - target).abs() / target.clamp_min(1e-12), 0.0), valid
 
     def update_metrics(self, metrics: DepthMetrics, output: torch.Tensor, batch: dict) -> None:
         metrics.update(output.float(), batch["depth"].float(), batch["valid_mask"])

@@ -8,6 +8,9 @@ fit differentiates a float32 cost by finite differences: on almost flat members 
 rounding noise, and 1e-6 changes in the members can move the merged map by 0.2 (seen on the tiny backbone).
 Normals take, per pixel,
 the member closest to the normalised mean direction (Marigold v1.1 / diffusers "closest").
+Both can also say how much the members disagree (inference writes it as `<stem>_uncertainty`), with diffusers'
+formulas: depth, the members' median absolute deviation from the merged map (std for reduction=mean) over the merged
+map's range; normals, the mean angle to the mean direction over pi.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ def median_of_members(members: torch.Tensor) -> torch.Tensor:
 
 
 def ensemble_depth(members: torch.Tensor, reduction: str = "median", regularizer: float = 0.02, max_iter: int = 2,
-                   tol: float = 1e-3, max_res: int | None = 1024) -> torch.Tensor:
-    """[E,H,W] affine-invariant depth maps of one image -> [H,W] merged map (not yet normalised to [0, 1])."""
+                   tol: float = 1e-3, max_res: int | None = 1024, return_uncertainty: bool = False):
+    """[E,H,W] affine-invariant depth maps of one image -> [H,W] merged map (not yet normalised to [0, 1]). With
+    `return_uncertainty`, (merged, spread): the aligned members' median absolute deviation from the merged map
+    (reduction=median) or their standard deviation (mean), in the merged map's units (diffusers' ensemble_depth,
+    before its division by the merged range)."""
     from scipy.optimize import minimize
 
     if reduction not in ("median", "mean"):
@@ -41,7 +47,7 @@ def ensemble_depth(members: torch.Tensor, reduction: str = "median", regularizer
     members = members.float()
     count = members.shape[0]
     if count == 1:
-        return members[0]
+        return (members[0], torch.zeros_like(members[0])) if return_uncertainty else members[0]
 
     def merge(aligned: torch.Tensor) -> torch.Tensor:
         return median_of_members(aligned) if reduction == "median" else aligned.mean(dim=0)
@@ -70,7 +76,12 @@ def ensemble_depth(members: torch.Tensor, reduction: str = "median", regularizer
     s0 = 1.0 / (hi - lo).clamp_min(1e-6)  # start from each member's own min-max normalisation
     start = torch.cat([s0, -s0 * lo]).double().numpy()
     params = minimize(cost, start, method="BFGS", tol=tol, options={"maxiter": max_iter}).x
-    return merge(align(members, params))
+    aligned = align(members, params)
+    merged = merge(aligned)
+    if not return_uncertainty:
+        return merged
+    spread = median_of_members((aligned - merged).abs()) if reduction == "median" else aligned.std(dim=0)
+    return merged, spread
 
 
 def ensemble_normals(members: torch.Tensor) -> torch.Tensor:
@@ -78,3 +89,11 @@ def ensemble_normals(members: torch.Tensor) -> torch.Tensor:
     mean = F.normalize(members.float().mean(dim=0), dim=0)
     closest = (members.float() * mean).sum(dim=1).argmax(dim=0)  # [H,W] member index
     return torch.gather(members, 0, closest[None, None].expand(1, 3, -1, -1))[0]
+
+
+def normals_uncertainty(members: torch.Tensor) -> torch.Tensor:
+    """[E,3,H,W] unit normals of one image -> [H,W] in [0, 1]: the members' mean angle to their normalised mean
+    direction, over pi (diffusers' and Marigold v1.1's ensemble_normals uncertainty)."""
+    mean = F.normalize(members.float().mean(dim=0), dim=0)
+    cosine = (members.float() * mean).sum(dim=1).clamp(-1, 1)
+    return cosine.arccos().mean(dim=0) / np.pi

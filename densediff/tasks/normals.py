@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torchmetrics import MetricCollection
 
-from densediff.metrics import NormalMetrics
+from densediff.metrics import NormalMetrics, angular_error_deg
 from densediff.resize import resize_to
-from densediff.tasks.ensemble import ensemble_normals
+from densediff.tasks.ensemble import ensemble_normals, normals_uncertainty
 from densediff.visualize import colorize_normals
 
 
@@ -105,11 +105,21 @@ class NormalsTask:
         """[E,3,H,W] unit members of one image -> [3,H,W], per pixel the member closest to the mean direction."""
         return ensemble_normals(members)
 
+    def ensemble_uncertainty(self, members: torch.Tensor, reduction: str = "closest"):
+        """ensemble() and the members' disagreement [H,W] in [0, 1] (mean angle to the mean direction over pi)."""
+        return self.ensemble(members, reduction), normals_uncertainty(members)
+
     def resize_output(self, output: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
         return self.to_output(resize_to(output, size, mode))  # back to unit length after interpolation
 
     def metrics(self) -> NormalMetricsBothPoolings:
         return NormalMetricsBothPoolings(self.pooling)
+
+    def pixel_errors(self, metrics, output: torch.Tensor, batch: dict):
+        """(B,H,W) angular error in degrees and the pixels with a ground-truth normal."""
+        target = batch["normals"].float()
+        valid = batch["valid_mask"].bool() & torch.isfinite(target).all(1) & (target.norm(dim=1) > 0)
+        return angular_error_deg(output.float(), target), valid
 
     def update_metrics(self, metrics: NormalMetricsBothPoolings, output: torch.Tensor, batch: dict) -> None:
         metrics.update(output.float(), batch["normals"].float(), batch["valid_mask"])
