@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 
-PARADIGM_TAGS = {"e2e": "e2e-ft", "diffusion": "marigold", "geowizard": "geowizard"}
+PARADIGM_TAGS = {"e2e": "e2e-ft", "diffusion": "marigold", "geowizard": "geowizard", "lotus": "lotus"}
 
 
 def _metrics_source(ckpt: Path, metrics: str | Path | None) -> Path | None:
@@ -105,6 +105,11 @@ def model_card(pipeline_class: str, task: str, paradigm: str, hparams: dict, def
 
 def usage_example(pipeline_class: str, folder: str) -> list[str]:
     """Three lines that run the exported folder in diffusers (`image.png`: the user's image)."""
+    if pipeline_class.startswith("Lotus"):  # no diffusers pipeline: Lotus' own, or densediff
+        variant = "g" if pipeline_class == "LotusGPipeline" else "d"
+        return [f"# Lotus' repository (pipeline.py): {pipeline_class}.from_pretrained({folder!r})",
+                f"# densediff: python predict.py backbone.path={folder} objective=lotus objective.variant={variant} "
+                "input=image.png output=predictions (task=... and task.encoding=disparity as trained)"]
     return ["import diffusers",
             f"pipe = diffusers.{pipeline_class}.from_pretrained({folder!r})",
             'prediction = pipe(diffusers.utils.load_image("image.png")).prediction']
@@ -129,6 +134,8 @@ def export(ckpt: str | Path, output: str | Path, metrics: str | Path | None = No
     if paradigm not in PARADIGMS:
         raise ValueError(f"{ckpt} was written by paradigm {paradigm!r}, unknown here ({', '.join(PARADIGMS)})")
     model = PARADIGMS[paradigm].load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    if paradigm == "lotus":
+        return export_lotus(model, ckpt, output, scored)
     if getattr(model.estimator, "conditioning", "concat") != "concat":
         raise ValueError("this model uses DMP's interpolation conditioning, which no diffusers pipeline runs; only "
                          "concat-conditioned models (E2E-FT, Marigold-style diffusion) export to Marigold's layout")
@@ -162,6 +169,42 @@ def export(ckpt: str | Path, output: str | Path, metrics: str | Path | None = No
     card = model_card(pipeline_class.__name__, model.task.name, paradigm, dict(model.hparams),
                       {"steps": model.inference.steps, "processing_res": model.inference.processing_res},
                       training, run_record(scored) if scored else {}, str(output))
+    write_text(output / "README.md", str(card))
+    return output
+
+
+def export_lotus(model, ckpt: Path, output: Path, scored: Path | None) -> Path:
+    """A Lotus checkpoint as a diffusers folder in Lotus' own layout: the UNet with its task-switcher class embedding,
+    the scheduler with prediction_type "sample", model_index.json naming Lotus' LotusGPipeline / LotusDPipeline
+    (its repository's StableDiffusionPipeline subclasses; diffusers has no Lotus pipeline). densediff reads it back
+    with `backbone.path=<folder> objective=lotus objective.variant=<g|d>`."""
+    import json
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from densediff.backbones.load import resolve_backbone_path
+    from densediff.io import write_text
+    from densediff.run import run_record
+
+    if model.hparams.adapter.startswith("lora"):
+        raise ValueError("a Lotus checkpoint with a LoRA adapter does not export yet; Lotus trains the full UNet")
+    source = resolve_backbone_path(model.hparams.backbone_path)
+    scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", prediction_type="sample",
+                                              timestep_spacing=model.inference.timestep_spacing)
+    output.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline(
+        unet=model.estimator.unet, vae=model.estimator.vae, scheduler=scheduler,
+        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False).save_pretrained(output, safe_serialization=True)
+    index_path = output / "model_index.json"
+    index = json.loads(index_path.read_text())
+    pipeline_class = "LotusGPipeline" if model.hparams.variant == "g" else "LotusDPipeline"
+    write_text(index_path, json.dumps({**index, "_class_name": pipeline_class}, indent=2) + "\n")
+    card = model_card(pipeline_class, model.task.name, "lotus", dict(model.hparams),
+                      {"steps": model.inference.steps, "processing_res": model.inference.processing_res},
+                      run_record(ckpt.resolve().parent.parent), run_record(scored) if scored else {}, str(output))
     write_text(output / "README.md", str(card))
     return output
 

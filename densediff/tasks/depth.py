@@ -12,6 +12,11 @@ target_scale exceeds 1), or the per-image min-max of the valid pixels when targe
 / 2 + 0.5, clamp(min=0), * target_scale, so the model-space prediction and the output are metres (target_scale > 0;
 DMP's npz 'x') or a [0, 1] relative map (target_scale = -1, min-max normalised per image like DMP).
 
+`disparity` (Lotus' `trunc_disparity`, docs/paradigms.md#lotus): the image is the disparity 1 / d normalised per image
+by the 2nd/98th percentiles of its valid pixels, ((1/d - q2) / (q98 - q2 + 1e-5) - 0.5) * 2 clipped to [-1, 1]
+(near = +1), invalid pixels -1 (far); decoding as `affine`. The prediction is affine-invariant disparity in [0, 1],
+and the evaluation aligns it in disparity space (`alignment` defaults to `least_squares_disparity` for this codec).
+
 Invalid pixels (outside valid_mask or (min_depth, max_depth)) are masked from every loss and metric, but the VAE mixes
 them into the neighbouring latents, so what the target image holds there matters. Each recipe follows its own
 reference (`invalid_fill`):
@@ -92,6 +97,7 @@ def scale_shift_invariant_l1(pred: torch.Tensor, target: torch.Tensor, mask: tor
 
 
 INVALID_FILLS = ("far", "raw")
+ENCODINGS = ("affine", "float", "disparity")
 
 
 class DepthTask:
@@ -102,11 +108,13 @@ class DepthTask:
 
     def __init__(self, min_depth: float = 1e-3, max_depth: float = 80.0, quantile: float = 0.02,
                  alignment_max_res: int | None = None, range_mask: bool = True, encoding: str = "affine",
-                 target_scale: float = 8.0, invalid_fill: str = "far", alignment: str = "least_squares"):
+                 target_scale: float = 8.0, invalid_fill: str = "far", alignment: str | None = None):
+        if alignment is None:  # the codec's: a disparity model is scored as disparity
+            alignment = "least_squares_disparity" if encoding == "disparity" else "least_squares"
         if alignment not in DEPTH_ALIGNMENTS:
             raise ValueError(f"task.alignment must be one of {', '.join(DEPTH_ALIGNMENTS)}, got {alignment!r}")
-        if encoding not in ("affine", "float"):
-            raise ValueError(f"task.encoding must be 'affine' or 'float', got {encoding!r}")
+        if encoding not in ENCODINGS:
+            raise ValueError(f"task.encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
         if invalid_fill not in INVALID_FILLS:
             raise ValueError(f"task.invalid_fill must be one of {', '.join(INVALID_FILLS)}, got {invalid_fill!r}")
         if invalid_fill == "raw" and encoding != "affine":
@@ -147,6 +155,14 @@ class DepthTask:
                 image[i] = (((d - lo[i]) / (hi[i] - lo[i]) - 0.5) * 2).clamp(-1, 1)
                 if self.invalid_fill == "raw" and batch.get("far_invalid") is not None:
                     image[i] = torch.where(batch["far_invalid"][i] & ~valid[i], 1.0, image[i])
+        elif self.encoding == "disparity":  # Lotus' trunc_disparity: 1 / depth between its 2 % / 98 % quantiles
+            disparity = torch.where(valid, 1.0 / depth.clamp_min(1e-12), 0.0)
+            lo, hi = masked_quantiles(disparity, valid, self.quantile)
+            for i in range(depth.shape[0]):
+                if not (hi[i] > lo[i]):
+                    continue
+                scaled = ((disparity[i] - lo[i]) / (hi[i] - lo[i] + 1e-5) - 0.5) * 2
+                image[i] = torch.where(valid[i], scaled, -1.0).clamp(-1, 1)  # invalid: the far end, -1
         else:
             for i in range(depth.shape[0]):
                 if not valid[i].any():
@@ -165,7 +181,7 @@ class DepthTask:
         """[B,3,H,W] decoded VAE image -> [B,H,W]: affine depth in [-1, 1]; float: DMP's decoding (metres, or a
         relative map >= 0 when target_scale = -1)."""
         mean = image.mean(dim=1)
-        if self.encoding == "affine":
+        if self.encoding in ("affine", "disparity"):
             return mean.clamp(-1, 1)
         unit = (mean / 2 + 0.5).clamp_min(0)
         return unit * self.target_scale if self.target_scale > 0 else unit
@@ -207,7 +223,7 @@ class DepthTask:
             spread = ((members - merged).abs().median(dim=0).values if reduction == "median"
                       else members.std(dim=0))
             return merged, spread
-        unit = (members + 1) / 2 if self.encoding == "affine" else members
+        unit = members if self.encoding == "float" else (members + 1) / 2
         merged, spread = ensemble_depth(unit, reduction=reduction, return_uncertainty=True)
         return merged, spread / (merged.max() - merged.min()).clamp_min(1e-6)
 

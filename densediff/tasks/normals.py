@@ -78,11 +78,14 @@ class NormalsTask:
             normals = normals * normals.new_tensor(MODEL_FRAMES[self.model_frame]).view(1, 3, 1, 1)
         return normals
 
+    def valid(self, batch: dict) -> torch.Tensor:
+        """[B,H,W] pixels with a ground-truth normal: valid and not the zero vector."""
+        return batch["valid_mask"] & (batch["normals"].float().norm(dim=1) > 0.5)
+
     def encode(self, batch: dict) -> torch.Tensor:
         """Ground truth -> [B,3,H,W] target image: the unit vector itself in the model's frame (Marigold/E2E-FT:
         n in [-1, 1]); pixels without a normal (invalid, or the zero vector) are the zero vector (E2E-FT loader)."""
-        normals = batch["normals"].float()
-        valid = batch["valid_mask"] & (normals.norm(dim=1) > 0.5)
+        normals, valid = batch["normals"].float(), self.valid(batch)
         return self._to_model_frame(torch.where(valid[:, None], normals, torch.zeros_like(normals)).clamp(-1, 1))
 
     def decode(self, image: torch.Tensor) -> torch.Tensor:
