@@ -54,6 +54,7 @@ class DiffusionEstimator(LatentDenoiser):
         pyramid_discount: float = 0.9,
         latent: str = "mean",
         prompts: str = "empty",
+        zero_snr: bool = False,
         lr: float = 3e-5,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -88,6 +89,9 @@ class DiffusionEstimator(LatentDenoiser):
                                  gradient_checkpointing=gradient_checkpointing,
                                  keep_text_encoder=prompts == "dataset")
         self.prepare_backbone(backbone, adapter, adapter_rank, adapter_alpha)
+        if zero_snr:  # Marigold v1.1's trainer: the backbone's betas rescaled to zero terminal SNR, trailing spacing
+            backbone.scheduler = type(backbone.scheduler).from_config(
+                backbone.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
         self.use_schedule(backbone.scheduler, prediction_type)
         self.estimator = SingleStepEstimator(backbone.unet, backbone.vae, backbone.scheduler,
                                              backbone.empty_text_embedding, conditioning=conditioning,
