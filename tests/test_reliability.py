@@ -3,7 +3,10 @@ re-seeded, non-finite steps are skipped, and nothing a user wrote is overwritten
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import lightning as L
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST, read_metrics, run_cli
+from conftest import FAST, ROOT, read_metrics, run_cli
 from densediff.backbones.geowizard_build import contents_digest
 from densediff.backbones.tiny import TINY_DIR, tiny_text_encoder_and_tokenizer, tiny_unet, tiny_vae
 from densediff.callbacks import NonFiniteTrainingError, SkipNonFiniteSteps
@@ -185,3 +188,54 @@ def test_predict_keeps_same_stem_images_apart_and_never_replaces_its_input(train
                      f"hydra.run.dir={tmp_path / 'r2'}", expect_ok=False)
     assert result.returncode == 1 and "would replace the input image" in result.stderr
     assert _snapshot(images) == source
+
+
+# ---- issue 24: concurrent starts, signals, interrupted evaluations ----------------------------------------------
+def _start(script: str, *overrides: str, cwd=ROOT) -> subprocess.Popen:
+    """An entry point in its own interpreter, started now (run_cli's zygote runs one command at a time)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
+           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_a_run_directory_another_run_holds_is_refused(tmp_path):
+    """While a run holds its directory (the lock train.py and evaluate.py take before anything is written), a
+    second start there is refused with one line and writes nothing; once it is released, the start works."""
+    import fcntl
+    run = tmp_path / "run"
+    run.mkdir()
+    args = ["experiment=quickstart", "logger=none", f"hydra.run.dir={run}", *FAST, "trainer.max_steps=1",
+            "trainer.val_check_interval=1"]
+    fd = os.open(run / ".densediff.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b"train.py, pid 12345")
+        for script in ("train.py", "evaluate.py"):
+            refused = run_cli(script, *args, expect_ok=False)
+            assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+            assert f"error: {run} is in use by another run (train.py, pid 12345)" in refused.stderr
+        assert sorted(p.name for p in run.iterdir()) == [".densediff.lock"]
+    finally:
+        os.close(fd)
+    run_cli("train.py", *args)
+    assert "abs_rel" in read_metrics(run)
+
+
+@pytest.mark.slow
+def test_two_trainings_started_at_once_into_one_folder_one_is_refused(tmp_path):
+    """Both pass an "is it empty?" check made at the same moment; the run directory is claimed atomically, so
+    exactly one trains and the other is refused with one line, whichever comes first (issue 24.2)."""
+    run = tmp_path / "run"
+    args = ["experiment=quickstart", "logger=csv", f"hydra.run.dir={run}", *FAST, "trainer.max_steps=1",
+            "trainer.val_check_interval=1"]
+    starts = [_start("train.py", *args, "seed=1"), _start("train.py", *args, "seed=2")]
+    results = [(p.wait(timeout=600), *p.communicate()) for p in starts]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 1], [(code, err[-2000:]) for code, _, err in results]
+    refused = next(err for code, _, err in results if code == 1)
+    assert "Traceback" not in refused and ("is in use by another run" in refused or "already holds a run" in refused)
+    assert len([line for line in refused.splitlines() if line.startswith("error: ")]) == 1
+    seeds = {yaml_line for yaml_line in (run / ".hydra" / "overrides.yaml").read_text().splitlines() if "seed" in yaml_line}
+    assert len(seeds) == 1  # one run's record
+    assert "abs_rel" in read_metrics(run)

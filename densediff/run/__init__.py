@@ -66,7 +66,9 @@ from densediff.run.build import (  # noqa: F401
 )
 from densediff.run.jobs import (  # noqa: F401
     RESULT_FILES,
+    RUN_LOCK,
     RunDirGuard,
+    claim_run_dir,
     _check_fresh_run_dir,
     _finish_loggers,
     _holds_results,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -96,18 +97,69 @@ def _holds_results(directory: Path) -> str | None:
     return f"checkpoints/{checkpoints[0].name}" if checkpoints else None  # (hidden: a killed write's leftover)
 
 
+# In a run directory: held (an exclusive lock) by the train.py or evaluate.py writing there, for its lifetime.
+RUN_LOCK = ".densediff.lock"
+_held_locks: dict[Path, int] = {}  # run directory -> the open, locked file (kept open until the process ends)
+
+
+def claim_run_dir(directory: Path, job: str) -> None:
+    """Take `directory` for this process alone, atomically (flock on <directory>/.densediff.lock, released by the
+    kernel when the process ends however it ends, so a killed run leaves no stale claim). A second train.py or
+    evaluate.py started into the same directory while this one runs gets a ConfigError: two runs checking "is it
+    empty?" at the same moment would otherwise both pass and mix their files."""
+    directory = directory.resolve()
+    if directory in _held_locks:
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no claim (the results check still applies)
+        return
+    lock = directory / RUN_LOCK
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise ConfigError(f"cannot use hydra.run.dir={directory}: {error.strerror or error}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = ""
+        with contextlib.suppress(OSError, ValueError):
+            holder = os.pread(fd, 200, 0).decode().strip()
+        os.close(fd)
+        raise ConfigError(f"{directory} is in use by another run ({holder or 'a running job'}); wait for it to "
+                          "finish or choose a new hydra.run.dir") from None
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{job}.py, pid {os.getpid()}\n".encode(), 0)
+    _held_locks[directory] = fd
+
+
+def _claim_or_exit(directory: Path, job: str) -> None:
+    try:
+        claim_run_dir(directory, job)
+    except ConfigError as error:  # Hydra's callbacks run outside user_errors(): the one line here
+        print(f"\nerror: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
 class RunDirGuard(Callback):
-    """Refuses a train.py or evaluate.py run into a directory that already holds a run's results before Hydra
-    writes anything there (Hydra saves .hydra/ before the job starts, so a check inside the job would be too late).
-    The one exception is resuming a run in its own directory from one of its own checkpoints; its .hydra/ is then
-    saved as .hydra/resume-<n>/, keeping the original run's."""
+    """Refuses a train.py or evaluate.py run into a directory that already holds a run's results, or that another
+    run is writing (claim_run_dir), before Hydra writes anything there (Hydra saves .hydra/ before the job starts,
+    so a check inside the job would be too late). The one exception is resuming a run in its own directory from one
+    of its own checkpoints; its .hydra/ is then saved as .hydra/resume-<n>/, keeping the original run's."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         if not first_process():  # DDP children, the other tasks of a SLURM job: the first one's directory
             return
         job, directory = config.hydra.job.name, Path(str(config.hydra.run.dir))
+        if job not in ("train", "evaluate"):
+            return
         found = _holds_results(directory) if directory.is_dir() else None
-        if job not in ("train", "evaluate") or found is None:
+        if found is None:  # the claim, then the check again, so that no other run can start between the two
+            _claim_or_exit(directory, job)
+            found = _holds_results(directory)
+        if found is None:
             return
         resume = config.get("ckpt_path") if job == "train" else None
         if job == "train" and not resume:  # a requeued cluster job resumes by itself (train)
@@ -121,6 +173,7 @@ class RunDirGuard(Callback):
             print(f"\nerror: {directory} already holds a run ({found}); {what}. Choose a new hydra.run.dir"
                   f"{hint}", file=sys.stderr)
             sys.exit(1)
+        _claim_or_exit(directory, job)  # resuming: its own directory, which no other run may write meanwhile
         subdir = config.hydra.output_subdir
         if subdir is not None:
             n = 1 + sum(1 for _ in (directory / str(subdir)).glob("resume-*"))
