@@ -64,7 +64,9 @@ class Preempted(Exception):
 
 
 class Preemption(Callback):
-    """On the cluster's warning signal (SLURM's, through submitit: a preemption or the time limit ahead) training
+    """On the cluster's warning signal (SLURM's, through submitit: a preemption or the time limit ahead), and on
+    SIGTERM (what `timeout`, `docker stop`, Kubernetes and SLURM without --signal send; a run that gets it is not
+    requeued but exits non-zero, resumable: densediff.run.train), training
     stops at the end of the current batch with last.ckpt written there, the same place every_n_train_steps saves,
     so the resumed run continues exactly (same batches, gradients and optimizer state), and fit raises Preempted.
     The signal handler only takes note: a checkpoint written inside it could catch the model halfway through an
@@ -85,6 +87,13 @@ class Preemption(Callback):
         if stage == "fit" and threading.current_thread() is threading.main_thread():
             self.received = False
             self.replaced = signal.signal(self.signum, self._note)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Lightning installs its own SIGTERM handler after setup (around ours): on SIGTERM its loops stop at once,
+        mid-validation too, with no checkpoint, and the process exits 0. Training keeps ours alone, so a SIGTERM is
+        acted on where every other stop signal is (Lightning puts its handlers' predecessor, ours, back at the end)."""
+        if self.signum == signal.SIGTERM and threading.current_thread() is threading.main_thread():
+            signal.signal(self.signum, self._note)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":

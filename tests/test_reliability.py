@@ -3,10 +3,13 @@ re-seeded, non-finite steps are skipped, and nothing a user wrote is overwritten
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import lightning as L
 import numpy as np
@@ -18,6 +21,7 @@ from conftest import FAST, ROOT, read_metrics, run_cli
 from densediff.backbones.geowizard_build import contents_digest
 from densediff.backbones.tiny import TINY_DIR, tiny_text_encoder_and_tokenizer, tiny_unet, tiny_vae
 from densediff.callbacks import NonFiniteTrainingError, SkipNonFiniteSteps
+from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients, Preempted, Preemption
 from wandb_records import OfflineRun
 
 # A recipe whose validation uses non-default inference (gaussian noise, 2 steps, an ensemble of 2)
@@ -239,3 +243,81 @@ def test_two_trainings_started_at_once_into_one_folder_one_is_refused(tmp_path):
     seeds = {yaml_line for yaml_line in (run / ".hydra" / "overrides.yaml").read_text().splitlines() if "seed" in yaml_line}
     assert len(seeds) == 1  # one run's record
     assert "abs_rel" in read_metrics(run)
+
+
+class SigtermAt(L.Callback):
+    """Sends this process SIGTERM once: as the `batch`-th training batch starts (counted from 1), or as the first
+    batch of the validation after optimizer step `validation_step` starts (mid-validation: it has two batches)."""
+
+    def __init__(self, batch=None, validation_step=None):
+        self.batch, self.validation_step, self.started, self.sent = batch, validation_step, 0, False
+
+    def _send(self):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_batch_start(self, *_):
+        self.started += 1
+        if self.started == self.batch:
+            self._send()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking and trainer.global_step == self.validation_step and batch_idx == 0:
+            self._send()
+
+
+def _fit_with_sigterm(folder, sigterm=None, ckpt_path=None):
+    """test_resume.fit's run (10 steps, accumulation 3, validation every 4 batches) with the callbacks build_trainer
+    gives every training: last.ckpt and the SIGTERM stop."""
+    from test_resume import LOADERS, Learner
+    model, last = Learner(), LastCheckpoint(folder, every_n_train_steps=2)
+    callbacks = [Preemption(last, signal.SIGTERM), last, PendingGradients()] + ([sigterm] if sigterm else [])
+    trainer = L.Trainer(max_steps=10, accumulate_grad_batches=3, val_check_interval=4, check_val_every_n_epoch=None,
+                        limit_val_batches=2, num_sanity_val_steps=0, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
+                        callbacks=callbacks, use_distributed_sampler=False)
+    trainer.fit(model, datamodule=LOADERS["mixed"](None, 0), ckpt_path=ckpt_path, weights_only=True)
+    return model.w.detach().clone()
+
+
+@pytest.mark.parametrize("sigterm, step", [(dict(batch=5), 1), (dict(validation_step=2), 3)])
+def test_sigterm_in_training_or_validation_checkpoints_and_the_resume_matches_an_uninterrupted_run(
+        sigterm, step, tmp_path):
+    """SIGTERM is the cluster's warning signal's twin (issue 24.3): during a training batch the run stops after it,
+    with last.ckpt written there; during a validation (which Lightning alone would abandon mid-way, exiting 0
+    with no checkpoint) the validation finishes and the run stops after the next batch. Either resumes exactly."""
+    straight = _fit_with_sigterm(tmp_path / "straight")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted) as stop:
+        _fit_with_sigterm(tmp_path / "run", SigtermAt(**sigterm))
+    assert stop.value.signum == signal.SIGTERM and stop.value.step == step
+    assert torch.load(tmp_path / "run" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == step
+    signal.signal(signal.SIGTERM, before)
+    assert torch.equal(_fit_with_sigterm(tmp_path / "run", ckpt_path=str(tmp_path / "run" / "last.ckpt")), straight)
+
+
+def test_train_cli_stopped_by_sigterm_exits_non_zero_and_the_same_run_directory_resumes(tmp_path):
+    """The real process (what `timeout`, `docker stop` and Kubernetes send): one line saying it was stopped, exit
+    143, last.ckpt and preempted.json; the same command into the same hydra.run.dir resumes it to the end."""
+    from test_resume import global_step
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    args = ["experiment=quickstart", "logger=csv", f"hydra.run.dir={run}", *FAST, "checkpoint_every_n_steps=1",
+            "trainer.val_check_interval=1000"]
+    process = _start("train.py", *args, "trainer.max_steps=1000")
+    deadline = time.monotonic() + 300
+    while global_step(last) < 1:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and f"error: stopped by SIGTERM after optimizer step" in err, err[-3000:]
+    assert f"hydra.run.dir={run}" in err and not (run / "metrics.json").exists()
+    stopped_at = global_step(last)
+    assert json.loads((run / "preempted.json").read_text())["step"] == stopped_at >= 1
+    run_cli("train.py", *args, f"trainer.max_steps={stopped_at + 1}")
+    assert global_step(last) == stopped_at + 1 and "abs_rel" in read_metrics(run)
+    assert not (run / "preempted.json").exists()

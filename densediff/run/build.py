@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -440,6 +441,8 @@ def build_trainer(cfg: DictConfig, model, loggers: list, checkpoints: bool,
         signum = preemption_signal()
         if signum is not None and last is not None:  # a cluster job stops with last.ckpt written, and is requeued
             callbacks.insert(0, Preemption(last, signum))
+        if last is not None and hasattr(signal, "SIGTERM") and signum != signal.SIGTERM:
+            callbacks.insert(0, Preemption(last, signal.SIGTERM))  # stops with last.ckpt written, resumable
         callbacks.append(PendingGradients())
         options.setdefault("plugins", [AtomicCheckpointIO()])
     return L.Trainer(**options, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir()),

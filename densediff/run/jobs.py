@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from densediff import threads
@@ -211,6 +212,9 @@ def train(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, model, loggers, checkpoints=True, datamodule=datamodule)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        stopped = [c for c in trainer.callbacks if isinstance(c, Preemption) and c.received]
+        if stopped:  # the signal came during the last validation: last.ckpt holds the finished training
+            raise Preempted(trainer.global_step, stopped[0].signum)
         metrics = _strip_stage(trainer.validate(model, datamodule=datamodule, verbose=False), "val")
         if trainer.is_global_zero:
             write_metrics(metrics, run_dir() / "metrics.json")
@@ -218,10 +222,39 @@ def train(cfg: DictConfig) -> dict:
             print_summary(f"trained {cfg.task_name}: validation metrics after {trainer.global_step} steps",
                           metrics, run_dir(), checkpoints=run_dir() / "checkpoints")
     except Preempted as stop:
+        if stop.signum == signal.SIGTERM:
+            _stopped(trainer, stop.signum, f"after optimizer step {stop.step}")
         _requeue(trainer, stop)
+    except SIGTERMException:  # Lightning's own handler, outside training: the sanity check or the final validation
+        _stopped(trainer, signal.SIGTERM, "during validation")
     finally:
         _finish_loggers()
     return metrics
+
+
+STOPPED_EXIT = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+
+def _stopped(trainer: L.Trainer, signum: int, when: str) -> None:
+    """A run stopped by SIGTERM: mark it resumable (preempted.json: the same hydra.run.dir resumes it by itself)
+    when checkpoints/last.ckpt holds it, say so in one line and exit non-zero (never 0: it did not finish)."""
+    last = run_dir() / "checkpoints" / "last.ckpt"
+    name = signal.Signals(signum).name
+    if last.is_file():
+        if trainer.is_global_zero:
+            write_text(run_dir() / PREEMPTED, json.dumps({"step": trainer.global_step, "signal": name,
+                                                          "checkpoint": "checkpoints/last.ckpt"}) + "\n")
+        message = (f"stopped by {name} {when}, before the run finished: {last} holds it; to resume, run the same "
+                   f"command with hydra.run.dir={run_dir()}")
+    else:
+        message = f"stopped by {name} {when}, before the first checkpoint: nothing to resume; start the run again"
+    log.warning(message)
+    for callback in trainer.callbacks:
+        if isinstance(callback, Preemption):
+            callback._restore()
+    _finish_loggers()
+    print(f"\nerror: {message}", file=sys.stderr)
+    sys.exit(STOPPED_EXIT)
 
 
 def _requeue(trainer: L.Trainer, stop: Preempted) -> None:
@@ -233,8 +266,10 @@ def _requeue(trainer: L.Trainer, stop: Preempted) -> None:
     log.warning("preempted: %s; the job is requeued and resumes in %s", stop, run_dir())
     _finish_loggers()
     for callback in trainer.callbacks:
-        if isinstance(callback, Preemption):
+        if isinstance(callback, Preemption) and callback.signum == stop.signum:
             callback.hand_over()  # submitit: requeue, then exit (rank 0)
+        elif isinstance(callback, Preemption):
+            callback._restore()
     if not os.environ.get("SUBMITIT_FOLDER") and trainer.is_global_zero:
         scontrol_requeue()  # a SLURM job started by hand
     sys.exit(0)  # the other ranks (or no requeue mechanism: resume by starting the same job again)
@@ -353,7 +388,12 @@ def evaluate(cfg: DictConfig) -> dict:
     log_parameter_counts(loggers, model)
     trainer = build_trainer(cfg, model, loggers, checkpoints=False)
     try:
-        metrics = _strip_stage(trainer.test(model, datamodule=datamodule, verbose=False), "test")
+        try:
+            metrics = _strip_stage(trainer.test(model, datamodule=datamodule, verbose=False), "test")
+        except SIGTERMException:  # Lightning stops the loop at the next batch; nothing is written after it
+            print(f"\nerror: stopped by SIGTERM before the evaluation finished: no metrics written; run it again "
+                  f"(into hydra.run.dir={run_dir()} too)", file=sys.stderr)
+            sys.exit(STOPPED_EXIT)
         if trainer.is_global_zero:  # under DDP every process has the synchronised metrics; one writes them
             write_metrics(metrics, run_dir() / "metrics.json")
             source = cfg.ckpt or (f"predictions={cfg.predictions}" if cfg.get("predictions") else
