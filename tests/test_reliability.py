@@ -321,3 +321,22 @@ def test_train_cli_stopped_by_sigterm_exits_non_zero_and_the_same_run_directory_
     run_cli("train.py", *args, f"trainer.max_steps={stopped_at + 1}")
     assert global_step(last) == stopped_at + 1 and "abs_rel" in read_metrics(run)
     assert not (run / "preempted.json").exists()
+
+
+def test_an_interrupted_evaluation_is_rerun_into_its_folder(tmp_path):
+    """What an evaluate.py stopped between its gallery and its metrics.json leaves (issue 24.4): the gallery, the
+    per-image table and the hidden temporary of the write that was cut off. No metrics.json: not a result, so the
+    rerun into the same folder works, replaces them and removes the temporary."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(run / "gallery.png")
+    (run / "per_image.csv").write_text("name,abs_rel\nprocedural/test/000000,0.5\n")
+    (run / ".metrics.tmp-0123abcd.json").write_text('{"abs_rel": ')
+    run_cli("evaluate.py", "backbone=tiny", "dataset=procedural", "dataset.test.num_scenes=2",
+            "dataset.val_batch_size=2", f"hydra.run.dir={run}", "trainer.enable_progress_bar=false")
+    assert "abs_rel" in read_metrics(run)
+    assert not list(run.glob(".*tmp-*")), "the interrupted write's temporary stayed"
+    assert len((run / "per_image.csv").read_text().splitlines()) == 3 and (run / "per_image.csv").read_text(
+        ).splitlines()[1].split(",")[1] != "0.5"
+    refused = run_cli("evaluate.py", "backbone=tiny", "dataset=procedural", f"hydra.run.dir={run}", expect_ok=False)
+    assert refused.returncode == 1 and "already holds a run (metrics.json)" in refused.stderr  # finished: kept

@@ -86,16 +86,32 @@ def _check_fresh_run_dir(cfg: DictConfig) -> None:
 
 
 # Files that make a run directory someone's results: never written over by another train.py or evaluate.py.
-RESULT_FILES = ("metrics.json", "per_image.csv", "gallery.png")
+RESULT_FILES = ("metrics.json",)
+# What a run writes before its metrics.json: without metrics.json (and without checkpoints) they are an interrupted
+# run's leftovers, which a new run there replaces (a run killed after its gallery would block its rerun otherwise).
+PARTIAL_FILES = ("per_image.csv", "gallery.png")
 
 
 def _holds_results(directory: Path) -> str | None:
-    """The first file that makes `directory` a finished or started run, or None."""
+    """The first file that makes `directory` a finished run (metrics.json) or a training that can be resumed (a
+    checkpoint), or None."""
     for name in RESULT_FILES:
         if (directory / name).is_file():
             return name
     checkpoints = sorted(p for p in (directory / "checkpoints").glob("*.ckpt") if not p.name.startswith("."))
     return f"checkpoints/{checkpoints[0].name}" if checkpoints else None  # (hidden: a killed write's leftover)
+
+
+def _clear_leftovers(directory: Path) -> None:
+    """Before a run writes into `directory`: remove what an interrupted run left there (the temporaries of a killed
+    atomic write; a gallery or per-image table without the metrics.json that would have made them results)."""
+    remove_temporaries(directory)
+    if _holds_results(directory) is None:
+        stale = [name for name in PARTIAL_FILES if (directory / name).is_file()]
+        for name in stale:
+            (directory / name).unlink()
+        if stale:
+            log.info("%s: replacing an interrupted run's %s", directory, ", ".join(stale))
 
 
 # In a run directory: held (an exclusive lock) by the train.py or evaluate.py writing there, for its lifetime.
@@ -192,8 +208,8 @@ def train(cfg: DictConfig) -> dict:
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (a last.ckpt from an earlier run's "
                                 "checkpoints/ folder resumes it)")
     if first_process():  # what a run killed mid-write left (its targets are intact)
-        for folder in (run_dir(), run_dir() / "checkpoints"):
-            remove_temporaries(folder)
+        _clear_leftovers(run_dir())
+        remove_temporaries(run_dir() / "checkpoints")
     resolve_backbone_task(cfg, training=True)
     if cfg.get("ckpt_path"):
         check_resume(cfg)
@@ -360,6 +376,8 @@ def checkpoint_identity(path: Path) -> tuple[str, str]:
 
 def evaluate(cfg: DictConfig) -> dict:
     check_config(cfg)
+    if first_process():
+        _clear_leftovers(run_dir())
     L.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("predictions") and cfg.get("ckpt"):
         raise ConfigError("pass either ckpt= (predict, then score) or predictions= (score files), not both")
