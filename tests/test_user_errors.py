@@ -231,3 +231,86 @@ def test_ddp_evaluate_scores_every_sample_once(tmp_path):
     assert mean_abs_rel == pytest.approx(read_metrics(run)["abs_rel"], rel=1e-5)
     assert "abs_rel" in (run / "evaluate.log").read_text()
     assert (run / "train_ddp_process_1.log").is_file()  # Lightning's second process ran in the same folder
+
+
+# ----------------------------------------------------------------------------- issue 24: real-world photos
+
+
+def _sideways(path, upright):
+    """`upright` stored as a camera does when held sideways: pixels turned 90 degrees anticlockwise, and the EXIF
+    orientation tag 6 (turn 90 degrees clockwise to show it)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(path, exif=exif.tobytes())
+    return path
+
+
+def test_exif_orientation_is_applied_as_a_viewer_shows_the_photo(tmp_path):
+    """A phone photo is predicted upright (issue 24.5): the same prediction as the upright pixels, same shape."""
+    from densediff.inference.predict import load_rgb
+    upright = np.random.default_rng(3).integers(0, 255, (24, 40, 3), dtype=np.uint8)
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.fromarray(upright).save(images / "upright.png")
+    _sideways(images / "phone.png", upright)
+    assert Image.open(images / "phone.png").size == (24, 40)  # stored sideways
+    assert torch.equal(load_rgb(images / "phone.png"), load_rgb(images / "upright.png"))
+    run_cli("predict.py", f"input={images}", f"output={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'r'}")
+    phone, reference = (np.load(tmp_path / "out" / f"{name}.npy") for name in ("phone", "upright"))
+    assert phone.shape == reference.shape == (24, 40)
+    np.testing.assert_allclose(phone, reference, atol=1e-6)
+
+
+def test_a_float_image_outside_0_1_is_refused_with_its_range(tmp_path):
+    """A float TIFF is read as [0, 1]; one in [0, 255] was clipped to white without a word (issue 24.6)."""
+    from densediff.inference.predict import load_rgb
+    grey = np.random.default_rng(4).uniform(0, 1, (24, 32)).astype(np.float32)
+    Image.fromarray(grey, mode="F").save(tmp_path / "unit.tif")
+    Image.fromarray(grey * 255, mode="F").save(tmp_path / "bytes.tif")
+    assert torch.allclose(load_rgb(tmp_path / "unit.tif")[0, 1], torch.from_numpy(grey))
+    bad = grey * 255
+    with pytest.raises(ValueError, match=r"bytes.tif: a float image must hold values in \[0, 1\]; this one has "
+                                         rf"\[{bad.min():g}, {bad.max():g}\]: scale it to \[0, 1\]"):
+        load_rgb(tmp_path / "bytes.tif")
+    nan = grey.copy()
+    nan[0, 0] = np.nan
+    Image.fromarray(nan, mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(ValueError, match="and non-finite values"):
+        load_rgb(tmp_path / "nan.tif")
+    result = run_cli("predict.py", f"input={tmp_path / 'bytes.tif'}", f"output={tmp_path / 'out'}",
+                     f"hydra.run.dir={tmp_path / 'r'}", expect_ok=False)
+    assert_one_line_error(result, "bytes.tif", "must hold values in [0, 1]")
+
+
+def test_a_large_photo_at_native_resolution_is_warned_about_before_the_work(tmp_path, caplog):
+    """A 48 MP photo at inference.processing_res=0 ran 10 minutes without a word (issue 24.7): a warning before the
+    first prediction names the image, its size and inference.processing_res; with processing_res set, none."""
+    import logging
+
+    from densediff.inference.predict import LARGE_NATIVE_PIXELS, predict_images
+    from densediff.inference.predictor import InferenceOptions
+    from densediff.tasks import build_task
+
+    class Stub(torch.nn.Module):
+        task = build_task("depth")
+
+        def __init__(self, processing_res):
+            super().__init__()
+            self.inference, self.warned_first = InferenceOptions(processing_res=processing_res), []
+
+        def predict(self, rgb):
+            self.warned_first.append("processing_res" in caplog.text)
+            return torch.zeros(1, *rgb.shape[-2:])
+
+    big = tmp_path / "in" / "photo.png"
+    big.parent.mkdir()
+    Image.new("RGB", (2400, 1800), (50, 60, 70)).save(big)  # 4.3 MP
+    assert 2400 * 1800 > LARGE_NATIVE_PIXELS
+    for res, warned in ((0, True), (768, False)):
+        caplog.clear()
+        model = Stub(res)
+        with caplog.at_level(logging.WARNING, logger="densediff"):
+            predict_images(model, big.parent, [big], tmp_path / f"out{res}", torch.device("cpu"))
+        assert model.warned_first == [warned], caplog.text
+        if warned:
+            assert "photo.png (2400 x 1800, 4.3 MP)" in caplog.text and "inference.processing_res=768" in caplog.text
