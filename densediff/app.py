@@ -213,6 +213,8 @@ def build_ui(demo: Demo):
             return demo.predict(path, task, steps, ensemble, name=name)
         except UserError as error:
             raise gr.Error(str(error)) from None
+        except OSError as error:  # the server's disk (full, not writable): say so, without the server's paths
+            raise gr.Error(f"the server could not write the prediction: {error.strerror or error}") from None
 
     def pick(task):
         steps, ensemble = demo.defaults(task)
@@ -279,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (ConfigError, FileNotFoundError, DataReadError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        from densediff.io import describe_os_error
+        print(f"error: {describe_os_error(error)}", file=sys.stderr)
         return 1
     workdir = tempfile.mkdtemp(prefix="densediff-app-")
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)

@@ -3,6 +3,7 @@ accumulated since the last optimizer step, so that any checkpoint resumes exactl
 
 from __future__ import annotations
 
+import errno
 import signal
 import threading
 import warnings
@@ -12,7 +13,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from densediff.io import atomic_write
+from densediff.io import atomic_write, full_disk
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -22,8 +23,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
-        with atomic_write(path) as tmp:
-            torch.save(checkpoint, tmp)
+        try:
+            with atomic_write(path) as tmp:
+                torch.save(checkpoint, tmp)
+        except RuntimeError as error:  # torch's writer: "unexpected pos ...", "file write failed"
+            cause = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            free = full_disk(path)
+            if free is not None:
+                raise OSError(errno.ENOSPC, f"cannot write the checkpoint, the disk is full ({free}; torch: "
+                                            f"{cause})", str(path)) from error
+            raise OSError(errno.EIO, f"cannot write the checkpoint (torch: {cause})", str(path)) from error
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,3 +315,101 @@ def test_a_large_photo_at_native_resolution_is_warned_about_before_the_work(tmp_
         assert model.warned_first == [warned], caplog.text
         if warned:
             assert "photo.png (2400 x 1800, 4.3 MP)" in caplog.text and "inference.processing_res=768" in caplog.text
+
+
+# ----------------------------------------------------------------------------- issue 24.8: operating-system errors
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder no one may create, root included: below /sys (sysfs refuses new entries)."""
+    target = Path("/sys") / f"densediff-test-{os.getpid()}" / "out"
+    try:
+        target.parent.mkdir()
+    except OSError:
+        return target
+    target.parent.rmdir()
+    pytest.skip("/sys accepts new folders here: no unwritable place to test with")
+
+
+@pytest.mark.parametrize("entry", ["train", "evaluate", "predict", "predict_output", "export", "shards"])
+def test_an_unwritable_folder_is_one_line_naming_it_from_every_entry_point(entry, unwritable, tmp_path):
+    image = write_image(tmp_path / "in" / "a.png")
+    commands = {
+        "train": ("train.py", "experiment=quickstart", f"hydra.run.dir={unwritable}"),
+        "evaluate": ("evaluate.py", "backbone=tiny", f"hydra.run.dir={unwritable}"),
+        "predict": ("predict.py", f"input={image}", f"output={tmp_path / 'out'}", f"hydra.run.dir={unwritable}"),
+        "predict_output": ("predict.py", f"input={image}", f"output={unwritable}", f"hydra.run.dir={tmp_path / 'r'}"),
+        "export": ("-m", "densediff.export", f"ckpt={TINY_DIR / 'unet' / 'config.json'}", f"output={unwritable}"),
+        "shards": ("-m", "densediff.data.shards", "dataset=procedural", "split=val", "dataset.val.num_scenes=1",
+                   f"output={unwritable}"),
+    }
+    result = run_cli(*commands[entry], expect_ok=False)
+    assert_one_line_error(result, str(unwritable.parent) if entry != "export" else "")
+    error = result.stderr[result.stderr.index("error: "):]
+    if entry != "export":  # export reads the checkpoint first: a JSON file is no checkpoint (one line too)
+        assert "Operation not permitted" in error or "Permission denied" in error or "Read-only" in error, error
+    assert error.strip().splitlines()[0].startswith("error: ") and len(error.strip().splitlines()) <= 2, error
+
+
+
+def test_export_of_a_corrupt_or_foreign_checkpoint_is_one_line(broken_checkpoints, tmp_path):
+    random_bytes, truncated = broken_checkpoints
+    foreign = tmp_path / "foreign.ckpt"  # torch can read it; it is no train.py checkpoint
+    torch.save({"state_dict": {"w": torch.zeros(3)}, "hyper_parameters": {"task": "depth"}}, foreign)
+    for path in (random_bytes, truncated, foreign):
+        result = run_cli("-m", "densediff.export", f"ckpt={path}", f"output={tmp_path / 'out'}", expect_ok=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"error: cannot") and str(path) in lines[0], lines
+
+
+def test_a_checkpoint_write_that_fails_names_the_file_and_the_full_disk(tmp_path, monkeypatch):
+    """torch reports a write that ran out of space as "unexpected pos" (issue 24.8): the error names the file and,
+    when the disk holding it is (nearly) full, says so."""
+    import errno
+    import shutil
+
+    from densediff.checkpoints import AtomicCheckpointIO
+
+    def fails(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 2048 vs 1984")
+
+    monkeypatch.setattr(torch, "save", fails)
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(OSError) as raised:
+        AtomicCheckpointIO().save_checkpoint({"w": 1}, target)
+    assert raised.value.errno == errno.EIO and raised.value.filename == str(target)
+    assert "unexpected pos" in str(raised.value)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
+    with pytest.raises(OSError) as raised:
+        AtomicCheckpointIO().save_checkpoint({"w": 1}, target)
+    assert raised.value.errno == errno.ENOSPC and "the disk is full (0.0 MB free" in str(raised.value)
+    assert not target.exists() and not list(target.parent.iterdir())  # no torn file, no temporary
+    from densediff.io import describe_os_error
+    line = describe_os_error(raised.value)
+    assert line.startswith(f"{target}: cannot write the checkpoint, the disk is full") and "\n" not in line
+
+
+def test_train_cli_whose_checkpoint_write_fails_is_one_line(tmp_path):
+    """The real train.py, whose files may grow to 1 MB only (RLIMIT_FSIZE: the kernel refuses the checkpoint's
+    bytes as a full disk would): one line naming last.ckpt, exit 1, no torn file."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+    from conftest import ROOT
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    run = tmp_path / "run"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=quickstart", "logger=none",
+                             f"hydra.run.dir={run}", *FAST, "trainer.max_steps=1", "trainer.val_check_interval=1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    assert_one_line_error(result, str(run / "checkpoints"), "cannot write the checkpoint")
+    assert not [p for p in (run / "checkpoints").iterdir()] if (run / "checkpoints").exists() else True

@@ -448,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, DataReadError, ValueError) as error:
         print(f"\nerror: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # an output folder that cannot be written, a full disk
+        from densediff.io import describe_os_error
+        print(f"\nerror: {describe_os_error(error)}", file=sys.stderr)
+        return 1
     for split, entry in index["splits"].items():
         print(f"{split}: {entry['count']} samples in {len(entry['shards'])} shards under {output / split}")
     print(f"index: {output / INDEX}\ntrain from them: python train.py dataset={name} "

@@ -22,7 +22,7 @@ from densediff.adapters import count_parameters
 from densediff.checkpoints import Preempted, Preemption
 from densediff.data.common import DataReadError
 from densediff.inference.speedup import speed_up
-from densediff.io import remove_temporaries, write_text
+from densediff.io import describe_os_error, remove_temporaries, write_text
 from densediff.paradigms import PARADIGMS
 from densediff.paradigms.precomputed import PrecomputedPredictions
 from densediff.run.build import (DATASET_PROTOCOL_KEYS, build_datamodule, build_loggers, build_model, build_trainer,
@@ -136,7 +136,7 @@ def claim_run_dir(directory: Path, job: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
-        raise ConfigError(f"cannot use hydra.run.dir={directory}: {error.strerror or error}") from None
+        raise ConfigError(f"cannot use hydra.run.dir={directory}: {describe_os_error(error)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -170,6 +170,11 @@ class RunDirGuard(Callback):
         if not first_process():  # DDP children, the other tasks of a SLURM job: the first one's directory
             return
         job, directory = config.hydra.job.name, Path(str(config.hydra.run.dir))
+        try:  # Hydra creates it next, and would end in a traceback where it cannot
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            print(f"\nerror: cannot use hydra.run.dir={directory}: {describe_os_error(error)}", file=sys.stderr)
+            sys.exit(1)
         if job not in ("train", "evaluate"):
             return
         found = _holds_results(directory) if directory.is_dir() else None
