@@ -413,3 +413,12 @@ def test_train_cli_whose_checkpoint_write_fails_is_one_line(tmp_path):
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, preexec_fn=limit)
     assert_one_line_error(result, str(run / "checkpoints"), "cannot write the checkpoint")
     assert not [p for p in (run / "checkpoints").iterdir()] if (run / "checkpoints").exists() else True
+
+
+def test_a_training_set_smaller_than_one_batch_is_one_line_with_the_numbers(tmp_path):
+    """It trained 0 steps and exited 0, "validation metrics after 0 steps" (issue 24.9)."""
+    result = run_cli("train.py", "experiment=quickstart", "logger=none", f"hydra.run.dir={tmp_path / 'r'}", *FAST,
+                     "dataset.train.num_scenes=3", "dataset.batch_size=4", expect_ok=False)
+    assert_one_line_error(result, "has 3 samples, fewer than one batch of dataset.batch_size=4",
+                          "lower dataset.batch_size to 3 or less")
+    assert not (tmp_path / "r" / "checkpoints").exists()

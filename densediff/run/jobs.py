@@ -231,6 +231,7 @@ def train(cfg: DictConfig) -> dict:
     loggers = build_loggers(cfg)
     log_parameter_counts(loggers, model)
     trainer = build_trainer(cfg, model, loggers, checkpoints=True, datamodule=datamodule)
+    _check_training_batches(cfg, datamodule, trainer.world_size)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         stopped = [c for c in trainer.callbacks if isinstance(c, Preemption) and c.received]
@@ -276,6 +277,21 @@ def _stopped(trainer: L.Trainer, signum: int, when: str) -> None:
     _finish_loggers()
     print(f"\nerror: {message}", file=sys.stderr)
     sys.exit(STOPPED_EXIT)
+
+
+def _check_training_batches(cfg: DictConfig, datamodule, world_size: int) -> None:
+    """A training set that gives no complete batch would train 0 steps and exit 0 (incomplete batches are dropped,
+    so that every step sees dataset.batch_size samples)."""
+    batches = datamodule.train_batches(world_size)
+    if batches is None or batches > 0:
+        return
+    size, batch = len(datamodule.datasets["train"]), int(cfg.dataset.batch_size)
+    processes = f" on each of {world_size} processes" if world_size > 1 else ""
+    most = size // world_size
+    fix = f"lower dataset.batch_size to {most} or less, or " if most > 0 else ""
+    raise ConfigError(f"the training set of dataset={cfg.dataset.name} has {size} samples, fewer than one batch of "
+                      f"dataset.batch_size={batch}{processes}: training would make 0 steps ({fix}add training "
+                      f"samples)")
 
 
 def _requeue(trainer: L.Trainer, stop: Preempted) -> None:
