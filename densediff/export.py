@@ -117,11 +117,9 @@ def export(ckpt: str | Path, output: str | Path, metrics: str | Path | None = No
     from densediff.backbones.load import resolve_backbone_path
     from densediff.io import write_text
     from densediff.paradigms import PARADIGMS
-    from densediff.run import checkpoint_identity, run_record
+    from densediff.run import check_checkpoint_file, checkpoint_identity, run_record
 
-    ckpt, output = Path(ckpt), Path(output)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt={ckpt} does not exist (a checkpoint written by train.py)")
+    ckpt, output = check_checkpoint_file(ckpt), Path(output)
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"output={output} exists and is not empty; choose a new folder")
     scored = _metrics_source(ckpt, metrics)  # before writing anything: a wrong metrics= fails first

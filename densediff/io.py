@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,3 +97,17 @@ def full_disk(path: str | os.PathLike, least: int = 16 << 20) -> str | None:
     except OSError:
         return None
     return f"{free / 2**20:.1f} MB free" if free < least else None
+
+
+def torch_load_cause(error: BaseException) -> str:
+    """The reason torch.load(weights_only=True) gave, for a one-line message. A file holding pickled Python objects
+    is reported as such; torch's own text advises retrying with weights_only=False, which would run whatever code
+    the file carries, and is never shown."""
+    text = str(error).strip()
+    if "Weights only load failed" in text or "WeightsUnpickler error" in text:
+        found = re.search(r"Unsupported (?:global|operand)[^.]*?: (?:GLOBAL )?([\w.<>]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"it holds pickled Python objects{what}, which densediff never unpickles (loading them can run any "
+                "code the file carries); use a checkpoint written by train.py, or one saved as plain tensors or "
+                "safetensors")
+    return text.splitlines()[0] if text else type(error).__name__

@@ -422,3 +422,62 @@ def test_a_training_set_smaller_than_one_batch_is_one_line_with_the_numbers(tmp_
     assert_one_line_error(result, "has 3 samples, fewer than one batch of dataset.batch_size=4",
                           "lower dataset.batch_size to 3 or less")
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- issue 24.10: messages that mislead
+
+
+def test_ckpt_that_is_a_folder_says_what_it_is(trained_run, tmp_path):
+    image = write_image(tmp_path / "in" / "a.png")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    cases = [
+        (TINY_DIR, f"ckpt={TINY_DIR} is a diffusers folder (model_index.json), not a train.py checkpoint: load it as "
+                   f"the backbone with backbone.path={TINY_DIR}"),
+        (trained_run, f"ckpt={trained_run} is a run directory, not a checkpoint: pass "
+                      f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}"),
+        (plain, f"ckpt={plain} is a folder, not a checkpoint file: pass a checkpoint written by train.py"),
+    ]
+    for i, (path, message) in enumerate(cases):
+        result = run_cli("predict.py", f"ckpt={path}", f"input={image}", f"output={tmp_path / f'out{i}'}",
+                         f"hydra.run.dir={tmp_path / f'p{i}'}", expect_ok=False)
+        assert_one_line_error(result, message)
+    result = run_cli("evaluate.py", f"ckpt={TINY_DIR}", f"hydra.run.dir={tmp_path / 'e'}", expect_ok=False)
+    assert_one_line_error(result, cases[0][1])
+    result = run_cli("train.py", "experiment=quickstart", f"ckpt_path={plain}", f"hydra.run.dir={tmp_path / 't'}",
+                     expect_ok=False)
+    assert_one_line_error(result, f"ckpt_path={plain} is a folder, not a checkpoint file")
+    result = run_cli("-m", "densediff.export", f"ckpt={TINY_DIR}", f"output={tmp_path / 'x'}", expect_ok=False)
+    assert_one_line_error(result, cases[0][1])
+
+
+def test_a_dataset_root_that_is_a_file_says_so(tmp_path):
+    root = tmp_path / "hypersim.tar"
+    root.write_bytes(b"")
+    result = run_cli("train.py", "experiment=quickstart", "dataset=hypersim", f"dataset.root={root}",
+                     f"hydra.run.dir={tmp_path / 'r'}", expect_ok=False)
+    assert_one_line_error(result, f"Hypersim root {root} is a file, not a folder")
+
+
+class _Payload:
+    def __reduce__(self):  # what a malicious checkpoint carries: a call made when it is unpickled
+        return (os.system, ("echo pwned",))
+
+
+def test_an_unsafe_checkpoint_is_refused_without_torchs_advice_to_unpickle_it(tmp_path):
+    """torch's refusal advises retrying with weights_only=False, which would run the file's code: never shown."""
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"task": "depth"}, "payload": _Payload()}, evil)
+    image = write_image(tmp_path / "in" / "a.png")
+    for result in (
+        run_cli("evaluate.py", f"ckpt={evil}", f"hydra.run.dir={tmp_path / 'e'}", expect_ok=False),
+        run_cli("predict.py", f"ckpt={evil}", f"input={image}", f"output={tmp_path / 'o'}",
+                f"hydra.run.dir={tmp_path / 'p'}", expect_ok=False),
+        run_cli("train.py", "experiment=quickstart", f"ckpt_path={evil}", f"hydra.run.dir={tmp_path / 't'}",
+                expect_ok=False),
+    ):
+        assert_one_line_error(result, f"refused checkpoint {evil}: it holds pickled Python objects")
+        assert "weights_only" not in result.stderr and "can still be loaded" not in result.stderr
+        assert "pwned" not in result.stdout + result.stderr
+    result = run_cli("-m", "densediff.export", f"ckpt={evil}", f"output={tmp_path / 'x'}", expect_ok=False)
+    assert result.returncode == 1 and "refused checkpoint" in result.stderr and "weights_only" not in result.stderr

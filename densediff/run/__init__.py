@@ -47,6 +47,7 @@ from densediff.run.build import (  # noqa: F401
     build_model,
     build_trainer,
     check_captions,
+    check_checkpoint_file,
     check_config,
     check_finite,
     check_resume,

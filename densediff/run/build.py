@@ -25,6 +25,7 @@ from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGra
 from densediff.data.common import DataReadError
 from densediff.data.datamodule import DenseDataModule
 from densediff.inference.predictor import InferenceOptions
+from densediff.io import torch_load_cause
 from densediff.loggers import previous_run_id
 from densediff.paradigms import PARADIGMS
 from densediff.run.cluster import local_cpu_processes, preemption_signal, slurm_trainer_shape
@@ -137,12 +138,35 @@ def check_config(cfg: DictConfig) -> None:
                           "(CUDA only); the default backbone.attention=sdpa needs nothing")
 
 
+def check_checkpoint_file(path: str | Path, key: str = "ckpt") -> Path:
+    """`key`=`path` must be a train.py checkpoint file: FileNotFoundError saying what the path is instead (absent,
+    a diffusers folder, which backbone.path= loads, a run directory, another folder)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    wanted = "pass a checkpoint written by train.py (<run>/checkpoints/last.ckpt or best-step*.ckpt)"
+    if not path.exists():
+        raise FileNotFoundError(f"{key}={path} does not exist: {wanted}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{key}={path} is not a file: {wanted}")
+    if (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{key}={path} is a diffusers folder (model_index.json), not a train.py checkpoint: "
+                                f"load it as the backbone with backbone.path={path} (and the backbone config it "
+                                "fits, e.g. backbone=marigold_depth)")
+    last = path / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        raise FileNotFoundError(f"{key}={path} is a run directory, not a checkpoint: pass {key}={last}")
+    raise FileNotFoundError(f"{key}={path} is a folder, not a checkpoint file: {wanted}")
+
+
 def read_checkpoint(path: Path) -> dict:
     """A train.py checkpoint, memory-mapped; a file torch cannot read is a DataReadError naming it."""
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as error:  # torch reports a torn or foreign file in many ways, none naming it
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        cause = torch_load_cause(error)
+        if cause.startswith("it holds pickled"):
+            raise DataReadError(f"refused checkpoint {path}: {cause}") from None
         raise DataReadError(f"cannot read checkpoint {path}: truncated, corrupt or not a checkpoint of train.py "
                             f"({cause})") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:

@@ -26,7 +26,7 @@ from densediff.io import describe_os_error, remove_temporaries, write_text
 from densediff.paradigms import PARADIGMS
 from densediff.paradigms.precomputed import PrecomputedPredictions
 from densediff.run.build import (DATASET_PROTOCOL_KEYS, build_datamodule, build_loggers, build_model, build_trainer,
-                                 check_captions, check_config, check_finite, check_resume, geowizard_arguments,
+                                 check_captions, check_checkpoint_file, check_config, check_finite, check_resume, geowizard_arguments,
                                  inference_options, log_parameter_counts, read_checkpoint, resolve_backbone_task,
                                  self_improving_steps, task_options, use_half_precision, warn_ignored_options)
 from densediff.run.cluster import PREEMPTED, requeued_checkpoint, scontrol_requeue
@@ -209,9 +209,8 @@ def train(cfg: DictConfig) -> dict:
         cfg.ckpt_path = str(requeued)
     _check_fresh_run_dir(cfg)
     check_config(cfg)
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (a last.ckpt from an earlier run's "
-                                "checkpoints/ folder resumes it)")
+    if cfg.get("ckpt_path"):  # a last.ckpt from an earlier run's checkpoints/ folder resumes it
+        check_checkpoint_file(cfg.ckpt_path, "ckpt_path")
     if first_process():  # what a run killed mid-write left (its targets are intact)
         _clear_leftovers(run_dir())
         remove_temporaries(run_dir() / "checkpoints")
@@ -313,10 +312,7 @@ def _requeue(trainer: L.Trainer, stop: Preempted) -> None:
 
 
 def load_checkpoint_model(cfg: DictConfig) -> L.LightningModule:
-    path = Path(cfg.ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt={path} does not exist: pass a checkpoint written by train.py "
-                                "(<run>/checkpoints/last.ckpt or best-step*.ckpt)")
+    path = check_checkpoint_file(cfg.ckpt)
     paradigm, task = checkpoint_identity(path)
     if paradigm == "multitask":  # its hyper-parameters name every task, its encoder and their options
         return PARADIGMS[paradigm].load_from_checkpoint(path, map_location="cpu", weights_only=True)
