@@ -86,7 +86,8 @@ def load_rgb(path: Path) -> torch.Tensor:
     be guessed). Raises ValueError naming the file when it cannot be used."""
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
+            if image.getexif().get(0x0112, 1) != 1:  # the Orientation tag (exif_transpose copies the image)
+                image = ImageOps.exif_transpose(image)
             if image.mode == "F":
                 grey = np.asarray(image, dtype=np.float32)
                 low, high = (float(grey.min()), float(grey.max())) if grey.size else (0.0, 0.0)

@@ -26,9 +26,10 @@ from densediff.io import describe_os_error, remove_temporaries, write_text
 from densediff.paradigms import PARADIGMS
 from densediff.paradigms.precomputed import PrecomputedPredictions
 from densediff.run.build import (DATASET_PROTOCOL_KEYS, build_datamodule, build_loggers, build_model, build_trainer,
-                                 check_captions, check_checkpoint_file, check_config, check_finite, check_resume, geowizard_arguments,
-                                 inference_options, log_parameter_counts, read_checkpoint, resolve_backbone_task,
-                                 self_improving_steps, task_options, use_half_precision, warn_ignored_options)
+                                 check_captions, check_checkpoint_file, check_config, check_finite, check_resume,
+                                 geowizard_arguments, inference_options, log_parameter_counts, read_checkpoint,
+                                 resolve_backbone_task, self_improving_steps, task_options, use_half_precision,
+                                 warn_ignored_options)
 from densediff.run.cluster import PREEMPTED, requeued_checkpoint, scontrol_requeue
 from densediff.run.config import ConfigError, command_line_keys, first_process, log, run_dir, to_plain
 
