@@ -26,6 +26,12 @@ from pathlib import Path
 
 OWN = ("ckpt", "server_name", "server_port", "share")  # the app's own arguments; everything else goes to Hydra
 KEEP_REQUESTS = 32  # request folders kept on disk (Gradio copies the files it serves into its own cache)
+# What a request may ask for, checked on the server (the API takes any value, not only the sliders'): the sliders'
+# ranges, and an input of at most MAX_PIXELS (larger photos: downscale them, or run predict.py with
+# inference.processing_res=...) and MAX_UPLOAD in bytes.
+MAX_STEPS, MAX_ENSEMBLE = 50, 10
+MAX_PIXELS = 4096 * 4096
+MAX_UPLOAD = "64mb"
 
 
 class AppArgumentError(ValueError):
@@ -107,14 +113,15 @@ class Demo:
             raise UserError(f"no model for task {task!r}; loaded: {', '.join(self.models)}")
         model = self.models[task]
         options = model.inference
+        steps, ensemble = _count("steps", steps, MAX_STEPS), _count("ensemble", ensemble, MAX_ENSEMBLE)
         try:
-            steps, ensemble = int(steps), int(ensemble)
             noise = "gaussian" if ensemble > 1 and options.noise == "zeros" else options.noise
             request = dataclasses.replace(options, steps=steps, ensemble=ensemble, noise=noise)
         except (TypeError, ValueError) as error:
             raise UserError(str(error)) from error
-        folder = self._request_dir()
         source = Path(image)
+        _check_size(source, name or source.name)
+        folder = self._request_dir()
         stem = Path(name).stem if name else source.stem
         inputs, outputs = folder / "input", folder / "output"
         inputs.mkdir()
@@ -137,6 +144,58 @@ class UserError(ValueError):
     """Shown in the UI as a gr.Error message."""
 
 
+def _count(name: str, value, most: int) -> int:
+    """An integer request parameter within [1, most] (the slider's range), else UserError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UserError(f"{name} must be a whole number from 1 to {most}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise UserError(f"{name}={value!r}: pass a whole number from 1 to {most}") from None
+    if not number.is_integer() or not 1 <= number <= most:
+        raise UserError(f"{name}={value}: pass a whole number from 1 to {most}")
+    return int(number)
+
+
+def _check_size(path: Path, name: str) -> None:
+    """Refuse an image of more than MAX_PIXELS before decoding it (PIL reads the size from the header); a file PIL
+    cannot open is left to the reader, whose message names it."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001  (unreadable: predict_images reports it)
+        return
+    if width * height > MAX_PIXELS:
+        raise UserError(f"{name} is {width} x {height} pixels ({width * height / 1e6:.1f} MP); the demo takes at most "
+                        f"{MAX_PIXELS / 1e6:.1f} MP: downscale it, or run predict.py on it with "
+                        "inference.processing_res=<longest side>")
+
+
+def uploaded_file(record, upload_folder: str | Path) -> tuple[str | None, str | None]:
+    """(path, original name) of the image a request names, which must be a file Gradio received as an upload (in
+    its upload folder, `upload_folder`). The API takes whatever a client sends: a path anywhere on the server would
+    otherwise be read, predicted and returned. Everything else gets one message, which says nothing about whether
+    the path exists."""
+    if record is None:
+        return None, None
+    if isinstance(record, dict):
+        path, name = record.get("path"), record.get("orig_name")
+    else:
+        path, name = getattr(record, "path", None) or record, getattr(record, "orig_name", None)
+    refused = UserError("the image must be a file uploaded to this demo")
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise refused
+    try:
+        real = Path(os.path.realpath(path))  # symlinks and .. resolved: where the bytes really are
+        root = Path(os.path.realpath(upload_folder))
+    except (OSError, ValueError):
+        raise refused from None
+    if root == real or root not in real.parents or not real.is_file():
+        raise refused
+    return str(real), name if isinstance(name, str) else None
+
+
 def build_ui(demo: Demo):
     """The page; its elements have stable ids for a browser to find (tests/test_app_browser.py): input-image,
     run-button, prediction, prediction-npy, prediction-png16."""
@@ -147,16 +206,15 @@ def build_ui(demo: Demo):
 
     def run(image, task, steps, ensemble):
         # preprocess=False: `image` is Gradio's raw upload record, so an unreadable file reaches our reader (a clear
-        # message) instead of failing inside Gradio's own image decoding
-        path, name = None, None
-        if isinstance(image, dict):
-            path, name = image.get("path"), image.get("orig_name")
-        elif image is not None:
-            path = getattr(image, "path", None) or image
+        # message) instead of failing inside Gradio's own image decoding. Gradio then checks nothing about it: the
+        # record is the client's word, and only a file in Gradio's upload folder is taken (uploaded_file).
         try:
+            path, name = uploaded_file(image, upload_folder())
             return demo.predict(path, task, steps, ensemble, name=name)
         except UserError as error:
             raise gr.Error(str(error)) from None
+        except OSError as error:  # the server's disk (full, not writable): say so, without the server's paths
+            raise gr.Error(f"the server could not write the prediction: {error.strerror or error}") from None
 
     def pick(task):
         steps, ensemble = demo.defaults(task)
@@ -171,8 +229,10 @@ def build_ui(demo: Demo):
                 image = gr.Image(label="image", type="filepath", sources=["upload", "clipboard"],
                                  elem_id="input-image")
                 task = gr.Dropdown(tasks, value=tasks[0], label="task")
-                steps = gr.Slider(1, 50, value=min(max(steps0, 1), 50), step=1, label="denoising steps")
-                ensemble = gr.Slider(1, 10, value=min(max(ensemble0, 1), 10), step=1, label="ensemble members",
+                steps = gr.Slider(1, MAX_STEPS, value=min(max(steps0, 1), MAX_STEPS), step=1,
+                                  label="denoising steps")
+                ensemble = gr.Slider(1, MAX_ENSEMBLE, value=min(max(ensemble0, 1), MAX_ENSEMBLE), step=1,
+                                     label="ensemble members",
                                      info="more than 1 starts from gaussian noise when the model's "
                                           "inference.noise is zeros")
                 button = gr.Button("Run", variant="primary", elem_id="run-button")
@@ -185,6 +245,12 @@ def build_ui(demo: Demo):
         button.click(run, inputs=[image, task, steps, ensemble], outputs=[coloured, npy, png16],
                      api_name="predict", preprocess=False)
     return blocks
+
+
+def upload_folder() -> str:
+    """Where Gradio keeps uploaded files ($GRADIO_TEMP_DIR, else <tmp>/gradio), as Gradio itself finds it."""
+    from gradio.utils import get_upload_folder
+    return get_upload_folder()
 
 
 def _interrupt(signum, frame):
@@ -216,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, DataReadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:
+        from densediff.io import describe_os_error
+        print(f"error: {describe_os_error(error)}", file=sys.stderr)
+        return 1
     workdir = tempfile.mkdtemp(prefix="densediff-app-")
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home (and none possible offline)
@@ -223,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server like Ctrl-C: the temp folder is removed
     blocks.queue(max_size=20).launch(server_name=server["server_name"], server_port=server["server_port"],
                                      share=server["share"], allowed_paths=[workdir], ssr_mode=False,
-                                     show_error=True)
+                                     show_error=True, max_file_size=MAX_UPLOAD)
     return 0
 
 

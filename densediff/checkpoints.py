@@ -3,6 +3,7 @@ accumulated since the last optimizer step, so that any checkpoint resumes exactl
 
 from __future__ import annotations
 
+import errno
 import signal
 import threading
 import warnings
@@ -12,7 +13,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from densediff.io import atomic_write
+from densediff.io import atomic_write, full_disk
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -22,8 +23,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
-        with atomic_write(path) as tmp:
-            torch.save(checkpoint, tmp)
+        try:
+            with atomic_write(path) as tmp:
+                torch.save(checkpoint, tmp)
+        except RuntimeError as error:  # torch's writer: "unexpected pos ...", "file write failed"
+            cause = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            free = full_disk(path)
+            if free is not None:
+                raise OSError(errno.ENOSPC, f"cannot write the checkpoint, the disk is full ({free}; torch: "
+                                            f"{cause})", str(path)) from error
+            raise OSError(errno.EIO, f"cannot write the checkpoint (torch: {cause})", str(path)) from error
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -64,7 +73,9 @@ class Preempted(Exception):
 
 
 class Preemption(Callback):
-    """On the cluster's warning signal (SLURM's, through submitit: a preemption or the time limit ahead) training
+    """On the cluster's warning signal (SLURM's, through submitit: a preemption or the time limit ahead), and on
+    SIGTERM (what `timeout`, `docker stop`, Kubernetes and SLURM without --signal send; a run that gets it is not
+    requeued but exits non-zero, resumable: densediff.run.train), training
     stops at the end of the current batch with last.ckpt written there, the same place every_n_train_steps saves,
     so the resumed run continues exactly (same batches, gradients and optimizer state), and fit raises Preempted.
     The signal handler only takes note: a checkpoint written inside it could catch the model halfway through an
@@ -85,6 +96,13 @@ class Preemption(Callback):
         if stage == "fit" and threading.current_thread() is threading.main_thread():
             self.received = False
             self.replaced = signal.signal(self.signum, self._note)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Lightning installs its own SIGTERM handler after setup (around ours): on SIGTERM its loops stop at once,
+        mid-validation too, with no checkpoint, and the process exits 0. Training keeps ours alone, so a SIGTERM is
+        acted on where every other stop signal is (Lightning puts its handlers' predecessor, ours, back at the end)."""
+        if self.signum == signal.SIGTERM and threading.current_thread() is threading.main_thread():
+            signal.signal(self.signum, self._note)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":

@@ -181,4 +181,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OSError as error:  # a --table/--plot file that cannot be written, an unreadable run
+        from densediff.io import describe_os_error
+        raise SystemExit(f"error: {describe_os_error(error)}") from None

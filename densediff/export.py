@@ -122,18 +122,20 @@ def export(ckpt: str | Path, output: str | Path, metrics: str | Path | None = No
     from densediff.backbones.load import resolve_backbone_path
     from densediff.io import write_text
     from densediff.paradigms import PARADIGMS
-    from densediff.run import checkpoint_identity, run_record
+    from densediff.run import check_checkpoint_file, checkpoint_identity, run_record
 
-    ckpt, output = Path(ckpt), Path(output)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt={ckpt} does not exist (a checkpoint written by train.py)")
+    ckpt, output = check_checkpoint_file(ckpt), Path(output)
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"output={output} exists and is not empty; choose a new folder")
     scored = _metrics_source(ckpt, metrics)  # before writing anything: a wrong metrics= fails first
     paradigm = checkpoint_identity(ckpt)[0]
     if paradigm not in PARADIGMS:
         raise ValueError(f"{ckpt} was written by paradigm {paradigm!r}, unknown here ({', '.join(PARADIGMS)})")
-    model = PARADIGMS[paradigm].load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    try:
+        model = PARADIGMS[paradigm].load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    except (KeyError, TypeError, AttributeError, RuntimeError) as error:  # a foreign file torch could read
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot load checkpoint {ckpt}: not a checkpoint of train.py ({cause})") from None
     if paradigm == "lotus":
         return export_lotus(model, ckpt, output, scored)
     if getattr(model.estimator, "conditioning", "concat") != "concat":
@@ -213,10 +215,14 @@ def main(argv: list[str]) -> None:
     options = dict(arg.split("=", 1) for arg in argv if "=" in arg)
     if not {"ckpt", "output"} <= set(options) <= {"ckpt", "output", "metrics"} or len(argv) != len(options):
         raise SystemExit(__doc__)
+    from densediff.data.common import DataReadError
+    from densediff.io import describe_os_error
     try:
         path = export(options["ckpt"], options["output"], options.get("metrics"))
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, DataReadError) as error:
         raise SystemExit(f"error: {error}") from None
+    except OSError as error:  # an output folder that cannot be written, a full disk
+        raise SystemExit(f"error: {describe_os_error(error)}") from None
     print(f"wrote {path}")
 
 

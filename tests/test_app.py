@@ -127,6 +127,65 @@ def test_app_shows_missing_and_unreadable_images_as_messages(client, tmp_path):
         client.predict(None, "depth", 1, 1, api_name="/predict")
 
 
+def _call(url: str, *data) -> str:
+    """The app's HTTP API as any client can call it, without gradio_client's upload step: the raw event stream of
+    one /predict call (it ends with `event: complete` or `event: error`)."""
+    import httpx
+    with httpx.Client(timeout=60) as http:
+        answer = http.post(f"{url}/gradio_api/call/predict", json={"data": list(data)})
+        answer.raise_for_status()
+        return http.get(f"{url}/gradio_api/call/predict/{answer.json()['event_id']}").text
+
+
+def test_app_reads_only_uploaded_files(server, client, tmp_path):
+    """A client that names a path on the server instead of uploading gets one refusal, the same whether the path
+    exists or not: no file outside Gradio's upload folder is read, predicted, copied or confirmed (issue 24.1)."""
+    secret = tmp_path / "secret.png"  # a readable image: the unchecked app predicted and returned it
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(secret)
+    uploads = server.tmp / "gradio"
+    uploads.mkdir(parents=True, exist_ok=True)
+    link = uploads / "link.png"
+    link.symlink_to(secret)
+    named = [str(secret), str(tmp_path / "missing.png"), str(uploads / ".." / ".." / secret.relative_to(
+        secret.anchor)), str(link), str(uploads), "/etc/passwd"]
+    # without Gradio's file marker ("meta") Gradio passes the record through as it is (preprocess=False)
+    answers = [_call(server.url, {"path": path, "orig_name": "x.png"}, "depth", 1, 1) for path in named]
+    for path, answer in zip(named, answers):
+        assert "event: error" in answer and "the image must be a file uploaded to this demo" in answer, (path, answer)
+        assert "event: complete" not in answer and "Errno" not in answer, answer
+    # with it, Gradio refuses a path it did not receive itself (whether the file exists or not); a bare string is
+    # not an image record
+    for path in named:
+        answer = _call(server.url, {"path": path, "meta": {"_type": "gradio.FileData"}}, "depth", 1, 1)
+        assert "event: error" in answer and "event: complete" not in answer, (path, answer)
+        assert "Errno" not in answer or path == str(uploads), answer
+    assert "event: complete" not in _call(server.url, str(secret), "depth", 1, 1)
+    request_inputs = list(server.tmp.glob("densediff-app-*/request-*/input/*"))
+    assert not [p for p in request_inputs if p.read_bytes() == secret.read_bytes()], "a named file was copied"
+
+
+@pytest.mark.parametrize("steps, ensemble, message", [
+    (400, 1, "steps=400: pass a whole number from 1 to 50"),
+    (1, 64, "ensemble=64: pass a whole number from 1 to 10"),
+    (0, 1, "steps=0"), (1.5, 1, "steps=1.5"), ("1; rm", 1, "steps="),
+])
+def test_app_bounds_every_parameter_on_the_server(client, tmp_path, steps, ensemble, message):
+    image = tmp_path / "small.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    with pytest.raises(gradio_client.exceptions.AppError, match=message.replace("[", r"\[")):
+        client.predict(gradio_client.handle_file(str(image)), "depth", steps, ensemble, api_name="/predict")
+
+
+def test_app_refuses_images_above_its_pixel_bound(client, tmp_path):
+    from densediff.app import MAX_PIXELS
+    big = tmp_path / "big.png"  # one colour: a few kB on disk, 17 MP once decoded (never decoded: the header tells)
+    Image.new("RGB", (4100, 4100), (90, 120, 150)).save(big, optimize=True)
+    assert 4100 * 4100 > MAX_PIXELS and big.stat().st_size < 1_000_000
+    with pytest.raises(gradio_client.exceptions.AppError, match=r"big.png is 4100 x 4100 pixels \(16.8 MP\); the "
+                                                                 r"demo takes at most 16.8 MP"):
+        client.predict(gradio_client.handle_file(str(big)), "depth", 1, 1, api_name="/predict")
+
+
 def test_app_stops_on_sigterm_and_leaves_no_files(server, client):
     assert server.stop() == 0
     assert not list(server.cwd.iterdir()), "the app wrote into its working directory"

@@ -3,7 +3,13 @@ re-seeded, non-finite steps are skipped, and nothing a user wrote is overwritten
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import lightning as L
 import numpy as np
@@ -11,10 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST, read_metrics, run_cli
+from conftest import FAST, ROOT, read_metrics, run_cli
 from densediff.backbones.geowizard_build import contents_digest
 from densediff.backbones.tiny import TINY_DIR, tiny_text_encoder_and_tokenizer, tiny_unet, tiny_vae
 from densediff.callbacks import NonFiniteTrainingError, SkipNonFiniteSteps
+from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients, Preempted, Preemption
 from wandb_records import OfflineRun
 
 # A recipe whose validation uses non-default inference (gaussian noise, 2 steps, an ensemble of 2)
@@ -185,3 +192,152 @@ def test_predict_keeps_same_stem_images_apart_and_never_replaces_its_input(train
                      f"hydra.run.dir={tmp_path / 'r2'}", expect_ok=False)
     assert result.returncode == 1 and "would replace the input image" in result.stderr
     assert _snapshot(images) == source
+
+
+# ---- issue 24: concurrent starts, signals, interrupted evaluations ----------------------------------------------
+def _start(script: str, *overrides: str, cwd=ROOT) -> subprocess.Popen:
+    """An entry point in its own interpreter, started now (run_cli's zygote runs one command at a time)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
+           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_a_run_directory_another_run_holds_is_refused(tmp_path):
+    """While a run holds its directory (the lock train.py and evaluate.py take before anything is written), a
+    second start there is refused with one line and writes nothing; once it is released, the start works."""
+    import fcntl
+    run = tmp_path / "run"
+    run.mkdir()
+    args = ["experiment=quickstart", "logger=none", f"hydra.run.dir={run}", *FAST, "trainer.max_steps=1",
+            "trainer.val_check_interval=1"]
+    fd = os.open(run / ".densediff.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b"train.py, pid 12345")
+        for script in ("train.py", "evaluate.py"):
+            refused = run_cli(script, *args, expect_ok=False)
+            assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+            assert f"error: {run} is in use by another run (train.py, pid 12345)" in refused.stderr
+        assert sorted(p.name for p in run.iterdir()) == [".densediff.lock"]
+    finally:
+        os.close(fd)
+    run_cli("train.py", *args)
+    assert "abs_rel" in read_metrics(run)
+
+
+@pytest.mark.slow
+def test_two_trainings_started_at_once_into_one_folder_one_is_refused(tmp_path):
+    """Both pass an "is it empty?" check made at the same moment; the run directory is claimed atomically, so
+    exactly one trains and the other is refused with one line, whichever comes first (issue 24.2)."""
+    run = tmp_path / "run"
+    args = ["experiment=quickstart", "logger=csv", f"hydra.run.dir={run}", *FAST, "trainer.max_steps=1",
+            "trainer.val_check_interval=1"]
+    starts = [_start("train.py", *args, "seed=1"), _start("train.py", *args, "seed=2")]
+    results = [(p.wait(timeout=600), *p.communicate()) for p in starts]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 1], [(code, err[-2000:]) for code, _, err in results]
+    refused = next(err for code, _, err in results if code == 1)
+    assert "Traceback" not in refused and ("is in use by another run" in refused or "already holds a run" in refused)
+    assert len([line for line in refused.splitlines() if line.startswith("error: ")]) == 1
+    winner = next(i for i, (code, _, _) in enumerate(results) if code == 0)
+    overrides = (run / ".hydra" / "overrides.yaml").read_text()
+    assert f"seed={winner + 1}" in overrides and f"seed={2 - winner}" not in overrides  # the winner's record only
+    assert "abs_rel" in read_metrics(run)
+
+
+class SigtermAt(L.Callback):
+    """Sends this process SIGTERM once: as the `batch`-th training batch starts (counted from 1), or as the first
+    batch of the validation after optimizer step `validation_step` starts (mid-validation: it has two batches)."""
+
+    def __init__(self, batch=None, validation_step=None):
+        self.batch, self.validation_step, self.started, self.sent = batch, validation_step, 0, False
+
+    def _send(self):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_batch_start(self, *_):
+        self.started += 1
+        if self.started == self.batch:
+            self._send()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking and trainer.global_step == self.validation_step and batch_idx == 0:
+            self._send()
+
+
+def _fit_with_sigterm(folder, sigterm=None, ckpt_path=None):
+    """test_resume.fit's run (10 steps, accumulation 3, validation every 4 batches) with the callbacks build_trainer
+    gives every training: last.ckpt and the SIGTERM stop."""
+    from test_resume import LOADERS, Learner
+    model, last = Learner(), LastCheckpoint(folder, every_n_train_steps=2)
+    callbacks = [Preemption(last, signal.SIGTERM), last, PendingGradients()] + ([sigterm] if sigterm else [])
+    trainer = L.Trainer(max_steps=10, accumulate_grad_batches=3, val_check_interval=4, check_val_every_n_epoch=None,
+                        limit_val_batches=2, num_sanity_val_steps=0, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
+                        callbacks=callbacks, use_distributed_sampler=False)
+    trainer.fit(model, datamodule=LOADERS["mixed"](None, 0), ckpt_path=ckpt_path, weights_only=True)
+    return model.w.detach().clone()
+
+
+@pytest.mark.parametrize("sigterm, step", [(dict(batch=5), 1), (dict(validation_step=2), 3)])
+def test_sigterm_in_training_or_validation_checkpoints_and_the_resume_matches_an_uninterrupted_run(
+        sigterm, step, tmp_path):
+    """SIGTERM is the cluster's warning signal's twin (issue 24.3): during a training batch the run stops after it,
+    with last.ckpt written there; during a validation (which Lightning alone would abandon mid-way, exiting 0
+    with no checkpoint) the validation finishes and the run stops after the next batch. Either resumes exactly."""
+    straight = _fit_with_sigterm(tmp_path / "straight")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted) as stop:
+        _fit_with_sigterm(tmp_path / "run", SigtermAt(**sigterm))
+    assert stop.value.signum == signal.SIGTERM and stop.value.step == step
+    assert torch.load(tmp_path / "run" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == step
+    signal.signal(signal.SIGTERM, before)
+    assert torch.equal(_fit_with_sigterm(tmp_path / "run", ckpt_path=str(tmp_path / "run" / "last.ckpt")), straight)
+
+
+def test_train_cli_stopped_by_sigterm_exits_non_zero_and_the_same_run_directory_resumes(tmp_path):
+    """The real process (what `timeout`, `docker stop` and Kubernetes send): one line saying it was stopped, exit
+    143, last.ckpt and preempted.json; the same command into the same hydra.run.dir resumes it to the end."""
+    from test_resume import global_step
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    args = ["experiment=quickstart", "logger=csv", f"hydra.run.dir={run}", *FAST, "checkpoint_every_n_steps=1",
+            "trainer.val_check_interval=1000"]
+    process = _start("train.py", *args, "trainer.max_steps=1000")
+    deadline = time.monotonic() + 300
+    while global_step(last) < 1:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and f"error: stopped by SIGTERM after optimizer step" in err, err[-3000:]
+    assert f"hydra.run.dir={run}" in err and not (run / "metrics.json").exists()
+    stopped_at = global_step(last)
+    assert json.loads((run / "preempted.json").read_text())["step"] == stopped_at >= 1
+    run_cli("train.py", *args, f"trainer.max_steps={stopped_at + 1}")
+    assert global_step(last) == stopped_at + 1 and "abs_rel" in read_metrics(run)
+    assert not (run / "preempted.json").exists()
+
+
+def test_an_interrupted_evaluation_is_rerun_into_its_folder(tmp_path):
+    """What an evaluate.py stopped between its gallery and its metrics.json leaves (issue 24.4): the gallery, the
+    per-image table and the hidden temporary of the write that was cut off. No metrics.json: not a result, so the
+    rerun into the same folder works, replaces them and removes the temporary."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(run / "gallery.png")
+    (run / "per_image.csv").write_text("name,abs_rel\nprocedural/test/000000,0.5\n")
+    (run / ".metrics.tmp-0123abcd.json").write_text('{"abs_rel": ')
+    run_cli("evaluate.py", "backbone=tiny", "dataset=procedural", "dataset.test.num_scenes=2",
+            "dataset.val_batch_size=2", f"hydra.run.dir={run}", "trainer.enable_progress_bar=false")
+    assert "abs_rel" in read_metrics(run)
+    assert not list(run.glob(".*tmp-*")), "the interrupted write's temporary stayed"
+    assert len((run / "per_image.csv").read_text().splitlines()) == 3 and (run / "per_image.csv").read_text(
+        ).splitlines()[1].split(",")[1] != "0.5"
+    refused = run_cli("evaluate.py", "backbone=tiny", "dataset=procedural", f"hydra.run.dir={run}", expect_ok=False)
+    assert refused.returncode == 1 and "already holds a run (metrics.json)" in refused.stderr  # finished: kept

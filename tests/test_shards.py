@@ -261,3 +261,78 @@ def test_write_shards_refuses_non_empty_folder(tmp_path):
     index = write_shards({"train": [{"x": torch.arange(3)}, {"x": torch.arange(2)}]}, out, progress=False)
     assert index["splits"]["train"]["count"] == 2 and np.array_equal(ShardSamples(
         resolve_shards(out, "train")[0])[1]["x"], np.arange(2))
+
+
+# ----------------------------------------------------------------------------- a write that is killed (issue 24.4)
+KILLED_WRITER = """
+import os, signal, sys
+import torch
+from densediff.data.shards import write_shards
+
+class Numbers:
+    def __init__(self, n, die_at=None):
+        self.n, self.die_at = n, die_at
+    def __len__(self):
+        return self.n
+    def __getitem__(self, i):
+        if i == self.die_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # a kill mid-write: the open shard holds samples 10 and 11
+        return {"x": torch.full((5000,), float(i)), "name": f"n{i}"}
+
+die_at = int(sys.argv[2]) if len(sys.argv) > 2 else None
+write_shards({"train": Numbers(17, die_at), "val": Numbers(3)}, sys.argv[1], maxcount=4, progress=False)
+"""
+
+
+def test_a_killed_shard_write_leaves_whole_shards_and_the_same_command_continues(tmp_path):
+    import subprocess
+    import sys
+    import tarfile
+    script = tmp_path / "writer.py"
+    script.write_text(KILLED_WRITER)
+    out, straight = tmp_path / "out", tmp_path / "straight"
+    killed = subprocess.run([sys.executable, str(script), str(out), "10"], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    left = sorted(p.name for p in (out / "train").iterdir())
+    assert left == ["shard-000000.tar", "shard-000001.tar"], left  # whole shards only: no torn third, no temporary
+    for name in left:
+        with tarfile.open(out / "train" / name) as tar:
+            assert len(tar.getmembers()) == 8  # 4 samples x 2 members
+    with pytest.raises(DatasetLayoutError):
+        resolve_shards(out, "train")  # no index.json yet: not taken for a finished write
+    again = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    subprocess.run([sys.executable, str(script), str(straight)], check=True, capture_output=True)
+    for split, count in (("train", 17), ("val", 3)):
+        urls, n = resolve_shards(out, split)
+        assert n == count and [u.replace(str(out), "") for u in urls] == [
+            u.replace(str(straight), "") for u in resolve_shards(straight, split)[0]]
+        samples = ShardSamples(urls)
+        assert [samples[i]["name"] for i in range(count)] == [f"n{i}" for i in range(count)]
+        assert all(float(samples[i]["x"][0]) == i for i in range(count))
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "train", "val"]  # .writing.json gone
+    finished = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True)
+    assert finished.returncode != 0 and "is not an empty folder" in finished.stderr
+
+
+def test_a_stopped_shard_write_is_continued_only_with_the_same_data(tmp_path):
+    class Failing:
+        def __init__(self, n, fail_at=None):
+            self.n, self.fail_at = n, fail_at
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            if i == self.fail_at:
+                raise RuntimeError("stopped")
+            return {"x": torch.tensor([float(i)])}
+
+    with pytest.raises(RuntimeError):
+        write_shards({"train": Failing(9, fail_at=5)}, tmp_path / "out", maxcount=2, progress=False)
+    with pytest.raises(FileExistsError, match="holds a stopped write of other data or settings"):
+        write_shards({"train": Failing(10)}, tmp_path / "out", maxcount=2, progress=False)
+    index = write_shards({"train": Failing(9)}, tmp_path / "out", maxcount=2, progress=False)
+    assert index["splits"]["train"]["count"] == 9 and len(index["splits"]["train"]["shards"]) == 5
+    samples = ShardSamples(resolve_shards(tmp_path / "out", "train")[0])
+    assert [float(samples[i]["x"][0]) for i in range(9)] == list(range(9))

@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,3 +232,252 @@ def test_ddp_evaluate_scores_every_sample_once(tmp_path):
     assert mean_abs_rel == pytest.approx(read_metrics(run)["abs_rel"], rel=1e-5)
     assert "abs_rel" in (run / "evaluate.log").read_text()
     assert (run / "train_ddp_process_1.log").is_file()  # Lightning's second process ran in the same folder
+
+
+# ----------------------------------------------------------------------------- issue 24: real-world photos
+
+
+def _sideways(path, upright):
+    """`upright` stored as a camera does when held sideways: pixels turned 90 degrees anticlockwise, and the EXIF
+    orientation tag 6 (turn 90 degrees clockwise to show it)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(path, exif=exif.tobytes())
+    return path
+
+
+def test_exif_orientation_is_applied_as_a_viewer_shows_the_photo(tmp_path):
+    """A phone photo is predicted upright (issue 24.5): the same prediction as the upright pixels, same shape."""
+    from densediff.inference.predict import load_rgb
+    upright = np.random.default_rng(3).integers(0, 255, (24, 40, 3), dtype=np.uint8)
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.fromarray(upright).save(images / "upright.png")
+    _sideways(images / "phone.png", upright)
+    assert Image.open(images / "phone.png").size == (24, 40)  # stored sideways
+    assert torch.equal(load_rgb(images / "phone.png"), load_rgb(images / "upright.png"))
+    run_cli("predict.py", f"input={images}", f"output={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'r'}")
+    phone, reference = (np.load(tmp_path / "out" / f"{name}.npy") for name in ("phone", "upright"))
+    assert phone.shape == reference.shape == (24, 40)
+    np.testing.assert_allclose(phone, reference, atol=1e-6)
+
+
+def test_a_float_image_outside_0_1_is_refused_with_its_range(tmp_path):
+    """A float TIFF is read as [0, 1]; one in [0, 255] was clipped to white without a word (issue 24.6)."""
+    from densediff.inference.predict import load_rgb
+    grey = np.random.default_rng(4).uniform(0, 1, (24, 32)).astype(np.float32)
+    Image.fromarray(grey, mode="F").save(tmp_path / "unit.tif")
+    Image.fromarray(grey * 255, mode="F").save(tmp_path / "bytes.tif")
+    assert torch.allclose(load_rgb(tmp_path / "unit.tif")[0, 1], torch.from_numpy(grey))
+    bad = grey * 255
+    with pytest.raises(ValueError, match=r"bytes.tif: a float image must hold values in \[0, 1\]; this one has "
+                                         rf"\[{bad.min():g}, {bad.max():g}\]: scale it to \[0, 1\]"):
+        load_rgb(tmp_path / "bytes.tif")
+    nan = grey.copy()
+    nan[0, 0] = np.nan
+    Image.fromarray(nan, mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(ValueError, match="and non-finite values"):
+        load_rgb(tmp_path / "nan.tif")
+    result = run_cli("predict.py", f"input={tmp_path / 'bytes.tif'}", f"output={tmp_path / 'out'}",
+                     f"hydra.run.dir={tmp_path / 'r'}", expect_ok=False)
+    assert_one_line_error(result, "bytes.tif", "must hold values in [0, 1]")
+
+
+def test_a_large_photo_at_native_resolution_is_warned_about_before_the_work(tmp_path, caplog):
+    """A 48 MP photo at inference.processing_res=0 ran 10 minutes without a word (issue 24.7): a warning before the
+    first prediction names the image, its size and inference.processing_res; with processing_res set, none."""
+    import logging
+
+    from densediff.inference.predict import LARGE_NATIVE_PIXELS, predict_images
+    from densediff.inference.predictor import InferenceOptions
+    from densediff.tasks import build_task
+
+    class Stub(torch.nn.Module):
+        task = build_task("depth")
+
+        def __init__(self, processing_res):
+            super().__init__()
+            self.inference, self.warned_first = InferenceOptions(processing_res=processing_res), []
+
+        def predict(self, rgb):
+            self.warned_first.append("processing_res" in caplog.text)
+            return torch.zeros(1, *rgb.shape[-2:])
+
+    big = tmp_path / "in" / "photo.png"
+    big.parent.mkdir()
+    Image.new("RGB", (2400, 1800), (50, 60, 70)).save(big)  # 4.3 MP
+    assert 2400 * 1800 > LARGE_NATIVE_PIXELS
+    for res, warned in ((0, True), (768, False)):
+        caplog.clear()
+        model = Stub(res)
+        with caplog.at_level(logging.WARNING, logger="densediff"):
+            predict_images(model, big.parent, [big], tmp_path / f"out{res}", torch.device("cpu"))
+        assert model.warned_first == [warned], caplog.text
+        if warned:
+            assert "photo.png (2400 x 1800, 4.3 MP)" in caplog.text and "inference.processing_res=768" in caplog.text
+
+
+# ----------------------------------------------------------------------------- issue 24.8: operating-system errors
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder no one may create, root included: below /sys (sysfs refuses new entries)."""
+    target = Path("/sys") / f"densediff-test-{os.getpid()}" / "out"
+    try:
+        target.parent.mkdir()
+    except OSError:
+        return target
+    target.parent.rmdir()
+    pytest.skip("/sys accepts new folders here: no unwritable place to test with")
+
+
+@pytest.mark.parametrize("entry", ["train", "evaluate", "predict", "predict_output", "export", "shards"])
+def test_an_unwritable_folder_is_one_line_naming_it_from_every_entry_point(entry, unwritable, tmp_path):
+    image = write_image(tmp_path / "in" / "a.png")
+    commands = {
+        "train": ("train.py", "experiment=quickstart", f"hydra.run.dir={unwritable}"),
+        "evaluate": ("evaluate.py", "backbone=tiny", f"hydra.run.dir={unwritable}"),
+        "predict": ("predict.py", f"input={image}", f"output={tmp_path / 'out'}", f"hydra.run.dir={unwritable}"),
+        "predict_output": ("predict.py", f"input={image}", f"output={unwritable}", f"hydra.run.dir={tmp_path / 'r'}"),
+        "export": ("-m", "densediff.export", f"ckpt={TINY_DIR / 'unet' / 'config.json'}", f"output={unwritable}"),
+        "shards": ("-m", "densediff.data.shards", "dataset=procedural", "split=val", "dataset.val.num_scenes=1",
+                   f"output={unwritable}"),
+    }
+    result = run_cli(*commands[entry], expect_ok=False)
+    assert_one_line_error(result, str(unwritable.parent) if entry != "export" else "")
+    error = result.stderr[result.stderr.index("error: "):]
+    if entry != "export":  # export reads the checkpoint first: a JSON file is no checkpoint (one line too)
+        assert "Operation not permitted" in error or "Permission denied" in error or "Read-only" in error, error
+    assert error.strip().splitlines()[0].startswith("error: ") and len(error.strip().splitlines()) <= 2, error
+
+
+
+def test_export_of_a_corrupt_or_foreign_checkpoint_is_one_line(broken_checkpoints, tmp_path):
+    random_bytes, truncated = broken_checkpoints
+    foreign = tmp_path / "foreign.ckpt"  # torch can read it; it is no train.py checkpoint
+    torch.save({"state_dict": {"w": torch.zeros(3)}, "hyper_parameters": {"task": "depth"}}, foreign)
+    for path in (random_bytes, truncated, foreign):
+        result = run_cli("-m", "densediff.export", f"ckpt={path}", f"output={tmp_path / 'out'}", expect_ok=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"error: cannot") and str(path) in lines[0], lines
+
+
+def test_a_checkpoint_write_that_fails_names_the_file_and_the_full_disk(tmp_path, monkeypatch):
+    """torch reports a write that ran out of space as "unexpected pos" (issue 24.8): the error names the file and,
+    when the disk holding it is (nearly) full, says so."""
+    import errno
+    import shutil
+
+    from densediff.checkpoints import AtomicCheckpointIO
+
+    def fails(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 2048 vs 1984")
+
+    monkeypatch.setattr(torch, "save", fails)
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(OSError) as raised:
+        AtomicCheckpointIO().save_checkpoint({"w": 1}, target)
+    assert raised.value.errno == errno.EIO and raised.value.filename == str(target)
+    assert "unexpected pos" in str(raised.value)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
+    with pytest.raises(OSError) as raised:
+        AtomicCheckpointIO().save_checkpoint({"w": 1}, target)
+    assert raised.value.errno == errno.ENOSPC and "the disk is full (0.0 MB free" in str(raised.value)
+    assert not target.exists() and not list(target.parent.iterdir())  # no torn file, no temporary
+    from densediff.io import describe_os_error
+    line = describe_os_error(raised.value)
+    assert line.startswith(f"{target}: cannot write the checkpoint, the disk is full") and "\n" not in line
+
+
+def test_train_cli_whose_checkpoint_write_fails_is_one_line(tmp_path):
+    """The real train.py, whose files may grow to 1 MB only (RLIMIT_FSIZE: the kernel refuses the checkpoint's
+    bytes as a full disk would): one line naming last.ckpt, exit 1, no torn file."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+    from conftest import ROOT
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    run = tmp_path / "run"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=quickstart", "logger=none",
+                             f"hydra.run.dir={run}", *FAST, "trainer.max_steps=1", "trainer.val_check_interval=1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    assert_one_line_error(result, str(run / "checkpoints"), "cannot write the checkpoint")
+    assert not [p for p in (run / "checkpoints").iterdir()] if (run / "checkpoints").exists() else True
+
+
+def test_a_training_set_smaller_than_one_batch_is_one_line_with_the_numbers(tmp_path):
+    """It trained 0 steps and exited 0, "validation metrics after 0 steps" (issue 24.9)."""
+    result = run_cli("train.py", "experiment=quickstart", "logger=none", f"hydra.run.dir={tmp_path / 'r'}", *FAST,
+                     "dataset.train.num_scenes=3", "dataset.batch_size=4", expect_ok=False)
+    assert_one_line_error(result, "has 3 samples, fewer than one batch of dataset.batch_size=4",
+                          "lower dataset.batch_size to 3 or less")
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- issue 24.10: messages that mislead
+
+
+def test_ckpt_that_is_a_folder_says_what_it_is(trained_run, tmp_path):
+    image = write_image(tmp_path / "in" / "a.png")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    cases = [
+        (TINY_DIR, f"ckpt={TINY_DIR} is a diffusers folder (model_index.json), not a train.py checkpoint: load it as "
+                   f"the backbone with backbone.path={TINY_DIR}"),
+        (trained_run, f"ckpt={trained_run} is a run directory, not a checkpoint: pass "
+                      f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}"),
+        (plain, f"ckpt={plain} is a folder, not a checkpoint file: pass a checkpoint written by train.py"),
+    ]
+    for i, (path, message) in enumerate(cases):
+        result = run_cli("predict.py", f"ckpt={path}", f"input={image}", f"output={tmp_path / f'out{i}'}",
+                         f"hydra.run.dir={tmp_path / f'p{i}'}", expect_ok=False)
+        assert_one_line_error(result, message)
+    result = run_cli("evaluate.py", f"ckpt={TINY_DIR}", f"hydra.run.dir={tmp_path / 'e'}", expect_ok=False)
+    assert_one_line_error(result, cases[0][1])
+    result = run_cli("train.py", "experiment=quickstart", f"ckpt_path={plain}", f"hydra.run.dir={tmp_path / 't'}",
+                     expect_ok=False)
+    assert_one_line_error(result, f"ckpt_path={plain} is a folder, not a checkpoint file")
+    result = run_cli("-m", "densediff.export", f"ckpt={TINY_DIR}", f"output={tmp_path / 'x'}", expect_ok=False)
+    assert_one_line_error(result, cases[0][1])
+
+
+def test_a_dataset_root_that_is_a_file_says_so(tmp_path):
+    root = tmp_path / "hypersim.tar"
+    root.write_bytes(b"")
+    result = run_cli("train.py", "experiment=quickstart", "dataset=hypersim", f"dataset.root={root}",
+                     f"hydra.run.dir={tmp_path / 'r'}", expect_ok=False)
+    assert_one_line_error(result, f"Hypersim root {root} is a file, not a folder")
+
+
+class _Payload:
+    def __reduce__(self):  # what a malicious checkpoint carries: a call made when it is unpickled
+        return (os.system, ("echo pwned",))
+
+
+def test_an_unsafe_checkpoint_is_refused_without_torchs_advice_to_unpickle_it(tmp_path):
+    """torch's refusal advises retrying with weights_only=False, which would run the file's code: never shown."""
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"task": "depth"}, "payload": _Payload()}, evil)
+    image = write_image(tmp_path / "in" / "a.png")
+    for result in (
+        run_cli("evaluate.py", f"ckpt={evil}", f"hydra.run.dir={tmp_path / 'e'}", expect_ok=False),
+        run_cli("predict.py", f"ckpt={evil}", f"input={image}", f"output={tmp_path / 'o'}",
+                f"hydra.run.dir={tmp_path / 'p'}", expect_ok=False),
+        run_cli("train.py", "experiment=quickstart", f"ckpt_path={evil}", f"hydra.run.dir={tmp_path / 't'}",
+                expect_ok=False),
+    ):
+        assert_one_line_error(result, f"refused checkpoint {evil}: it holds pickled Python objects")
+        assert "weights_only" not in result.stderr and "can still be loaded" not in result.stderr
+        assert "pwned" not in result.stdout + result.stderr
+    result = run_cli("-m", "densediff.export", f"ckpt={evil}", f"output={tmp_path / 'x'}", expect_ok=False)
+    assert result.returncode == 1 and "refused checkpoint" in result.stderr and "weights_only" not in result.stderr

@@ -13,6 +13,14 @@ class DatasetLayoutError(FileNotFoundError):
     """A data root is missing or not laid out as the loader expects (raised once, at construction)."""
 
 
+def absent(path) -> str:
+    """Why a folder a loader needs is not there, for its message: "does not exist", or "is a file, not a folder"."""
+    import os
+    if os.path.isfile(path):
+        return "is a file, not a folder"
+    return "is not a folder" if os.path.exists(path) else "does not exist"
+
+
 class DataReadError(RuntimeError):
     """A file listed by the dataset cannot be decoded (raised at __getitem__, naming the file)."""
 

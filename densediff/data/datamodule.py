@@ -153,6 +153,17 @@ class DenseDataModule(L.LightningDataModule):
         sampler = ResumableShuffleSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed)
         return self._loader("train", ResumableLoader, batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
+    def train_batches(self, world_size: int = 1) -> int | None:
+        """Training batches each of `world_size` processes gets per epoch (incomplete batches are dropped), or None
+        when streaming (the shards are resampled to at least one batch)."""
+        dataset = self.datasets["train"]
+        if dataset is None or self.streams:
+            return None
+        if self.mixes_batches:
+            return len(MixedBatchSampler(dataset.lengths, self.batch_size, ratios=self.mix_ratios, seed=self.seed,
+                                         num_replicas=world_size, rank=0))
+        return len(dataset) // world_size // self.batch_size
+
     def _evaluation_loader(self, split: str) -> DataLoader:
         trainer = self.trainer
         if trainer is None or trainer.world_size == 1 or self.datasets[split] is None:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from densediff.data.common import (DATA_HELP, DatasetLayoutError, check_tasks, flip_seed, make_sample, read_depth_png,
-                                   read_image, resize, resize_rgb, unit)
+from densediff.data.common import (DATA_HELP, DatasetLayoutError, absent, check_tasks, flip_seed, make_sample,
+                                   read_depth_png, read_image, resize, resize_rgb, unit)
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,16 @@ class Hypersim(torch.utils.data.Dataset):
         self.normals_root = os.fspath(normals_root) if normals_root is not None else os.path.join(self.root, "normals")
         what = "expected the Marigold-preprocessed Hypersim (script/depth/dataset_preprocess/hypersim)"
         if not os.path.isdir(self.root):
-            raise DatasetLayoutError(f"Hypersim root {self.root} does not exist: {what} ({DATA_HELP})")
+            raise DatasetLayoutError(f"Hypersim root {self.root} {absent(self.root)}: {what} ({DATA_HELP})")
         csv_path = os.path.join(self.root, split, f"filename_meta_{split}.csv")
         if not os.path.isfile(csv_path):
             raise DatasetLayoutError(
                 f"Hypersim root {self.root} has no {split}/filename_meta_{split}.csv: {what} ({DATA_HELP})")
         if "normals" in self.tasks and not os.path.isdir(self.normals_root):
             raise DatasetLayoutError(
-                f"Hypersim normals root {self.normals_root} does not exist: expected E2E-FT's copy of ml-hypersim's "
-                f"previews, <scene>/images/scene_<cam>_geometry_preview/frame.<NNNN>.normal_cam.png ({DATA_HELP})")
+                f"Hypersim normals root {self.normals_root} {absent(self.normals_root)}: expected E2E-FT's copy of "
+                f"ml-hypersim's previews, <scene>/images/scene_<cam>_geometry_preview/frame.<NNNN>.normal_cam.png "
+                f"({DATA_HELP})")
         self.samples = self._read_csv(csv_path)
 
     def _normal_path(self, row):

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from densediff.data.common import DATA_HELP, DataReadError, DatasetLayoutError, read_image
+from densediff.data.common import DATA_HELP, DataReadError, DatasetLayoutError, absent, read_image
 from densediff.data.exr import read_exr_rgb
 
 # ----------------------------------------------------------------------------- DSINE eval sets
@@ -63,7 +63,8 @@ class DSINENormalBenchmark(torch.utils.data.Dataset):
         self.contrast_stretch = bool(contrast_stretch)
         what = f"DSINE's dsine_eval/{self.folder} (<id>_img.png, <id>_normal{self.normal_ext}, <id>_intrins.npy)"
         if not os.path.isdir(self.root):
-            raise DatasetLayoutError(f"{self.title} root {self.root} does not exist: expected {what} ({DATA_HELP})")
+            raise DatasetLayoutError(f"{self.title} root {self.root} {absent(self.root)}: expected {what} "
+                                     f"({DATA_HELP})")
         if filename_list:
             if not os.path.isfile(filename_list):
                 raise DatasetLayoutError(f"{self.title} filename list {filename_list} does not exist: expected "

@@ -33,7 +33,7 @@ import os
 import numpy as np
 
 from densediff.data import multitask as mt
-from densediff.data.common import DATA_HELP, DataReadError, DatasetLayoutError, read_image
+from densediff.data.common import DATA_HELP, DataReadError, DatasetLayoutError, absent, read_image
 from densediff.data.partial_labels import NYU_FILE_ORDER, label_sets
 
 TASKS = ("segmentation", "depth", "normals", "edges")
@@ -60,7 +60,7 @@ class NYUD(mt.AtrcDataset):
                          normals_axes, seed)
         what = "expected ATRC's NYUDv2.tar.gz extracted (docs/data.md#nyud-v2-multi-task)"
         if not os.path.isdir(self.root):
-            raise DatasetLayoutError(f"NYUD root {self.root} does not exist: {what} ({DATA_HELP})")
+            raise DatasetLayoutError(f"NYUD root {self.root} {absent(self.root)}: {what} ({DATA_HELP})")
         split_file = os.path.join(self.root, "gt_sets", f"{split}.txt")
         if not os.path.isfile(split_file):
             raise DatasetLayoutError(f"NYUD: missing {split_file}: {what} ({DATA_HELP})")

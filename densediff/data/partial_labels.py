@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from densediff.data.common import DataReadError, DatasetLayoutError
+from densediff.io import torch_load_cause
 
 SETTINGS = ("full", "one_label", "random_labels")
 # Task names used by MTPSL/DiffusionMTL files -> ours (one name per concept across the package).
@@ -98,7 +99,7 @@ def read_file(path, ids, tasks, file_tasks):
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, ValueError, pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        raise DataReadError(f"cannot read partial-label split file {path}: {e}") from e
+        raise DataReadError(f"cannot read partial-label split file {path}: {torch_load_cause(e)}") from None
     if not isinstance(raw, dict):
         raise DataReadError(f"cannot read partial-label split file {path}: expected a dict, got {type(raw).__name__}")
     weights = {}  # id -> {task: bool}

@@ -38,7 +38,7 @@ import numpy as np
 import scipy.io as sio
 
 from densediff.data import multitask as mt
-from densediff.data.common import DATA_HELP, DataReadError, DatasetLayoutError, read_image
+from densediff.data.common import DATA_HELP, DataReadError, DatasetLayoutError, absent, read_image
 from densediff.data.partial_labels import PASCAL_FILE_ORDER, label_sets
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class PascalContext(mt.AtrcDataset):
                          normals_axes, seed)
         what = "expected ATRC's PASCALContext.tar.gz extracted (docs/data.md#pascal-context)"
         if not os.path.isdir(self.root):
-            raise DatasetLayoutError(f"PASCAL-Context root {self.root} does not exist: {what} ({DATA_HELP})")
+            raise DatasetLayoutError(f"PASCAL-Context root {self.root} {absent(self.root)}: {what} ({DATA_HELP})")
         split_file = os.path.join(self.root, "ImageSets", "Context", f"{split}.txt")
         self._require(split_file, what)
         with open(split_file) as fh:

@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
 from densediff.data.common import DataReadError, DatasetLayoutError
-from densediff.io import write_text
+from densediff.io import atomic_write, remove_temporaries, write_text
 
 INDEX = "index.json"
 SHARD_NAME = "shard-%06d.tar"
@@ -108,38 +108,103 @@ def decode_sample(raw: dict) -> dict:
 # ----------------------------------------------------------------------------- writing
 
 
-def write_split(dataset, directory: Path, maxcount: int = 1000, maxsize: float = 1e9, progress: str | None = None):
-    """Write every sample of a map-style dataset, in order, as <directory>/shard-%06d.tar. Returns (count, keys,
-    shard file names)."""
+WRITING = ".writing.json"  # in an output folder whose shards are being written: what is written there (resume)
+
+
+def _written_part(directory: Path) -> tuple[int, list[str], set[str]]:
+    """(next sample index, shard file names, keys) of the complete shards a stopped write left in `directory` (every
+    shard is renamed into place whole, so each shard-*.tar is complete; temporaries of a killed write are removed)."""
+    remove_temporaries(directory)
+    names = sorted(p.name for p in directory.glob("shard-*.tar"))
+    if names != [SHARD_NAME % i for i in range(len(names))]:
+        raise DatasetLayoutError(f"shards {directory}: the files {', '.join(names)} are not shard-000000.tar onwards; "
+                                 "remove the folder and write the shards again")
+    following, keys = 0, set()
+    for name in names:
+        samples = _scan(str(directory / name))
+        for key, fields in samples:
+            keys.update(field.partition(".")[0] for field in fields)
+        if samples:
+            following = int(os.path.basename(samples[-1][0])) + 1
+    return following, names, keys
+
+
+def write_split(dataset, directory: Path, maxcount: int = 1000, maxsize: float = 1e9, progress: str | None = None,
+                resume: bool = False):
+    """Write every sample of a map-style dataset, in order, as <directory>/shard-%06d.tar, each shard written whole
+    to a temporary file and renamed into place (densediff.io.atomic_write): a killed write leaves complete shards
+    only. `resume`: continue after the complete shards already there (a stopped write of the same dataset).
+    Returns (count, keys, shard file names)."""
     import webdataset as wds
     from tqdm import tqdm
 
     directory.mkdir(parents=True, exist_ok=True)
-    keys: set[str] = set()
-    count = 0
-    with wds.ShardWriter(str(directory / SHARD_NAME), maxcount=maxcount, maxsize=maxsize, verbose=0) as sink:
-        for index in tqdm(range(len(dataset)), desc=progress, disable=progress is None, unit="sample"):
-            sample = dataset[index]
-            keys.update(sample)
-            sink.write(encode_sample(sample, f"{index:09d}"))
-            count += 1
-    shards = sorted(p.name for p in directory.glob("shard-*.tar"))
-    return count, sorted(keys), shards
+    start, shards, keys = _written_part(directory) if resume else (0, [], set())
+    pending: list[dict] = []
+    size = 0
+
+    def flush():
+        nonlocal size
+        name = SHARD_NAME % len(shards)
+        with atomic_write(directory / name) as tmp, open(tmp, "wb") as stream, wds.TarWriter(stream) as sink:
+            for sample in pending:
+                sink.write(sample)
+        shards.append(name)
+        pending.clear()
+        size = 0
+
+    for index in tqdm(range(start, len(dataset)), desc=progress, disable=progress is None, unit="sample",
+                      initial=start, total=len(dataset)):
+        sample = dataset[index]
+        keys.update(sample)
+        pending.append(encode_sample(sample, f"{index:09d}"))
+        size += sum(len(v) for k, v in pending[-1].items() if k != "__key__")
+        if len(pending) >= maxcount or size >= maxsize:
+            flush()
+    if pending:
+        flush()
+    return len(dataset), sorted(keys), shards
 
 
 def write_shards(datasets: dict, output, dataset_config: dict | None = None, maxcount: int = 1000,
                  progress: bool = True) -> dict:
-    """Write {split: dataset} under `output` (which must be absent or empty) and its index.json; returns the index."""
+    """Write {split: dataset} under `output` and its index.json; returns the index. `output` must be absent, empty,
+    or a stopped write of the same datasets, config and maxcount (its .writing.json says so), which continues
+    after its complete shards."""
     output = Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise FileExistsError(f"shards output {output} is not an empty folder: choose a new output= folder")
+    plan = {"splits": {split: len(dataset) for split, dataset in datasets.items()}, "maxcount": maxcount,
+            "dataset": dataset_config}
+    resume = _check_output(output, plan)
+    write_text(output / WRITING, json.dumps(plan, indent=2) + "\n")
     index = {"format": FORMAT, "version": 1, "splits": {}, "dataset": dataset_config}
+    if resume and (output / INDEX).is_file():
+        index["splits"] = json.loads((output / INDEX).read_text()).get("splits", {})
     for split, dataset in datasets.items():
+        if split in index["splits"]:  # finished before the stop
+            continue
         count, keys, shards = write_split(dataset, output / split, maxcount=maxcount,
-                                          progress=f"{split}" if progress else None)
+                                          progress=f"{split}" if progress else None, resume=resume)
         index["splits"][split] = {"count": count, "keys": keys, "shards": [f"{split}/{s}" for s in shards]}
         write_text(output / INDEX, json.dumps(index, indent=2) + "\n")  # after each split: usable if stopped later
+    (output / WRITING).unlink()
     return index
+
+
+def _check_output(output: Path, plan: dict | None = None) -> bool:
+    """Whether `output` holds a stopped write of `plan` to continue (False: absent or empty). Raises
+    FileExistsError for anything else (finished shards, other files, another dataset's stopped write)."""
+    if not output.exists() or (output.is_dir() and not any(output.iterdir())):
+        return False
+    if output.is_dir() and (output / WRITING).is_file():
+        try:
+            before = json.loads((output / WRITING).read_text())
+        except (OSError, ValueError):
+            before = None
+        if plan is None or before == json.loads(json.dumps(plan)):
+            return True
+        raise FileExistsError(f"shards output {output} holds a stopped write of other data or settings (its "
+                              f"{WRITING}); finish it with the same command, or choose a new output= folder")
+    raise FileExistsError(f"shards output {output} is not an empty folder: choose a new output= folder")
 
 
 # ----------------------------------------------------------------------------- finding shards
@@ -161,6 +226,9 @@ def resolve_shards(shards, split: str) -> tuple[list[str], int | None]:
     shards = os.fspath(shards).replace("{split}", split)
     root = Path(shards)
     if root.is_dir():
+        if (root / WRITING).is_file() or (root.parent / WRITING).is_file():
+            raise DatasetLayoutError(f"shards {root} are still being written, or their write was stopped: run the "
+                                     "same `python -m densediff.data.shards` command again to finish them")
         if (root / INDEX).is_file():
             index = json.loads((root / INDEX).read_text())
             if split not in index.get("splits", {}):
@@ -374,12 +442,15 @@ def main(argv: list[str] | None = None) -> int:
         if not own.get("output"):
             raise DatasetLayoutError("pass output=<new folder> for the shards")
         output = Path(own["output"])
-        if output.exists() and (not output.is_dir() or any(output.iterdir())):
-            raise FileExistsError(f"shards output {output} is not an empty folder: choose a new output= folder")
+        _check_output(output)  # before the dataset is built (a stopped write is checked again against it)
         datasets, config, name = datasets_to_shard(overrides, own["split"].split(",") if own.get("split") else None)
         index = write_shards(datasets, output, config, maxcount=int(own.get("maxcount", 1000)))
     except (FileNotFoundError, FileExistsError, DataReadError, ValueError) as error:
         print(f"\nerror: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # an output folder that cannot be written, a full disk
+        from densediff.io import describe_os_error
+        print(f"\nerror: {describe_os_error(error)}", file=sys.stderr)
         return 1
     for split, entry in index["splits"].items():
         print(f"{split}: {entry['count']} samples in {len(entry['shards'])} shards under {output / split}")

@@ -13,8 +13,8 @@ import os
 import numpy as np
 import torch
 
-from densediff.data.common import (DATA_HELP, DataReadError, DatasetLayoutError, check_tasks, flip_seed, make_sample,
-                                   read_depth_png, read_image, unit)
+from densediff.data.common import (DATA_HELP, DataReadError, DatasetLayoutError, absent, check_tasks, flip_seed,
+                                   make_sample, read_depth_png, read_image, unit)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class VirtualKITTI2(torch.utils.data.Dataset):
         self.rgb_root = os.path.join(self.root, "vkitti_2.0.3_rgb")
         self.depth_root = os.path.join(self.root, "vkitti_2.0.3_depth")
         if not os.path.isdir(self.root):
-            raise DatasetLayoutError(f"Virtual KITTI 2 root {self.root} does not exist: expected the unpacked "
+            raise DatasetLayoutError(f"Virtual KITTI 2 root {self.root} {absent(self.root)}: expected the unpacked "
                                      f"vkitti_2.0.3_rgb and vkitti_2.0.3_depth archives ({DATA_HELP})")
         for sub in (self.rgb_root, self.depth_root):
             if not os.path.isdir(sub):
@@ -71,8 +71,8 @@ class VirtualKITTI2(torch.utils.data.Dataset):
                                          f"the unpacked {os.path.basename(sub)}.tar ({DATA_HELP})")
         if "normals" in self.tasks and not os.path.isdir(self.normals_root):
             raise DatasetLayoutError(
-                f"Virtual KITTI 2 normals root {self.normals_root} does not exist: expected E2E-FT's D2NT normals, "
-                f"SceneXX/<variation>/frames/normal/Camera_k/normal_NNNNN.png ({DATA_HELP})")
+                f"Virtual KITTI 2 normals root {self.normals_root} {absent(self.normals_root)}: expected E2E-FT's D2NT "
+                f"normals, SceneXX/<variation>/frames/normal/Camera_k/normal_NNNNN.png ({DATA_HELP})")
         scenes = [s if s.startswith("Scene") else f"Scene{s}" for s in scenes]
         self.samples = self._find_frames(scenes, variations, cameras)
 

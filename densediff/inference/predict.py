@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from densediff.io import atomic_write
@@ -81,19 +81,60 @@ def check_outputs(source: str | Path, output: str | Path, task: str, overwrite: 
 
 
 def load_rgb(path: Path) -> torch.Tensor:
-    """[1,3,H,W] float in [0,1]; raises ValueError naming the file when it cannot be decoded. 16-bit and 32-bit
-    grayscale (PIL modes I;16, I) are scaled by 65535 and float (F) taken as [0, 1]: PIL's convert("RGB") would
-    clip them to 255, i.e. white."""
+    """[1,3,H,W] float in [0,1], upright: the EXIF orientation a camera records is applied (PIL's exif_transpose, as
+    diffusers' load_image does), so the prediction overlays the picture a viewer shows. 16-bit and 32-bit grayscale
+    (PIL modes I;16, I) are scaled by 65535 (PIL's convert("RGB") would clip them to 255, i.e. white); a float image
+    (mode F, e.g. a TIFF) is taken as [0, 1] and refused with its range when its values lie outside it (no scale can
+    be guessed). Raises ValueError naming the file when it cannot be used."""
     try:
         with Image.open(path) as image:
-            if image.mode.startswith("I") or image.mode == "F":
-                grey = np.asarray(image, dtype=np.float32) / (1.0 if image.mode == "F" else 65535.0)
+            if image.getexif().get(0x0112, 1) != 1:  # the Orientation tag (exif_transpose copies the image)
+                image = ImageOps.exif_transpose(image)
+            if image.mode == "F":
+                grey = np.asarray(image, dtype=np.float32)
+                low, high = (float(grey.min()), float(grey.max())) if grey.size else (0.0, 0.0)
+                if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 1:
+                    finite = grey[np.isfinite(grey)]
+                    shown = f"[{finite.min():g}, {finite.max():g}]" if finite.size else "no finite values"
+                    extra = "" if np.isfinite(grey).all() else " and non-finite values"
+                    raise ValueError(f"a float image must hold values in [0, 1]; this one has {shown}{extra}: scale "
+                                     "it to [0, 1] (e.g. divide by its maximum) or save it as an 8- or 16-bit image")
+                array = np.repeat(grey[..., None], 3, axis=-1)
+            elif image.mode.startswith("I"):
+                grey = np.asarray(image, dtype=np.float32) / 65535.0
                 array = np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=-1)
             else:
                 array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
+
+
+# An image above this many pixels processed at its native size (inference.processing_res=0) takes minutes and GBs
+# (a 48 MP phone photo: 10 minutes and 15 GB on a CPU): predict.py says so before it starts.
+LARGE_NATIVE_PIXELS = 4_000_000
+
+
+def warn_large_native(images: list[Path], processing_res: int) -> list[str]:
+    """Warn (once, before any work) about the images that would be processed above LARGE_NATIVE_PIXELS at their
+    native size, and return their descriptions. Reads only the image headers."""
+    if processing_res:
+        return []
+    large = []
+    for image in images:
+        try:
+            with Image.open(image) as opened:
+                width, height = opened.size
+        except Exception:  # noqa: BLE001  (unreadable: the reader reports it)
+            continue
+        if width * height > LARGE_NATIVE_PIXELS:
+            large.append(f"{image.name} ({width} x {height}, {width * height / 1e6:.1f} MP)")
+    if large:
+        log.warning("%d image%s will be processed at native resolution (inference.processing_res=0), which can take "
+                    "many minutes and GBs of memory: %s%s. Pass inference.processing_res=768 (Marigold's protocol) "
+                    "or another long edge to predict at that size (the result is resized back)", len(large),
+                    "s" if len(large) > 1 else "", ", ".join(large[:3]), ", ..." if len(large) > 3 else "")
+    return large
 
 
 def depth_full_scale(task) -> float:
@@ -115,6 +156,7 @@ def predict_images(model, root: Path, images: list[Path], output: str | Path,
     output = Path(output)
     model.eval().to(device)
     planned = plan_outputs(root, images, output, task, uncertainty, pointcloud is not None)
+    warn_large_native(images, int(getattr(model.inference, "processing_res", 0) or 0))
     skipped = []
     written = 0
     for image, rgb in readable_images(tqdm(images, desc=f"predict {task}", unit="image"), skipped):
@@ -194,6 +236,7 @@ def predict_multitask_images(model, root: Path, images: list[Path], output: str 
     metric depth's 16-bit PNG spans [0, max_depth]."""
     model.eval().to(device)
     planned = {t: plan_outputs(root, images, Path(output) / t, t) for t in model.tasks}
+    warn_large_native(images, int(getattr(getattr(model, "inference", None), "processing_res", 0) or 0))
     skipped = []
     written = 0
     for image, rgb in readable_images(tqdm(images, desc="predict " + ", ".join(model.tasks), unit="image"), skipped):

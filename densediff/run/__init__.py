@@ -47,6 +47,7 @@ from densediff.run.build import (  # noqa: F401
     build_model,
     build_trainer,
     check_captions,
+    check_checkpoint_file,
     check_config,
     check_finite,
     check_resume,
@@ -66,7 +67,9 @@ from densediff.run.build import (  # noqa: F401
 )
 from densediff.run.jobs import (  # noqa: F401
     RESULT_FILES,
+    RUN_LOCK,
     RunDirGuard,
+    claim_run_dir,
     _check_fresh_run_dir,
     _finish_loggers,
     _holds_results,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +25,7 @@ from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGra
 from densediff.data.common import DataReadError
 from densediff.data.datamodule import DenseDataModule
 from densediff.inference.predictor import InferenceOptions
+from densediff.io import torch_load_cause
 from densediff.loggers import previous_run_id
 from densediff.paradigms import PARADIGMS
 from densediff.run.cluster import local_cpu_processes, preemption_signal, slurm_trainer_shape
@@ -137,12 +139,35 @@ def check_config(cfg: DictConfig) -> None:
                           "(CUDA only); the default backbone.attention=sdpa needs nothing")
 
 
+def check_checkpoint_file(path: str | Path, key: str = "ckpt") -> Path:
+    """`key`=`path` must be a train.py checkpoint file: FileNotFoundError saying what the path is instead (absent,
+    a diffusers folder, which backbone.path= loads, a run directory, another folder)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    wanted = "pass a checkpoint written by train.py (<run>/checkpoints/last.ckpt or best-step*.ckpt)"
+    if not path.exists():
+        raise FileNotFoundError(f"{key}={path} does not exist: {wanted}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{key}={path} is not a file: {wanted}")
+    if (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{key}={path} is a diffusers folder (model_index.json), not a train.py checkpoint: "
+                                f"load it as the backbone with backbone.path={path} (and the backbone config it "
+                                "fits, e.g. backbone=marigold_depth)")
+    last = path / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        raise FileNotFoundError(f"{key}={path} is a run directory, not a checkpoint: pass {key}={last}")
+    raise FileNotFoundError(f"{key}={path} is a folder, not a checkpoint file: {wanted}")
+
+
 def read_checkpoint(path: Path) -> dict:
     """A train.py checkpoint, memory-mapped; a file torch cannot read is a DataReadError naming it."""
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as error:  # torch reports a torn or foreign file in many ways, none naming it
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        cause = torch_load_cause(error)
+        if cause.startswith("it holds pickled"):
+            raise DataReadError(f"refused checkpoint {path}: {cause}") from None
         raise DataReadError(f"cannot read checkpoint {path}: truncated, corrupt or not a checkpoint of train.py "
                             f"({cause})") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -441,6 +466,8 @@ def build_trainer(cfg: DictConfig, model, loggers: list, checkpoints: bool,
         signum = preemption_signal()
         if signum is not None and last is not None:  # a cluster job stops with last.ckpt written, and is requeued
             callbacks.insert(0, Preemption(last, signum))
+        if last is not None and hasattr(signal, "SIGTERM") and signum != signal.SIGTERM:
+            callbacks.insert(0, Preemption(last, signal.SIGTERM))  # stops with last.ckpt written, resumable
         callbacks.append(PendingGradients())
         options.setdefault("plugins", [AtomicCheckpointIO()])
     return L.Trainer(**options, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir()),

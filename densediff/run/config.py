@@ -148,6 +148,10 @@ def user_errors():
             UnsupportedSchedulerError) as error:
         print(f"\nerror: {_own_message(error)}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
+    except OSError as error:  # a folder that cannot be written, a full disk, permissions: the path and the cause
+        from densediff.io import describe_os_error
+        print(f"\nerror: {describe_os_error(error)}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 def _own_message(error: BaseException) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import lightning as L
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from densediff import threads
@@ -20,13 +22,14 @@ from densediff.adapters import count_parameters
 from densediff.checkpoints import Preempted, Preemption
 from densediff.data.common import DataReadError
 from densediff.inference.speedup import speed_up
-from densediff.io import remove_temporaries, write_text
+from densediff.io import describe_os_error, remove_temporaries, write_text
 from densediff.paradigms import PARADIGMS
 from densediff.paradigms.precomputed import PrecomputedPredictions
 from densediff.run.build import (DATASET_PROTOCOL_KEYS, build_datamodule, build_loggers, build_model, build_trainer,
-                                 check_captions, check_config, check_finite, check_resume, geowizard_arguments,
-                                 inference_options, log_parameter_counts, read_checkpoint, resolve_backbone_task,
-                                 self_improving_steps, task_options, use_half_precision, warn_ignored_options)
+                                 check_captions, check_checkpoint_file, check_config, check_finite, check_resume,
+                                 geowizard_arguments, inference_options, log_parameter_counts, read_checkpoint,
+                                 resolve_backbone_task, self_improving_steps, task_options, use_half_precision,
+                                 warn_ignored_options)
 from densediff.run.cluster import PREEMPTED, requeued_checkpoint, scontrol_requeue
 from densediff.run.config import ConfigError, command_line_keys, first_process, log, run_dir, to_plain
 
@@ -84,11 +87,15 @@ def _check_fresh_run_dir(cfg: DictConfig) -> None:
 
 
 # Files that make a run directory someone's results: never written over by another train.py or evaluate.py.
-RESULT_FILES = ("metrics.json", "per_image.csv", "gallery.png")
+RESULT_FILES = ("metrics.json",)
+# What a run writes before its metrics.json: without metrics.json (and without checkpoints) they are an interrupted
+# run's leftovers, which a new run there replaces (a run killed after its gallery would block its rerun otherwise).
+PARTIAL_FILES = ("per_image.csv", "gallery.png")
 
 
 def _holds_results(directory: Path) -> str | None:
-    """The first file that makes `directory` a finished or started run, or None."""
+    """The first file that makes `directory` a finished run (metrics.json) or a training that can be resumed (a
+    checkpoint), or None."""
     for name in RESULT_FILES:
         if (directory / name).is_file():
             return name
@@ -96,18 +103,86 @@ def _holds_results(directory: Path) -> str | None:
     return f"checkpoints/{checkpoints[0].name}" if checkpoints else None  # (hidden: a killed write's leftover)
 
 
+def _clear_leftovers(directory: Path) -> None:
+    """Before a run writes into `directory`: remove what an interrupted run left there (the temporaries of a killed
+    atomic write; a gallery or per-image table without the metrics.json that would have made them results)."""
+    remove_temporaries(directory)
+    if _holds_results(directory) is None:
+        stale = [name for name in PARTIAL_FILES if (directory / name).is_file()]
+        for name in stale:
+            (directory / name).unlink()
+        if stale:
+            log.info("%s: replacing an interrupted run's %s", directory, ", ".join(stale))
+
+
+# In a run directory: held (an exclusive lock) by the train.py or evaluate.py writing there, for its lifetime.
+RUN_LOCK = ".densediff.lock"
+_held_locks: dict[Path, int] = {}  # run directory -> the open, locked file (kept open until the process ends)
+
+
+def claim_run_dir(directory: Path, job: str) -> None:
+    """Take `directory` for this process alone, atomically (flock on <directory>/.densediff.lock, released by the
+    kernel when the process ends however it ends, so a killed run leaves no stale claim). A second train.py or
+    evaluate.py started into the same directory while this one runs gets a ConfigError: two runs checking "is it
+    empty?" at the same moment would otherwise both pass and mix their files."""
+    directory = directory.resolve()
+    if directory in _held_locks:
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no claim (the results check still applies)
+        return
+    lock = directory / RUN_LOCK
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise ConfigError(f"cannot use hydra.run.dir={directory}: {describe_os_error(error)}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = ""
+        with contextlib.suppress(OSError, ValueError):
+            holder = os.pread(fd, 200, 0).decode().strip()
+        os.close(fd)
+        raise ConfigError(f"{directory} is in use by another run ({holder or 'a running job'}); wait for it to "
+                          "finish or choose a new hydra.run.dir") from None
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{job}.py, pid {os.getpid()}\n".encode(), 0)
+    _held_locks[directory] = fd
+
+
+def _claim_or_exit(directory: Path, job: str) -> None:
+    try:
+        claim_run_dir(directory, job)
+    except ConfigError as error:  # Hydra's callbacks run outside user_errors(): the one line here
+        print(f"\nerror: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
 class RunDirGuard(Callback):
-    """Refuses a train.py or evaluate.py run into a directory that already holds a run's results before Hydra
-    writes anything there (Hydra saves .hydra/ before the job starts, so a check inside the job would be too late).
-    The one exception is resuming a run in its own directory from one of its own checkpoints; its .hydra/ is then
-    saved as .hydra/resume-<n>/, keeping the original run's."""
+    """Refuses a train.py or evaluate.py run into a directory that already holds a run's results, or that another
+    run is writing (claim_run_dir), before Hydra writes anything there (Hydra saves .hydra/ before the job starts,
+    so a check inside the job would be too late). The one exception is resuming a run in its own directory from one
+    of its own checkpoints; its .hydra/ is then saved as .hydra/resume-<n>/, keeping the original run's."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         if not first_process():  # DDP children, the other tasks of a SLURM job: the first one's directory
             return
         job, directory = config.hydra.job.name, Path(str(config.hydra.run.dir))
+        try:  # Hydra creates it next, and would end in a traceback where it cannot
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            print(f"\nerror: cannot use hydra.run.dir={directory}: {describe_os_error(error)}", file=sys.stderr)
+            sys.exit(1)
+        if job not in ("train", "evaluate"):
+            return
         found = _holds_results(directory) if directory.is_dir() else None
-        if job not in ("train", "evaluate") or found is None:
+        if found is None:  # the claim, then the check again, so that no other run can start between the two
+            _claim_or_exit(directory, job)
+            found = _holds_results(directory)
+        if found is None:
             return
         resume = config.get("ckpt_path") if job == "train" else None
         if job == "train" and not resume:  # a requeued cluster job resumes by itself (train)
@@ -121,6 +196,7 @@ class RunDirGuard(Callback):
             print(f"\nerror: {directory} already holds a run ({found}); {what}. Choose a new hydra.run.dir"
                   f"{hint}", file=sys.stderr)
             sys.exit(1)
+        _claim_or_exit(directory, job)  # resuming: its own directory, which no other run may write meanwhile
         subdir = config.hydra.output_subdir
         if subdir is not None:
             n = 1 + sum(1 for _ in (directory / str(subdir)).glob("resume-*"))
@@ -134,12 +210,11 @@ def train(cfg: DictConfig) -> dict:
         cfg.ckpt_path = str(requeued)
     _check_fresh_run_dir(cfg)
     check_config(cfg)
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (a last.ckpt from an earlier run's "
-                                "checkpoints/ folder resumes it)")
+    if cfg.get("ckpt_path"):  # a last.ckpt from an earlier run's checkpoints/ folder resumes it
+        check_checkpoint_file(cfg.ckpt_path, "ckpt_path")
     if first_process():  # what a run killed mid-write left (its targets are intact)
-        for folder in (run_dir(), run_dir() / "checkpoints"):
-            remove_temporaries(folder)
+        _clear_leftovers(run_dir())
+        remove_temporaries(run_dir() / "checkpoints")
     resolve_backbone_task(cfg, training=True)
     if cfg.get("ckpt_path"):
         check_resume(cfg)
@@ -156,8 +231,12 @@ def train(cfg: DictConfig) -> dict:
     loggers = build_loggers(cfg)
     log_parameter_counts(loggers, model)
     trainer = build_trainer(cfg, model, loggers, checkpoints=True, datamodule=datamodule)
+    _check_training_batches(cfg, datamodule, trainer.world_size)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        stopped = [c for c in trainer.callbacks if isinstance(c, Preemption) and c.received]
+        if stopped:  # the signal came during the last validation: last.ckpt holds the finished training
+            raise Preempted(trainer.global_step, stopped[0].signum)
         metrics = _strip_stage(trainer.validate(model, datamodule=datamodule, verbose=False), "val")
         if trainer.is_global_zero:
             write_metrics(metrics, run_dir() / "metrics.json")
@@ -165,10 +244,54 @@ def train(cfg: DictConfig) -> dict:
             print_summary(f"trained {cfg.task_name}: validation metrics after {trainer.global_step} steps",
                           metrics, run_dir(), checkpoints=run_dir() / "checkpoints")
     except Preempted as stop:
+        if stop.signum == signal.SIGTERM:
+            _stopped(trainer, stop.signum, f"after optimizer step {stop.step}")
         _requeue(trainer, stop)
+    except SIGTERMException:  # Lightning's own handler, outside training: the sanity check or the final validation
+        _stopped(trainer, signal.SIGTERM, "during validation")
     finally:
         _finish_loggers()
     return metrics
+
+
+STOPPED_EXIT = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+
+def _stopped(trainer: L.Trainer, signum: int, when: str) -> None:
+    """A run stopped by SIGTERM: mark it resumable (preempted.json: the same hydra.run.dir resumes it by itself)
+    when checkpoints/last.ckpt holds it, say so in one line and exit non-zero (never 0: it did not finish)."""
+    last = run_dir() / "checkpoints" / "last.ckpt"
+    name = signal.Signals(signum).name
+    if last.is_file():
+        if trainer.is_global_zero:
+            write_text(run_dir() / PREEMPTED, json.dumps({"step": trainer.global_step, "signal": name,
+                                                          "checkpoint": "checkpoints/last.ckpt"}) + "\n")
+        message = (f"stopped by {name} {when}, before the run finished: {last} holds it; to resume, run the same "
+                   f"command with hydra.run.dir={run_dir()}")
+    else:
+        message = f"stopped by {name} {when}, before the first checkpoint: nothing to resume; start the run again"
+    log.warning(message)
+    for callback in trainer.callbacks:
+        if isinstance(callback, Preemption):
+            callback._restore()
+    _finish_loggers()
+    print(f"\nerror: {message}", file=sys.stderr)
+    sys.exit(STOPPED_EXIT)
+
+
+def _check_training_batches(cfg: DictConfig, datamodule, world_size: int) -> None:
+    """A training set that gives no complete batch would train 0 steps and exit 0 (incomplete batches are dropped,
+    so that every step sees dataset.batch_size samples)."""
+    batches = datamodule.train_batches(world_size)
+    if batches is None or batches > 0:
+        return
+    size, batch = len(datamodule.datasets["train"]), int(cfg.dataset.batch_size)
+    processes = f" on each of {world_size} processes" if world_size > 1 else ""
+    most = size // world_size
+    fix = f"lower dataset.batch_size to {most} or less, or " if most > 0 else ""
+    raise ConfigError(f"the training set of dataset={cfg.dataset.name} has {size} samples, fewer than one batch of "
+                      f"dataset.batch_size={batch}{processes}: training would make 0 steps ({fix}add training "
+                      f"samples)")
 
 
 def _requeue(trainer: L.Trainer, stop: Preempted) -> None:
@@ -180,18 +303,17 @@ def _requeue(trainer: L.Trainer, stop: Preempted) -> None:
     log.warning("preempted: %s; the job is requeued and resumes in %s", stop, run_dir())
     _finish_loggers()
     for callback in trainer.callbacks:
-        if isinstance(callback, Preemption):
+        if isinstance(callback, Preemption) and callback.signum == stop.signum:
             callback.hand_over()  # submitit: requeue, then exit (rank 0)
+        elif isinstance(callback, Preemption):
+            callback._restore()
     if not os.environ.get("SUBMITIT_FOLDER") and trainer.is_global_zero:
         scontrol_requeue()  # a SLURM job started by hand
     sys.exit(0)  # the other ranks (or no requeue mechanism: resume by starting the same job again)
 
 
 def load_checkpoint_model(cfg: DictConfig) -> L.LightningModule:
-    path = Path(cfg.ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt={path} does not exist: pass a checkpoint written by train.py "
-                                "(<run>/checkpoints/last.ckpt or best-step*.ckpt)")
+    path = check_checkpoint_file(cfg.ckpt)
     paradigm, task = checkpoint_identity(path)
     if paradigm == "multitask":  # its hyper-parameters name every task, its encoder and their options
         return PARADIGMS[paradigm].load_from_checkpoint(path, map_location="cpu", weights_only=True)
@@ -274,6 +396,8 @@ def checkpoint_identity(path: Path) -> tuple[str, str]:
 
 def evaluate(cfg: DictConfig) -> dict:
     check_config(cfg)
+    if first_process():
+        _clear_leftovers(run_dir())
     L.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("predictions") and cfg.get("ckpt"):
         raise ConfigError("pass either ckpt= (predict, then score) or predictions= (score files), not both")
@@ -302,7 +426,12 @@ def evaluate(cfg: DictConfig) -> dict:
     log_parameter_counts(loggers, model)
     trainer = build_trainer(cfg, model, loggers, checkpoints=False)
     try:
-        metrics = _strip_stage(trainer.test(model, datamodule=datamodule, verbose=False), "test")
+        try:
+            metrics = _strip_stage(trainer.test(model, datamodule=datamodule, verbose=False), "test")
+        except SIGTERMException:  # Lightning stops the loop at the next batch; nothing is written after it
+            print(f"\nerror: stopped by SIGTERM before the evaluation finished: no metrics written; run it again "
+                  f"(into hydra.run.dir={run_dir()} too)", file=sys.stderr)
+            sys.exit(STOPPED_EXIT)
         if trainer.is_global_zero:  # under DDP every process has the synchronised metrics; one writes them
             write_metrics(metrics, run_dir() / "metrics.json")
             source = cfg.ckpt or (f"predictions={cfg.predictions}" if cfg.get("predictions") else
