@@ -102,9 +102,11 @@ class Demo:
         return folder
 
     def predict(self, image: str | Path | None, task: str, steps: int, ensemble: int,
-                name: str | None = None) -> tuple[str, str, str | None]:
-        """(coloured PNG, float .npy, 16-bit PNG or None) for the image file `image`, written by predict.py's own
-        writer into a fresh temporary folder. Errors a user can fix raise UserError with a readable message."""
+                name: str | None = None) -> tuple[str, str, str | None, str | None]:
+        """(coloured PNG, float .npy, 16-bit PNG or None, uncertainty PNG or None) for the image file `image`, written
+        by predict.py's own writer into a fresh temporary folder; the uncertainty is an ensemble's (more than one
+        member, depth or normals: the members' disagreement, diffusers' formulas). Errors a user can fix raise
+        UserError with a readable message."""
         from densediff.inference.predict import output_paths, predict_images
 
         if image is None:
@@ -127,17 +129,20 @@ class Demo:
         inputs.mkdir()
         local = inputs / f"{stem or 'image'}{source.suffix.lower() or '.png'}"
         shutil.copyfile(source, local)
+        uncertain = ensemble > 1 and task in ("depth", "normals") and hasattr(model, "predict_with_uncertainty")
         with self._lock:  # one model object per task: its options are set for this request only
             try:
                 model.inference = request
-                _, skipped = predict_images(model, inputs, [local], outputs, self.device)
+                _, skipped = predict_images(model, inputs, [local], outputs, self.device, uncertainty=uncertain,
+                                            uncertainty_full_scale=None)
             finally:
                 model.inference = options
         if skipped:
             raise UserError(skipped[0].replace(str(local), local.name))
-        paths = output_paths(local, inputs, outputs, task)
-        png16 = paths.get("png16")
-        return str(paths["png"]), str(paths["npy"]), str(png16) if png16 else None
+        paths = output_paths(local, inputs, outputs, task, uncertainty=uncertain)
+        png16, spread = paths.get("png16"), paths.get("uncertainty_png")
+        return (str(paths["png"]), str(paths["npy"]), str(png16) if png16 else None,
+                str(spread) if spread is not None and spread.is_file() else None)
 
 
 class UserError(ValueError):
@@ -198,7 +203,7 @@ def uploaded_file(record, upload_folder: str | Path) -> tuple[str | None, str | 
 
 def build_ui(demo: Demo):
     """The page; its elements have stable ids for a browser to find (tests/test_app_browser.py): input-image,
-    run-button, prediction, prediction-npy, prediction-png16."""
+    run-button, prediction, prediction-npy, prediction-png16, prediction-uncertainty."""
     import gradio as gr
 
     tasks = list(demo.models)
@@ -241,8 +246,10 @@ def build_ui(demo: Demo):
                                     elem_id="prediction")
                 npy = gr.File(label="float prediction (.npy)", interactive=False, elem_id="prediction-npy")
                 png16 = gr.File(label="16-bit PNG (depth)", interactive=False, elem_id="prediction-png16")
+                spread = gr.Image(label="uncertainty (ensembles: how much the members disagree)", type="filepath",
+                                  format="png", interactive=False, elem_id="prediction-uncertainty")
         task.change(pick, inputs=task, outputs=[steps, ensemble], api_name=False)
-        button.click(run, inputs=[image, task, steps, ensemble], outputs=[coloured, npy, png16],
+        button.click(run, inputs=[image, task, steps, ensemble], outputs=[coloured, npy, png16, spread],
                      api_name="predict", preprocess=False)
     return blocks
 

@@ -103,8 +103,9 @@ def test_app_predicts_depth_and_serves_npy_and_16bit_png(client, tmp_path):
     image = tmp_path / "room.png"
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(image)
 
-    coloured, npy, png16 = client.predict(gradio_client.handle_file(str(image)), "depth", 1, 1,
-                                          api_name="/predict")
+    coloured, npy, png16, uncertainty = client.predict(gradio_client.handle_file(str(image)), "depth", 1, 1,
+                                                       api_name="/predict")
+    assert uncertainty is None  # one member: nothing to disagree
 
     assert Path(npy).name == "room.npy" and Path(png16).name == "room_16bit.png"
     with Image.open(coloured) as picture:
@@ -225,9 +226,13 @@ def test_demo_serves_one_model_per_task(tmp_path):
     image = tmp_path / "wall.jpg"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(image)
 
-    coloured, npy, png16 = demo.predict(image, "normals", 1, 2)
+    coloured, npy, png16, uncertainty = demo.predict(image, "normals", 1, 2)
 
     assert png16 is None and Path(npy).name == "wall.npy"
+    spread = np.load(Path(uncertainty).with_suffix(".npy"))  # the two members' disagreement, written beside it
+    assert Path(uncertainty).name == "wall_uncertainty.png" and spread.shape == (24, 40) and spread.max() > 0
+    with Image.open(uncertainty) as picture:
+        assert picture.size == (40, 24)
     values = np.load(npy)
     assert values.shape == (24, 40, 3)
     np.testing.assert_allclose(np.linalg.norm(values, axis=-1), 1, atol=1e-3)
