@@ -46,3 +46,13 @@ def test_loader_benchmark_runs_at_a_toy_size_and_writes_json(tmp_path):
     assert result["samples"] == 4 and result["loaders"]
     assert all(entry["samples"] == 4 and entry["samples_per_second"] > 0 for entry in result["loaders"].values())
     assert result["bytes_on_disk"]["hypersim_folder"] > 0
+
+
+def test_folder_benchmark_runs_at_a_toy_size_and_writes_json(tmp_path):
+    result = run_benchmark("bench_folder.py", "--images", 4, "--per-call", "1,2", "--workers", 0,
+                           "--out", tmp_path / "folder.json")
+    ways = [(r["implementation"], r["way"]) for r in result["results"]]
+    assert ways == [("diffusers", "image by image"), ("diffusers", "lists of 2"),
+                    ("densediff", "images_per_call=1, num_workers=0"), ("densediff", "images_per_call=2, num_workers=0"),
+                    ("densediff", "predict.py's loop with its files, images_per_call=2")]
+    assert all(r["images_per_s"] > 0 for r in result["results"]) and result["images"] == 4

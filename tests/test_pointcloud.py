@@ -94,3 +94,34 @@ def test_point_cloud_mistakes_are_one_line_before_any_work(tmp_path, overrides, 
                      "pointcloud=true", *overrides, expect_ok=False)
     assert result.returncode != 0 and needle in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_several_images_per_call_and_loader_workers_predict_what_one_at_a_time_does(tmp_path):
+    """predict.py images_per_call=3 num_workers=2 on a folder of two image sizes: consecutive same-size images share
+    a model call (sizes never mix), and every file equals the one-image-at-a-time prediction up to float rounding."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for i, size in enumerate([(24, 32)] * 4 + [(16, 40)] * 2 + [(24, 32)]):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    run_cli("predict.py", f"input={folder}", f"output={tmp_path / 'one'}", "backbone=tiny")
+    run_cli("predict.py", f"input={folder}", f"output={tmp_path / 'many'}", "backbone=tiny", "images_per_call=3",
+            "num_workers=2")
+    for i in range(7):
+        one, many = np.load(tmp_path / "one" / f"{i:02d}.npy"), np.load(tmp_path / "many" / f"{i:02d}.npy")
+        assert one.shape == many.shape and np.abs(one - many).max() < 1e-5, i
+    bad = run_cli("predict.py", f"input={folder}", f"output={tmp_path / 'bad'}", "backbone=tiny", "images_per_call=0",
+                  expect_ok=False)
+    assert bad.returncode != 0 and "images_per_call=0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_same_size_batches_group_consecutive_images_of_one_size():
+    import torch
+
+    from densediff.inference.predict import same_size_batches
+
+    sizes = [(4, 4)] * 4 + [(2, 6)] * 2 + [(4, 4)]
+    stream = [(f"{i}", torch.zeros(1, 3, *size)) for i, size in enumerate(sizes)]
+    groups = [[name for name, _ in batch] for batch in same_size_batches(stream, 3)]
+    assert groups == [["0", "1", "2"], ["3"], ["4", "5"], ["6"]]
+    assert [len(b) for b in same_size_batches(stream, 1)] == [1] * 7

@@ -147,11 +147,14 @@ def depth_full_scale(task) -> float:
 
 def predict_images(model, root: Path, images: list[Path], output: str | Path,
                    device: torch.device, uncertainty: bool = False, pointcloud: dict | None = None,
-                   uncertainty_full_scale: float | None = 90.0) -> tuple[int, list[str]]:
+                   uncertainty_full_scale: float | None = 90.0, images_per_call: int = 1,
+                   num_workers: int = 0) -> tuple[int, list[str]]:
     """Write the predictions of `images` (found and checked by check_outputs) mirrored from `root` into `output`;
     return (written, list of skipped-file messages). With `uncertainty` (a model with predict_with_uncertainty)
     also each prediction's expected angular error; with `pointcloud` ({"fov", "intrinsics", "references": {image:
-    reference depth file or None}}, depth only) each prediction's `<stem>.ply`."""
+    reference depth file or None}}, depth only) each prediction's `<stem>.ply`. Up to `images_per_call`
+    consecutive images of one size are predicted in one call of the model (the same results as one at a time, up
+    to float rounding); `num_workers` DataLoader workers decode the images ahead of the model."""
     task = model.task.name
     output = Path(output)
     model.eval().to(device)
@@ -159,22 +162,41 @@ def predict_images(model, root: Path, images: list[Path], output: str | Path,
     warn_large_native(images, int(getattr(model.inference, "processing_res", 0) or 0))
     skipped = []
     written = 0
-    for image, rgb in readable_images(tqdm(images, desc=f"predict {task}", unit="image"), skipped):
+    progress = tqdm(total=len(images), desc=f"predict {task}", unit="image")
+    for batch in same_size_batches(readable_images(images, skipped, num_workers, progress), images_per_call):
+        rgb = torch.cat([image_rgb for _, image_rgb in batch]).to(device)
+        alphas = None
         if uncertainty:
-            prediction, alpha = model.predict_with_uncertainty(rgb.to(device))
-            if alpha is not None:  # None: a model without one (GeoWizard's joint ensembles)
-                write_uncertainty(alpha[0].cpu(), planned[image], uncertainty_full_scale)
+            predictions, alphas = model.predict_with_uncertainty(rgb)  # None: a model without one (GeoWizard's)
         else:
-            prediction = model.predict(rgb.to(device))
-        write_prediction(model.task, prediction[0].cpu(), planned[image])
-        if pointcloud is not None:
-            from densediff.inference.pointcloud import write_pointcloud
+            predictions = model.predict(rgb)
+        for k, (image, image_rgb) in enumerate(batch):
+            if alphas is not None:
+                write_uncertainty(alphas[k].cpu(), planned[image], uncertainty_full_scale)
+            write_prediction(model.task, predictions[k].cpu(), planned[image])
+            if pointcloud is not None:
+                from densediff.inference.pointcloud import write_pointcloud
 
-            write_pointcloud(planned[image]["ply"], prediction[0].float().cpu().numpy(),
-                             rgb[0].permute(1, 2, 0).numpy(), depth_full_scale(model.task) != 1.0,
-                             pointcloud["fov"], pointcloud["intrinsics"], pointcloud["references"][image])
-        written += 1
+                write_pointcloud(planned[image]["ply"], predictions[k].float().cpu().numpy(),
+                                 image_rgb[0].permute(1, 2, 0).numpy(), depth_full_scale(model.task) != 1.0,
+                                 pointcloud["fov"], pointcloud["intrinsics"], pointcloud["references"][image])
+            written += 1
+    progress.close()
     return written, skipped
+
+
+def same_size_batches(stream, images_per_call: int):
+    """Lists of up to `images_per_call` consecutive (path, [1,3,H,W] RGB) of one size from `stream`, in order."""
+    if images_per_call < 1:
+        raise ValueError(f"images_per_call must be >= 1, got {images_per_call}")
+    batch = []
+    for image, rgb in stream:
+        if batch and (len(batch) == images_per_call or batch[0][1].shape != rgb.shape):
+            yield batch
+            batch = []
+        batch.append((image, rgb))
+    if batch:
+        yield batch
 
 
 def write_uncertainty(alpha: torch.Tensor, paths: dict[str, Path], full_scale: float | None = 90.0) -> None:
@@ -190,15 +212,37 @@ def write_uncertainty(alpha: torch.Tensor, paths: dict[str, Path], full_scale: f
         Image.fromarray((np.clip(array / white, 0, 1) * 255 + 0.5).astype(np.uint8)).save(tmp)
 
 
-def readable_images(images, skipped: list[str]):
-    """(path, [1,3,H,W] RGB) for every image that decodes; the others are logged and their messages appended to
-    `skipped` (predict.py reports them and fails when none was readable)."""
-    for image in images:
+class ImageFiles(torch.utils.data.Dataset):
+    """The images of a prediction run, decoded by load_rgb (in DataLoader workers when there are any): item i is
+    (i, [1,3,H,W] RGB or None, the error message or None)."""
+
+    def __init__(self, images: list[Path]):
+        self.images = list(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
         try:
-            yield image, load_rgb(image)
+            return index, load_rgb(self.images[index]), None
         except ValueError as error:
-            skipped.append(str(error))
+            return index, None, str(error)
+
+
+def readable_images(images, skipped: list[str], num_workers: int = 0, progress=None):
+    """(path, [1,3,H,W] RGB) for every image that decodes, in order, decoded by `num_workers` DataLoader workers
+    (0: here); the others are logged and their messages appended to `skipped` (predict.py reports them and fails
+    when none was readable). `progress` (a tqdm bar) advances by one image each."""
+    images = list(images)
+    loader = torch.utils.data.DataLoader(ImageFiles(images), batch_size=None, num_workers=num_workers)
+    for index, rgb, error in loader:
+        if progress is not None:
+            progress.update(1)
+        if error is not None:
+            skipped.append(error)
             log.warning("%s: skipped", error)
+            continue
+        yield images[index], rgb
 
 
 def write_prediction(task, prediction: torch.Tensor, paths: dict[str, Path], full_scale: float | None = None) -> None:
@@ -239,7 +283,8 @@ def predict_multitask_images(model, root: Path, images: list[Path], output: str 
     warn_large_native(images, int(getattr(getattr(model, "inference", None), "processing_res", 0) or 0))
     skipped = []
     written = 0
-    for image, rgb in readable_images(tqdm(images, desc="predict " + ", ".join(model.tasks), unit="image"), skipped):
+    progress = tqdm(total=len(images), desc="predict " + ", ".join(model.tasks), unit="image")
+    for image, rgb in readable_images(images, skipped, progress=progress):
         for t, prediction in model.predict(rgb.to(device)).items():
             task = model.heads[t].task
             write_prediction(task, prediction[0].cpu(), planned[t][image], getattr(task, "max_depth", None))

@@ -533,6 +533,9 @@ def predict(cfg: DictConfig) -> None:
         ckpt = Path(cfg.ckpt) if cfg.get("ckpt") else None
         saved = saved_inference(ckpt) if ckpt is not None and ckpt.is_file() else None
         ensemble_uncertainty = uncertainty = inference_options(cfg, "predict", saved).ensemble > 1
+    if int(cfg.get("images_per_call", 1)) < 1 or int(cfg.get("num_workers", 0)) < 0:
+        raise ConfigError(f"images_per_call={cfg.get('images_per_call')} and num_workers={cfg.get('num_workers')}: "
+                          "give at least 1 image per call and 0 or more workers")
     wants_pointcloud = bool(cfg.get("pointcloud", False))
     if wants_pointcloud and task != "depth":
         raise ConfigError(f"pointcloud=true needs a depth model; this one predicts {task}")
@@ -552,7 +555,9 @@ def predict(cfg: DictConfig) -> None:
                       "references": pointcloud_references(root, images, cfg.get("pointcloud_reference"))}
     model, device = build_predictor(cfg)
     written, skipped = predict_images(model, root, images, cfg.output, device, uncertainty=uncertainty,
-                                      pointcloud=pointcloud, uncertainty_full_scale=None if ensemble_uncertainty else 90.0)
+                                      pointcloud=pointcloud, uncertainty_full_scale=None if ensemble_uncertainty else 90.0,
+                                      images_per_call=int(cfg.get("images_per_call", 1)),
+                                      num_workers=int(cfg.get("num_workers", 0)))
     if skipped and not written:
         raise DataReadError(f"none of the {len(skipped)} images of input={cfg.input} could be read:\n  "
                             + "\n  ".join(skipped))
