@@ -51,14 +51,19 @@ class LatentDenoiser(LatentModel):
         super().on_load_checkpoint(checkpoint)
         self.step_randomness.load(checkpoint)
 
-    def use_schedule(self, scheduler, prediction_type: str | None) -> None:
+    def use_schedule(self, scheduler, prediction_type: str | None, zero_snr: bool = False):
         """The training schedule and what the UNet predicts: the scheduler config's type unless set (DMP re-registers
-        the training prediction type on the scheduler, docs/paradigms.md#dmp)."""
+        the training prediction type on the scheduler, docs/paradigms.md#dmp). `zero_snr`: the betas rescaled to zero
+        terminal SNR with trailing spacing (Marigold v1.1's trainer). Returns the scheduler in use."""
+        if zero_snr:
+            scheduler = type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True,
+                                                    timestep_spacing="trailing")
         if prediction_type:
             scheduler.register_to_config(prediction_type=prediction_type)
         self.prediction_type = scheduler.config.prediction_type
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        return scheduler
 
     def forward_process(self, clean: torch.Tensor, noise: torch.Tensor,
                         timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -89,10 +89,7 @@ class DiffusionEstimator(LatentDenoiser):
                                  gradient_checkpointing=gradient_checkpointing,
                                  keep_text_encoder=prompts == "dataset")
         self.prepare_backbone(backbone, adapter, adapter_rank, adapter_alpha)
-        if zero_snr:  # Marigold v1.1's trainer: the backbone's betas rescaled to zero terminal SNR, trailing spacing
-            backbone.scheduler = type(backbone.scheduler).from_config(
-                backbone.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
-        self.use_schedule(backbone.scheduler, prediction_type)
+        backbone.scheduler = self.use_schedule(backbone.scheduler, prediction_type, zero_snr)
         self.estimator = SingleStepEstimator(backbone.unet, backbone.vae, backbone.scheduler,
                                              backbone.empty_text_embedding, conditioning=conditioning,
                                              text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer)

@@ -109,7 +109,7 @@ class DenseEvaluation(L.LightningModule):
         metrics.reset()
         scalars = {f"{stage}/{k}": v for k, v in values.items() if torch.as_tensor(v).numel() == 1}
         correlation = self.val_uncertainty if stage == "val" else self.test_uncertainty
-        if correlation.update_called:
+        if correlation.update_called and correlation.images > 0:  # undefined where members agree (zero spread)
             scalars[f"{stage}/uncertainty_error_correlation"] = correlation.compute()
         correlation.reset()
         self.log_dict(scalars, sync_dist=False)

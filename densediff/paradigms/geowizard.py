@@ -75,6 +75,7 @@ class GeoWizardEstimator(LatentDenoiser):
         class_embedding_lr_mult: float = 10.0,
         latent: str = "mean",
         prompts: str = "empty",
+        zero_snr: bool = False,
         lr: float = 3e-5,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -119,7 +120,7 @@ class GeoWizardEstimator(LatentDenoiser):
         backbone = load_geowizard(backbone_path, attention=attention, joint_attention=joint_attention,
                                   gradient_checkpointing=gradient_checkpointing)
         self.prepare_backbone(backbone, adapter, adapter_rank, adapter_alpha)
-        self.use_schedule(backbone.scheduler, prediction_type)
+        backbone.scheduler = self.use_schedule(backbone.scheduler, prediction_type, zero_snr)
         # The shared predictor's module bundle; GeoWizard has no text prompt, its context comes from `conditioning`
         # (the empty-prompt slot holds an unused zero token of the cross-attention width).
         placeholder = torch.zeros(1, 1, int(backbone.unet.config.cross_attention_dim))
