@@ -1,0 +1,262 @@
+"""The glue between the pinned formulas (issue 31): masks, weights, input orders and selections that join the
+formulas pinned elsewhere. Each test here was checked to fail under a one-line change a refactor could make
+(docs/testing.md lists them): a loss that ignores its mask, the UNet's inputs swapped, a published loss weight
+changed, the even-sized median's middle member, the depth range dropped from a task's loss, Bae's sampling order.
+
+The expected values are written out here from the formulas (the papers' and the references'), not by calling the
+function under test on other inputs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from densediff.heads.bae import nll_angular, point_grid, sample_points, ug_nll_loss
+from densediff.paradigms.denoising import latent_valid_mask, masked_latent_mse
+from densediff.run import ASSETS
+from densediff.tasks import build_task
+from densediff.tasks.ensemble import ensemble_depth, median_of_members
+from densediff.tasks.normals import angular_loss
+
+ROOT = ASSETS.parents[1]
+
+
+def unit_vectors(*shape, seed=0):
+    v = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return v / v.norm(dim=1, keepdim=True)
+
+
+# ---- normals: the angular loss over an explicit partial mask -------------------------------------------------------
+
+def test_angular_loss_averages_the_angle_over_the_masked_pixels_of_the_whole_batch():
+    pred, target = unit_vectors(2, 3, 3, 4, seed=1), unit_vectors(2, 3, 3, 4, seed=2)
+    mask = torch.zeros(2, 3, 4, dtype=torch.bool)
+    mask[0, 0, :3] = True  # 3 pixels of image 0, 1 of image 1: a pooled mean, not a mean of per-image means
+    mask[1, 2, 1] = True
+    angles = [math.acos(float((pred[b, :, i, j] * target[b, :, i, j]).sum())) for b, i, j in mask.nonzero().tolist()]
+    assert angular_loss(pred, target, mask).item() == pytest.approx(sum(angles) / 4, rel=1e-5)
+    # what lies outside the mask does not count
+    moved = torch.where(mask[:, None], pred, -pred)
+    assert angular_loss(moved, target, mask).item() == pytest.approx(sum(angles) / 4, rel=1e-5)
+    assert angular_loss(pred, target, torch.zeros_like(mask)).item() == 0  # nothing valid: 0, not NaN
+
+
+# ---- Bae's head: the UG-NLL's point terms and the uncertainty-guided sampling ---------------------------------------
+
+def hand_nll(kappa: float, cosine: float) -> float:
+    theta = math.acos(cosine)
+    return -math.log(kappa ** 2 + 1) + kappa * theta + math.log(1 + math.exp(-kappa * math.pi))
+
+
+def test_ug_nll_reads_the_validity_at_the_sampled_points():
+    h, w = 4, 5
+    target = unit_vectors(1, 3, h, w, seed=3)
+    valid = torch.ones(1, h, w, dtype=torch.bool)
+    valid[0, :, :2] = False  # the two left columns have no ground truth
+    g = torch.Generator().manual_seed(4)
+    dense = torch.cat([unit_vectors(1, 3, h, w, seed=5), 0.5 + torch.rand(1, 1, h, w, generator=g)], dim=1)
+    rows, cols = torch.tensor([[0, 1, 2, 3, 3]]), torch.tensor([[0, 1, 2, 4, 3]])  # two invalid points, three valid
+    points = torch.cat([unit_vectors(1, 3, 5, seed=6), 0.5 + torch.rand(1, 1, 5, generator=g)], dim=1)
+    result = {"maps": [dense], "points": [(points, point_grid(rows, cols, h, w))]}
+
+    cos = lambda a, b: float((a * b).sum() / (a.norm() * b.norm()))
+    dense_terms = [hand_nll(float(dense[0, 3, i, j]), cos(dense[0, :3, i, j], target[0, :, i, j]))
+                   for i in range(h) for j in range(w) if valid[0, i, j]]
+    point_terms = [hand_nll(float(points[0, 3, n]), cos(points[0, :3, n], target[0, :, r, c]))
+                   for n, (r, c) in enumerate(zip(rows[0].tolist(), cols[0].tolist())) if valid[0, r, c]]
+    assert len(dense_terms) == 12 and len(point_terms) == 3
+    expected = sum(dense_terms) / len(dense_terms) + sum(point_terms) / len(point_terms)
+    assert ug_nll_loss(result, target, valid).item() == pytest.approx(expected, rel=1e-5)
+    # and the dense term alone on an all-valid mask counts every pixel
+    every = [hand_nll(float(dense[0, 3, i, j]), cos(dense[0, :3, i, j], target[0, :, i, j]))
+             for i in range(h) for j in range(w)]
+    assert nll_angular(dense, target, torch.ones_like(valid)).item() == pytest.approx(np.mean(every), rel=1e-5)
+
+
+def test_sampling_refines_the_least_certain_valid_pixels_then_random_others():
+    b, h, w = 2, 5, 6
+    kappa = torch.stack([torch.randperm(h * w, generator=torch.Generator().manual_seed(s)).float() + 1
+                         for s in range(b)]).view(b, h, w)
+    coarse = torch.cat([unit_vectors(b, 3, h, w, seed=7), kappa[:, None]], dim=1)
+    valid = torch.ones(b, h, w, dtype=torch.bool)
+    valid[0, 0] = False  # a row without ground truth in image 0
+    valid[1, :, 0] = False
+    torch.manual_seed(0)
+    rows, cols = sample_points(coarse, valid, ratio=0.4, importance=0.7)
+    n, n_important = int(0.4 * h * w), int(0.7 * int(0.4 * h * w))
+    assert rows.shape == cols.shape == (b, n) and (n, n_important) == (12, 8)
+    for i in range(b):
+        picked = (rows[i] * w + cols[i]).tolist()
+        assert len(set(picked)) == n  # no pixel twice
+        candidates = [p for p in kappa[i].flatten().argsort().tolist() if valid[i].flatten()[p]]
+        assert set(picked[:n_important]) == set(candidates[:n_important])  # the lowest kappa among the valid
+        assert not set(picked[n_important:]) & set(candidates[:n_important])
+    # the remaining 30% are drawn at random
+    torch.manual_seed(1)
+    other_rows, other_cols = sample_points(coarse, valid, ratio=0.4, importance=0.7)
+    assert not torch.equal(rows[:, n_important:] * w + cols[:, n_important:],
+                           other_rows[:, n_important:] * w + other_cols[:, n_important:])
+
+
+# ---- the UNet's input order: [rgb_latent, target_latent] on a backbone whose conv_in halves differ ------------------
+
+@pytest.fixture(scope="module")
+def random_backbone():
+    from densediff.backbones import load_backbone
+
+    backbone = load_backbone(ASSETS / "tiny_random")
+    halves = backbone.unet.conv_in.weight.detach()
+    assert (halves[:, :4] - halves[:, 4:]).abs().max() > 0.1  # else the input order is invisible
+    return backbone
+
+
+def test_single_step_estimate_feeds_the_rgb_latent_first(random_backbone):
+    from densediff.inference import SingleStepEstimator
+
+    b = random_backbone
+    estimator = SingleStepEstimator(b.unet.eval(), b.vae.eval(), b.scheduler, b.empty_text_embedding)
+    rgb = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scaling = b.vae.config.scaling_factor
+        rgb_latent = b.vae.encode(rgb * 2 - 1).latent_dist.mean * scaling
+        t = torch.full((2,), 999)
+        v = b.unet(torch.cat([rgb_latent, torch.zeros_like(rgb_latent)], 1), t,
+                   encoder_hidden_states=b.empty_text_embedding.expand(2, -1, -1)).sample
+        alpha_bar = b.scheduler.alphas_cumprod[999]
+        x0 = -(1 - alpha_bar).sqrt() * v  # v-prediction at x_t = 0
+        expected = b.vae.decode(x0 / scaling).sample
+        ours = estimator(rgb)
+    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
+
+
+def test_multistep_prediction_matches_diffusers_on_a_backbone_whose_conv_in_halves_differ(random_backbone):
+    from diffusers import DDIMScheduler, MarigoldDepthPipeline
+
+    from densediff.inference import SingleStepEstimator
+    from densediff.inference.predictor import InferenceOptions, predict
+
+    b = random_backbone
+    estimator = SingleStepEstimator(b.unet.eval(), b.vae.eval(), b.scheduler, b.empty_text_embedding)
+    rgb = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(1))
+    options = InferenceOptions(steps=2, noise="gaussian", final_step="prev_sample")
+    ours = predict(estimator, build_task("depth"), rgb, options, torch.Generator().manual_seed(7))
+    pipe = MarigoldDepthPipeline.from_pretrained(ASSETS / "tiny_random")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    theirs = pipe(rgb, num_inference_steps=2, ensemble_size=1, processing_resolution=0,
+                  generator=torch.Generator().manual_seed(7), output_type="pt").prediction[:, 0]
+    theirs = (theirs - theirs.min()) / (theirs.max() - theirs.min())  # one member: (d + 1) / 2, not min-max
+    assert torch.allclose(ours, theirs, atol=2e-3), (ours - theirs).abs().max()
+
+
+# ---- the latent loss of the denoising estimators (Marigold, DMP, GeoWizard) -----------------------------------------
+
+def test_masked_latent_mse_counts_the_masked_latents_and_all_of_an_empty_sample():
+    g = torch.Generator().manual_seed(0)
+    output, target = torch.randn(3, 4, 3, 3, generator=g), torch.randn(3, 4, 3, 3, generator=g)
+    mask = torch.zeros(3, 1, 3, 3, dtype=torch.bool)
+    mask[0, 0, 1:, :2] = True  # 4 latent pixels of sample 0
+    mask[1, 0, 0, 0] = True  # 1 of sample 1; sample 2 has none, so all its 9 count (Marigold)
+    sq = (output - target) ** 2
+    expected = (sq[0, :, 1:, :2].sum() + sq[1, :, 0, 0].sum() + sq[2].sum()) / ((4 + 1 + 9) * 4)
+    assert masked_latent_mse(output, target, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_latent_mask_of_a_partial_pixel_mask():
+    valid = torch.ones(2, 8, 12, dtype=torch.bool)
+    valid[0, 5, 9] = False  # spoils latent (1, 2) of sample 0
+    valid[1, :4] = False  # the top latent row of sample 1
+    mask = latent_valid_mask(valid, 4)
+    expected = torch.ones(2, 1, 2, 3, dtype=torch.bool)
+    expected[0, 0, 1, 2] = False
+    expected[1, 0, 0] = False
+    assert torch.equal(mask, expected)
+
+
+# ---- every published loss weight -------------------------------------------------------------------------------
+
+# DiffusionMTL (configs/pascal: semseg 1, human_parts 2, sal 5, normals 10, edge 50; TaskPrompter NYUD: depth 1,
+# normals 10, edge 50, semseg 1), intermediate heads x 0.5, edges' balanced BCE 0.95 (specs/multitask_diff2in1.md A3).
+PUBLISHED_MTL = {"segmentation": 1.0, "human_parts": 2.0, "saliency": 5.0, "normals": 10.0, "edges": 50.0,
+                 "depth": 1.0}
+
+
+def test_every_published_diffusionmtl_loss_weight_reaches_the_loss():
+    from densediff.paradigms.multitask import MultiTaskDenoising
+    from densediff.tasks.heads import DEFAULT_WEIGHTS
+
+    assert DEFAULT_WEIGHTS == PUBLISHED_MTL
+    objective = yaml.safe_load((ROOT / "conf" / "objective" / "multitask.yaml").read_text())
+    assert objective["intermediate_weight"] == 0.5
+    assert yaml.safe_load((ROOT / "conf" / "task" / "edges.yaml").read_text())["pos_weight"] == 0.95
+    assert yaml.safe_load((ROOT / "conf" / "task" / "multitask.yaml").read_text())["weights"] == {}
+
+    tasks = list(PUBLISHED_MTL)
+    tiny = dict(encoder_options={"config": {"embedding_size": 8, "hidden_sizes": [8, 8, 16, 16],
+                                            "depths": [1, 1, 1, 1]}},
+                embed_dim=8, denoiser_blocks=1, denoiser_heads=2, time_freq_dim=8)
+    model = MultiTaskDenoising(tasks, {"segmentation": {"palette": "procedural"},
+                                       "human_parts": {"palette": "procedural"}}, **tiny)
+    for head in model.heads.values():
+        head.loss = lambda values, batch: values  # per-sample losses given directly
+    final = {t: torch.tensor([1.0]) for t in tasks}
+    prelim = {t: torch.tensor([2.0]) for t in tasks}
+    out = model.losses(prelim, final, {}, torch.ones(1, len(tasks), dtype=torch.bool))
+    for t, weight in PUBLISHED_MTL.items():  # weight x (final + 0.5 x preliminary), all labelled: no rescaling
+        assert out[t].item() == pytest.approx(weight * (1 + 0.5 * 2)), t
+
+
+# ---- depth ensembles of even size against diffusers --------------------------------------------------------------
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_even_sized_depth_ensemble_equals_diffusers_ensemble_depth(count):
+    from diffusers import MarigoldDepthPipeline
+
+    g = torch.Generator().manual_seed(count)
+    base = torch.rand(1, 24, 30, generator=g)
+    scale, shift = torch.linspace(0.5, 2.0, count), torch.linspace(-0.3, 0.2, count)
+    members = base * scale[:, None, None] + shift[:, None, None] + 0.05 * torch.randn(count, 24, 30, generator=g)
+    ours = ensemble_depth(members, reduction="median")
+    ours = (ours - ours.min()) / (ours.max() - ours.min())
+    theirs, _ = MarigoldDepthPipeline.ensemble_depth(members[:, None], reduction="median")
+    assert torch.allclose(ours, theirs[0, 0], atol=1e-5), (ours - theirs[0, 0]).abs().max()
+
+
+def test_median_of_an_even_number_of_members_is_the_lower_middle_one():
+    members = torch.tensor([[4.0, 1.0], [2.0, 3.0], [1.0, 2.0], [3.0, 4.0]])  # per pixel: 1 2 3 4 in some order
+    assert median_of_members(members).tolist() == [2.0, 2.0]
+    assert median_of_members(members[:2]).tolist() == [2.0, 1.0]
+
+
+# ---- a task's whole loss: partial masks and out-of-range pixels -------------------------------------------------
+
+def hand_depth_loss(pred: np.ndarray, depth: np.ndarray, valid: np.ndarray, quantile: float) -> float:
+    """E2E-FT's depth loss written out: clip each image's GT to its [q, 1-q] valid-pixel quantiles (linear), fit
+    scale and shift of the prediction by least squares on the valid pixels, L1 pooled over the batch's valid ones."""
+    total, count = 0.0, 0
+    for p, d, m in zip(pred, depth, valid):
+        lo, hi = np.quantile(d[m], [quantile, 1 - quantile])
+        g = np.clip(d[m], lo, hi)
+        (s, t), *_ = np.linalg.lstsq(np.stack([p[m], np.ones(m.sum())], 1), g, rcond=None)
+        assert s > 0  # the least-squares branch of the loss
+        total += np.abs(s * p[m] + t - g).sum()
+        count += m.sum()
+    return total / count
+
+
+def test_depth_task_loss_keeps_only_valid_in_range_pixels():
+    g = torch.Generator().manual_seed(0)
+    depth = 1 + 9 * torch.rand(2, 6, 8, generator=g)
+    depth[0, 0, :3] = 0.0  # below min_depth, flagged valid by the loader
+    depth[0, 5, 5:] = 200.0  # beyond max_depth
+    depth[1, 2, 2] = 95.0
+    valid_mask = torch.ones(2, 6, 8, dtype=torch.bool)
+    valid_mask[1, :, :2] = False  # plus a partial loader mask
+    valid_mask[1, 4, 4] = False
+    depth[1, :, :2] = 0.5 + torch.rand(6, 2, generator=g)  # in range, but the loader says invalid
+    pred = (depth - 5) / 5 + 0.3 * torch.randn(2, 6, 8, generator=g)
+    task = build_task("depth")  # min_depth 1e-3, max_depth 80, quantile 0.02
+    in_range = valid_mask & (depth > 1e-3) & (depth < 80)
+    expected = hand_depth_loss(pred.double().numpy(), depth.double().numpy(), in_range.numpy(), 0.02)
+    assert task.loss(pred, {"depth": depth, "valid_mask": valid_mask}).item() == pytest.approx(expected, rel=1e-4)
