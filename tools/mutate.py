@@ -62,7 +62,23 @@ COVERAGE = {
     "densediff/inference/single_step.py": ["tests/test_glue.py", "tests/test_inference.py"],
     "densediff/inference/predictor.py": ["tests/test_glue.py", "tests/test_inference.py"],
     "densediff/paradigms/denoising.py": ["tests/test_glue.py", "tests/test_diffusion.py"],
+    "densediff/paradigms/multitask.py": ["tests/test_glue.py", "tests/test_multitask.py"],
 }
+
+# Where only some functions of a module are numerical core (the rest builds networks): generate only from these.
+FUNCTIONS = {"densediff/paradigms/multitask.py": {"two_step_schedule", "timestep_embedding", "losses", "delta_m"}}
+
+# Tests that run the CLIs or benchmarks (tens of seconds each): left out of every mutant's run.
+SLOW = ["tests/test_tasks.py::test_predict_writes_class_ids_for_segmentation_and_images_for_albedo",
+        "tests/test_tasks.py::test_nearest_colour_on_768x1024_runs_in_bounded_memory",
+        "tests/test_tasks.py::test_the_tasks_import_neither_the_data_nor_inference",
+        "tests/test_tasks.py::test_every_task_builds_from_its_hydra_config",
+        "tests/test_self_improving.py::test_three_stages_through_train_py_resume_and_predict",
+        "tests/test_speedup.py::test_gpu_suite_refuses_without_cuda",
+        "tests/test_speedup.py::test_predictor_benchmark_runs_at_a_toy_size",
+        "tests/test_diffusion.py::test_diffusion_recipe_runs_on_tiny_random_and_procedural",
+        "tests/test_diffusion.py::test_bad_diffusion_options_are_named",
+        "tests/test_inference.py::test_evaluate_scores_precomputed_predictions_by_hand"]
 
 # Functions left out of generation: messages, plotting and I/O, where a mutant changes no number.
 SKIP_FUNCTIONS = {"colorize", "per_image_rows", "__repr__", "resize_output"}
@@ -187,6 +203,10 @@ def generate(path: str) -> list[Mutant]:
             for ann in (getattr(node, "returns", None), getattr(node, "annotation", None)):
                 if ann is not None:
                     skip |= {id(n) for n in ast.walk(ann)}
+    if path in FUNCTIONS:  # everything outside the listed functions is skipped
+        inside = {id(n) for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name in FUNCTIONS[path]
+                  for n in ast.walk(node)}
+        skip |= {id(n) for n in ast.walk(tree)} - inside
     mutants = []
     for node in ast.walk(tree):
         if id(node) in skip or not hasattr(node, "lineno"):
@@ -228,7 +248,7 @@ def run_tests(workspace: Path, tests: list[str], timeout: float) -> tuple[str, f
     env = {**os.environ, "PYTHONPATH": str(workspace), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONDONTWRITEBYTECODE": "1"}
     command = [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-x", "-q",
-               "-m", "not slow", *tests]
+               "-m", "not slow", *tests, *(f"--deselect={n}" for n in SLOW)]
     start = time.monotonic()
     try:
         rc = subprocess.run(command, cwd=workspace, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
