@@ -11,7 +11,7 @@ PRIOR_RECIPES ?= prior/e2e_depth,prior/marigold_depth,prior/dmp_normal,prior/geo
 PRIOR_METRICS ?= abs_rel,delta1,angular_mean,angular_11_25,segmentation/miou,depth/abs_rel,normals/angular_mean,edges/ods_f
 PRIOR_ARGS ?=  # extra train.py overrides for every job, e.g. PRIOR_ARGS="trainer.max_steps=100"
 
-.PHONY: help install demo prior test test-all bench bench-gpu app clean-outputs
+.PHONY: help install demo prior test test-all mutate bench bench-gpu app clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -41,6 +41,12 @@ test: $(STAMP)  ## the test suite (what CI runs): one worker per core, a test fi
 
 test-all: $(STAMP)  ## every test, including the slow demo-length training
 	$(PY) -m pytest -q -n auto --dist loadfile
+
+MUTANTS ?= 40  # generated mutants drawn per `make mutate` (MUTATE_SEED picks which)
+MUTATE_SEED ?= 0
+mutate: $(STAMP)  ## mutation testing (not in `test`): the named one-line bugs, then a sample of generated mutants
+	$(PY) tools/mutate.py --named
+	$(PY) tools/mutate.py --sample $(MUTANTS) --seed $(MUTATE_SEED)
 
 bench: $(STAMP)  ## benchmarks, JSON in benchmarks/results/
 	@mkdir -p benchmarks/results
