@@ -207,6 +207,22 @@ def test_every_published_diffusionmtl_loss_weight_reaches_the_loss():
         assert out[t].item() == pytest.approx(weight * (1 + 0.5 * 2)), t
 
 
+def test_diffusionmtl_defaults_are_the_published_config_in_code_and_yaml():
+    """The class's and the schedule's defaults equal conf/objective/multitask.yaml, which holds the released PASCAL
+    config (2 steps, betas 1e-3 -> 1e-2, intermediate heads x 0.5, Adam 2e-5, weight decay 1e-6, poly 0.9)."""
+    import inspect
+
+    from densediff.paradigms.multitask import MultiTaskDenoising, two_step_schedule
+
+    objective = yaml.safe_load((ROOT / "conf" / "objective" / "multitask.yaml").read_text())
+    published = {"num_timesteps": 2, "beta_start": 1e-3, "beta_end": 1e-2, "intermediate_weight": 0.5, "lr": 2e-5,
+                 "weight_decay": 1e-6, "poly_power": 0.9}
+    defaults = inspect.signature(MultiTaskDenoising).parameters
+    for name, value in published.items():
+        assert objective[name] == value and defaults[name].default == value, name
+    assert two_step_schedule()["betas"].tolist() == pytest.approx([1e-3, 1e-2], rel=1e-12)
+
+
 # ---- depth ensembles of even size against diffusers --------------------------------------------------------------
 
 @pytest.mark.parametrize("count", [2, 4])
