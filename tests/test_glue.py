@@ -177,7 +177,8 @@ def test_latent_mask_of_a_partial_pixel_mask():
 # ---- every published loss weight -------------------------------------------------------------------------------
 
 # DiffusionMTL (configs/pascal: semseg 1, human_parts 2, sal 5, normals 10, edge 50; TaskPrompter NYUD: depth 1,
-# normals 10, edge 50, semseg 1), intermediate heads x 0.5, edges' balanced BCE 0.95 (specs/multitask_diff2in1.md A3).
+# normals 10, edge 50, semseg 1), intermediate heads x 0.5, edges' balanced BCE 0.95 (DMTL utils/common_config.py,
+# losses/loss_schemes.py; docs/paradigms.md#diffusionmtl).
 PUBLISHED_MTL = {"segmentation": 1.0, "human_parts": 2.0, "saliency": 5.0, "normals": 10.0, "edges": 50.0,
                  "depth": 1.0}
 
@@ -259,6 +260,16 @@ def test_diffusionmtl_defaults_are_the_published_config_in_code_and_yaml():
     for name, value in published.items():
         assert objective[name] == value and defaults[name].default == value, name
     assert two_step_schedule()["betas"].tolist() == pytest.approx([1e-3, 1e-2], rel=1e-12)
+
+
+def test_pyramid_noise_defaults_are_marigolds():
+    """Marigold's multi-resolution training noise: 10 levels, discount 0.9, each level shrunk by r ~ U[2, 4)."""
+    import inspect
+
+    from densediff.inference.predictor import pyramid_noise
+
+    defaults = {k: p.default for k, p in inspect.signature(pyramid_noise).parameters.items()}
+    assert (defaults["levels"], defaults["discount"], tuple(defaults["scale_range"])) == (10, 0.9, (2.0, 4.0))
 
 
 # ---- depth ensembles of even size against diffusers --------------------------------------------------------------
