@@ -262,6 +262,17 @@ def test_diffusionmtl_defaults_are_the_published_config_in_code_and_yaml():
     assert two_step_schedule()["betas"].tolist() == pytest.approx([1e-3, 1e-2], rel=1e-12)
 
 
+def test_diffusionmtl_timestep_embedding_is_dits_sinusoid():
+    """DiT's TimestepEmbedder.timestep_embedding: [cos, sin] of t x max_period^(-k / half), k = 0 .. half - 1."""
+    from densediff.paradigms.multitask import timestep_embedding
+
+    t = torch.tensor([0.0, 1.0, 7.0])
+    ours = timestep_embedding(t, dim=8)
+    for i, step in enumerate(t.tolist()):
+        args = [step * 10000.0 ** (-k / 4) for k in range(4)]
+        assert ours[i].tolist() == pytest.approx([math.cos(a) for a in args] + [math.sin(a) for a in args], abs=1e-6)
+
+
 def test_pyramid_noise_defaults_are_marigolds():
     """Marigold's multi-resolution training noise: 10 levels, discount 0.9, each level shrunk by r ~ U[2, 4)."""
     import inspect

@@ -15,6 +15,7 @@ A mutant is killed when its tests fail (or run past --timeout), survives when th
     python tools/mutate.py --named                        # the named mutants (about a minute)
     python tools/mutate.py --sample 60 --seed 0           # 60 generated mutants drawn at random over the modules
     python tools/mutate.py --module densediff/tasks/depth.py --sample 20
+    python tools/mutate.py --replay results.json          # the survivors of an earlier --json run, again
     python tools/mutate.py --list                         # count the generated mutants per module, run nothing
 
 `make mutate` runs the named mutants and a 40-mutant sample. Prints one line per mutant and a summary; --json writes
@@ -266,6 +267,8 @@ def main(argv=None) -> int:
     parser.add_argument("--module", action="append", help="generate from these modules only (default: COVERAGE)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per mutant (a timeout counts as killed)")
     parser.add_argument("--list", action="store_true", help="count the generated mutants per module and stop")
+    parser.add_argument("--replay", type=Path, help="run again the survivors recorded in this --json file (after adding "
+                        "tests: are they killed now?)")
     parser.add_argument("--tests", nargs="+", help="run these tests for every mutant instead of its covering ones")
     parser.add_argument("--json", type=Path, help="write every result here")
     args = parser.parse_args(argv)
@@ -297,6 +300,10 @@ def main(argv=None) -> int:
                                f"{mutation.path}:{line}: {mutation.name}", mutation.tests))
     if args.sample:
         todo += random.Random(args.seed).sample(generated, min(args.sample, len(generated)))
+    if args.replay:
+        fields = set(Mutant.__dataclass_fields__)
+        todo += [Mutant(**{k: v for k, v in r.items() if k in fields})
+                 for r in json.loads(args.replay.read_text()) if r["outcome"] == "survived"]
     if not todo:
         parser.error("nothing to run: pass --named and/or --sample N (or --list)")
     for mutant in todo:
