@@ -336,3 +336,26 @@ def test_depth_task_loss_keeps_only_valid_in_range_pixels():
     in_range = valid_mask & (depth > 1e-3) & (depth < 80)
     expected = hand_depth_loss(pred.double().numpy(), depth.double().numpy(), in_range.numpy(), 0.02)
     assert task.loss(pred, {"depth": depth, "valid_mask": valid_mask}).item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["depth", "albedo", "shading", "segmentation"])
+def test_a_tasks_whole_loss_sees_nothing_outside_the_valid_mask(name):
+    """Any change of the prediction where the loader's valid_mask is False leaves the task's loss unchanged; a change
+    at a valid pixel does not (procedural scenes, the left half of every image masked out)."""
+    from torch.utils.data import default_collate
+
+    from densediff.data.procedural import ProceduralScenes
+
+    task = build_task(name, **({"palette": "procedural"} if name == "segmentation" else {}))
+    data = ProceduralScenes(tasks=[name], num_scenes=2, height=16, width=20)
+    batch = default_collate([data[i] for i in range(2)])
+    batch["valid_mask"][:, :, :10] = False
+    g = torch.Generator().manual_seed(0)
+    clean = task.decode(task.encode(batch))
+    pred = clean + 0.2 * torch.randn(clean.shape, generator=g)
+    outside = (~batch["valid_mask"]).view(2, *([1] if pred.dim() == 4 else []), 16, 20)
+    noise = torch.randn(pred.shape, generator=g)
+    loss = task.loss(pred, batch)
+    assert torch.isfinite(loss) and loss > 0
+    assert task.loss(pred + 3 * noise * outside, batch).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert task.loss(pred + 0.5 * noise * ~outside, batch).item() != pytest.approx(loss.item(), rel=1e-3)
