@@ -273,14 +273,26 @@ def test_diffusionmtl_timestep_embedding_is_dits_sinusoid():
         assert ours[i].tolist() == pytest.approx([math.cos(a) for a in args] + [math.sin(a) for a in args], abs=1e-6)
 
 
-def test_pyramid_noise_defaults_are_marigolds():
-    """Marigold's multi-resolution training noise: 10 levels, discount 0.9, each level shrunk by r ~ U[2, 4)."""
-    import inspect
+def test_pyramid_noise_is_marigolds_multi_res_noise_draw_for_draw():
+    """Marigold's training noise (multi_res_noise_like, strategy "original") written out: Gaussian noise plus 10
+    levels, each r ~ 2 + 2 U[0, 1) times smaller than the last (cumulative), bilinearly upsampled, weighted 0.9^i,
+    stopping at 1 px, divided by the global std; drawn from the same generator, so equal draw for draw."""
+    import torch.nn.functional as F
 
     from densediff.inference.predictor import pyramid_noise
 
-    defaults = {k: p.default for k, p in inspect.signature(pyramid_noise).parameters.items()}
-    assert (defaults["levels"], defaults["discount"], tuple(defaults["scale_range"])) == (10, 0.9, (2.0, 4.0))
+    shape = (2, 4, 24, 32)
+    ours = pyramid_noise(shape, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    b, c, h, w = shape
+    noise = torch.randn(shape, generator=g)
+    for i in range(10):
+        r = torch.rand(1, generator=g) * 2 + 2
+        h, w = max(1, int(h / r ** i)), max(1, int(w / r ** i))
+        noise += F.interpolate(torch.randn(b, c, h, w, generator=g), size=shape[2:], mode="bilinear") * 0.9 ** i
+        if h == 1 or w == 1:
+            break
+    assert torch.allclose(ours, noise / noise.std(), atol=1e-6)
 
 
 # ---- depth ensembles of even size against diffusers --------------------------------------------------------------

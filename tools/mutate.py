@@ -10,7 +10,8 @@ Two kinds of mutants, each applied alone to a private copy of the repository (th
   mask conjunctions cut (`a & b` -> `a`, -> `b`), negations dropped (`~m`, `-x`, `not c`), numbers changed
   (n -> n + 1, x -> 2x, 0 -> 1), booleans flipped, and min/max, argmin/argmax, any/all, mean/sum swapped in calls.
 
-A mutant is killed when its tests fail (or run past --timeout), survives when they pass. Usage:
+A mutant is killed when its tests fail (or run past --timeout, or cannot import the mutated module), survives when
+they pass. A named mutant must be killed by a failing test. Usage:
 
     python tools/mutate.py --named                        # the named mutants (about a minute)
     python tools/mutate.py --sample 60 --seed 0           # 60 generated mutants drawn at random over the modules
@@ -256,7 +257,10 @@ def run_tests(workspace: Path, tests: list[str], timeout: float) -> tuple[str, f
                             timeout=timeout).returncode
     except subprocess.TimeoutExpired:
         return "timeout", time.monotonic() - start
-    return ("survived" if rc == 0 else "killed" if rc == 1 else f"error (pytest rc {rc})"), time.monotonic() - start
+    # rc 1: a test failed; rc 2-4: collection or import failed (the mutant breaks the module: caught too, reported
+    # apart); rc 5: no test ran
+    outcome = {0: "survived", 1: "killed", 5: "no tests"}.get(rc, f"broken (pytest rc {rc})")
+    return outcome, time.monotonic() - start
 
 
 def main(argv=None) -> int:
@@ -338,16 +342,17 @@ def main(argv=None) -> int:
         shutil.rmtree(workspace, ignore_errors=True)
 
     ran = [r for r in results if not r["outcome"].startswith("invalid")]
-    killed = [r for r in ran if r["outcome"] in ("killed", "timeout")]
-    survived = [r for r in ran if r["outcome"] == "survived"]
-    print(f"\nscore: {len(killed)}/{len(ran)} killed ({100 * len(killed) / max(len(ran), 1):.0f}%); "
-          f"{len(survived)} survived, {len(ran) - len(killed) - len(survived)} errors, "
+    survived = [r for r in ran if r["outcome"] in ("survived", "no tests")]
+    killed = [r for r in ran if r not in survived]  # a failing test, a timeout or a module that no longer loads
+    broken = [r for r in killed if r["outcome"].startswith(("broken", "timeout"))]
+    print(f"\nscore: {len(killed)}/{len(ran)} killed ({100 * len(killed) / max(len(ran), 1):.0f}%; "
+          f"{len(broken)} of them by a timeout or a module that no longer loads); {len(survived)} survived; "
           f"{len(results) - len(ran)} invalid")
     for r in survived:
         print(f"  survived: {r['name']}  {r['replacement'][:80]!r}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    named_missed = [r for r in results[:len(MUTATIONS) if args.named else 0] if r["outcome"] not in ("killed", "timeout")]
+    named_missed = [r for r in results[:len(MUTATIONS) if args.named else 0] if r["outcome"] != "killed"]
     return 1 if named_missed else 0  # a named mutant is a bug the suite must catch
 
 
