@@ -62,7 +62,9 @@ COVERAGE = {
     "densediff/metrics/morphology.py": ["tests/metrics/test_edges.py"],
     "densediff/heads/bae.py": ["tests/test_glue.py", "tests/test_self_improving.py"],
     "densediff/inference/single_step.py": ["tests/test_glue.py", "tests/test_inference.py"],
-    "densediff/inference/predictor.py": ["tests/test_glue.py", "tests/test_inference.py"],
+    "densediff/inference/predictor.py": ["tests/test_glue.py", "tests/test_inference.py",
+                                         "tests/test_diffusion.py::test_prompts_and_classifier_free_guidance_follow_dmp",
+                                         "tests/test_geowizard_training.py::test_prediction_gives_both_geometries_and_the_primary_one"],
     "densediff/paradigms/denoising.py": ["tests/test_glue.py", "tests/test_diffusion.py"],
     "densediff/paradigms/multitask.py": ["tests/test_glue.py", "tests/test_multitask.py"],
 }
