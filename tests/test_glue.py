@@ -75,6 +75,17 @@ def test_ug_nll_reads_the_validity_at_the_sampled_points():
     assert nll_angular(dense, target, torch.ones_like(valid)).item() == pytest.approx(np.mean(every), rel=1e-5)
 
 
+def test_nll_leaves_out_pixels_whose_cosine_is_outside_plus_minus_0_999():
+    """Bae's NLL keeps the pixels with -0.999 < cos < 0.999 (acos has no usable gradient beyond): an exact and an
+    opposite prediction add nothing to the mean, whatever their kappa."""
+    target = unit_vectors(1, 3, 1, 4, seed=10)
+    pred = torch.cat([unit_vectors(1, 3, 1, 4, seed=11), torch.tensor([1.0, 2.0, 30.0, 40.0]).view(1, 1, 1, 4)], 1)
+    pred[0, :3, 0, 2], pred[0, :3, 0, 3] = target[0, :, 0, 2], -target[0, :, 0, 3]
+    cos = lambda j: float((pred[0, :3, 0, j] * target[0, :, 0, j]).sum())
+    expected = (hand_nll(1.0, cos(0)) + hand_nll(2.0, cos(1))) / 2
+    assert nll_angular(pred, target, torch.ones(1, 1, 4, dtype=torch.bool)).item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_sampling_refines_the_least_certain_valid_pixels_then_random_others():
     b, h, w = 2, 5, 6
     kappa = torch.stack([torch.randperm(h * w, generator=torch.Generator().manual_seed(s)).float() + 1

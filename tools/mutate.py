@@ -62,9 +62,10 @@ COVERAGE = {
     "densediff/metrics/morphology.py": ["tests/metrics/test_edges.py"],
     "densediff/heads/bae.py": ["tests/test_glue.py", "tests/test_self_improving.py"],
     "densediff/inference/single_step.py": ["tests/test_glue.py", "tests/test_inference.py"],
-    "densediff/inference/predictor.py": ["tests/test_glue.py", "tests/test_inference.py",
-                                         "tests/test_diffusion.py::test_prompts_and_classifier_free_guidance_follow_dmp",
-                                         "tests/test_geowizard_training.py::test_prediction_gives_both_geometries_and_the_primary_one"],
+    "densediff/inference/predictor.py": [
+        "tests/test_glue.py", "tests/test_inference.py",
+        "tests/test_diffusion.py::test_prompts_and_classifier_free_guidance_follow_dmp",
+        "tests/test_geowizard_training.py::test_prediction_gives_both_geometries_and_the_primary_one"],
     "densediff/paradigms/denoising.py": ["tests/test_glue.py", "tests/test_diffusion.py"],
     "densediff/paradigms/multitask.py": ["tests/test_glue.py", "tests/test_multitask.py"],
 }
@@ -107,7 +108,8 @@ MUTATIONS = [
              ["tests/test_glue.py", "tests/test_self_improving.py"],
              "UG-NLL point terms ignore the validity at the sampled points"),
     Mutation("densediff/inference/single_step.py", "self.unet(torch.cat([rgb_latent, target_latent], dim=1)",
-             "self.unet(torch.cat([target_latent, rgb_latent], dim=1)", ["tests/test_glue.py", "tests/test_inference.py"],
+             "self.unet(torch.cat([target_latent, rgb_latent], dim=1)",
+             ["tests/test_glue.py", "tests/test_inference.py"],
              "E2E single step feeds the UNet [target, rgb]"),
     Mutation("densediff/inference/predictor.py", "torch.cat([rgb_latent, latent], dim=1)",
              "torch.cat([latent, rgb_latent], dim=1)", ["tests/test_glue.py", "tests/test_inference.py"],
@@ -115,13 +117,15 @@ MUTATIONS = [
     Mutation("densediff/paradigms/denoising.py", "return masked_mse(output, target, mask[:, 0])",
              "return masked_mse(output, target, torch.ones_like(mask[:, 0]))",
              ["tests/test_glue.py", "tests/test_diffusion.py"], "latent loss ignores the valid mask"),
-    Mutation("densediff/tasks/heads.py", '"edges": 50.0', '"edges": 5.0', ["tests/test_glue.py", "tests/test_multitask.py"],
+    Mutation("densediff/tasks/heads.py", '"edges": 50.0', '"edges": 5.0',
+             ["tests/test_glue.py", "tests/test_multitask.py"],
              "DiffusionMTL's edge loss weight 50 -> 5"),
     Mutation("densediff/tasks/heads.py", '"human_parts": 2.0', '"human_parts": 1.0',
              ["tests/test_glue.py", "tests/test_multitask.py"], "DiffusionMTL's human-parts loss weight 2 -> 1"),
     Mutation("densediff/tasks/ensemble.py", "return rows[(len(rows) - 1) // 2]", "return rows[len(rows) // 2]",
              ["tests/test_glue.py", "tests/test_inference.py"], "ensemble median takes the upper middle member"),
-    Mutation("densediff/tasks/depth.py", "        valid = self.valid(batch)\n        target, valid = masked_quantile_clip",
+    Mutation("densediff/tasks/depth.py",
+             "        valid = self.valid(batch)\n        target, valid = masked_quantile_clip",
              '        valid = batch["valid_mask"]\n        target, valid = masked_quantile_clip',
              ["tests/test_glue.py", "tests/test_losses.py", "tests/test_tasks.py"],
              "DepthTask.loss drops the min/max depth range from its mask"),
@@ -273,8 +277,8 @@ def main(argv=None) -> int:
     parser.add_argument("--module", action="append", help="generate from these modules only (default: COVERAGE)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per mutant (a timeout counts as killed)")
     parser.add_argument("--list", action="store_true", help="count the generated mutants per module and stop")
-    parser.add_argument("--replay", type=Path, help="run again the survivors recorded in this --json file (after adding "
-                        "tests: are they killed now?)")
+    parser.add_argument("--replay", type=Path,
+                        help="run again the survivors recorded in this --json file (after adding tests: killed now?)")
     parser.add_argument("--tests", nargs="+", help="run these tests for every mutant instead of its covering ones")
     parser.add_argument("--json", type=Path, help="write every result here")
     args = parser.parse_args(argv)
