@@ -111,6 +111,32 @@ def test_sampling_refines_the_least_certain_valid_pixels_then_random_others():
                            other_rows[:, n_important:] * w + other_cols[:, n_important:])
 
 
+def test_bae_head_wires_every_width_where_it_belongs():
+    """A head with a different width at every level (the published ones differ everywhere; tests elsewhere use equal
+    widths, where a level's width taken from its neighbour goes unnoticed) runs densely and sampled, and the
+    published widths are the defaults in code and config."""
+    from densediff.heads.bae import PUBLISHED_DECODER, PUBLISHED_FUSION, BaeHead
+
+    config = yaml.safe_load((ROOT / "conf" / "head" / "bae.yaml").read_text())
+    assert tuple(config["fusion_channels"]) == PUBLISHED_FUSION == (2048, 176, 64, 40, 24)
+    assert tuple(config["decoder_channels"]) == PUBLISHED_DECODER == (1024, 512, 256, 128)
+    assert (config["mlp_channels"], config["sampling_ratio"], config["importance_ratio"]) == (128, 0.4, 0.7)
+
+    torch.manual_seed(0)
+    head = BaeHead([8, 12, 16, 20], build_task("normals"), fusion_channels=(40, 32, 24, 16, 8),
+                   decoder_channels=(48, 40, 32, 24), mlp_channels=12)
+    g = torch.Generator().manual_seed(1)
+    bins = [torch.randn(2, c, s, s + 1, generator=g) for c, s in zip([8, 12, 16, 20], [4, 8, 16, 16])]
+    size = (32, 40)
+    dense = head(bins, size)
+    assert [tuple(m.shape) for m in dense["maps"]] == [(2, 4, 4, 5), (2, 4, 8, 10), (2, 4, 16, 20), (2, 4, 32, 40)]
+    valid = torch.rand(2, *size, generator=g) > 0.3
+    sampled = head(bins, size, valid, sampled=True)
+    assert [tuple(p.shape) for p, _ in sampled["points"]] == [(2, 4, 32), (2, 4, 128), (2, 4, 512)]  # 40% of pixels
+    loss = ug_nll_loss(sampled, unit_vectors(2, 3, *size, seed=12), valid)
+    assert torch.isfinite(loss)
+
+
 # ---- the UNet's input order: [rgb_latent, target_latent] on a backbone whose conv_in halves differ ------------------
 
 @pytest.fixture(scope="module")
@@ -320,6 +346,15 @@ def test_even_sized_depth_ensemble_equals_diffusers_ensemble_depth(count):
     ours = (ours - ours.min()) / (ours.max() - ours.min())
     theirs, _ = MarigoldDepthPipeline.ensemble_depth(members[:, None], reduction="median")
     assert torch.allclose(ours, theirs[0, 0], atol=1e-5), (ours - theirs[0, 0]).abs().max()
+
+
+def test_metric_depth_ensemble_is_the_plain_median_of_the_members():
+    """DMP's float codec in metres: the members share one scale, so they merge by the per-pixel median (lower middle
+    for an even count, as torch) or mean, without alignment."""
+    members = torch.rand(4, 6, 7, generator=torch.Generator().manual_seed(0)) * 8
+    task = build_task("depth", encoding="float", target_scale=8.0)
+    assert torch.equal(task.ensemble(members, "median"), members.sort(dim=0).values[1])
+    assert torch.allclose(task.ensemble(members, "mean"), members.mean(dim=0))
 
 
 def test_median_of_an_even_number_of_members_is_the_lower_middle_one():

@@ -312,8 +312,10 @@ def main(argv=None) -> int:
         todo += random.Random(args.seed).sample(generated, min(args.sample, len(generated)))
     if args.replay:
         fields = set(Mutant.__dataclass_fields__)
-        todo += [Mutant(**{k: v for k, v in r.items() if k in fields})
-                 for r in json.loads(args.replay.read_text()) if r["outcome"] == "survived"]
+        for r in json.loads(args.replay.read_text()):
+            if r["outcome"] == "survived":  # with today's covering tests
+                todo.append(Mutant(**{**{k: v for k, v in r.items() if k in fields},
+                                      "tests": COVERAGE.get(r["path"], r["tests"])}))
     if not todo:
         parser.error("nothing to run: pass --named and/or --sample N (or --list)")
     for mutant in todo:
