@@ -189,14 +189,16 @@ def test_multistep_prediction_matches_diffusers_on_a_backbone_whose_conv_in_halv
 
 # ---- the latent loss of the denoising estimators (Marigold, DMP, GeoWizard) -----------------------------------------
 
-def test_masked_latent_mse_counts_the_masked_latents_and_all_of_an_empty_sample():
+def test_masked_latent_mse_pools_the_masked_latents_of_the_batch_over_all_channels():
     g = torch.Generator().manual_seed(0)
     output, target = torch.randn(3, 4, 3, 3, generator=g), torch.randn(3, 4, 3, 3, generator=g)
     mask = torch.zeros(3, 1, 3, 3, dtype=torch.bool)
-    mask[0, 0, 1:, :2] = True  # 4 latent pixels of sample 0
-    mask[1, 0, 0, 0] = True  # 1 of sample 1; sample 2 has none, so all its 9 count (Marigold)
+    mask[0, 0, 1:, :2] = True  # 4 latent pixels of sample 0, 1 of sample 1, 7 of sample 2: pooled, not per sample
+    mask[1, 0, 0, 0] = True
+    mask[2, 0] = True
+    mask[2, 0, 1, 1:] = False
     sq = (output - target) ** 2
-    expected = (sq[0, :, 1:, :2].sum() + sq[1, :, 0, 0].sum() + sq[2].sum()) / ((4 + 1 + 9) * 4)
+    expected = (sq[0, :, 1:, :2].sum() + sq[1, :, 0, 0].sum() + sq[2].sum() - sq[2, :, 1, 1:].sum()) / ((4 + 1 + 7) * 4)
     assert masked_latent_mse(output, target, mask).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
