@@ -11,7 +11,7 @@ PRIOR_RECIPES ?= prior/e2e_depth,prior/marigold_depth,prior/dmp_normal,prior/geo
 PRIOR_METRICS ?= abs_rel,delta1,angular_mean,angular_11_25,segmentation/miou,depth/abs_rel,normals/angular_mean,edges/ods_f
 PRIOR_ARGS ?=  # extra train.py overrides for every job, e.g. PRIOR_ARGS="trainer.max_steps=100"
 
-.PHONY: help install demo prior test test-all mutate bench bench-gpu app clean-outputs
+.PHONY: help install demo prior test test-all bench bench-gpu app clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -44,6 +44,7 @@ test-all: $(STAMP)  ## every test, including the slow demo-length training
 
 MUTANTS ?= 40  # generated mutants drawn per `make mutate` (MUTATE_SEED picks which)
 MUTATE_SEED ?= 0
+.PHONY: mutate
 mutate: $(STAMP)  ## mutation testing (not in `test`): the named one-line bugs, then a sample of generated mutants
 	$(PY) tools/mutate.py --named
 	$(PY) tools/mutate.py --sample $(MUTANTS) --seed $(MUTATE_SEED)
