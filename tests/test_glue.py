@@ -245,6 +245,10 @@ def test_every_published_diffusionmtl_loss_weight_reaches_the_loss():
     out = model.losses(prelim, final, {}, torch.ones(1, len(tasks), dtype=torch.bool))
     for t, weight in PUBLISHED_MTL.items():  # weight x (final + 0.5 x preliminary), all labelled: no rescaling
         assert out[t].item() == pytest.approx(weight * (1 + 0.5 * 2)), t
+    # and each head's outputs (DMTL utils/config.py NUM_OUTPUT: sal 2, normals 3, edge 1; depth 1; classes otherwise)
+    assert {t: model.heads[t].channels for t in ("saliency", "normals", "edges", "depth")} == \
+        {"saliency": 2, "normals": 3, "edges": 1, "depth": 1}
+    assert model.heads["segmentation"].channels == model.heads["segmentation"].task.num_classes
 
 
 def test_multitask_head_losses_on_partial_masks_equal_the_losses_of_the_valid_pixels_alone():
