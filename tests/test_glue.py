@@ -202,6 +202,23 @@ def test_masked_latent_mse_pools_the_masked_latents_of_the_batch_over_all_channe
     assert masked_latent_mse(output, target, mask).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_a_posterior_sample_latent_is_mean_plus_std_times_the_generators_noise():
+    """latent=sample (DMP's training latents): mean + std x eps with eps drawn from the step's generator, times the
+    VAE's scaling factor; latent=mean: the posterior mean (Marigold)."""
+    from densediff.paradigms import DiffusionEstimator
+
+    model = DiffusionEstimator(str(ASSETS / "tiny"), task="depth", latent="sample")
+    image = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        posterior = model.estimator.vae.encode(image).latent_dist
+        eps = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(5))
+        scaling = model.estimator.scaling_factor
+        sample = model.encode(image, torch.Generator().manual_seed(5))
+        assert torch.allclose(sample, (posterior.mean + posterior.std * eps) * scaling, atol=1e-5)
+        model.hparams.latent = "mean"
+        assert torch.allclose(model.encode(image), posterior.mean * scaling, atol=1e-6)
+
+
 def test_latent_mask_of_a_partial_pixel_mask():
     valid = torch.ones(2, 8, 12, dtype=torch.bool)
     valid[0, 5, 9] = False  # spoils latent (1, 2) of sample 0
