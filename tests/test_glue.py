@@ -43,6 +43,14 @@ def test_angular_loss_averages_the_angle_over_the_masked_pixels_of_the_whole_bat
     assert angular_loss(pred, target, torch.zeros_like(mask)).item() == 0  # nothing valid: 0, not NaN
 
 
+def test_each_model_frame_flips_exactly_its_published_axes():
+    """canonical: x right, y up, z toward the viewer; x_left (DSINE, E2E-FT's checkpoints): x negated; opencv
+    (GeoWizard): y and z negated. A unit vector stays a unit vector; nothing else is scaled."""
+    from densediff.tasks.normals import MODEL_FRAMES
+
+    assert MODEL_FRAMES == {"canonical": (1.0, 1.0, 1.0), "x_left": (-1.0, 1.0, 1.0), "opencv": (1.0, -1.0, -1.0)}
+
+
 # ---- Bae's head: the UG-NLL's point terms and the uncertainty-guided sampling ---------------------------------------
 
 def hand_nll(kappa: float, cosine: float) -> float:
