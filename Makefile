@@ -42,6 +42,13 @@ test: $(STAMP)  ## the test suite (what CI runs): one worker per core, a test fi
 test-all: $(STAMP)  ## every test, including the slow demo-length training
 	$(PY) -m pytest -q -n auto --dist loadfile
 
+MUTANTS ?= 40  # generated mutants drawn per `make mutate` (MUTATE_SEED picks which)
+MUTATE_SEED ?= 0
+.PHONY: mutate
+mutate: $(STAMP)  ## mutation testing (not in `test`): the named one-line bugs, then a sample of generated mutants
+	$(PY) tools/mutate.py --named
+	$(PY) tools/mutate.py --sample $(MUTANTS) --seed $(MUTATE_SEED)
+
 bench: $(STAMP)  ## benchmarks, JSON in benchmarks/results/
 	@mkdir -p benchmarks/results
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done

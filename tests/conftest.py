@@ -94,6 +94,17 @@ def read_metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
+def assert_plausible_depth_metrics(metrics: dict) -> None:
+    """Affine-invariant depth metrics of a briefly trained model are finite and in their ranges (a NaN fails here,
+    where a key-presence check would pass): relative errors in (0, 1), ordered deltas as fractions."""
+    import math
+
+    names = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3", "i_rmse", "silog")
+    assert all(math.isfinite(metrics[k]) for k in names), {k: metrics[k] for k in names}
+    assert 0 < metrics["abs_rel"] < 1 and 0 < metrics["rmse"] < 100 and metrics["sq_rel"] >= 0, metrics
+    assert 0 < metrics["delta1"] <= metrics["delta2"] <= metrics["delta3"] <= 1, metrics
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, worker_id) -> Path:
     """One short quickstart training shared by the tests that need a checkpoint (they only read it: the tests that

@@ -143,26 +143,36 @@ def global_step(checkpoint: Path) -> int:
         return -1
 
 
+# The kills below are timed by the run's own progress plus a seeded fraction of its own step time, so a failure replays
+# with the seed it names (DENSEDIFF_KILL_SEED=<n> to try other timings).
+KILL_SEED = int(os.environ.get("DENSEDIFF_KILL_SEED", "0"))
+
+
 @pytest.mark.slow  # three train.py processes: about a minute on 2 cores (the in-process crash test above is fast)
 def test_kill_9_at_a_random_step_then_resume_gives_the_uninterrupted_weights_bit_for_bit(tmp_path):
     straight = tmp_path / "straight"
     run_cli("train.py", *MIXED, f"hydra.run.dir={straight}")
-    rng = random.Random()
+    rng = random.Random(KILL_SEED)
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
-    # A run of the tiny model can do several steps in the random delay below, so a kill that came after the run had
-    # finished is tried again (a new run folder, a shorter delay) rather than counted as a test
+    # The signal: last.ckpt reaching step `stop` (written every step). The kill comes a seeded fraction of the run's
+    # own step time later: anywhere in the next step (training, validating, writing a checkpoint). A run that finished
+    # before the kill is tried again with the next draws rather than counted as a test.
     for attempt in range(4):
         run = tmp_path / f"run{attempt}"
         last = run / "checkpoints" / "last.ckpt"
-        stop = rng.randint(1, 9)
+        stop, fraction = rng.randint(2, 9), rng.random()
         with subprocess.Popen([sys.executable, str(ROOT / "train.py"), *MIXED, f"hydra.run.dir={run}"], cwd=ROOT,
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
-            deadline = time.monotonic() + 300
-            while global_step(last) < stop:
+            deadline, first = time.monotonic() + 300, None
+            while (step := global_step(last)) < stop:
                 assert process.poll() is None, f"train.py ended before step {stop}"
                 assert time.monotonic() < deadline
-                time.sleep(0.02)
-            time.sleep(rng.uniform(0, 0.5 / 2**attempt))  # anywhere in training, validating, writing a checkpoint
+                if first is None and step >= 1:
+                    first = (step, time.monotonic())
+                time.sleep(0.01)
+            first = first or (0, time.monotonic())
+            step_time = (time.monotonic() - first[1]) / max(step - first[0], 1)
+            time.sleep(fraction * step_time)
             process.send_signal(signal.SIGKILL)
         killed_at = global_step(last)
         if killed_at < 10:
@@ -173,7 +183,8 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_uninterrupted_weights_bit
     assert a["global_step"] == b["global_step"] == 10
     assert a["state_dict"].keys() == b["state_dict"].keys()
     unequal = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
-    assert not unequal, f"killed after step {killed_at} (stop {stop}): {len(unequal)} tensors differ, e.g. {unequal[0]}"
+    assert not unequal, (f"killed after step {killed_at} (DENSEDIFF_KILL_SEED={KILL_SEED}: stop {stop}, {fraction:.2f} "
+                         f"of a step later): {len(unequal)} tensors differ, e.g. {unequal[0]}")
     assert not [p for p in run.rglob("*") if ".tmp" in p.name], "a temporary file stayed behind"
 
 
@@ -282,7 +293,8 @@ def test_kill_9_during_checkpoint_writes_on_another_filesystem_never_tears_the_c
             assert process.stdout.readline(), "the writer died"
             start = time.monotonic()
             assert process.stdout.readline() and process.stdout.readline()
-            time.sleep(random.uniform(0, (time.monotonic() - start) / 2))  # anywhere in one write
+            # signalled by the writer's own output: a seeded fraction of one write's time into the next write
+            time.sleep(random.Random(KILL_SEED).uniform(0, (time.monotonic() - start) / 2))
             process.send_signal(signal.SIGKILL)
         checkpoint = torch.load(target, weights_only=True)  # whole: the old or the new content, never a mix
         assert torch.equal(checkpoint["weights"], torch.arange(2_000_000) + checkpoint["step"])

@@ -217,6 +217,24 @@ def test_counts_equal_a_maximum_matching_per_threshold():
             assert (cnt_r, sum_r, cnt_p, sum_p) == (k, len(gy), k, len(py))
 
 
+def test_distance_counts_over_the_default_thresholds_equal_a_direct_count():
+    """matching="distance" packs the thresholds 63 to a word: over SEISM's 101 (two words) every threshold's counts
+    are the GT pixels with a kept pixel within the radius, and the kept pixels with a GT pixel within it."""
+    g = torch.Generator().manual_seed(2)
+    max_dist = 0.04
+    prob, gt = _scene(g, 36, 48)
+    m = EdgeMetrics(max_dist=max_dist, matching="distance")
+    m.update(prob[None], gt[None])
+    e, gt_thin = edge_nms(prob[None])[0].double(), thin(gt > 0.5)
+    radius = max_dist * math.hypot(36, 48)
+    gy, gx = gt_thin.nonzero(as_tuple=True)
+    assert len(m.thresholds) > 63
+    for t, counts in zip(m.thresholds.tolist(), m.counts.tolist()):
+        py, px = thin(e > t).nonzero(as_tuple=True)
+        near = ((py[:, None] - gy[None]) ** 2 + (px[:, None] - gx[None]) ** 2) <= radius ** 2
+        assert counts == [int(near.any(0).sum()), len(gy), int(near.any(1).sum()), len(py)], t
+
+
 def test_dataset_configs_declare_the_edge_tolerance():
     conf = Path(__file__).parents[2] / "conf" / "dataset"
     assert OmegaConf.load(conf / "pascal_context.yaml").edge_max_dist == 0.0075
@@ -242,6 +260,34 @@ def test_agrees_with_pyedgeeval_bsds_matching():
     # expected loss ~ n exp(-6 n_max / n_min), about 1 match per threshold here (observed 0-4): loose bounds
     assert (deficit >= 0).all() and (deficit <= 3 + 0.02 * bsds[:, 1]).all()
     assert deficit.sum() <= 0.01 * bsds[:, 1].sum()
+
+
+def test_nms_equals_pyedgeeval_edges_nms_mex_on_a_ring():
+    """edge_nms against pyEdgeEval's build of Dollar's edgesNmsMex, the orientation computed with its own convTri and
+    gradient (edgesNms.m: atan(Oyy sign(-Oxy) / (Oxx + 1e-5)) mod pi): a noisy blurred ring has every orientation
+    (an error in the sampling direction moves ~300 of its ~750 kept pixels); the noise breaks float ties."""
+    pytest.importorskip("pyEdgeEval")
+    import importlib.util
+
+    import pyEdgeEval
+    from pyEdgeEval._lib import nms
+
+    # the toolbox module itself: pyEdgeEval.preprocess imports OpenCV, which the NMS does not need
+    spec = importlib.util.spec_from_file_location(
+        "pyedgeeval_toolbox", Path(pyEdgeEval.__file__).parent / "preprocess" / "nms" / "toolbox.py")
+    toolbox = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toolbox)
+    yy, xx = np.mgrid[0:48, 0:56]
+    ring = np.exp(-((np.hypot(yy - 22, xx - 30) - 14) ** 2) / 4.0) * 0.9
+    prob = (ring + 0.05 * np.random.default_rng(0).random((48, 56))).astype(np.float32)
+    ox, oy = toolbox.grad2(toolbox.conv_tri(prob, 4))
+    oxx, _ = toolbox.grad2(ox)
+    oxy, oyy = toolbox.grad2(oy)
+    orientation = np.mod(np.arctan(oyy * np.sign(-oxy) / (oxx + 1e-5)), np.pi)
+    theirs = nms(prob.astype(np.float64), orientation, r=1, s=5, m=1.01)
+    ours = edge_nms(torch.from_numpy(prob)[None])[0].double().numpy()
+    assert ((ours > 0) == (theirs > 0)).all() and (theirs > 0).sum() > 500
+    assert np.abs(ours - theirs).max() < 1e-6
 
 
 def test_bsds_mode_without_pyedgeeval_says_what_to_install(monkeypatch):
