@@ -60,7 +60,9 @@ COVERAGE = {
     "densediff/metrics/edges.py": ["tests/metrics/test_edges.py"],
     "densediff/metrics/matching.py": ["tests/metrics/test_edges.py"],
     "densediff/metrics/morphology.py": ["tests/metrics/test_edges.py"],
-    "densediff/heads/bae.py": ["tests/test_glue.py", "tests/test_self_improving.py"],
+    "densediff/heads/bae.py": ["tests/test_glue.py", "tests/test_self_improving.py", "tests/test_bae_reference.py"],
+    "densediff/metrics/uncertainty.py": ["tests/test_inference.py"],
+    "densediff/paradigms/lotus.py": ["tests/test_lotus.py"],
     "densediff/inference/single_step.py": ["tests/test_glue.py", "tests/test_inference.py"],
     "densediff/inference/predictor.py": [
         "tests/test_glue.py", "tests/test_inference.py",

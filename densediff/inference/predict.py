@@ -160,28 +160,26 @@ def predict_images(model, root: Path, images: list[Path], output: str | Path,
     model.eval().to(device)
     planned = plan_outputs(root, images, output, task, uncertainty, pointcloud is not None)
     warn_large_native(images, int(getattr(model.inference, "processing_res", 0) or 0))
-    skipped = []
-    written = 0
-    progress = tqdm(total=len(images), desc=f"predict {task}", unit="image")
-    for batch in same_size_batches(readable_images(images, skipped, num_workers, progress), images_per_call):
-        rgb = torch.cat([image_rgb for _, image_rgb in batch]).to(device)
-        alphas = None
-        if uncertainty:
-            predictions, alphas = model.predict_with_uncertainty(rgb)  # None: a model without one (GeoWizard's)
-        else:
-            predictions = model.predict(rgb)
-        for k, (image, image_rgb) in enumerate(batch):
-            if alphas is not None:
-                write_uncertainty(alphas[k].cpu(), planned[image], uncertainty_full_scale)
-            write_prediction(model.task, predictions[k].cpu(), planned[image])
-            if pointcloud is not None:
-                from densediff.inference.pointcloud import write_pointcloud
+    skipped, written = [], 0
+    with tqdm(total=len(images), desc=f"predict {task}", unit="image") as progress:  # closed before any error
+        for batch in same_size_batches(readable_images(images, skipped, num_workers, progress), images_per_call):
+            rgb = torch.cat([image_rgb for _, image_rgb in batch]).to(device)
+            alphas = None
+            if uncertainty:
+                predictions, alphas = model.predict_with_uncertainty(rgb)  # None: a model without one (GeoWizard)
+            else:
+                predictions = model.predict(rgb)
+            for k, (image, image_rgb) in enumerate(batch):
+                if alphas is not None:
+                    write_uncertainty(alphas[k].cpu(), planned[image], uncertainty_full_scale)
+                write_prediction(model.task, predictions[k].cpu(), planned[image])
+                if pointcloud is not None:
+                    from densediff.inference.pointcloud import write_pointcloud
 
-                write_pointcloud(planned[image]["ply"], predictions[k].float().cpu().numpy(),
-                                 image_rgb[0].permute(1, 2, 0).numpy(), depth_full_scale(model.task) != 1.0,
-                                 pointcloud["fov"], pointcloud["intrinsics"], pointcloud["references"][image])
-            written += 1
-    progress.close()
+                    write_pointcloud(planned[image]["ply"], predictions[k].float().cpu().numpy(),
+                                     image_rgb[0].permute(1, 2, 0).numpy(), depth_full_scale(model.task) != 1.0,
+                                     pointcloud["fov"], pointcloud["intrinsics"], pointcloud["references"][image])
+                written += 1
     return written, skipped
 
 
@@ -283,12 +281,12 @@ def predict_multitask_images(model, root: Path, images: list[Path], output: str 
     warn_large_native(images, int(getattr(getattr(model, "inference", None), "processing_res", 0) or 0))
     skipped = []
     written = 0
-    progress = tqdm(total=len(images), desc="predict " + ", ".join(model.tasks), unit="image")
-    for image, rgb in readable_images(images, skipped, progress=progress):
-        for t, prediction in model.predict(rgb.to(device)).items():
-            task = model.heads[t].task
-            write_prediction(task, prediction[0].cpu(), planned[t][image], getattr(task, "max_depth", None))
-        written += 1
+    with tqdm(total=len(images), desc="predict " + ", ".join(model.tasks), unit="image") as progress:
+        for image, rgb in readable_images(images, skipped, progress=progress):
+            for t, prediction in model.predict(rgb.to(device)).items():
+                task = model.heads[t].task
+                write_prediction(task, prediction[0].cpu(), planned[t][image], getattr(task, "max_depth", None))
+            written += 1
     return written, skipped
 
 
