@@ -117,12 +117,12 @@ def test_entry_points_log_the_settings_in_force(tmp_path):
 
 def test_thread_benchmark_runs_at_a_toy_size_and_writes_json(tmp_path):
     out = tmp_path / "threads.json"
+    # densediff's defaults only (--quick, no spin-count rows): each row is two train.py runs, quiet and contended
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_threads.py"), "--out", str(out), "--steps",
-                    "1", "--quick", "--spin-counts", "1000", "--timeout", "300"], cwd=ROOT, check=True,
-                   capture_output=True)
+                    "1", "--quick", "--timeout", "300"], cwd=ROOT, check=True, capture_output=True)
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert report["machine"]["cores"] >= 1 and report["machine"]["platform"]
-    assert [row["setting"] for row in rows] == ["densediff defaults", "densediff defaults, GOMP_SPINCOUNT=1000"]
+    assert [row["setting"] for row in rows] == ["densediff defaults"]
     assert rows[0]["ratio"] > 0
     assert all(row["contended_s"] is not None and row["contended_s"] > 0 for row in rows)
