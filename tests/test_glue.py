@@ -448,3 +448,17 @@ def test_a_tasks_whole_loss_sees_nothing_outside_the_valid_mask(name):
     assert torch.isfinite(loss) and loss > 0
     assert task.loss(pred + 3 * noise * outside, batch).item() == pytest.approx(loss.item(), rel=1e-6)
     assert task.loss(pred + 0.5 * noise * ~outside, batch).item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("encoding", ["affine", "disparity"])
+def test_a_flat_depth_map_encodes_as_zeros_not_nan(encoding):
+    """p2 == p98 (one depth everywhere): the module docstring's rule is a zero image; dividing by the empty range would
+    give NaN or inf (mutate.py's last survivor: `>` -> `>=` in the range test)."""
+    from densediff.tasks import build_task
+
+    depth = torch.full((2, 6, 8), 3.0)
+    depth[1, :, :4] = 5.0  # the second image has a range: encoded normally
+    batch = {"depth": depth, "valid_mask": torch.ones(2, 6, 8, dtype=torch.bool)}
+    image = build_task("depth", encoding=encoding).encode(batch)
+    assert torch.isfinite(image).all() and torch.equal(image[0], torch.zeros(3, 6, 8))
+    assert image[1].abs().max() == 1
