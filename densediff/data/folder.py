@@ -11,7 +11,8 @@ command-line grammar takes unquoted, unlike braces):
 Formats, by the file's extension:
     rgb           any image PIL reads (8 or 16 bits, grey or colour; EXIF orientation applied)
     depth         16-bit PNG (or TIFF) of integers, .npy, or .exr (first channel; Z/Y/R preferred), times the unit's
-                  factor (`depth_unit`: m, cm, mm or file units per metre); 0 or outside (min_depth, max_depth) = invalid
+                  factor (`depth_unit`: m, cm, mm or file units per metre); 0 or outside (min_depth,
+                  max_depth) = invalid
     normals       8- or 16-bit PNG encoding (n + 1) / 2, .npy (H, W, 3) or .exr (R, G, B) in [-1, 1], in the frame
                   `normals_frame` declares (canonical: x right, y up, z toward the viewer; x_left; opencv)
     segmentation  a single-channel PNG (palette indices or grey levels) or .npy of class ids; 255 = ignore
@@ -91,8 +92,7 @@ def load_array(path: str) -> np.ndarray:
             planes = read_exr_planes(path)
             names = [c for c in ("R", "G", "B") if c in planes] or [c for c in ("Z", "Y") if c in planes][:1]
             names = names or sorted(planes)[:1]
-            return np.stack([planes[c] for c in names], axis=-1).squeeze(-1) if len(names) == 1 else \
-                np.stack([planes[c] for c in names], axis=-1)
+            return planes[names[0]] if len(names) == 1 else np.stack([planes[c] for c in names], axis=-1)
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L"):

@@ -137,6 +137,9 @@ class LatentModel(DenseEvaluation):
     trainable weights (the frozen rest comes from the backbone folder)."""
 
     paradigm = ""  # written into checkpoints so evaluate/predict/export rebuild the right class
+    # The UNet's keyword arguments at prediction, from a chunk of members ([N,3,H,W] RGB), for a paradigm whose UNet
+    # needs more than the prompt (Lotus: the task switcher); None: the empty prompt or the batch's captions.
+    prediction_conditioning = None
 
     def prepare_backbone(self, backbone, adapter: str, rank: int, alpha: float | None) -> None:
         """Freeze the VAE, put the UNet in training mode (from_pretrained returns eval mode and Lightning keeps each
@@ -178,7 +181,8 @@ class LatentModel(DenseEvaluation):
     def predict(self, rgb: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
         """The user-facing prediction at the input's size (affine-invariant depth in [0,1], unit canonical normals,
         ...), made by the shared predictor with `self.inference` (steps, ensemble, processing_res, ...)."""
-        return predict(self.estimator, self.task, rgb, self.inference, self._generator, prompts)
+        return predict(self.estimator, self.task, rgb, self.inference, self._generator, prompts,
+                       conditioning=self.prediction_conditioning)
 
     def predict_batch(self, batch: dict) -> torch.Tensor:
         prompts = batch.get("prompt") if self.estimator.text_encoder is not None else None
@@ -189,7 +193,7 @@ class LatentModel(DenseEvaluation):
         """(prediction, the ensemble's per-pixel uncertainty [B,H,W], or None with one member or a task without
         one): the members' disagreement, diffusers' formulas (densediff/tasks/ensemble.py)."""
         return predict(self.estimator, self.task, rgb, self.inference, self._generator, prompts,
-                       with_uncertainty=True)
+                       conditioning=self.prediction_conditioning, with_uncertainty=True)
 
     def predict_batch_with_uncertainty(self, batch: dict):
         if self.inference.ensemble == 1:

@@ -30,7 +30,7 @@ from diffusers.models.embeddings import TimestepEmbedding
 
 from densediff.backbones import load_backbone
 from densediff.inference import SingleStepEstimator
-from densediff.inference.predictor import InferenceOptions, predict
+from densediff.inference.predictor import InferenceOptions
 from densediff.paradigms.evaluation import LatentModel
 from densediff.paradigms.optim import optimizer_with_schedule, schedule_factor
 
@@ -99,30 +99,12 @@ class LotusX0(LatentModel):
         self.register_buffer("reconstruction", torch.tensor(RECONSTRUCTION), persistent=False)
         self.inference = InferenceOptions(noise="gaussian" if variant == "g" else "zeros")
 
-    # ---- prediction -----------------------------------------------------------------------------------------
-    def unet_conditioning(self, members: torch.Tensor) -> dict:
+    # ---- prediction (LatentModel's, with this conditioning) ------------------------------------------------------
+    def prediction_conditioning(self, members: torch.Tensor) -> dict:
         """The UNet's keyword arguments at inference: the empty prompt and the annotation switcher."""
         n = members.shape[0]
         context = self.estimator.empty_text_embedding.to(self.estimator.unet.dtype).expand(n, -1, -1)
         return {"encoder_hidden_states": context, "class_labels": self.annotation.to(context).expand(n, -1)}
-
-    @torch.no_grad()
-    def predict(self, rgb: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
-        return predict(self.estimator, self.task, rgb, self.inference, self._generator,
-                       conditioning=self.unet_conditioning)
-
-    def predict_batch(self, batch: dict) -> torch.Tensor:
-        return self.predict(batch["rgb"])
-
-    @torch.no_grad()
-    def predict_with_uncertainty(self, rgb: torch.Tensor, prompts: list[str] | None = None):
-        return predict(self.estimator, self.task, rgb, self.inference, self._generator,
-                       conditioning=self.unet_conditioning, with_uncertainty=True)
-
-    def predict_batch_with_uncertainty(self, batch: dict):
-        if self.inference.ensemble == 1:
-            return self.predict_batch(batch), None
-        return self.predict_with_uncertainty(batch["rgb"])
 
     # ---- training -------------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:
