@@ -31,9 +31,6 @@ from pathlib import Path
 import torch
 
 
-PARADIGM_TAGS = {"e2e": "e2e-ft", "diffusion": "marigold", "geowizard": "geowizard", "lotus": "lotus"}
-
-
 def _metrics_source(ckpt: Path, metrics: str | Path | None) -> Path | None:
     """The run folder whose metrics.json the card reports: `metrics` (a folder or its metrics.json), else the
     training run that wrote `ckpt` (<run>/checkpoints/<name>.ckpt) when it has one."""
@@ -48,15 +45,17 @@ def _metrics_source(ckpt: Path, metrics: str | Path | None) -> Path | None:
 
 
 def model_card(pipeline_class: str, task: str, paradigm: str, hparams: dict, defaults: dict, training: dict,
-               scores: dict, folder: str):
+               scores: dict, folder: str, tag: str | None = None, usage: list[str] | None = None):
     """The model card (huggingface_hub.ModelCard) of an exported folder, from plain values: the pipeline class
-    name, task, paradigm, the checkpoint's hyper-parameters, the pipeline's defaults, run.run_record of the
-    training run and of the run that scored it (may be the same, or {})."""
+    name, task, paradigm (and its tag, `tag`; default the paradigm's name), the checkpoint's hyper-parameters, the
+    pipeline's defaults, run.run_record of the training run and of the run that scored it (may be the same, or {}),
+    and the usage example's lines (default: diffusers' pipeline class, usage_example)."""
+    tag = tag or paradigm
     from huggingface_hub import ModelCard, ModelCardData
 
     adapter = hparams.get("adapter", "full")
     tags = ["diffusers", "densediff", "marigold", f"{task}-estimation" if task == "depth" else "normals-estimation",
-            PARADIGM_TAGS.get(paradigm, paradigm), *(["lora"] if adapter.startswith("lora") else [])]
+            tag, *(["lora"] if adapter.startswith("lora") else [])]
     data = ModelCardData(library_name="diffusers", tags=list(dict.fromkeys(tags)),
                          base_model=training.get("base_model"),
                          pipeline_tag="depth-estimation" if task == "depth" else None)
@@ -69,7 +68,7 @@ def model_card(pipeline_class: str, task: str, paradigm: str, hparams: dict, def
         "learning rate": training.get("lr", hparams.get("lr")), "batch size": training.get("batch_size"),
         "gradient accumulation": training.get("accumulate_grad_batches"), "precision": training.get("precision"),
         "seed": training.get("seed")}
-    lines = [f"# {task} estimation with a diffusion prior ({PARADIGM_TAGS.get(paradigm, paradigm)})", "",
+    lines = [f"# {task} estimation with a diffusion prior ({tag})", "",
              f"Fine-tuned with densediff (dense prediction with diffusion priors) and exported for diffusers' "
              f"`{pipeline_class}`: the "
              f"fine-tuned UNet{' with its LoRA merged' if adapter.startswith('lora') else ''}, the backbone's VAE, "
@@ -77,7 +76,7 @@ def model_card(pipeline_class: str, task: str, paradigm: str, hparams: dict, def
              f"defaults to {defaults['steps']} denoising step(s) at "
              + (f"processing resolution {defaults['processing_res']}" if defaults["processing_res"] else
                 "the input's own resolution") + ".", "", "## Usage", "", "```python",
-             *usage_example(pipeline_class, folder), "```", "",
+             *(usage or usage_example(pipeline_class, folder)), "```", "",
              "`prediction` is a numpy array (1, H, W, " + ("1), affine-invariant depth in [0, 1]" if task == "depth"
                                                          else "3), unit normals") + ".", "",
              "## Training recipe", "", "| setting | value |", "|---|---|"]
@@ -105,46 +104,56 @@ def model_card(pipeline_class: str, task: str, paradigm: str, hparams: dict, def
 
 def usage_example(pipeline_class: str, folder: str) -> list[str]:
     """Three lines that run the exported folder in diffusers (`image.png`: the user's image)."""
-    if pipeline_class.startswith("Lotus"):  # no diffusers pipeline: Lotus' own, or densediff
-        variant = "g" if pipeline_class == "LotusGPipeline" else "d"
-        return [f"# Lotus' repository (pipeline.py): {pipeline_class}.from_pretrained({folder!r})",
-                f"# densediff: python predict.py backbone.path={folder} objective=lotus objective.variant={variant} "
-                "input=image.png output=predictions (task=... and task.encoding=disparity as trained)"]
     return ["import diffusers",
             f"pipe = diffusers.{pipeline_class}.from_pretrained({folder!r})",
             'prediction = pipe(diffusers.utils.load_image("image.png")).prediction']
 
 
 def export(ckpt: str | Path, output: str | Path, metrics: str | Path | None = None) -> Path:
-    from diffusers import DDIMScheduler, MarigoldDepthPipeline, MarigoldNormalsPipeline
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from densediff.backbones.load import resolve_backbone_path
+    """`ckpt` as a diffusers folder at `output` with its model card: the paradigm's own layout where its class has
+    one (its export_pipeline hook, densediff/paradigms/base.py), else the Marigold layout (export_marigold)."""
     from densediff.io import write_text
-    from densediff.paradigms import PARADIGMS
-    from densediff.run import check_checkpoint_file, checkpoint_identity, run_record
+    from densediff.run.checkpoint import check_checkpoint_file, read_record
+    from densediff.run.rundir import run_record
 
     ckpt, output = check_checkpoint_file(ckpt), Path(output)
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"output={output} exists and is not empty; choose a new folder")
     scored = _metrics_source(ckpt, metrics)  # before writing anything: a wrong metrics= fails first
-    paradigm = checkpoint_identity(ckpt)[0]
-    if paradigm not in PARADIGMS:
-        raise ValueError(f"{ckpt} was written by paradigm {paradigm!r}, unknown here ({', '.join(PARADIGMS)})")
+    record = read_record(ckpt)
     try:
-        model = PARADIGMS[paradigm].load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+        model = record.load()
     except (KeyError, TypeError, AttributeError, RuntimeError) as error:  # a foreign file torch could read
         cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"cannot load checkpoint {ckpt}: not a checkpoint of train.py ({cause})") from None
-    if paradigm == "lotus":
-        return export_lotus(model, ckpt, output, scored)
-    if getattr(model.estimator, "conditioning", "concat") != "concat":
+    exported = model.export_pipeline(output)
+    pipeline_class, usage = exported if exported is not None else (export_marigold(model, output), None)
+    card = model_card(pipeline_class, model.task.name, record.paradigm, dict(model.hparams),
+                      {"steps": model.inference.steps, "processing_res": model.inference.processing_res},
+                      run_record(ckpt.resolve().parent.parent), run_record(scored) if scored else {}, str(output),
+                      tag=model.card_tag, usage=usage)
+    write_text(output / "README.md", str(card))
+    return output
+
+
+def export_marigold(model, output: Path) -> str:
+    """`model` (a latent model conditioned by concatenation) as a folder in the Marigold layout that diffusers'
+    MarigoldDepthPipeline / MarigoldNormalsPipeline load; returns that pipeline's class name."""
+    from diffusers import DDIMScheduler, MarigoldDepthPipeline, MarigoldNormalsPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from densediff.backbones.load import resolve_backbone_path
+
+    estimator = getattr(model, "estimator", None)
+    if estimator is None:
+        raise ValueError(f"a {model.paradigm} model has no UNet + VAE estimator to export as a diffusers folder")
+    if getattr(estimator, "conditioning", "concat") != "concat":
         raise ValueError("this model uses DMP's interpolation conditioning, which no diffusers pipeline runs; only "
                          "concat-conditioned models (E2E-FT, Marigold-style diffusion) export to Marigold's layout")
     if model.task.name not in ("depth", "normals"):
         raise ValueError(f"diffusers' Marigold pipelines predict depth or normals, not {model.task.name}")
     source = resolve_backbone_path(model.hparams.backbone_path)
-    unet = model.estimator.unet
+    unet = estimator.unet
     output.mkdir(parents=True, exist_ok=True)
     lora = model.hparams.adapter.startswith("lora")
     staging = output.parent / f".{output.name}.lora"
@@ -158,7 +167,7 @@ def export(ckpt: str | Path, output: str | Path, metrics: str | Path | None = No
     pipeline_class = MarigoldDepthPipeline if depth else MarigoldNormalsPipeline
     extra = {"scale_invariant": True, "shift_invariant": True} if depth else {"use_full_z_range": True}
     pipeline = pipeline_class(
-        unet=unet, vae=model.estimator.vae, scheduler=scheduler,
+        unet=unet, vae=estimator.vae, scheduler=scheduler,
         text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
         prediction_type=model.task.name, default_denoising_steps=model.inference.steps,
@@ -167,48 +176,7 @@ def export(ckpt: str | Path, output: str | Path, metrics: str | Path | None = No
     if lora:
         (staging / "pytorch_lora_weights.safetensors").rename(output / "pytorch_lora_weights.safetensors")
         staging.rmdir()
-    training = run_record(ckpt.resolve().parent.parent)
-    card = model_card(pipeline_class.__name__, model.task.name, paradigm, dict(model.hparams),
-                      {"steps": model.inference.steps, "processing_res": model.inference.processing_res},
-                      training, run_record(scored) if scored else {}, str(output))
-    write_text(output / "README.md", str(card))
-    return output
-
-
-def export_lotus(model, ckpt: Path, output: Path, scored: Path | None) -> Path:
-    """A Lotus checkpoint as a diffusers folder in Lotus' own layout: the UNet with its task-switcher class embedding,
-    the scheduler with prediction_type "sample", model_index.json naming Lotus' LotusGPipeline / LotusDPipeline
-    (its repository's StableDiffusionPipeline subclasses; diffusers has no Lotus pipeline). densediff reads it back
-    with `backbone.path=<folder> objective=lotus objective.variant=<g|d>`."""
-    import json
-
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from densediff.backbones.load import resolve_backbone_path
-    from densediff.io import write_text
-    from densediff.run import run_record
-
-    if model.hparams.adapter.startswith("lora"):
-        raise ValueError("a Lotus checkpoint with a LoRA adapter does not export yet; Lotus trains the full UNet")
-    source = resolve_backbone_path(model.hparams.backbone_path)
-    scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", prediction_type="sample",
-                                              timestep_spacing=model.inference.timestep_spacing)
-    output.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline(
-        unet=model.estimator.unet, vae=model.estimator.vae, scheduler=scheduler,
-        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False).save_pretrained(output, safe_serialization=True)
-    index_path = output / "model_index.json"
-    index = json.loads(index_path.read_text())
-    pipeline_class = "LotusGPipeline" if model.hparams.variant == "g" else "LotusDPipeline"
-    write_text(index_path, json.dumps({**index, "_class_name": pipeline_class}, indent=2) + "\n")
-    card = model_card(pipeline_class, model.task.name, "lotus", dict(model.hparams),
-                      {"steps": model.inference.steps, "processing_res": model.inference.processing_res},
-                      run_record(ckpt.resolve().parent.parent), run_record(scored) if scored else {}, str(output))
-    write_text(output / "README.md", str(card))
-    return output
+    return pipeline_class.__name__
 
 
 def main(argv: list[str]) -> None:

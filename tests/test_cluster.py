@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from conftest import FAST, ROOT, read_metrics, run_cli
 from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients, Preempted, Preemption
-from densediff.run import PREEMPTED, scontrol_requeue, preemption_signal, requeued_checkpoint, slurm_trainer_shape
+from densediff.run.cluster import PREEMPTED, scontrol_requeue, preemption_signal, requeued_checkpoint, slurm_trainer_shape
 from test_resume import LOADERS, MIXED, Learner, global_step
 
 # ----------------------------------------------------------------------------- preemption, in process

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from densediff import run
+from densediff.run.checks import resolve_backbone_task
+from densediff.run.config import command_line_keys, group_is_chosen
 
 
 @pytest.fixture
@@ -47,14 +49,14 @@ def test_picked_groups_come_from_hydras_defaults_list(tmp_path):
         "# @package _global_\ndefaults:\n  - override /backbone: marigold_normals\ntask_name: mine\n")
     searchpath = f"hydra.searchpath=[file://{tmp_path}]"
     cfg = run.compose("predict", [searchpath, "+experiment=mine", "inference.steps=4", "++seed=3"])
-    assert run.command_line_keys() == {"experiment", "inference.steps", "seed"}
-    assert not run.group_is_chosen("task")  # the recipe of one's own (found on hydra.searchpath) picks no task
-    run.resolve_backbone_task(cfg)
+    assert command_line_keys() == {"experiment", "inference.steps", "seed"}
+    assert not group_is_chosen("task")  # the recipe of one's own (found on hydra.searchpath) picks no task
+    resolve_backbone_task(cfg)
     assert cfg.task.name == "normals" and cfg.task_name == "mine"
     run.compose("train", ["experiment=e2e_ft_normals"])
-    assert run.group_is_chosen("task") and "task" not in run.command_line_keys()  # the recipe picks it
+    assert group_is_chosen("task") and "task" not in command_line_keys()  # the recipe picks it
     run.compose("train", ["debug=fdr"])
-    assert not run.group_is_chosen("task")
+    assert not group_is_chosen("task")
     from hydra.core.global_hydra import GlobalHydra
     assert not GlobalHydra.instance().is_initialized()  # left as it was: a later initialize_config_dir works
 

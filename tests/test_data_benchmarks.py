@@ -573,7 +573,7 @@ def test_every_benchmark_config_instantiates_on_its_fixture(name, fixture_root):
     assert cfg.dataset.alignment_max_res == (1024 if name == "eth3d" else None)
     if CONFIGS[name] == "depth":
         assert float(cfg.dataset.min_depth) > 0 and float(cfg.dataset.max_depth) > 1
-        from densediff.run import task_options
+        from densediff.run.model import task_options
         from densediff.tasks import build_task
 
         metrics = build_task("depth", **task_options(cfg)).metrics()  # the protocol reaches the metrics

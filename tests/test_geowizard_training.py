@@ -192,4 +192,4 @@ def test_train_then_evaluate_normals_with_the_clis(tmp_path, folder):
     refused = run_cli("train.py", "experiment=geowizard", "backbone=tiny_geowizard", f"backbone.path={folder}",
                       "objective=e2e", "dataset=procedural", f"hydra.run.dir={tmp_path / 'e2e'}", *FAST,
                       expect_ok=False)
-    assert refused.returncode == 1 and "objective=diffusion" in refused.stderr
+    assert refused.returncode == 1 and "objective=geowizard" in refused.stderr

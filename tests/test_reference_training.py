@@ -200,7 +200,7 @@ def test_normals_decode_order_follows_the_backbones_reference():
 
 
 def test_each_normals_backbone_declares_its_decode_and_the_model_uses_it():
-    from densediff.run.build import model_arguments
+    from densediff.run.model import model_arguments
 
     expected = {"marigold_normals_v1_1": "clip_normalize", "marigold_normals": "normalize_clip",
                 "marigold_e2e_ft_normals": "normalize_clip", "tiny": "normalize_clip", "geowizard": "normalize_clip"}

@@ -247,7 +247,7 @@ def torn(write):
 def test_a_crash_mid_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     from PIL import Image
 
-    from densediff.run import write_metrics
+    from densediff.run.jobs import write_metrics
     from densediff.visualize import save_gallery
 
     ckpt, metrics, gallery = tmp_path / "last.ckpt", tmp_path / "metrics.json", tmp_path / "gallery.png"

@@ -330,7 +330,7 @@ def test_every_task_builds_from_its_hydra_config(name):
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
-    from densediff.run import task_options
+    from densediff.run.model import task_options
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         cfg = compose(config_name="train", overrides=[f"task={name}", "paths.root_dir=/repo"])
@@ -348,7 +348,7 @@ def test_segmentation_palette_falls_back_to_ade20k_and_can_be_chosen():
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
-    from densediff.run import task_options
+    from densediff.run.model import task_options
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         plain = compose(config_name="predict", overrides=["task=segmentation", "paths.root_dir=/repo"])

@@ -1,7 +1,10 @@
-"""One LightningModule per paradigm (docs/paradigms.md): e2e (E2E-FT), diffusion (Marigold, DMP) and geowizard (the
-diffusion objective on GeoWizard's joint depth + normal backbone),
-multitask (DiffusionMTL), self_improving (Diff-2-in-1) and lotus (Lotus-G and -D)."""
+"""One LightningModule per paradigm (docs/paradigms.md): e2e (E2E-FT), diffusion (Marigold, DMP), geowizard (the
+diffusion objective on GeoWizard's joint depth + normal backbone), multitask (DiffusionMTL), self_improving
+(Diff-2-in-1) and lotus (Lotus-G and -D). Each subclasses `Paradigm` (base.py: the hooks the run layer calls) and
+registers itself in `PARADIGMS` (checkpoint name -> class) by setting `paradigm`; conf/objective/<name>.yaml names it
+with `_target_`."""
 
+from densediff.paradigms.base import PARADIGMS, ModelConfig, Paradigm, paradigm_class
 from densediff.paradigms.diffusion import DiffusionEstimator
 from densediff.paradigms.e2e import E2EFineTune
 from densediff.paradigms.geowizard import GeoWizardEstimator
@@ -9,9 +12,5 @@ from densediff.paradigms.lotus import LotusX0
 from densediff.paradigms.multitask import MultiTaskDenoising
 from densediff.paradigms.self_improving import SelfImprovingPerception
 
-# Keys are the names written into checkpoints (`densediff_paradigm`); run.py picks "geowizard" from the backbone.
-PARADIGMS = {"e2e": E2EFineTune, "diffusion": DiffusionEstimator, "geowizard": GeoWizardEstimator,
-             "multitask": MultiTaskDenoising, "self_improving": SelfImprovingPerception, "lotus": LotusX0}
-
-__all__ = ["DiffusionEstimator", "E2EFineTune", "GeoWizardEstimator", "LotusX0", "MultiTaskDenoising", "PARADIGMS",
-           "SelfImprovingPerception"]
+__all__ = ["DiffusionEstimator", "E2EFineTune", "GeoWizardEstimator", "LotusX0", "ModelConfig", "MultiTaskDenoising",
+           "PARADIGMS", "Paradigm", "SelfImprovingPerception", "paradigm_class"]

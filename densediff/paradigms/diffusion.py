@@ -23,6 +23,7 @@ import torch
 from densediff.backbones import load_backbone
 from densediff.inference import SingleStepEstimator
 from densediff.inference.predictor import InferenceOptions, pyramid_noise
+from densediff.paradigms.base import Paradigm
 from densediff.paradigms.denoising import LatentDenoiser, masked_latent_mse
 from densediff.paradigms.optim import schedule_error
 
@@ -30,8 +31,9 @@ CONDITIONINGS = ("concat", "interpolate")
 PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
 
 
-class DiffusionEstimator(LatentDenoiser):
+class DiffusionEstimator(LatentDenoiser, Paradigm):
     paradigm = "diffusion"  # written into checkpoints so evaluate/predict/export rebuild the right class
+    card_tag = "marigold"
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ import torch
 from densediff.backbones import load_backbone
 from densediff.inference import SingleStepEstimator
 from densediff.inference.predictor import InferenceOptions
+from densediff.paradigms.base import Paradigm
 from densediff.paradigms.evaluation import LatentModel
 from densediff.paradigms.optim import optimizer_with_schedule, schedule_factor
 
@@ -22,8 +23,9 @@ from densediff.paradigms.optim import optimizer_with_schedule, schedule_factor
 warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
 
 
-class E2EFineTune(LatentModel):
+class E2EFineTune(LatentModel, Paradigm):
     paradigm = "e2e"  # written into checkpoints so evaluate/predict/export rebuild the right class
+    card_tag = "e2e-ft"
 
     def __init__(
         self,

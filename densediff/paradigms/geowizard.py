@@ -34,6 +34,7 @@ from densediff.backbones.geowizard import encode_image_embedding, load_geowizard
 from densediff.backbones.geowizard_unet import DOMAINS, geowizard_class_labels
 from densediff.inference import SingleStepEstimator
 from densediff.inference.predictor import InferenceOptions, predict, pyramid_noise
+from densediff.paradigms.base import ModelConfig, Paradigm
 from densediff.paradigms.denoising import LatentDenoiser, masked_latent_mse
 from densediff.paradigms.optim import schedule_error
 from densediff.tasks import build_task
@@ -41,12 +42,50 @@ from densediff.tasks import build_task
 GEOMETRY_TASKS = ("depth", "normals")  # the batch order: [depth_1..depth_B, normal_1..normal_B]
 
 
-class GeoWizardEstimator(LatentDenoiser):
+class GeoWizardEstimator(LatentDenoiser, Paradigm):
     """Joint depth + normal diffusion estimator on a GeoWizard backbone. Shares the diffusion estimator's base
     (denoising.py: VAE encoding, forward process, masked loss, optimizer and LR schedules); everything batch-shaped
     is GeoWizard's."""
 
     paradigm = "geowizard"
+    backbone_layout = "geowizard"  # backbones/geowizard.py: unet, vae, scheduler, image_encoder, feature_extractor
+
+    # ---- hooks of the run layer (paradigms/base.py) ------------------------------------------------------------
+    @classmethod
+    def geometry_arguments(cls, config: ModelConfig) -> dict:
+        """Besides the common arguments: the domain label, joint attention, and the options of the geometry that is
+        not `task` (both are predicted and scored)."""
+        if config.task_name not in GEOMETRY_TASKS:
+            raise ValueError(f"backbone={config.backbone['name']} predicts depth and normals; task={config.task_name} "
+                             "is neither")
+        other = GEOMETRY_TASKS[1 - GEOMETRY_TASKS.index(config.task_name)]
+        return dict(domain=str(config.backbone.get("domain", "indoor")),
+                    joint_attention=bool(config.backbone.get("joint_attention", True)),
+                    other_task_options=config.task_options(other))
+
+    @classmethod
+    def arguments(cls, config: ModelConfig) -> dict:
+        arguments = {**super().arguments(config), **cls.geometry_arguments(config)}
+        if config.backbone["name"] in ("tiny", "tiny_random"):  # the recipe on a tiny backbone: it in GeoWizard's layout
+            from densediff.backbones.geowizard_build import tiny_geowizard_folder
+            arguments["backbone_path"] = str(tiny_geowizard_folder(source=str(config.backbone["path"])))
+        return arguments
+
+    @classmethod
+    def checkpoint_arguments(cls, hparams: dict, config: ModelConfig, given: set[str]) -> dict:
+        """One model, both geometries: task=depth|normals picks the one it returns, with this run's task options;
+        joint attention stays as trained, the domain too unless backbone.domain is given."""
+        overrides = super().checkpoint_arguments(hparams, config, given)
+        overrides.update(task=config.task_name, task_options=config.task_options(),
+                         **cls.geometry_arguments(config))
+        overrides.pop("joint_attention")
+        if "backbone.domain" not in given:
+            overrides.pop("domain")
+        return overrides
+
+    @classmethod
+    def predicted_task(cls, hparams: dict, requested: str) -> str:
+        return requested  # either geometry (checkpoint_arguments checks it)
 
     def __init__(
         self,

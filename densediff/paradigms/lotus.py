@@ -21,16 +21,21 @@ from the RGB latent itself (interpolate conditioning: the UNet sees only it); th
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding
 
 from densediff.backbones import load_backbone
+from densediff.backbones.load import resolve_backbone_path
 from densediff.inference import SingleStepEstimator
 from densediff.inference.predictor import InferenceOptions
+from densediff.io import write_text
+from densediff.paradigms.base import Paradigm
 from densediff.paradigms.evaluation import LatentModel
 from densediff.paradigms.optim import optimizer_with_schedule, schedule_factor
 
@@ -52,7 +57,7 @@ def add_task_switcher(unet) -> None:
     unet.register_to_config(class_embed_type="projection", projection_class_embeddings_input_dim=4)
 
 
-class LotusX0(LatentModel):
+class LotusX0(LatentModel, Paradigm):
     paradigm = "lotus"
 
     def __init__(
@@ -98,6 +103,36 @@ class LotusX0(LatentModel):
         self.register_buffer("annotation", torch.tensor(ANNOTATION), persistent=False)
         self.register_buffer("reconstruction", torch.tensor(RECONSTRUCTION), persistent=False)
         self.inference = InferenceOptions(noise="gaussian" if variant == "g" else "zeros")
+
+    # ---- export (densediff/export.py) ---------------------------------------------------------------------------
+    def export_pipeline(self, output: Path) -> tuple[str, list[str]]:
+        """This model as a diffusers folder in Lotus' own layout: the UNet with its task-switcher class embedding,
+        the scheduler with prediction_type "sample", model_index.json naming Lotus' LotusGPipeline / LotusDPipeline
+        (its repository's StableDiffusionPipeline subclasses; diffusers has no Lotus pipeline). densediff reads it
+        back with `backbone.path=<folder> objective=lotus objective.variant=<g|d>`."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        if self.hparams.adapter.startswith("lora"):
+            raise ValueError("a Lotus checkpoint with a LoRA adapter does not export yet; Lotus trains the full UNet")
+        source = resolve_backbone_path(self.hparams.backbone_path)
+        scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", prediction_type="sample",
+                                                  timestep_spacing=self.inference.timestep_spacing)
+        output.mkdir(parents=True, exist_ok=True)
+        StableDiffusionPipeline(
+            unet=self.estimator.unet, vae=self.estimator.vae, scheduler=scheduler,
+            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
+            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False).save_pretrained(output, safe_serialization=True)
+        index_path = output / "model_index.json"
+        index = json.loads(index_path.read_text())
+        pipeline_class = "LotusGPipeline" if self.hparams.variant == "g" else "LotusDPipeline"
+        write_text(index_path, json.dumps({**index, "_class_name": pipeline_class}, indent=2) + "\n")
+        usage = [f"# Lotus' repository (pipeline.py): {pipeline_class}.from_pretrained({str(output)!r})",
+                 f"# densediff: python predict.py backbone.path={output} objective=lotus "
+                 f"objective.variant={self.hparams.variant} input=image.png output=predictions (task=... and "
+                 "task.encoding=disparity as trained)"]
+        return pipeline_class, usage
 
     # ---- prediction (LatentModel's, with this conditioning) ------------------------------------------------------
     def prediction_conditioning(self, members: torch.Tensor) -> dict:

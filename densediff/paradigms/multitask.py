@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densediff.paradigms.base import ModelConfig, Paradigm
 from densediff.paradigms.evaluation import write_gallery
 from densediff.paradigms.noise import StepRandomness
 from densediff.paradigms.optim import optimizer_with_schedule, poly_schedule
@@ -170,8 +171,39 @@ def delta_m(values: dict, baselines: dict) -> float:
     return sum(terms) / len(terms)
 
 
-class MultiTaskDenoising(L.LightningModule):
+class MultiTaskDenoising(L.LightningModule, Paradigm):
     paradigm = "multitask"  # written into checkpoints so evaluate/predict rebuild this class
+    backbone_layout = None  # a diffusion encoder reads the UNet features of any backbone folder
+
+    # ---- hooks of the run layer (paradigms/base.py) ------------------------------------------------------------
+    @classmethod
+    def arguments(cls, config: ModelConfig) -> dict:
+        """task=multitask's tasks, weights and per-task options (each task's dataset protocol too), the encoder
+        group, and every key of the objective group."""
+        if config.task_name != "multitask":
+            raise ValueError(f"objective=multitask trains task=multitask (task.tasks=[...]), not task={config.task_name}")
+        t, encoder = config.task, dict(config.groups.get("encoder") or {})
+        kind = encoder.pop("name")
+        if kind == "diffusion":  # the backbone group names the diffusion model whose UNet features are read
+            encoder.update(backbone_path=str(config.backbone["path"]),
+                           unet_in_channels=int(config.backbone["unet_in_channels"]))
+        options = {name: {**config.task_options(name), **((t.get("options") or {}).get(name) or {})}
+                   for name in t["tasks"]}
+        return dict(tasks=list(t["tasks"]), task_options=options, task_weights=t.get("weights"), encoder=kind,
+                    encoder_options=encoder, monitor=t.get("monitor"), monitor_mode=t.get("monitor_mode"),
+                    baselines=t.get("baselines"), gallery_size=config.gallery_size, **config.objective)
+
+    @classmethod
+    def checkpoint_arguments(cls, hparams: dict, config: ModelConfig, given: set[str]) -> dict:
+        return {}  # its hyper-parameters name every task, its encoder and their options
+
+    @classmethod
+    def predicted_task(cls, hparams: dict, requested: str) -> str:
+        return "multitask"
+
+    @classmethod
+    def prediction_tasks(cls, hparams: dict) -> list[str]:
+        return list(hparams["tasks"])  # every task's files into <output>/<task>/
 
     def __init__(
         self,

@@ -32,6 +32,7 @@ from densediff.heads import build_head
 from densediff.inference.predictor import InferenceOptions
 from densediff.paradigms.creation import (SyntheticPairs, creation_timesteps, ddim_regenerate, read_manifest,
                                           write_manifest, write_pair)
+from densediff.paradigms.base import ModelConfig, Paradigm, PredictionFiles
 from densediff.paradigms.evaluation import DenseEvaluation
 from densediff.paradigms.optim import optimizer_with_schedule
 from densediff.visualize import rgb_to_uint8, save_gallery
@@ -59,8 +60,56 @@ def pad_batch(batch: dict, multiple: int) -> tuple[dict, tuple[int, int]]:
     return out, (h, w)
 
 
-class SelfImprovingPerception(DenseEvaluation):
+class SelfImprovingPerception(DenseEvaluation, Paradigm):
     paradigm = "self_improving"  # written into checkpoints so evaluate/predict rebuild this class
+
+    # ---- hooks of the run layer (paradigms/base.py) ------------------------------------------------------------
+    @classmethod
+    def arguments(cls, config: ModelConfig) -> dict:
+        """The backbone folder (a 4-channel text-to-image UNet), the task (a conv head serves the head-only tasks
+        too), the head group (conf/head) and every key of the objective group."""
+        head = dict(config.groups.get("head") or {})
+        if not head:
+            raise ValueError("objective=self_improving predicts with a trained head: train it with train.py (head=bae "
+                             "or head=conv), then pass ckpt=<run>/checkpoints/last.ckpt")
+        kind = head.pop("name")
+        if kind == "bae" and config.task_name != "normals":
+            raise ValueError(f"head=bae predicts surface normals with their uncertainty; task={config.task_name} needs "
+                             "head=conv (or task=normals)")
+        return dict(backbone_path=str(config.backbone["path"]), task=config.task_name,
+                    task_options=config.task_options(), head=kind, head_options=head, seed=config.seed,
+                    gallery_size=config.gallery_size,
+                    widened_generator=bool(config.backbone.get("widened_generator", False)), **config.objective)
+
+    @classmethod
+    def training_steps(cls, objective: dict, max_steps: int, given: set[str]) -> tuple[dict, int]:
+        """Warm-up + self-improvement run in one fit: trainer.max_steps is their sum; a trainer.max_steps given
+        without stage lengths (one budget for every job of a sweep) is split as the recipe's stages."""
+        warmup, improve = int(objective["warmup_stage_steps"]), int(objective["improve_stage_steps"])
+        total = warmup + improve
+        stages = {"objective.warmup_stage_steps", "objective.improve_stage_steps"}
+        if "trainer.max_steps" in given and not given & stages and total > 0 and max_steps >= 2:
+            split = min(max(round(max_steps * warmup / total), 1), max_steps - 1)
+            log.info("objective=self_improving: trainer.max_steps=%d split as the recipe's stages: %d warm-up + %d "
+                     "self-improvement steps", max_steps, split, max_steps - split)
+            return {"warmup_stage_steps": split, "improve_stage_steps": max_steps - split}, max_steps
+        if "trainer.max_steps" in given and max_steps != total:
+            log.warning("objective=self_improving: trainer.max_steps=%s is replaced by objective.warmup_stage_steps + "
+                        "objective.improve_stage_steps = %d", max_steps, total)
+        return {}, total
+
+    @classmethod
+    def checkpoint_arguments(cls, hparams: dict, config: ModelConfig, given: set[str]) -> dict:
+        overrides = super().checkpoint_arguments(hparams, config, given)
+        overrides.pop("normals_frame", None)  # the head's options are its own; the backbone frame does not apply
+        overrides.pop("normals_decode", None)
+        return overrides
+
+    @classmethod
+    def prediction_files(cls, hparams: dict, task: str, ensemble: int) -> PredictionFiles:
+        if hparams.get("head") == "bae":  # Bae's head predicts its expected angular error: <stem>_uncertainty.*
+            return PredictionFiles(uncertainty=True, uncertainty_full_scale=90.0, pointcloud=task == "depth")
+        return super().prediction_files(hparams, task, ensemble)
 
     def __init__(self, backbone_path: str, task: str = "normals", task_options: dict | None = None,
                  head: str = "bae", head_options: dict | None = None, warmup_stage_steps: int = 5000,

@@ -1,93 +1,21 @@
 """Everything the entry points do, built from the Hydra config. This package is the only place that reads a
 DictConfig: it turns the config into plain arguments for the package's classes
-(docs/architecture.md#the-config-boundary). config.py composes and reports errors, build.py builds model, data,
-loggers, callbacks and trainer, cluster.py handles SLURM and preemption, jobs.py runs train, evaluate and predict;
-every name is re-exported here, so `from densediff.run import X` works for all of them."""
+(docs/architecture.md#the-config-boundary). Its modules, by responsibility: config.py (composing, what the command
+line set, user errors, the run directory's path), checks.py (what a run refuses at start-up), checkpoint.py (a
+checkpoint read once into a record), model.py (the model from the objective's class and its hooks; the inference
+options), datasets.py (datasets and the datamodule), trainer.py (loggers, callbacks, the Trainer), cluster.py
+(SLURM, preemption), rundir.py (the run-directory guard, a finished run's record), jobs.py (train, evaluate,
+predict). Below: what the commands, the app and the tools use; anything else is imported from its module."""
 
 from __future__ import annotations
 
-from densediff.run.config import (  # noqa: F401
-    ASSETS,
-    CONFIG_PACKAGE,
-    ConfigError,
-    _config_loader,
-    _own_message,
-    _parsed_overrides,
-    _recompose_overrides,
-    _route_library_logs,
-    command_line_keys,
-    compose,
-    compose_group,
-    config_dir,
-    first_process,
-    group_is_chosen,
-    log,
-    run_dir,
-    tiny_geowizard_path,
-    to_plain,
-    user_errors,
-)
-from densediff.run.cluster import (  # noqa: F401
-    PREEMPTED,
-    local_cpu_processes,
-    preemption_signal,
-    requeued_checkpoint,
-    scontrol_requeue,
-    slurm_trainer_shape,
-)
-from densediff.run.build import (  # noqa: F401
-    COUNT_KEYS,
-    DATASET_PROTOCOL_KEYS,
-    backbone_task,
-    build_callbacks,
-    build_datamodule,
-    build_dataset,
-    datasets_to_shard,
-    build_loggers,
-    build_model,
-    build_trainer,
-    check_captions,
-    check_checkpoint_file,
-    check_config,
-    check_finite,
-    check_resume,
-    geowizard_arguments,
-    inference_options,
-    log_parameter_counts,
-    model_arguments,
-    multitask_arguments,
-    read_checkpoint,
-    resolve_backbone_task,
-    self_improving_arguments,
-    self_improving_steps,
-    task_options,
-    use_half_precision,
-    wandb_identity,
-    warn_ignored_options,
-)
-from densediff.run.jobs import (  # noqa: F401
-    RESULT_FILES,
-    RUN_LOCK,
-    RunDirGuard,
-    claim_run_dir,
-    _check_fresh_run_dir,
-    _finish_loggers,
-    _holds_results,
-    _requeue,
-    _strip_stage,
-    build_predictor,
-    load_predictor,
-    training_parts,
-    checkpoint_identity,
-    evaluate,
-    load_checkpoint_model,
-    optimized_metric,
-    predict,
-    predict_multitask,
-    predictor_device,
-    print_summary,
-    run_record,
-    saved_inference,
-    train,
-    write_metrics,
-)
+from densediff.run.checkpoint import checkpoint_identity
+from densediff.run.config import ASSETS, ConfigError, compose, config_dir, user_errors
+from densediff.run.datasets import datasets_to_shard
+from densediff.run.jobs import (build_predictor, evaluate, load_predictor, optimized_metric, predict, train,
+                                training_parts)
+from densediff.run.rundir import RunDirGuard, run_record
+
+__all__ = ["ASSETS", "ConfigError", "RunDirGuard", "build_predictor", "checkpoint_identity", "compose", "config_dir",
+           "datasets_to_shard", "evaluate", "load_predictor", "optimized_metric", "predict", "run_record", "train",
+           "training_parts", "user_errors"]
