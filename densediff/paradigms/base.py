@@ -19,10 +19,17 @@ import logging
 import pkgutil
 from pathlib import Path
 
+import torch
+
+from densediff.inference.predict import predict_images
+
 log = logging.getLogger("densediff")
 
 # name written into checkpoints -> class, filled as the paradigm modules are imported (Paradigm.__init_subclass__)
 PARADIGMS: dict[str, type] = {}
+
+# the paradigm of checkpoints written before its name was saved in them (densediff_paradigm)
+LEGACY_PARADIGM = "e2e"
 
 # Task options that belong to the evaluation dataset's protocol rather than to the model (ModelConfig.protocol).
 DATASET_PROTOCOL_KEYS = ("min_depth", "max_depth", "alignment_max_res", "range_mask")
@@ -153,6 +160,13 @@ class Paradigm:
         normals), point clouds for depth."""
         return PredictionFiles(uncertainty=ensemble > 1 and task in ENSEMBLE_UNCERTAINTY_TASKS,
                                pointcloud=task == "depth")
+
+    # ---- predict.py ---------------------------------------------------------------------------------------------
+    def write_predictions(self, root: Path, images: list[Path], output: str | Path, device: torch.device,
+                          **options) -> tuple[int, list[str]]:
+        """Predict every image and write its files below `output` (`options`: predict_images' uncertainty, point
+        cloud and batching options); returns (images written, messages of the unreadable ones)."""
+        return predict_images(self, root, images, output, device, **options)
 
     # ---- export -------------------------------------------------------------------------------------------------
     def export_pipeline(self, output: Path) -> tuple[str, list[str]] | None:

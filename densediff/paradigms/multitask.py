@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densediff.inference.predict import predict_multitask_images
 from densediff.paradigms.base import ModelConfig, Paradigm
 from densediff.paradigms.evaluation import write_gallery
 from densediff.paradigms.noise import StepRandomness
@@ -204,6 +205,10 @@ class MultiTaskDenoising(L.LightningModule, Paradigm):
     @classmethod
     def prediction_tasks(cls, hparams: dict) -> list[str]:
         return list(hparams["tasks"])  # every task's files into <output>/<task>/
+
+    def write_predictions(self, root, images, output, device, **options) -> tuple[int, list[str]]:
+        """One forward per image, each task's files into `<output>/<task>/` (predict.py's options do not apply)."""
+        return predict_multitask_images(self, root, images, output, device)
 
     def __init__(
         self,

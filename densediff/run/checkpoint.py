@@ -16,11 +16,8 @@ from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
 from densediff.data.common import DataReadError
 from densediff.io import torch_load_cause
 from densediff.paradigms import paradigm_class
+from densediff.paradigms.base import LEGACY_PARADIGM
 from densediff.run.config import ConfigError
-
-# what checkpoints written before the paradigm's name was saved in them hold
-DEFAULT_PARADIGM = "e2e"
-
 
 def check_checkpoint_file(path: str | Path, key: str = "ckpt") -> Path:
     """`key`=`path` must be a train.py checkpoint file: FileNotFoundError saying what the path is instead (absent,
@@ -99,7 +96,7 @@ def read_record(path: str | Path, key: str = "ckpt") -> CheckpointRecord:
     """`key`=`path` read once (check_checkpoint_file, read_checkpoint); a paradigm unknown here is a ConfigError."""
     path = check_checkpoint_file(path, key)
     contents = read_checkpoint(path)
-    paradigm = contents.get("densediff_paradigm", DEFAULT_PARADIGM)
+    paradigm = contents.get("densediff_paradigm", LEGACY_PARADIGM)
     try:
         model_class = paradigm_class(paradigm)
     except KeyError as error:

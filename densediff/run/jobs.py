@@ -21,8 +21,7 @@ from densediff.adapters import count_parameters
 from densediff.checkpoints import Preempted, Preemption
 from densediff.data.common import DataReadError
 from densediff.inference.pointcloud import intrinsics_for
-from densediff.inference.predict import (check_multitask_outputs, check_outputs, pointcloud_references,
-                                         predict_images, predict_multitask_images)
+from densediff.inference.predict import check_outputs, pointcloud_references
 from densediff.inference.speedup import speed_up
 from densediff.io import remove_temporaries, write_text
 from densediff.paradigms.precomputed import PrecomputedPredictions
@@ -331,10 +330,11 @@ def predict(cfg: DictConfig) -> None:
         pointcloud = {"fov": cfg.get("pointcloud_fov"), "intrinsics": intrinsics,
                       "references": pointcloud_references(root, images, cfg.get("pointcloud_reference"))}
     model, device = _predictor(cfg, record, options)
-    written, skipped = predict_images(model, root, images, cfg.output, device, uncertainty=files.uncertainty,
-                                      pointcloud=pointcloud, uncertainty_full_scale=files.uncertainty_full_scale,
-                                      images_per_call=int(cfg.get("images_per_call", 1)),
-                                      num_workers=int(cfg.get("num_workers", 0)))
+    written, skipped = model.write_predictions(root, images, cfg.output, device, uncertainty=files.uncertainty,
+                                               pointcloud=pointcloud,
+                                               uncertainty_full_scale=files.uncertainty_full_scale,
+                                               images_per_call=int(cfg.get("images_per_call", 1)),
+                                               num_workers=int(cfg.get("num_workers", 0)))
     if skipped and not written:
         raise DataReadError(f"none of the {len(skipped)} images of input={cfg.input} could be read:\n  "
                             + "\n  ".join(skipped))
@@ -346,9 +346,10 @@ def predict(cfg: DictConfig) -> None:
 def predict_tasks(cfg: DictConfig, record: CheckpointRecord, options) -> None:
     """predict.py with a checkpoint that predicts several tasks at once: each task's files into <output>/<task>/."""
     tasks = record.tasks
-    root, images = check_multitask_outputs(cfg.input, cfg.output, tasks, bool(cfg.overwrite))
+    for task in tasks:  # before loading the model: no file of any task is written over
+        root, images = check_outputs(cfg.input, Path(cfg.output) / task, task, bool(cfg.overwrite))
     model, device = _predictor(cfg, record, options)
-    written, skipped = predict_multitask_images(model, root, images, cfg.output, device)
+    written, skipped = model.write_predictions(root, images, cfg.output, device)
     print(f"\nwrote {written} predictions of {', '.join(tasks)} to {cfg.output}/<task>/"
           + (f"; skipped {len(skipped)} unreadable:" if skipped else ""))
     for message in skipped:
