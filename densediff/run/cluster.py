@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from densediff.run.config import log
 
@@ -26,7 +27,6 @@ def slurm_trainer_shape(options: dict, given: set[str]) -> dict:
     detects by itself, takes each process's rank and the master address from SLURM; trainer.num_nodes and
     trainer.devices (per node) must match the job's nodes and tasks per node, so they are taken from the job unless
     the command line sets them (`given`: command_line_keys)."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment
     if not SLURMEnvironment.detect():
         return options
     nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
@@ -45,7 +45,6 @@ def preemption_signal() -> int | None:
     acts on it: submitit's (USR2, or $SUBMITIT_PREEMPT_SIGNAL) in a job of Hydra's submitit launcher
     (hydra/launcher=slurm or local); Lightning's SLURM requeue signal, USR1, in a SLURM job started by hand
     (sbatch --signal=USR1@<seconds>). None elsewhere."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment
     if not os.environ.get("SUBMITIT_FOLDER"):  # (Lightning then leaves USR1 to this run: it has a handler)
         return signal.SIGUSR1 if SLURMEnvironment.detect() else None
     try:

@@ -11,6 +11,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -20,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from densediff.callbacks import NonFiniteTrainingError
 from densediff.backbones.load import UnsupportedSchedulerError
 from densediff.data.common import DataReadError
+from densediff.io import describe_os_error
 
 log = logging.getLogger("densediff")
 
@@ -76,9 +79,6 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
     """conf/<config_name>.yaml (train, evaluate or predict) with command-line `overrides`, composed as the entry
     points' @hydra.main composes it, for the commands that run without it (the demo app, the shard writer, the DMP
     data tools). HydraConfig is set: run_dir(), ${hydra:...} and the command-line rules below read it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=config_name):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
@@ -103,7 +103,6 @@ def _config_loader():
     if GlobalHydra.instance().is_initialized():
         yield GlobalHydra.instance().config_loader()
         return
-    from hydra import initialize_config_dir
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         yield GlobalHydra.instance().config_loader()
 
@@ -149,7 +148,6 @@ def user_errors():
         print(f"\nerror: {_own_message(error)}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
     except OSError as error:  # a folder that cannot be written, a full disk, permissions: the path and the cause
-        from densediff.io import describe_os_error
         print(f"\nerror: {describe_os_error(error)}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
 
