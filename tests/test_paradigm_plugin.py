@@ -13,7 +13,6 @@ import tokenize
 from pathlib import Path
 
 import lightning
-import pytest
 import torch
 import yaml
 

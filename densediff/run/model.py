@@ -30,7 +30,9 @@ def model_config(cfg: DictConfig) -> ModelConfig:
         objective["betas"] = tuple(objective["betas"])
     protocol = {}
     if cfg.get("dataset") is not None:  # the valid GT range and alignment belong to the dataset's protocol
-        protocol.update(min_depth=float(cfg.dataset.min_depth), max_depth=float(cfg.dataset.max_depth))
+        for key in ("min_depth", "max_depth"):  # (a dataset without depth, e.g. PASCAL-Context, has none)
+            if cfg.dataset.get(key) is not None:
+                protocol[key] = float(cfg.dataset[key])
         if cfg.dataset.get("alignment_max_res"):
             protocol["alignment_max_res"] = int(cfg.dataset.alignment_max_res)
         if cfg.dataset.get("range_mask") is not None:
