@@ -66,7 +66,7 @@ class GeoWizardEstimator(LatentDenoiser, Paradigm):
     @classmethod
     def arguments(cls, config: ModelConfig) -> dict:
         arguments = {**super().arguments(config), **cls.geometry_arguments(config)}
-        if config.backbone["name"] in ("tiny", "tiny_random"):  # the recipe on a tiny backbone: it in GeoWizard's layout
+        if config.backbone["name"] in ("tiny", "tiny_random"):  # a tiny backbone: it in GeoWizard's layout
             from densediff.backbones.geowizard_build import tiny_geowizard_folder
             arguments["backbone_path"] = str(tiny_geowizard_folder(source=str(config.backbone["path"])))
         return arguments

@@ -182,7 +182,8 @@ class MultiTaskDenoising(L.LightningModule, Paradigm):
         """task=multitask's tasks, weights and per-task options (each task's dataset protocol too), the encoder
         group, and every key of the objective group."""
         if config.task_name != "multitask":
-            raise ValueError(f"objective=multitask trains task=multitask (task.tasks=[...]), not task={config.task_name}")
+            raise ValueError(f"objective=multitask trains task=multitask (task.tasks=[...]), not "
+                             f"task={config.task_name}")
         t, encoder = config.task, dict(config.groups.get("encoder") or {})
         kind = encoder.pop("name")
         if kind == "diffusion":  # the backbone group names the diffusion model whose UNet features are read

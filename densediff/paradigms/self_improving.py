@@ -74,8 +74,8 @@ class SelfImprovingPerception(DenseEvaluation, Paradigm):
                              "or head=conv), then pass ckpt=<run>/checkpoints/last.ckpt")
         kind = head.pop("name")
         if kind == "bae" and config.task_name != "normals":
-            raise ValueError(f"head=bae predicts surface normals with their uncertainty; task={config.task_name} needs "
-                             "head=conv (or task=normals)")
+            raise ValueError(f"head=bae predicts surface normals with their uncertainty; task={config.task_name} "
+                             "needs head=conv (or task=normals)")
         return dict(backbone_path=str(config.backbone["path"]), task=config.task_name,
                     task_options=config.task_options(), head=kind, head_options=head, seed=config.seed,
                     gallery_size=config.gallery_size,

@@ -338,7 +338,8 @@ def predict(cfg: DictConfig) -> None:
     if skipped and not written:
         raise DataReadError(f"none of the {len(skipped)} images of input={cfg.input} could be read:\n  "
                             + "\n  ".join(skipped))
-    print(f"\nwrote {written} predictions to {cfg.output}" + (f"; skipped {len(skipped)} unreadable:" if skipped else ""))
+    print(f"\nwrote {written} predictions to {cfg.output}"
+          + (f"; skipped {len(skipped)} unreadable:" if skipped else ""))
     for message in skipped:
         print(f"  {message}")
 
