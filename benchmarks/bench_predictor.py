@@ -19,7 +19,9 @@ Not a test: numbers depend on the machine and on other load (wall-clock).
 
 from __future__ import annotations
 
-import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+from densediff.process import prepare_process
+
+prepare_process()  # first: the thread and allocator settings go in before torch loads
 
 import argparse
 import ctypes

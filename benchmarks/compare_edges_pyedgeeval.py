@@ -17,7 +17,9 @@ threshold at 375x500). Writes JSON; prints a table. Not a test: BSDS's counts va
 
 from __future__ import annotations
 
-import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+from densediff.process import prepare_process
+
+prepare_process()  # first: the thread and allocator settings go in before torch loads
 
 import argparse
 import math

@@ -22,7 +22,9 @@ for b and c. It proves the script runs, not how fast anything is.
 
 from __future__ import annotations
 
-import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+from densediff.process import prepare_process
+
+prepare_process()  # first: the thread and allocator settings go in before torch loads
 
 import argparse
 import csv

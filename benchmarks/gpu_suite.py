@@ -16,7 +16,9 @@ Without CUDA it exits with status 1 and says so; `--device cpu --toy` runs the s
 
 from __future__ import annotations
 
-import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+from densediff.process import prepare_process
+
+prepare_process()  # first: the thread and allocator settings go in before torch loads
 
 import argparse
 import importlib.util

@@ -265,10 +265,13 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from densediff.process import prepare_process
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    prepare_process()  # before torch: thread settings, config resolvers (densediff/process.py)
     try:
         if importlib.util.find_spec("gradio") is None:
             raise AppArgumentError("the demo needs gradio: pip install -e \".[app]\"")

@@ -1,16 +1,29 @@
-"""evaluate.py of an installed densediff: `densediff-evaluate ckpt=<run>/checkpoints/last.ckpt dataset=procedural` or
-`python -m densediff.evaluate ...` (the same config and overrides as the checkout's evaluate.py)."""
+"""Evaluate a checkpoint or a backbone: `python evaluate.py ckpt=<run>/checkpoints/last.ckpt dataset=procedural` in a checkout, `densediff-evaluate ...` or
+`python -m densediff.evaluate ...` anywhere (the same config, conf/evaluate.yaml, and overrides; README.md).
 
-import hydra
-from omegaconf import DictConfig
+This module is the command; the checkout's evaluate.py only runs its main(). Nothing heavy is imported before main()
+has prepared the process (densediff/process.py: the thread settings must precede torch)."""
 
-from densediff.run import config_dir, evaluate, user_errors
+from __future__ import annotations
+
+from densediff.process import prepare_process
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+def task(cfg) -> None:
+    """The Hydra task function: one job of conf/evaluate.yaml."""
+    from densediff.run import evaluate, user_errors
+
     with user_errors():
         evaluate(cfg)
+
+
+def main() -> None:
+    prepare_process()
+    import hydra
+
+    from densediff.run import config_dir
+
+    hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")(task)()
 
 
 if __name__ == "__main__":

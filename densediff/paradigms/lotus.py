@@ -22,7 +22,6 @@ from the RGB latent itself (interpolate conditioning: the UNet sees only it); th
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +32,6 @@ from densediff.inference import SingleStepEstimator
 from densediff.inference.predictor import InferenceOptions
 from densediff.paradigms.evaluation import LatentModel
 from densediff.paradigms.optim import optimizer_with_schedule, schedule_factor
-
-warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
 
 VARIANTS = {"g": 8, "d": 4}  # the UNet's input channels
 # Lotus' task switcher: v = [a, b] -> [sin a, sin b, cos a, cos b]
