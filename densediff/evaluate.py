@@ -1,5 +1,7 @@
-"""Evaluate a checkpoint or a backbone: `python evaluate.py ckpt=<run>/checkpoints/last.ckpt dataset=procedural` in a checkout, `densediff-evaluate ...` or
-`python -m densediff.evaluate ...` anywhere (the same config, conf/evaluate.yaml, and overrides; README.md).
+"""Evaluate a checkpoint or a backbone:
+
+    python evaluate.py ckpt=<run>/checkpoints/last.ckpt dataset=procedural    (in a checkout)
+    densediff-evaluate ...  or  python -m densediff.evaluate ...    (anywhere: the same config, conf/evaluate.yaml)
 
 This module is the command; the checkout's evaluate.py only runs its main(). Nothing heavy is imported before main()
 has prepared the process (densediff/process.py: the thread settings must precede torch)."""

@@ -1,5 +1,7 @@
-"""Predict images: `python predict.py input=<image or folder> output=<dir> ckpt=<run>/checkpoints/last.ckpt` in a checkout, `densediff-predict ...` or
-`python -m densediff.predict ...` anywhere (the same config, conf/predict.yaml, and overrides; README.md).
+"""Predict images:
+
+    python predict.py input=<image or folder> output=<dir> ckpt=<run>/checkpoints/last.ckpt    (in a checkout)
+    densediff-predict ...  or  python -m densediff.predict ...    (anywhere: the same config, conf/predict.yaml)
 
 This module is the command; the checkout's predict.py only runs its main(). Nothing heavy is imported before main()
 has prepared the process (densediff/process.py: the thread settings must precede torch)."""

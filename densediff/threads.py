@@ -6,8 +6,9 @@ spinning threads steal each other's time slices and one tiny UNet forward goes f
 and one thread per usable core per local process avoid that at almost no cost on a quiet machine.
 
 `configure_environment()` runs in every command's first step (densediff/process.py `prepare_process`), before torch
-is imported, so every entry point, tool, benchmark and the test suite get it; importing densediff does not run it. It only fills in what the user's environment leaves unset: `OMP_WAIT_POLICY`, `OMP_NUM_THREADS`
-(and MKL's) given explicitly always win. `use_threads_for(processes)` then splits the cores between the local
+is imported, so every entry point, tool, benchmark and the test suite get it; importing densediff does not run it.
+It only fills in what the user's environment leaves unset: `OMP_WAIT_POLICY`, `OMP_NUM_THREADS` (and MKL's) given
+explicitly always win. `use_threads_for(processes)` then splits the cores between the local
 processes of a run (CPU DDP) once the config says how many there are, and gives a small model (the tiny backbone) one
 thread: its kernels are too short for a second thread to pay for the hand-over at passive waiting, quiet or on
 shared cores (benchmarks/README.md, "Threads on shared cores").

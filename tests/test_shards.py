@@ -1,4 +1,4 @@
-"""Webdataset shards (densediff/data/shards.py): the writer CLI, exact read-back, the streaming split across processes
+"""Webdataset shards (densediff/data/shards.py): the writer CLI (densediff/write_shards.py), exact read-back, the streaming split across processes
 and workers, errors; training from shards through train.py (one process and 2-process DDP). Also the epoch reaching
 datasets' set_epoch (fresh flips per epoch) and the exact mid-epoch resume of the mixed batch sampler."""
 
@@ -27,7 +27,7 @@ WRITE = ["dataset=procedural", "dataset.height=16", "dataset.width=20", "task=no
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "procedural"
-    result = run_cli("-m", "densediff.data.shards", *WRITE, "maxcount=5", f"output={out}")
+    result = run_cli("-m", "densediff.write_shards", *WRITE, "maxcount=5", f"output={out}")
     assert "train: 24 samples in 5 shards" in result.stdout
     return out
 
@@ -73,8 +73,28 @@ def test_writer_cli_writes_splits_and_index_and_reads_back_exactly(shards):
 
 
 def test_writer_cli_refuses_a_non_empty_output(shards):
-    result = run_cli("-m", "densediff.data.shards", *WRITE, f"output={shards}", expect_ok=False)
+    result = run_cli("-m", "densediff.write_shards", *WRITE, f"output={shards}", expect_ok=False)
     assert result.returncode == 1 and "not an empty folder" in result.stderr and str(shards) in result.stderr
+
+
+def test_writer_takes_a_list_of_splits_and_refuses_what_its_config_lacks(tmp_path, capsys):
+    """conf/write_shards.yaml composed by Hydra (in-process: the command's own main)."""
+    from densediff.write_shards import main
+
+    out = tmp_path / "two"
+    assert main([*WRITE, "split=[val,test]", "maxcount=4", f"output={out}"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert {split: entry["count"] for split, entry in index["splits"].items()} == {"val": 6, "test": 5}
+    assert len(index["splits"]["val"]["shards"]) == 2
+    capsys.readouterr()
+    for argument, message in (("maxcount=0", "error: maxcount=0: pass the samples per shard"),
+                              ("outptu=x", "error: Could not override 'outptu'."),
+                              ("split=val,test", "error: Ambiguous value for argument 'split=val,test'")):
+        assert main([*WRITE, argument, f"output={tmp_path / 'x'}"]) == 1
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert main([*WRITE]) == 1 and "pass output=<new folder>" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_rgb_is_png_only_when_exactly_uint8():

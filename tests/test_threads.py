@@ -59,9 +59,8 @@ def test_benchmarks_prepare_the_process_before_torch():
         if path.name == "bench_threads.py":
             continue
         body = ast.parse(path.read_text()).body
-        prepared = next((i for i, node in enumerate(body) if isinstance(node, ast.Expr)
-                         and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", "") == "prepare_process"),
-                        None)
+        prepared = next((i for i, node in enumerate(body) if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+                         and getattr(node.value.func, "id", "") == "prepare_process"), None)
         assert prepared is not None, f"{path.name} does not call prepare_process() at its top"
         for node in body[:prepared]:
             if isinstance(node, (ast.Import, ast.ImportFrom)):

@@ -343,7 +343,7 @@ def test_an_unwritable_folder_is_one_line_naming_it_from_every_entry_point(entry
         "predict": ("predict.py", f"input={image}", f"output={tmp_path / 'out'}", f"hydra.run.dir={unwritable}"),
         "predict_output": ("predict.py", f"input={image}", f"output={unwritable}", f"hydra.run.dir={tmp_path / 'r'}"),
         "export": ("-m", "densediff.export", f"ckpt={TINY_DIR / 'unet' / 'config.json'}", f"output={unwritable}"),
-        "shards": ("-m", "densediff.data.shards", "dataset=procedural", "split=val", "dataset.val.num_scenes=1",
+        "shards": ("-m", "densediff.write_shards", "dataset=procedural", "split=val", "dataset.val.num_scenes=1",
                    f"output={unwritable}"),
     }
     result = run_cli(*commands[entry], expect_ok=False)
