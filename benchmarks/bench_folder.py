@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from bench_predictor import backbone_folder, synchronize
+from PIL import Image
 from report import machine, write_json
 
 THREADS = 1

@@ -24,11 +24,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from densediff.metrics import (DepthMetrics, EdgeMetrics, IntrinsicMetrics, NormalMetrics, SaliencyMetrics,
-                               SegmentationMetrics)
-from densediff.metrics.morphology import thin
 from report import machine, write_json
+
+from densediff.metrics import (
+    DepthMetrics,
+    EdgeMetrics,
+    IntrinsicMetrics,
+    NormalMetrics,
+    SaliencyMetrics,
+    SegmentationMetrics,
+)
+from densediff.metrics.morphology import thin
 
 SIZE = (8, 480, 640)  # batch, height, width
 

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import machine, write_json
 
 from densediff.backbones import load_backbone
 from densediff.inference import SingleStepEstimator
@@ -39,7 +40,6 @@ from densediff.inference.predictor import InferenceOptions, predict
 from densediff.inference.speedup import speed_up
 from densediff.run import ASSETS
 from densediff.tasks import build_task
-from report import machine, write_json
 
 # Marigold's setting returns prev_sample like diffusers, so that both ensemble the same members (the alignment's
 # BFGS path, and with it its cost, depends on them); E2E-FT's x0 costs what diffusers' prev_sample costs.

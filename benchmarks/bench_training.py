@@ -28,9 +28,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from report import machine, write_json
 
 from densediff.run import training_parts
-from report import machine, write_json
 
 
 class StepTimes(L.Callback):

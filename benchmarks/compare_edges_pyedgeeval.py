@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from bench_metrics import edge_scene
+from report import machine, write_json
+
 from densediff.metrics import EdgeMetrics
 from densediff.metrics.edges import SEISM_HED_THRESHOLDS, _f_measure, _seism_ap
 from densediff.metrics.morphology import edge_nms, thin
-from report import machine, write_json
 
 
 def scores(counts: np.ndarray) -> dict:

@@ -134,9 +134,8 @@ def check_recipe(name: str, precision: str, steps: int, accelerator: str, out: P
 
 
 def write_report(rows: list[dict], out: Path, toy: bool) -> None:
-    from report import machine, write_json  # benchmarks/report.py: the machine's description, atomic JSON
-
     import torch
+    from report import machine, write_json  # benchmarks/report.py: the machine's description, atomic JSON
 
     device = torch.device("cuda" if torch.cuda.is_available() and not toy else "cpu")
     write_json({"benchmark": "gpu_check", "toy": toy, "machine": machine(device), "results": rows},

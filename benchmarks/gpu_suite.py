@@ -30,10 +30,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-
 from bench_predictor import PeakMemory, backbone_folder, load_both, measure, predictor_calls, synchronize
-from densediff.backbones.load import set_attention_backend
 from report import machine, write_json
+
+from densediff.backbones.load import set_attention_backend
 
 SINGLE_STEP = dict(steps=1, ensemble=1, noise="zeros")
 ENSEMBLE_10 = dict(steps=4, ensemble=10, noise="gaussian", final_step="prev_sample")

@@ -8,10 +8,9 @@ import ast
 import importlib
 import subprocess
 import sys
-import tomllib
 
 import pytest
-
+import tomllib
 from conftest import ROOT
 
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]

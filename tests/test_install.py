@@ -10,10 +10,10 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
-import tomllib
 from pathlib import Path
 
 import numpy as np
+import tomllib
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent

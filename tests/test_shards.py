@@ -15,8 +15,14 @@ from densediff.data.common import DataReadError, DatasetLayoutError, flip_seed
 from densediff.data.datamodule import DenseDataModule
 from densediff.data.mixed import MixedBatchSampler, MixedDataset
 from densediff.data.procedural import ProceduralScenes
-from densediff.data.shards import (ShardSamples, StreamingShards, decode_sample, encode_sample, resolve_shards,
-                                   write_shards)
+from densediff.data.shards import (
+    ShardSamples,
+    StreamingShards,
+    decode_sample,
+    encode_sample,
+    resolve_shards,
+    write_shards,
+)
 
 COUNTS = {"train": 24, "val": 6, "test": 5}
 SIZE = dict(height=16, width=20)
@@ -127,7 +133,8 @@ def test_stream_splits_processes_and_workers_with_equal_epochs(shards):
     assert len(r0) == len(r1) == 24 // 2 // 2  # count / world_size / batch_size batches on every process
     assert names(0, 0) == r0 and names(0, 1) != r0  # reproducible per (seed, epoch), new order each epoch
     # each epoch deals the shards out: the two processes start on different shards
-    shard_of = lambda name: int(name.rsplit("/", 1)[1]) // 5
+    def shard_of(name):
+        return int(name.rsplit("/", 1)[1]) // 5
     assert shard_of(r0[0][0]) != shard_of(r1[0][0])
     # two workers: the same number of batches per process, both workers' shares
     w = names(0, 0, workers=2)
@@ -230,7 +237,8 @@ def flips_by_epoch(seen):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_flips_change_between_epochs_and_are_reproducible(workers):
-    make = lambda: DenseDataModule(train=FlipToy(), batch_size=2, num_workers=workers, seed=1)
+    def make():
+        return DenseDataModule(train=FlipToy(), batch_size=2, num_workers=workers, seed=1)
     seen = fit(make(), max_steps=12)  # 3 epochs of 4 batches
     flips = flips_by_epoch(seen)
     assert sorted(flips) == [0, 1, 2] and all(len(f) == 8 for f in flips.values())
@@ -249,7 +257,8 @@ def mixed_module(workers=0):
 
 def test_mixed_sampler_gets_the_epoch_and_flips_change():
     seen = fit(mixed_module(), max_steps=12)  # 4 + 2 batches per epoch: 2 epochs
-    order = lambda e: [ids for epoch, ids, _ in seen if epoch == e]
+    def order(e):
+        return [ids for epoch, ids, _ in seen if epoch == e]
     assert len(order(0)) == len(order(1)) == 6 and order(0) != order(1)  # Lightning's set_epoch reaches the sampler
     flips = flips_by_epoch(seen)
     assert flips[0] != flips[1]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from conftest import FAST, ROOT, run_cli
+
 from densediff import threads
 
 PROBE = ("import json, os; from densediff.process import prepare_process; prepare_process(); import torch; print(json.dumps({'threads': torch.get_num_threads(), "
