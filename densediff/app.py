@@ -26,8 +26,6 @@ import threading
 from collections import deque
 from pathlib import Path
 
-from densediff.commands import CommandLineError, compose_command, underlying_overrides, usage_or_config
-
 OWN = ("ckpt", "server_name", "server_port", "share")  # conf/app.yaml's own keys; the rest is predict.yaml's
 KEEP_REQUESTS = 32  # request folders kept on disk (Gradio copies the files it serves into its own cache)
 # What a request may ask for, checked on the server (the API takes any value, not only the sliders'): the sliders'
@@ -38,25 +36,26 @@ MAX_PIXELS = 4096 * 4096
 MAX_UPLOAD = "64mb"
 
 
-class AppArgumentError(CommandLineError):
+class AppArgumentError(ValueError):
     """A bad command-line argument of the app itself."""
 
 
 def parse_args(argv: list[str]) -> tuple[list[str], dict, list[str]]:
     """(checkpoints, server options, predict.py overrides) from the command line, composed as conf/app.yaml: Hydra
     refuses unknown keys and groups (CommandLineError); ckpt= is one checkpoint or a list of them."""
-    cfg = compose_command("app", argv)
-    ckpt = cfg.ckpt
-    ckpts = [] if ckpt in (None, "", "null") else [str(c) for c in ckpt] if not isinstance(ckpt, str) else [ckpt]
-    port, share = cfg.server_port, cfg.share
+    from densediff.run.commands import command_options
+
+    options, overrides = command_options("app", argv, OWN)
+    ckpt = options["ckpt"]
+    ckpts = [] if ckpt in (None, "", "null") else [str(c) for c in ckpt] if isinstance(ckpt, list) else [str(ckpt)]
+    port, share = options["server_port"], options["share"]
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
         raise AppArgumentError(f"server_port={port} is not a port number (0-65535)")
     if not isinstance(share, bool):
         raise AppArgumentError(f"share={share}: pass share=true or share=false")
-    if not cfg.server_name:
+    if not options["server_name"]:
         raise AppArgumentError("server_name=: pass server_name=<host>")
-    server = {"server_name": str(cfg.server_name), "server_port": port, "share": share}
-    return ckpts, server, underlying_overrides(argv, OWN)
+    return ckpts, {"server_name": str(options["server_name"]), "server_port": port, "share": share}, overrides
 
 
 def load_models(ckpts: list[str], overrides: list[str]) -> tuple[dict, dict, object]:
@@ -267,13 +266,15 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     prepare_process()  # before torch: thread settings, config resolvers (densediff/process.py)
+    if importlib.util.find_spec("gradio") is None:
+        print("error: the demo needs gradio: pip install -e \".[app]\"", file=sys.stderr)
+        return 1
+    from densediff.run.commands import CommandLineError, usage_or_config
     try:
-        if importlib.util.find_spec("gradio") is None:
-            raise AppArgumentError("the demo needs gradio: pip install -e \".[app]\"")
         if usage_or_config("app", argv, __doc__):
             return 0
         ckpts, server, overrides = parse_args(argv)
-    except CommandLineError as error:
+    except (CommandLineError, AppArgumentError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     from hydra.errors import HydraException

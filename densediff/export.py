@@ -212,16 +212,16 @@ def export_lotus(model, ckpt: Path, output: Path, scored: Path | None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """The command (module docstring): conf/export.yaml composed from the command line; one line and exit status 1
     for what a user can fix."""
-    from densediff.commands import CommandLineError, compose_command, report, usage_or_config
     from densediff.process import prepare_process
 
     argv = list(sys.argv[1:] if argv is None else argv)
     prepare_process()  # before torch: thread settings (densediff/process.py)
+    from densediff.run.commands import CommandLineError, command_options, report, usage_or_config
     try:
         if usage_or_config("export", argv, __doc__):
             return 0
-        cfg = compose_command("export", argv)
-        missing = [key for key in ("ckpt", "output") if cfg[key] in (None, "")]
+        options, _ = command_options("export", argv, ("ckpt", "output", "metrics"))
+        missing = [key for key in ("ckpt", "output") if options[key] in (None, "")]
         if missing:
             raise CommandLineError(f"pass {' and '.join(f'{key}=' for key in missing)}: densediff-export "
                                    "ckpt=<run>/checkpoints/last.ckpt output=<new folder> [metrics=<evaluate.py run>]")
@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_grad_enabled(False)
         try:
-            path = export(str(cfg.ckpt), str(cfg.output), None if cfg.metrics is None else str(cfg.metrics))
+            metrics = None if options["metrics"] is None else str(options["metrics"])
+            path = export(str(options["ckpt"]), str(options["output"]), metrics)
         except (FileNotFoundError, FileExistsError, ValueError, DataReadError, OSError) as error:
             return report(error)
     except CommandLineError as error:

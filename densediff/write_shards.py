@@ -20,7 +20,6 @@ OWN = ("output", "split", "maxcount")  # conf/write_shards.yaml's own keys; the 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from densediff.commands import CommandLineError, compose_command, report, underlying_overrides, usage_or_config
     from densediff.process import prepare_process
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -28,13 +27,14 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     prepare_process()  # before torch: thread settings, config resolvers (densediff/process.py)
+    from densediff.run.commands import CommandLineError, command_options, report, usage_or_config
     try:
         if usage_or_config("write_shards", argv, __doc__):
             return 0
-        cfg = compose_command("write_shards", argv)
-        if not cfg.output:
+        options, overrides = command_options("write_shards", argv, OWN)
+        if not options["output"]:
             raise CommandLineError("pass output=<new folder> for the shards")
-        split, maxcount = cfg.split, cfg.maxcount
+        split, maxcount = options["split"], options["maxcount"]
         splits = None if split is None else [split] if isinstance(split, str) else [str(s) for s in split]
         if isinstance(maxcount, bool) or not isinstance(maxcount, int) or maxcount < 1:
             raise CommandLineError(f"maxcount={maxcount}: pass the samples per shard, an integer >= 1")
@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     from densediff.data.shards import INDEX, _check_output, write_shards
     from densediff.run import datasets_to_shard
 
-    output = Path(str(cfg.output))
+    output = Path(str(options["output"]))
     try:
         _check_output(output)  # before the dataset is built (a stopped write is checked again against it)
-        datasets, config, name = datasets_to_shard(underlying_overrides(argv, OWN), splits)
+        datasets, config, name = datasets_to_shard(overrides, splits)
         index = write_shards(datasets, output, config, maxcount=maxcount)
     except (FileNotFoundError, FileExistsError, DataReadError, ValueError, OSError) as error:
         print(file=sys.stderr)  # after the progress output

@@ -1,9 +1,10 @@
-"""What the one-shot commands (the demo app, export, the shard writer) share: their root config under conf/
-(app.yaml, export.yaml, write_shards.yaml), composed by Hydra from the command line's key=value overrides.
+"""The one-shot commands' configs (the demo app, export, the shard writer): their root config under conf/ (app.yaml,
+export.yaml, write_shards.yaml), composed by Hydra from the command line's key=value overrides, handed to the
+command as plain values (this package is the config boundary: docs/architecture.md#the-config-boundary).
 
 They are Hydra apps without a job: no run directory, log file or multirun (they serve or write one thing), and a bad
 override is one line on stderr and exit status 1, as every error they report, where @hydra.main would print Hydra's
-several lines. `python -m densediff.<command> --cfg` prints the composed config, `--help` the command's usage.
+several lines. `--cfg` prints the composed config, `--help` the command's usage.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def compose_command(name: str, argv: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from densediff.run import compose
+    from densediff.run.config import compose
 
     try:
         keys = override_keys(argv)
@@ -44,6 +45,17 @@ def compose_command(name: str, argv: list[str]):
         return compose(name, argv)
     except (HydraException, OmegaConfBaseException) as error:
         raise CommandLineError(_one_line(error)) from None
+
+
+def command_options(name: str, argv: list[str], own: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """conf/<name>.yaml composed with `argv` (compose_command): ({key: plain value} of the command's `own` keys,
+    the overrides of the config it builds on)."""
+    from omegaconf import OmegaConf
+
+    composed = compose_command(name, argv)
+    options = {key: OmegaConf.to_container(composed[key], resolve=True) if OmegaConf.is_config(composed[key])
+               else composed[key] for key in own}
+    return options, underlying_overrides(argv, own)
 
 
 def underlying_overrides(argv: list[str], own: tuple[str, ...]) -> list[str]:
@@ -61,8 +73,8 @@ def usage_or_config(name: str, argv: list[str], usage: str) -> bool:
     if argv and argv[0] == "--cfg":
         from omegaconf import OmegaConf
 
-        cfg = compose_command(name, argv[1:])
-        print(OmegaConf.to_yaml({key: cfg[key] for key in cfg if key != "hydra"}, resolve=False), end="")
+        composed = compose_command(name, argv[1:])
+        print(OmegaConf.to_yaml({key: composed[key] for key in composed if key != "hydra"}, resolve=False), end="")
         return True
     return False
 
