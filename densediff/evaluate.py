@@ -12,7 +12,9 @@ from densediff.process import prepare_process
 
 
 def task(cfg) -> None:
-    """The Hydra task function: one job of conf/evaluate.yaml."""
+    """The Hydra task function: one job of conf/evaluate.yaml. A launcher may run it in a process of its own (submitit's
+    jobs unpickle it and call it there, without main()), so it prepares its process too (again: a no-op)."""
+    prepare_process()
     from densediff.run import evaluate, user_errors
 
     with user_errors():
