@@ -11,7 +11,7 @@ PRIOR_RECIPES ?= prior/e2e_depth,prior/marigold_depth,prior/dmp_normal,prior/geo
 PRIOR_METRICS ?= abs_rel,delta1,angular_mean,angular_11_25,segmentation/miou,depth/abs_rel,normals/angular_mean,edges/ods_f
 PRIOR_ARGS ?=  # extra train.py overrides for every job, e.g. PRIOR_ARGS="trainer.max_steps=100"
 
-.PHONY: help install demo prior test test-all bench bench-gpu gpu-wheels gpu-check app clean-outputs
+.PHONY: help install demo prior lint test test-all bench bench-gpu gpu-wheels gpu-check app clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -36,7 +36,10 @@ prior: $(STAMP)  ## does the prior help? each recipe on backbone=tiny and tiny_r
 	$(PY) -m densediff.compare --sweep $(PRIOR_DIR) --pivot backbone \
 		--metrics $(PRIOR_METRICS) --table $(PRIOR_DIR)/comparison.md --plot $(PRIOR_DIR)/curves.png
 
-test: $(STAMP)  ## the test suite (what CI runs): one worker per core, a test file per worker at a time
+lint: $(STAMP)  ## ruff, configured in pyproject.toml (diffusers' line length 119; pyflakes, pycodestyle errors, isort)
+	$(PY) -m ruff check .
+
+test: lint  ## lint, then the test suite (what CI runs): one worker per core, a test file per worker at a time
 	$(PY) -m pytest -m "not slow" -q -n auto --dist loadfile
 
 test-all: $(STAMP)  ## every test, including the slow demo-length training
@@ -63,8 +66,8 @@ gpu-wheels: $(STAMP)  ## the wheels the lent GPU machine lacks, into .whl/ (benc
 gpu-check:  ## on the GPU machine (no .venv there): every CUDA path in one run (GPU_CHECK_ARGS="--out DIR ...")
 	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
-app: $(STAMP)  ## the Gradio demo (APP_ARGS="ckpt=<run>/checkpoints/last.ckpt"; default backbone=tiny)
-	$(PY) -m densediff.app $(or $(APP_ARGS),backbone=tiny)
+app: $(STAMP)  ## the Gradio demo, densediff-app (APP_ARGS="ckpt=<run>/checkpoints/last.ckpt"; default backbone=tiny)
+	$(VENV)/bin/densediff-app $(or $(APP_ARGS),backbone=tiny)
 
 clean-outputs:  ## remove outputs/ (runs, checkpoints)
 	rm -rf outputs multirun

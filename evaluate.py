@@ -1,16 +1,8 @@
-"""Evaluate a checkpoint or a backbone: python evaluate.py ckpt=<run>/checkpoints/last.ckpt dataset=procedural"""
+"""Evaluate a checkpoint or a backbone: python evaluate.py ckpt=<run>/checkpoints/last.ckpt dataset=procedural  (README.md)
 
-import hydra
-from omegaconf import DictConfig
+The command itself is densediff/evaluate.py (installed as densediff-evaluate); this file runs it from a checkout."""
 
-from densediff.run import evaluate, user_errors
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    with user_errors():
-        evaluate(cfg)
-
+from densediff.evaluate import main
 
 if __name__ == "__main__":
     main()

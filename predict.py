@@ -1,16 +1,8 @@
-"""Predict images: python predict.py input=<image or folder> output=<dir> ckpt=<run>/checkpoints/last.ckpt"""
+"""Predict images: python predict.py input=<image or folder> output=<dir> ckpt=<run>/checkpoints/last.ckpt  (README.md)
 
-import hydra
-from omegaconf import DictConfig
+The command itself is densediff/predict.py (installed as densediff-predict); this file runs it from a checkout."""
 
-from densediff.run import predict, user_errors
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
-def main(cfg: DictConfig) -> None:
-    with user_errors():
-        predict(cfg)
-
+from densediff.predict import main
 
 if __name__ == "__main__":
     main()

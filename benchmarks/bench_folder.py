@@ -13,7 +13,9 @@ machine and its load.
 
 from __future__ import annotations
 
-import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+from densediff.process import prepare_process
+
+prepare_process()  # first: the thread and allocator settings go in before torch loads
 
 import argparse
 import tempfile
@@ -22,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from bench_predictor import backbone_folder, synchronize
+from PIL import Image
 from report import machine, write_json
 
 THREADS = 1

@@ -18,7 +18,9 @@ other load (wall-clock).
 
 from __future__ import annotations
 
-import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+from densediff.process import prepare_process
+
+prepare_process()  # first: the thread and allocator settings go in before torch loads
 
 import argparse
 import csv
@@ -29,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from report import machine, write_json
 from torch.utils.data import DataLoader
 
 from densediff.data.hypersim import Hypersim
 from densediff.data.procedural import ProceduralScenes
 from densediff.data.shards import ShardSamples, StreamingShards, resolve_shards, write_shards
-from report import machine, write_json
 
 SCENE, CAM = "ai_000_000", "cam_00"
 
@@ -100,10 +102,13 @@ def main() -> None:
             t0 = time.perf_counter()
             write_shards({"train": dataset}, base / f"{name}_shards", maxcount=max(8, n // 8), progress=False)
             report["write_seconds"][f"{name}_shards"] = time.perf_counter() - t0
-        stream = lambda name: StreamingShards(*resolve_shards(base / f"{name}_shards", "train"), shuffle_buffer=64,
-                                              seed=0).configure(bs, num_workers=args.workers)
-        map_loader = lambda ds: (lambda: DataLoader(ds, batch_size=bs, shuffle=True, num_workers=args.workers,
-                                                    drop_last=True))
+        def stream(name):
+            return StreamingShards(*resolve_shards(base / f"{name}_shards", "train"), shuffle_buffer=64,
+                                   seed=0).configure(bs, num_workers=args.workers)
+
+        def map_loader(ds):
+            return lambda: DataLoader(ds, batch_size=bs, shuffle=True, num_workers=args.workers, drop_last=True)
+
         loaders = {
             "procedural": map_loader(scenes),
             "hypersim_folder": map_loader(hypersim),

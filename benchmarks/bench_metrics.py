@@ -14,7 +14,9 @@ Not a test: numbers depend on the machine and on other load (wall-clock; `cpu_se
 
 from __future__ import annotations
 
-import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+from densediff.process import prepare_process
+
+prepare_process()  # first: the thread and allocator settings go in before torch loads
 
 import argparse
 import time
@@ -22,11 +24,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from densediff.metrics import (DepthMetrics, EdgeMetrics, IntrinsicMetrics, NormalMetrics, SaliencyMetrics,
-                               SegmentationMetrics)
-from densediff.metrics.morphology import thin
 from report import machine, write_json
+
+from densediff.metrics import (
+    DepthMetrics,
+    EdgeMetrics,
+    IntrinsicMetrics,
+    NormalMetrics,
+    SaliencyMetrics,
+    SegmentationMetrics,
+)
+from densediff.metrics.morphology import thin
 
 SIZE = (8, 480, 640)  # batch, height, width
 

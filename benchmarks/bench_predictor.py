@@ -19,7 +19,9 @@ Not a test: numbers depend on the machine and on other load (wall-clock).
 
 from __future__ import annotations
 
-import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+from densediff.process import prepare_process
+
+prepare_process()  # first: the thread and allocator settings go in before torch loads
 
 import argparse
 import ctypes
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import machine, write_json
 
 from densediff.backbones import load_backbone
 from densediff.inference import SingleStepEstimator
@@ -37,7 +40,6 @@ from densediff.inference.predictor import InferenceOptions, predict
 from densediff.inference.speedup import speed_up
 from densediff.run import ASSETS
 from densediff.tasks import build_task
-from report import machine, write_json
 
 # Marigold's setting returns prev_sample like diffusers, so that both ensemble the same members (the alignment's
 # BFGS path, and with it its cost, depends on them); E2E-FT's x0 costs what diffusers' prev_sample costs.

@@ -15,7 +15,9 @@ samples per second the training step consumes. Wall-clock numbers: not a test.
 
 from __future__ import annotations
 
-import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+from densediff.process import prepare_process
+
+prepare_process()  # first: the thread and allocator settings go in before torch loads
 
 import argparse
 import copy
@@ -26,9 +28,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from report import machine, write_json
 
 from densediff.run import training_parts
-from report import machine, write_json
 
 
 class StepTimes(L.Callback):

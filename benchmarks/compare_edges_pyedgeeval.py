@@ -17,7 +17,9 @@ threshold at 375x500). Writes JSON; prints a table. Not a test: BSDS's counts va
 
 from __future__ import annotations
 
-import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+from densediff.process import prepare_process
+
+prepare_process()  # first: the thread and allocator settings go in before torch loads
 
 import argparse
 import math
@@ -26,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from bench_metrics import edge_scene
+from report import machine, write_json
+
 from densediff.metrics import EdgeMetrics
 from densediff.metrics.edges import SEISM_HED_THRESHOLDS, _f_measure, _seism_ap
 from densediff.metrics.morphology import edge_nms, thin
-from report import machine, write_json
 
 
 def scores(counts: np.ndarray) -> dict:

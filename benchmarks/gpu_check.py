@@ -22,7 +22,9 @@ for b and c. It proves the script runs, not how fast anything is.
 
 from __future__ import annotations
 
-import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+from densediff.process import prepare_process
+
+prepare_process()  # first: the thread and allocator settings go in before torch loads
 
 import argparse
 import csv
@@ -132,9 +134,8 @@ def check_recipe(name: str, precision: str, steps: int, accelerator: str, out: P
 
 
 def write_report(rows: list[dict], out: Path, toy: bool) -> None:
-    from report import machine, write_json  # benchmarks/report.py: the machine's description, atomic JSON
-
     import torch
+    from report import machine, write_json  # benchmarks/report.py: the machine's description, atomic JSON
 
     device = torch.device("cuda" if torch.cuda.is_available() and not toy else "cpu")
     write_json({"benchmark": "gpu_check", "toy": toy, "machine": machine(device), "results": rows},

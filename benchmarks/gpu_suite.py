@@ -16,7 +16,9 @@ Without CUDA it exits with status 1 and says so; `--device cpu --toy` runs the s
 
 from __future__ import annotations
 
-import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+from densediff.process import prepare_process
+
+prepare_process()  # first: the thread and allocator settings go in before torch loads
 
 import argparse
 import importlib.util
@@ -28,10 +30,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-
 from bench_predictor import PeakMemory, backbone_folder, load_both, measure, predictor_calls, synchronize
-from densediff.backbones.load import set_attention_backend
 from report import machine, write_json
+
+from densediff.backbones.load import set_attention_backend
 
 SINGLE_STEP = dict(steps=1, ensemble=1, noise="zeros")
 ENSEMBLE_10 = dict(steps=4, ensemble=10, noise="gaussian", final_step="prev_sample")

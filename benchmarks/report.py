@@ -9,7 +9,9 @@ import torch or densediff (it times fresh interpreters with their own thread set
 
 from __future__ import annotations
 
-import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+from densediff.process import prepare_process
+
+prepare_process()  # first: the thread and allocator settings go in before torch loads
 
 import json
 import platform

@@ -1,11 +1,13 @@
 """A Gradio demo: upload an image, pick the task and the steps, see the coloured prediction, download the float .npy
 (and the 16-bit PNG for depth).
 
-    python -m densediff.app ckpt=<run>/checkpoints/last.ckpt [ckpt=<another task's checkpoint> ...]
-    python -m densediff.app backbone=<name> task=<depth|normals|...>      # a backbone as it is (e.g. backbone=tiny)
+    densediff-app ckpt=<run>/checkpoints/last.ckpt          # or python -m densediff.app ..., make app APP_ARGS=...
+    densediff-app ckpt=[<depth.ckpt>,<normals.ckpt>]          # several tasks, one model per task
+    densediff-app backbone=<name> task=<depth|normals|...>    # a backbone as it is (e.g. backbone=tiny)
 
-Any predict.py override applies (backbone.path=..., inference.steps=..., inference.processing_res=..., device=...),
-plus server_name=127.0.0.1 server_port=7860 share=false. Several ckpt= serve several tasks, one model per task.
+A Hydra app: its root config is conf/app.yaml, predict.py's config plus the server's options (server_name=127.0.0.1
+server_port=7860 share=false), so any predict.py override applies (backbone.path=..., inference.steps=...,
+inference.processing_res=..., device=...); `--cfg` prints the composed config.
 Needs the optional extra: pip install -e ".[app]". Modelled on DMP's app.py (docs/paradigms.md#dmp);
 unlike it, every request writes into its own temporary folder, never into the repository.
 """
@@ -24,7 +26,7 @@ import threading
 from collections import deque
 from pathlib import Path
 
-OWN = ("ckpt", "server_name", "server_port", "share")  # the app's own arguments; everything else goes to Hydra
+OWN = ("ckpt", "server_name", "server_port", "share")  # conf/app.yaml's own keys; the rest is predict.yaml's
 KEEP_REQUESTS = 32  # request folders kept on disk (Gradio copies the files it serves into its own cache)
 # What a request may ask for, checked on the server (the API takes any value, not only the sliders'): the sliders'
 # ranges, and an input of at most MAX_PIXELS (larger photos: downscale them, or run predict.py with
@@ -39,29 +41,21 @@ class AppArgumentError(ValueError):
 
 
 def parse_args(argv: list[str]) -> tuple[list[str], dict, list[str]]:
-    """(checkpoints, server options, Hydra overrides) from key=value arguments; ckpt= may repeat."""
-    ckpts, server, overrides = [], {"server_name": "127.0.0.1", "server_port": 7860, "share": False}, []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if key not in OWN:
-            overrides.append(arg)
-            continue
-        if not sep or (key != "ckpt" and not value):
-            raise AppArgumentError(f"{arg!r}: pass {key}=<value>")
-        if key == "ckpt":
-            if value not in ("", "null"):
-                ckpts.append(value)
-        elif key == "server_port":
-            if not value.isdigit() or not 0 <= int(value) < 65536:
-                raise AppArgumentError(f"server_port={value} is not a port number (0-65535)")
-            server["server_port"] = int(value)
-        elif key == "share":
-            if value.lower() not in ("true", "false"):
-                raise AppArgumentError(f"share={value}: pass share=true or share=false")
-            server["share"] = value.lower() == "true"
-        else:
-            server[key] = value
-    return ckpts, server, overrides
+    """(checkpoints, server options, predict.py overrides) from the command line, composed as conf/app.yaml: Hydra
+    refuses unknown keys and groups (CommandLineError); ckpt= is one checkpoint or a list of them."""
+    from densediff.run.commands import command_options
+
+    options, overrides = command_options("app", argv, OWN)
+    ckpt = options["ckpt"]
+    ckpts = [] if ckpt in (None, "", "null") else [str(c) for c in ckpt] if isinstance(ckpt, list) else [str(ckpt)]
+    port, share = options["server_port"], options["share"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
+        raise AppArgumentError(f"server_port={port} is not a port number (0-65535)")
+    if not isinstance(share, bool):
+        raise AppArgumentError(f"share={share}: pass share=true or share=false")
+    if not options["server_name"]:
+        raise AppArgumentError("server_name=: pass server_name=<host>")
+    return ckpts, {"server_name": str(options["server_name"]), "server_port": port, "share": share}, overrides
 
 
 def load_models(ckpts: list[str], overrides: list[str]) -> tuple[dict, dict, object]:
@@ -265,15 +259,22 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from densediff.process import prepare_process
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    prepare_process()  # before torch: thread settings, config resolvers (densediff/process.py)
+    if importlib.util.find_spec("gradio") is None:
+        print("error: the demo needs gradio: pip install -e \".[app]\"", file=sys.stderr)
+        return 1
+    from densediff.run.commands import CommandLineError, usage_or_config
     try:
-        if importlib.util.find_spec("gradio") is None:
-            raise AppArgumentError("the demo needs gradio: pip install -e \".[app]\"")
+        if usage_or_config("app", argv, __doc__):
+            return 0
         ckpts, server, overrides = parse_args(argv)
-    except AppArgumentError as error:  # before the slow imports below
+    except (CommandLineError, AppArgumentError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     from hydra.errors import HydraException
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     from densediff.run import ConfigError
     try:
         models, sources, device = load_models(ckpts, overrides)
-    except (HydraException, OmegaConfBaseException) as error:  # an unknown group or key on the command line
+    except (HydraException, OmegaConfBaseException) as error:  # a value Hydra accepted but the predict config not
         print("error: " + " ".join(line.strip() for line in str(error).splitlines() if line.strip()), file=sys.stderr)
         return 1
     except (ConfigError, FileNotFoundError, DataReadError) as error:

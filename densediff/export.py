@@ -1,6 +1,7 @@
 """Write a trained checkpoint as a diffusers folder (Marigold layout) that diffusers' own pipelines load.
 
-    python -m densediff.export ckpt=<run>/checkpoints/last.ckpt output=<dir> [metrics=<evaluate.py run folder>]
+    densediff-export ckpt=<run>/checkpoints/last.ckpt output=<dir> [metrics=<evaluate.py run folder>]
+    python -m densediff.export ...      (the same command; its root config is conf/export.yaml)
 
 The folder holds the fine-tuned UNet (LoRA merged into it), the backbone's VAE, text encoder and tokenizer, and its
 scheduler with the model's timestep spacing (trailing for E2E-FT); model_index.json names MarigoldDepthPipeline or
@@ -28,7 +29,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
 
 
 def _metrics_source(ckpt: Path, metrics: str | Path | None) -> Path | None:
@@ -179,21 +179,37 @@ def export_marigold(model, output: Path) -> str:
     return pipeline_class.__name__
 
 
-def main(argv: list[str]) -> None:
-    options = dict(arg.split("=", 1) for arg in argv if "=" in arg)
-    if not {"ckpt", "output"} <= set(options) <= {"ckpt", "output", "metrics"} or len(argv) != len(options):
-        raise SystemExit(__doc__)
-    from densediff.data.common import DataReadError
-    from densediff.io import describe_os_error
+def main(argv: list[str] | None = None) -> int:
+    """The command (module docstring): conf/export.yaml composed from the command line; one line and exit status 1
+    for what a user can fix."""
+    from densediff.process import prepare_process
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prepare_process()  # before torch: thread settings (densediff/process.py)
+    from densediff.run.commands import CommandLineError, command_options, report, usage_or_config
     try:
-        path = export(options["ckpt"], options["output"], options.get("metrics"))
-    except (FileNotFoundError, FileExistsError, ValueError, DataReadError) as error:
-        raise SystemExit(f"error: {error}") from None
-    except OSError as error:  # an output folder that cannot be written, a full disk
-        raise SystemExit(f"error: {describe_os_error(error)}") from None
+        if usage_or_config("export", argv, __doc__):
+            return 0
+        options, _ = command_options("export", argv, ("ckpt", "output", "metrics"))
+        missing = [key for key in ("ckpt", "output") if options[key] in (None, "")]
+        if missing:
+            raise CommandLineError(f"pass {' and '.join(f'{key}=' for key in missing)}: densediff-export "
+                                   "ckpt=<run>/checkpoints/last.ckpt output=<new folder> [metrics=<evaluate.py run>]")
+        import torch
+
+        from densediff.data.common import DataReadError
+
+        torch.set_grad_enabled(False)
+        try:
+            metrics = None if options["metrics"] is None else str(options["metrics"])
+            path = export(str(options["ckpt"]), str(options["output"]), metrics)
+        except (FileNotFoundError, FileExistsError, ValueError, DataReadError, OSError) as error:
+            return report(error)
+    except CommandLineError as error:
+        return report(error)
     print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
-    main(sys.argv[1:])
+    sys.exit(main())

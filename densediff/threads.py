@@ -5,9 +5,10 @@ another busy process (a second experiment, a test run, DDP ranks or dataloader w
 spinning threads steal each other's time slices and one tiny UNet forward goes from 0.07 s to 3 s. Passive waiting
 and one thread per usable core per local process avoid that at almost no cost on a quiet machine.
 
-`configure_environment()` runs when `densediff` is imported, before torch is, so every entry point, tool, benchmark
-and test gets it. It only fills in what the user's environment leaves unset: `OMP_WAIT_POLICY`, `OMP_NUM_THREADS`
-(and MKL's) given explicitly always win. `use_threads_for(processes)` then splits the cores between the local
+`configure_environment()` runs in every command's first step (densediff/process.py `prepare_process`), before torch
+is imported, so every entry point, tool, benchmark and the test suite get it; importing densediff does not run it.
+It only fills in what the user's environment leaves unset: `OMP_WAIT_POLICY`, `OMP_NUM_THREADS` (and MKL's) given
+explicitly always win. `use_threads_for(processes)` then splits the cores between the local
 processes of a run (CPU DDP) once the config says how many there are, and gives a small model (the tiny backbone) one
 thread: its kernels are too short for a second thread to pay for the hand-over at passive waiting, quiet or on
 shared cores (benchmarks/README.md, "Threads on shared cores").
@@ -114,7 +115,7 @@ def describe() -> str:
     import torch
 
     who = ("set by the environment" if user_set_threads() else "densediff's default"
-           if os.environ.get(AUTO_MARKER) == "1" else "torch's default: torch was imported before densediff")
+           if os.environ.get(AUTO_MARKER) == "1" else "torch's default: torch was imported before prepare_process")
     return (f"{torch.get_num_threads()} intra-op threads ({who}), OMP_WAIT_POLICY="
             f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, {usable_cores()} usable cores, malloc "
             f"mmap threshold {os.environ.get('MALLOC_MMAP_THRESHOLD_', 'glibc default')}")

@@ -21,6 +21,9 @@ import time
 reply = os.fdopen(os.dup(1), "w", buffering=1)  # the answers; fd 1 itself goes to stderr so import noise can't mix in
 os.dup2(2, 1)
 
+from densediff.process import prepare_process  # noqa: E402
+
+prepare_process()  # what every entry point does first (threads before torch): the forks inherit it
 import densediff.run  # noqa: E402,F401  (the imports every entry point pays, once)
 
 

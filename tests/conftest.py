@@ -19,7 +19,12 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.e
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
 
-from densediff import threads  # noqa: E402  (thread settings before any test module imports torch: densediff/threads.py)
+from densediff.process import prepare_process  # noqa: E402
+
+# What every command does first (densediff/process.py): thread settings before any test module imports torch, the
+# warning filters and the config resolvers, for the tests that run densediff in this process.
+prepare_process()
+from densediff import threads  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,12 +121,6 @@ def trained_run(tmp_path_factory, worker_id) -> Path:
     else:
         run = tmp_path_factory.mktemp("quickstart") / "run"
     with FileLock(f"{run}.lock") if shared else contextlib.nullcontext():
-        if not (run / "metrics.json").exists():
-            run_cli("train.py", "experiment=quickstart", "logger=csv", f"hydra.run.dir={run}", *FAST)
-    return run
-    shared = tmp_path_factory.getbasetemp().parent  # this session's folder, one per `pytest -n` run
-    run = shared / "quickstart_run"
-    with FileLock(str(shared / "quickstart_run.lock")):
         if not (run / "metrics.json").exists():
             run_cli("train.py", "experiment=quickstart", "logger=csv", f"hydra.run.dir={run}", *FAST)
     return run

@@ -90,11 +90,13 @@ def client(server, tmp_path_factory):
 
 
 def test_parse_args_splits_app_options_from_hydra_overrides():
-    ckpts, server, overrides = parse_args(["ckpt=a.ckpt", "ckpt=b dir/c.ckpt", "inference.steps=4",
+    ckpts, server, overrides = parse_args(["ckpt=[a.ckpt,b dir/c.ckpt]", "inference.steps=4",
                                            "server_port=7000", "share=true", "backbone.path=/m"])
     assert ckpts == ["a.ckpt", "b dir/c.ckpt"]
     assert server == {"server_name": "127.0.0.1", "server_port": 7000, "share": True}
     assert overrides == ["inference.steps=4", "backbone.path=/m"]
+    assert parse_args(["ckpt=b dir/c.ckpt"])[0] == ["b dir/c.ckpt"]
+    assert parse_args([]) == ([], {"server_name": "127.0.0.1", "server_port": 7860, "share": False}, [])
 
 
 def test_app_predicts_depth_and_serves_npy_and_16bit_png(client, tmp_path):
@@ -207,11 +209,24 @@ def test_app_bad_argument_exits_with_one_line_error(tmp_path):
     ("backbone=no_such_backbone", "error: In 'predict': Could not find 'backbone/no_such_backbone'"),
     ("inference.stepz=3", "error: Could not override 'inference.stepz'."),
     ("inference.noise=bad", "error: inference.noise must be one of zeros, gaussian, pyramid"),
+    ("share=maybe", "error: share=maybe: pass share=true or share=false"),
+    ("server_port=70000", "error: server_port=70000 is not a port number (0-65535)"),
+    ("bogus=1", "error: Could not override 'bogus'."),
 ])
 def test_app_config_errors_are_one_line(argument, message, capsys):
+    """conf/app.yaml is composed by Hydra: its own keys and every predict.py key, anything else refused."""
     assert main([argument]) == 1  # in-process: the same code path as the CLI, without another interpreter start
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(message), lines
+
+
+def test_app_refuses_a_key_given_twice_and_prints_its_config(capsys):
+    assert main(["ckpt=a.ckpt", "ckpt=b.ckpt"]) == 1  # Hydra alone would keep the last one silently
+    assert capsys.readouterr().err.strip() == ("error: ckpt= is given more than once: pass it once (several values "
+                                               "as a list, ckpt=[a,b])")
+    assert main(["--cfg", "server_port=7001", "backbone=tiny_random"]) == 0
+    printed = capsys.readouterr().out
+    assert "server_port: 7001" in printed and "name: tiny_random" in printed and "\nhydra:" not in printed
 
 
 def test_demo_serves_one_model_per_task(tmp_path):

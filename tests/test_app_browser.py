@@ -12,7 +12,6 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-
 from test_app import Server
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium: pip install -e "

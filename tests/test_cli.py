@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import FAST, assert_plausible_depth_metrics, read_metrics, run_cli
 
 DEPTH_METRICS = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3", "i_rmse", "silog"}

@@ -560,7 +560,7 @@ def test_every_benchmark_config_instantiates_on_its_fixture(name, fixture_root):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    import densediff.run  # noqa: F401  (registers the config resolvers)
+    import densediff.run  # noqa: F401  (the config resolvers: conftest.py's prepare_process registers them)
 
     root = fixture_root(name)
     overrides = [f"dataset={name}", f"task={CONFIGS[name]}", f"dataset.root={root}", "paths.root_dir=/repo"]

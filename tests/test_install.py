@@ -1,5 +1,6 @@
 """densediff installed as a package (not editable), used from outside the checkout: the configs ship as package data
-(densediff.conf), and predict, the shard writer and the demo app's model loading find them there."""
+(densediff.conf), and the console scripts (predict, the shard writer, export) and the demo app's model loading find
+them there."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
-import tomllib
 from pathlib import Path
 
 import numpy as np
+import tomllib
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +42,9 @@ def _venv_with_project_dependencies(folder: Path) -> Path:
 
 
 def test_non_editable_install_runs_predict_shards_and_app_from_elsewhere(tmp_path):
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {f"densediff-{name}" for name in ("train", "evaluate", "predict", "app", "export",
+                                                              "write-shards")}
     source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info next to pyproject.toml
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -67,18 +71,28 @@ def test_non_editable_install_runs_predict_shards_and_app_from_elsewhere(tmp_pat
     assert predict.returncode == 0, predict.stderr[-3000:]
     assert (work / "pred" / "room.npy").is_file() and (work / "pred" / "room_16bit.png").is_file()
 
+    bin_ = tmp_path / "venv" / "bin"
+    assert all((bin_ / name).is_file() for name in scripts), sorted(p.name for p in bin_.iterdir())
+    shards = subprocess.run([str(bin_ / "densediff-write-shards"), "dataset=procedural", "dataset.train.num_scenes=2",
+                             "dataset.val.num_scenes=1", "dataset.test.num_scenes=1", "output=shards"],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert shards.returncode == 0 and (work / "shards" / "index.json").is_file(), shards.stderr[-3000:]
+    export = subprocess.run([str(bin_ / "densediff-export"), "output=x"], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert export.returncode == 1 and export.stderr.strip().startswith("error: pass ckpt="), export.stderr[-3000:]
+    export = subprocess.run([str(bin_ / "densediff-export"), "--cfg", "output=x"], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0 and "output: x" in export.stdout, export.stdout + export.stderr[-3000:]
+
     script = textwrap.dedent(f"""
         import sys
         from pathlib import Path
+        from densediff.process import prepare_process
+        prepare_process()
         import densediff, densediff.run as run
         venv = Path({str(tmp_path / "venv")!r})
         assert venv in Path(densediff.__file__).resolve().parents, densediff.__file__
         assert venv in run.config_dir().parents and (run.config_dir() / "train.yaml").is_file(), run.config_dir()
-
-        from densediff.data import shards
-        assert shards.main(["dataset=procedural", "dataset.train.num_scenes=2", "dataset.val.num_scenes=1",
-                            "dataset.test.num_scenes=1", "output=shards"]) == 0
-        assert Path("shards/index.json").is_file()
 
         from densediff.app import load_models
         models, sources, device = load_models([], ["backbone=tiny", "backbone.task=normals", "inference.steps=2"])

@@ -1,4 +1,4 @@
-"""Webdataset shards (densediff/data/shards.py): the writer CLI, exact read-back, the streaming split across processes
+"""Webdataset shards (densediff/data/shards.py): the writer CLI (densediff/write_shards.py), exact read-back, the streaming split across processes
 and workers, errors; training from shards through train.py (one process and 2-process DDP). Also the epoch reaching
 datasets' set_epoch (fresh flips per epoch) and the exact mid-epoch resume of the mixed batch sampler."""
 
@@ -15,8 +15,14 @@ from densediff.data.common import DataReadError, DatasetLayoutError, flip_seed
 from densediff.data.datamodule import DenseDataModule
 from densediff.data.mixed import MixedBatchSampler, MixedDataset
 from densediff.data.procedural import ProceduralScenes
-from densediff.data.shards import (ShardSamples, StreamingShards, decode_sample, encode_sample, resolve_shards,
-                                   write_shards)
+from densediff.data.shards import (
+    ShardSamples,
+    StreamingShards,
+    decode_sample,
+    encode_sample,
+    resolve_shards,
+    write_shards,
+)
 
 COUNTS = {"train": 24, "val": 6, "test": 5}
 SIZE = dict(height=16, width=20)
@@ -27,7 +33,7 @@ WRITE = ["dataset=procedural", "dataset.height=16", "dataset.width=20", "task=no
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "procedural"
-    result = run_cli("-m", "densediff.data.shards", *WRITE, "maxcount=5", f"output={out}")
+    result = run_cli("-m", "densediff.write_shards", *WRITE, "maxcount=5", f"output={out}")
     assert "train: 24 samples in 5 shards" in result.stdout
     return out
 
@@ -73,8 +79,28 @@ def test_writer_cli_writes_splits_and_index_and_reads_back_exactly(shards):
 
 
 def test_writer_cli_refuses_a_non_empty_output(shards):
-    result = run_cli("-m", "densediff.data.shards", *WRITE, f"output={shards}", expect_ok=False)
+    result = run_cli("-m", "densediff.write_shards", *WRITE, f"output={shards}", expect_ok=False)
     assert result.returncode == 1 and "not an empty folder" in result.stderr and str(shards) in result.stderr
+
+
+def test_writer_takes_a_list_of_splits_and_refuses_what_its_config_lacks(tmp_path, capsys):
+    """conf/write_shards.yaml composed by Hydra (in-process: the command's own main)."""
+    from densediff.write_shards import main
+
+    out = tmp_path / "two"
+    assert main([*WRITE, "split=[val,test]", "maxcount=4", f"output={out}"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert {split: entry["count"] for split, entry in index["splits"].items()} == {"val": 6, "test": 5}
+    assert len(index["splits"]["val"]["shards"]) == 2
+    capsys.readouterr()
+    for argument, message in (("maxcount=0", "error: maxcount=0: pass the samples per shard"),
+                              ("outptu=x", "error: Could not override 'outptu'."),
+                              ("split=val,test", "error: Ambiguous value for argument 'split=val,test'")):
+        assert main([*WRITE, argument, f"output={tmp_path / 'x'}"]) == 1
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert main([*WRITE]) == 1 and "pass output=<new folder>" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_rgb_is_png_only_when_exactly_uint8():
@@ -107,7 +133,8 @@ def test_stream_splits_processes_and_workers_with_equal_epochs(shards):
     assert len(r0) == len(r1) == 24 // 2 // 2  # count / world_size / batch_size batches on every process
     assert names(0, 0) == r0 and names(0, 1) != r0  # reproducible per (seed, epoch), new order each epoch
     # each epoch deals the shards out: the two processes start on different shards
-    shard_of = lambda name: int(name.rsplit("/", 1)[1]) // 5
+    def shard_of(name):
+        return int(name.rsplit("/", 1)[1]) // 5
     assert shard_of(r0[0][0]) != shard_of(r1[0][0])
     # two workers: the same number of batches per process, both workers' shares
     w = names(0, 0, workers=2)
@@ -210,7 +237,8 @@ def flips_by_epoch(seen):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_flips_change_between_epochs_and_are_reproducible(workers):
-    make = lambda: DenseDataModule(train=FlipToy(), batch_size=2, num_workers=workers, seed=1)
+    def make():
+        return DenseDataModule(train=FlipToy(), batch_size=2, num_workers=workers, seed=1)
     seen = fit(make(), max_steps=12)  # 3 epochs of 4 batches
     flips = flips_by_epoch(seen)
     assert sorted(flips) == [0, 1, 2] and all(len(f) == 8 for f in flips.values())
@@ -229,7 +257,8 @@ def mixed_module(workers=0):
 
 def test_mixed_sampler_gets_the_epoch_and_flips_change():
     seen = fit(mixed_module(), max_steps=12)  # 4 + 2 batches per epoch: 2 epochs
-    order = lambda e: [ids for epoch, ids, _ in seen if epoch == e]
+    def order(e):
+        return [ids for epoch, ids, _ in seen if epoch == e]
     assert len(order(0)) == len(order(1)) == 6 and order(0) != order(1)  # Lightning's set_epoch reaches the sampler
     flips = flips_by_epoch(seen)
     assert flips[0] != flips[1]

@@ -1,5 +1,6 @@
-"""Thread settings that hold up on shared cores (densediff/threads.py): in force in every entry point, chosen
-before torch starts, and never over the user's own environment."""
+"""Thread settings that hold up on shared cores (densediff/threads.py): in force in every entry point (made by
+densediff/process.py's prepare_process, the commands' first step), chosen before torch starts, never over the user's
+own environment; and importing densediff itself changes nothing in the host process."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import subprocess
 import sys
 
 from conftest import FAST, ROOT, run_cli
+
 from densediff import threads
 
-PROBE = ("import json, os, densediff, torch; print(json.dumps({'threads': torch.get_num_threads(), "
+PROBE = ("import json, os; from densediff.process import prepare_process; prepare_process(); import torch; print(json.dumps({'threads': torch.get_num_threads(), "
          "'wait': os.environ.get('OMP_WAIT_POLICY'), 'omp': os.environ.get('OMP_NUM_THREADS'), "
          "'mmap': os.environ.get('MALLOC_MMAP_THRESHOLD_')}))")
 OURS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", threads.AUTO_MARKER, "DENSEDIFF_MALLOC", *threads.ALLOCATOR)
@@ -24,7 +26,7 @@ def _probe(**env) -> dict:
     return json.loads(result.stdout)
 
 
-def test_importing_densediff_sets_passive_waiting_and_one_thread_per_usable_core():
+def test_preparing_the_process_sets_passive_waiting_and_one_thread_per_usable_core():
     probe = _probe()
     assert probe["wait"] == "PASSIVE"
     assert probe["threads"] == threads.usable_cores() == int(probe["omp"])
@@ -36,7 +38,7 @@ def test_the_users_environment_wins():
 
 
 def test_the_allocator_keeps_step_sized_blocks_on_the_heap_unless_told_not_to(monkeypatch):
-    assert _probe()["mmap"] == str(32 << 20)  # importing densediff set it, for the processes a run starts
+    assert _probe()["mmap"] == str(32 << 20)  # prepare_process set it, for the processes a run starts
     assert _probe(DENSEDIFF_MALLOC="default")["mmap"] is None
     for variable in threads.ALLOCATOR:
         monkeypatch.delenv(variable, raising=False)
@@ -48,21 +50,27 @@ def test_the_allocator_keeps_step_sized_blocks_on_the_heap_unless_told_not_to(mo
     assert threads.configure_allocator() == {}
 
 
-def test_benchmarks_import_densediff_before_torch():
-    """The settings are made when densediff is imported before torch: a benchmark that imported torch first would
-    measure torch's defaults (bench_threads.py imports neither: it times fresh interpreters)."""
+def test_benchmarks_prepare_the_process_before_torch():
+    """The settings are made by prepare_process() before torch is imported: a benchmark that imported torch first
+    would measure torch's defaults. A script that imports neither torch nor densediff at its top (bench_threads.py
+    times fresh interpreters) needs no preparing."""
     import ast
 
+    heavy = ("torch", "lightning", "diffusers", "numpy", "densediff", "report", "bench_metrics", "bench_predictor")
+    checked = 0
     for path in sorted((ROOT / "benchmarks").glob("*.py")):
-        if path.name == "bench_threads.py":
-            continue
         body = ast.parse(path.read_text()).body
-        imported = [(alias.name if isinstance(node, ast.Import) else node.module or "").split(".")[0]
-                    for node in body if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names]
-        first = [m for m in imported if m != "__future__"]
-        heavy = [m for m in first if m in ("torch", "lightning", "diffusers", "numpy", "densediff", "report",
-                                           "bench_metrics", "bench_predictor")]
-        assert heavy and heavy[0] == "densediff", f"{path.name} imports {heavy[0]} before densediff"
+        imports = [(i, [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names])
+                   for i, node in enumerate(body) if isinstance(node, (ast.Import, ast.ImportFrom))]
+        first_heavy = next((i for i, names in imports if any(n.split(".")[0] in heavy and n != "densediff.process"
+                                                             for n in names)), None)
+        if first_heavy is None:
+            continue
+        prepared = next((i for i, node in enumerate(body) if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+                         and getattr(node.value.func, "id", "") == "prepare_process"), None)
+        assert prepared is not None and prepared < first_heavy, f"{path.name}: prepare_process() before torch"
+        checked += 1
+    assert checked >= 8
 
 
 def test_ddp_ranks_split_the_cores_unless_the_user_chose(monkeypatch):
@@ -108,7 +116,7 @@ def test_train_and_evaluate_give_the_tiny_backbone_one_thread(monkeypatch, tmp_p
 
 
 def test_entry_points_log_the_settings_in_force(tmp_path):
-    # a new interpreter: the settings are made when densediff is first imported, which a forked run_cli inherits
+    # a new interpreter: the settings are made by the command's first step, which a forked run_cli inherits
     result = run_cli("train.py", "debug=fdr", f"hydra.run.dir={tmp_path}", *FAST[:2], fresh=True)
     line = next(line for line in (tmp_path / "train.log").read_text().splitlines() if "threads:" in line)
     assert "OMP_WAIT_POLICY=PASSIVE" in line and f"{threads.usable_cores()} usable cores" in line

@@ -1,20 +1,33 @@
-"""tiny_sd (densediff/assets/tiny_sd, built by densediff.backbones.tiny_sd): a real Stable Diffusion folder that
+"""tiny_sd (densediff/assets/tiny_sd, built by tools/build_tiny_assets.py prior): a real Stable Diffusion folder that
 diffusers' own pipeline loads and samples from, made of the shipped tiny VAE, a word-level text encoder trained with the
 UNet, a zero-terminal-SNR schedule and a UNet that denoises held-out procedural scenes better than the same
 architecture at random init, and better with the scene's caption than without it."""
 
 import json
+import sys
 
 import pytest
 import torch
+from conftest import ROOT
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from densediff.backbones import load_backbone
-from densediff.backbones.tiny import TINY_DIR, TINY_RANDOM_DIR, derive_from_prior
-from densediff.backbones.tiny_sd import (TINY_SD_DIR, build, denoising_losses, encode_text, load_frozen_parts,
-                                         procedural_latents, tiny_sd_unet, tokenize)
+from densediff.backbones.tiny import TINY_DIR, TINY_RANDOM_DIR, TINY_SD_DIR, get_dummy_components
 from densediff.data.procedural import ProceduralScenes
+
+sys.path.insert(0, str(ROOT / "tools"))  # the builders are a tool, outside the package
+from build_tiny_assets import (  # noqa: E402
+    build,
+    denoising_losses,
+    derive_from_prior,
+    encode_text,
+    load_frozen_parts,
+    pretrain_vae,
+    procedural_latents,
+    tiny_sd_unet,
+    tokenize,
+)
 
 
 def test_folder_has_stable_diffusions_layout_and_the_tiny_parts():
@@ -26,7 +39,8 @@ def test_folder_has_stable_diffusions_layout_and_the_tiny_parts():
         assert (TINY_SD_DIR / sub).is_dir() and index[sub][0] in ("diffusers", "transformers"), sub
     unet = json.loads((TINY_SD_DIR / "unet" / "config.json").read_text())
     tiny = json.loads((TINY_DIR / "unet" / "config.json").read_text())
-    same = lambda config: {k: v for k, v in config.items() if k not in ("in_channels", "_diffusers_version")}
+    def same(config):
+        return {k: v for k, v in config.items() if k not in ("in_channels", "_diffusers_version")}
     assert unet["in_channels"] == 4 and same(unet) == same(tiny)  # the tiny backbone's architecture
     scheduler = json.loads((TINY_SD_DIR / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"] is True
@@ -149,3 +163,32 @@ def test_the_rebuild_command_is_deterministic_and_writes_the_shipped_recipe(tmp_
     assert new.tokenize(caption) == [word + "</w>" for word in caption.replace(",", " ,").split()]
     with pytest.raises(SystemExit, match="holds no tokenizer.*--tokenizer new"):
         build(tmp_path / "c", tokenizer=tmp_path / "missing", **recipe)
+
+
+def test_the_vae_pretraining_runs_and_returns_a_latent_scaling_factor():
+    """tools/build_tiny_assets.py vae, two steps at a toy size: the training changes the weights, deterministically,
+    and the scaling factor is 1 / the latents' std."""
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        vae = get_dummy_components(0)["vae"]
+        before = {k: v.clone() for k, v in vae.state_dict().items()}
+        scaling = pretrain_vae(vae, steps=2, batch_size=2, height=24, width=32, lr=1e-3, kl_weight=1e-6, seed=0,
+                               crop=16)
+        runs.append((scaling, vae.state_dict()))
+    (first, weights), (second, again) = runs
+    assert first == second and 0 < first < 100
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert any(not torch.equal(before[k], weights[k]) for k in before)
+
+
+def test_the_runtime_package_does_not_import_the_data_package_from_backbones():
+    """The asset builders (which train on procedural scenes) live in tools/: densediff/backbones, what loads the
+    models, needs nothing from densediff/data, at module level or inside a function."""
+    import ast
+
+    for path in sorted((ROOT / "densediff" / "backbones").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            assert not any(n == "densediff.data" or n.startswith("densediff.data.") for n in names), (path, names)

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import FAST, read_metrics, run_cli
-from densediff.backbones.tiny import TINY_DIR
+from PIL import Image
 from test_data_benchmarks import make_diode
+
+from densediff.backbones.tiny import TINY_DIR
 
 
 def assert_one_line_error(result, *needles):
@@ -347,7 +347,7 @@ def test_an_unwritable_folder_is_one_line_naming_it_from_every_entry_point(entry
         "predict": ("predict.py", f"input={image}", f"output={tmp_path / 'out'}", f"hydra.run.dir={unwritable}"),
         "predict_output": ("predict.py", f"input={image}", f"output={unwritable}", f"hydra.run.dir={tmp_path / 'r'}"),
         "export": ("-m", "densediff.export", f"ckpt={TINY_DIR / 'unet' / 'config.json'}", f"output={unwritable}"),
-        "shards": ("-m", "densediff.data.shards", "dataset=procedural", "split=val", "dataset.val.num_scenes=1",
+        "shards": ("-m", "densediff.write_shards", "dataset=procedural", "split=val", "dataset.val.num_scenes=1",
                    f"output={unwritable}"),
     }
     result = run_cli(*commands[entry], expect_ok=False)
@@ -368,7 +368,7 @@ def test_export_of_a_corrupt_or_foreign_checkpoint_is_one_line(broken_checkpoint
         result = run_cli("-m", "densediff.export", f"ckpt={path}", f"output={tmp_path / 'out'}", expect_ok=False)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
         lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith(f"error: cannot") and str(path) in lines[0], lines
+        assert len(lines) == 1 and lines[0].startswith("error: cannot") and str(path) in lines[0], lines
 
 
 def test_a_checkpoint_write_that_fails_names_the_file_and_the_full_disk(tmp_path, monkeypatch):
@@ -407,6 +407,7 @@ def test_train_cli_whose_checkpoint_write_fails_is_one_line(tmp_path):
     import signal
     import subprocess
     import sys
+
     from conftest import ROOT
 
     def limit():

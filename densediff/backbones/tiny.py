@@ -7,28 +7,20 @@ Marigold) and the text encoder, tokenizer and scheduler that tiny_sd was trained
 
 - `tiny_random` (Marigold's layout): a randomly initialised 8-channel UNet with a fixed seed, the control of
   "does the prior help?" (experiments/prior/README.md).
-- `tiny_sd` (Stable Diffusion's layout): the 4-channel UNet pretrained as a text-to-image model on procedural scenes
-  (densediff.backbones.tiny_sd), the embedded default's prior.
+- `tiny_sd` (Stable Diffusion's layout): the 4-channel UNet pretrained as a text-to-image model on procedural scenes,
+  the embedded default's prior.
 - `tiny` (Marigold's layout), the default: tiny_sd's UNet with conv_in widened to 8 input channels exactly as Marigold
   derives its start point from Stable Diffusion (the weight tiled and halved, the bias kept), so every recipe on the
   embedded default starts from a prior, as the papers do.
 
-Rebuild them in this order (each step reads the previous one's folder):
-
-    python -m densediff.backbones.tiny --steps 1200 --output densediff/assets/tiny_random   # the VAE, ~10 min
-    OMP_NUM_THREADS=1 python -m densediff.backbones.tiny_sd                                 # the prior, ~57 min
-    python -m densediff.backbones.tiny --derive      # tiny; tiny_random gets tiny_sd's text path, seconds
-
-The first step also writes a character-level text encoder, which the prior's training replaces with its own.
+This module holds what runs with them (the architectures, the folder layout); the builders that train them on
+procedural scenes live outside the package, in tools/build_tiny_assets.py (its docstring gives the rebuild order).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import math
-import time
 from pathlib import Path
 
 import torch
@@ -133,125 +125,3 @@ def save_marigold_folder(components: dict, output: str | Path, prediction_type: 
         model_index["use_full_z_range"] = True
     (output / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
     return output
-
-
-def _vae_training_images(batch: dict) -> torch.Tensor:
-    """RGB, depth (per-image min-max, grey) and normals, all as 3-channel images in [-1, 1]."""
-    rgb = batch["rgb"] * 2 - 1
-    depth = batch["depth"]
-    lo = depth.flatten(1).min(1).values[:, None, None]
-    hi = depth.flatten(1).max(1).values[:, None, None]
-    depth = ((depth - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1)[:, None].expand(-1, 3, -1, -1)
-    return torch.cat([rgb, depth, batch["normals"]])
-
-
-def pretrain_vae(vae: AutoencoderKL, steps: int, batch_size: int, height: int, width: int, lr: float,
-                 kl_weight: float, seed: int, crop: int = 32) -> float:
-    """Autoencode procedural RGB/depth/normal images; return the latent scaling factor (1 / latent std).
-    Trains on random crop x crop windows (4x cheaper than whole 64x80 images; the VAE is convolutional)."""
-    from torch.utils.data import DataLoader
-
-    from densediff.data.procedural import ProceduralScenes
-
-    scenes = ProceduralScenes("train", num_scenes=max(steps * batch_size, 1000), height=height, width=width,
-                              seed=seed, tasks=("depth", "normals"))
-    loader = DataLoader(scenes, batch_size=batch_size, shuffle=True, num_workers=1,
-                        generator=torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
-    vae.train()
-    start, step = time.time(), 0
-    while step < steps:
-        for batch in loader:
-            images = _vae_training_images(batch)
-            top, left = (int(torch.randint(0, n - crop + 1, (1,))) for n in images.shape[-2:])
-            images = images[..., top:top + crop, left:left + crop]
-            posterior = vae.encode(images).latent_dist
-            reconstruction = vae.decode(posterior.sample()).sample
-            l1 = (reconstruction - images).abs().mean()
-            loss = l1 + kl_weight * posterior.kl().mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
-            if step % 25 == 0 or step == steps:
-                print(f"step {step}/{steps}  l1 {l1.item():.4f}  {time.time() - start:.0f}s", flush=True)
-            if step == steps:
-                break
-    vae.eval()
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(_vae_training_images(b)).latent_dist.mode()
-                             for b, _ in zip(loader, range(8))])
-    return float(1.0 / latents.std())
-
-
-def derive_from_prior(prior: str | Path = TINY_SD_DIR, output: str | Path = TINY_DIR,
-                      layout: str | Path = TINY_RANDOM_DIR, control: str | Path | None = None) -> Path:
-    """Write backbone=tiny: the prior's 4-channel UNet widened to 8 channels the way Marigold widens SD's (tiled and
-    halved, bias kept: with identical halves the layer first computes what it did), in Marigold's layout (`layout`'s
-    model_index.json) with the VAE, scheduler, text encoder and tokenizer that the prior was trained with. A `control`
-    folder (tiny_random) gets the prior's scheduler, text encoder and tokenizer too, so the two differ in the UNet
-    alone."""
-    import shutil
-
-    from densediff.backbones.load import widen_conv_in
-
-    unet = UNet2DConditionModel.from_pretrained(prior, subfolder="unet")
-    if unet.config.in_channels != 4:
-        raise ValueError(f"{prior}: expected a 4-channel (Stable Diffusion layout) UNet, got "
-                         f"{unet.config.in_channels} input channels")
-    widen_conv_in(unet, 8, halve_bias=False)
-    prior, output = Path(prior), Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    # byte for byte the parts the prior was trained with
-    copies = [(part, output) for part in ("vae", "scheduler", "text_encoder", "tokenizer")]
-    copies += [(part, Path(control)) for part in ("scheduler", "text_encoder", "tokenizer")] if control else []
-    for part, folder in copies:
-        shutil.rmtree(folder / part, ignore_errors=True)  # no stale file (another tokenizer's) may remain
-        shutil.copytree(prior / part, folder / part)
-    shutil.copy2(Path(layout) / "model_index.json", output / "model_index.json")
-    unet.save_pretrained(output / "unet")
-    drop_build_paths(output)
-    return output
-
-
-def drop_build_paths(folder: str | Path) -> None:
-    """from_pretrained records in a model's config where it was read from, a path on the building machine, and
-    save_pretrained writes it out: remove it from every part's config.json of a folder that will ship."""
-    for config in Path(folder).glob("*/config.json"):
-        values = json.loads(config.read_text())
-        if values.pop("_name_or_path", None) is not None:
-            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--derive", action="store_true", help="write --output (default densediff/assets/tiny) from "
-                        "tiny_sd (its UNet widened, its other components) instead of pretraining a VAE, and give "
-                        "tiny_random tiny_sd's text encoder, tokenizer and scheduler")
-    parser.add_argument("--output", default=None, help="default: densediff/assets/tiny_random, or with --derive "
-                        "densediff/assets/tiny")
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--batch-size", type=int, default=6)
-    parser.add_argument("--height", type=int, default=64)
-    parser.add_argument("--width", type=int, default=80)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--kl-weight", type=float, default=1e-6)
-    parser.add_argument("--crop", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if args.derive:
-        print(f"wrote {derive_from_prior(output=args.output or TINY_DIR, control=TINY_RANDOM_DIR)}")
-        return
-    torch.manual_seed(args.seed)
-    components = get_dummy_components(args.seed)
-    scaling = pretrain_vae(components["vae"], args.steps, args.batch_size, args.height, args.width, args.lr,
-                           args.kl_weight, args.seed, args.crop)
-    components["vae"].register_to_config(scaling_factor=scaling)
-    print(f"latent scaling factor {scaling:.5f}")
-    print(f"wrote {save_marigold_folder(components, args.output or TINY_RANDOM_DIR)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -2,14 +2,15 @@
 
 Write (the dataset config is composed like train.py's, so every dataset and override works):
 
-    python -m densediff.data.shards dataset=hypersim dataset.root=/data/hypersim/processed output=/data/hypersim_shards
-    python -m densediff.data.shards dataset=procedural dataset.train.num_scenes=5000 output=shards/procedural
+    densediff-write-shards dataset=hypersim dataset.root=/data/hypersim/processed output=/data/hypersim_shards
+    python -m densediff.write_shards dataset=procedural dataset.train.num_scenes=5000 output=shards/procedural
 
-gives <output>/<split>/shard-000000.tar ... for each split the dataset config defines (`split=train` for one) and
-<output>/index.json (sample count, shard files and keys per split, and the dataset config they came from). A sample
-is one tar member per key, all exact: tensors as .npy (float depth, bool masks, int labels as they are), except an
-rgb whose values are exactly k/255 (the real-data loaders' uint8 / 255), which is a lossless 8-bit .png; strings are
-.txt, plain numbers .json.
+(the command is densediff/write_shards.py, its root config conf/write_shards.yaml) gives
+<output>/<split>/shard-000000.tar ... for each split the dataset config defines (`split=train` for one,
+`split=[train,val]` for two) and <output>/index.json (sample count, shard files and keys per split, and the dataset
+config they came from). A sample is one tar member per key, all exact: tensors as .npy (float depth, bool masks,
+int labels as they are), except an rgb whose values are exactly k/255 (the real-data loaders' uint8 / 255), which
+is a lossless 8-bit .png; strings are .txt, plain numbers .json.
 
 Read: `dataset.format=shards dataset.shards=<output dir, or a brace pattern of tar files>`. Training streams
 (`StreamingShards`); val/test read the shards by random access (`ShardSamples`, a map-style dataset: a full pass in
@@ -24,7 +25,6 @@ import json
 import math
 import os
 import random
-import sys
 import tarfile
 from pathlib import Path
 
@@ -222,13 +222,13 @@ def resolve_shards(shards, split: str) -> tuple[list[str], int | None]:
     replaced by the split name). Raises DatasetLayoutError naming the path if no tar file is there."""
     if not shards:
         raise DatasetLayoutError("dataset.format=shards needs dataset.shards=<folder written by "
-                                 "`python -m densediff.data.shards`, or a brace pattern of .tar files>")
+                                 "`densediff-write-shards`, or a brace pattern of .tar files>")
     shards = os.fspath(shards).replace("{split}", split)
     root = Path(shards)
     if root.is_dir():
         if (root / WRITING).is_file() or (root.parent / WRITING).is_file():
             raise DatasetLayoutError(f"shards {root} are still being written, or their write was stopped: run the "
-                                     "same `python -m densediff.data.shards` command again to finish them")
+                                     "same `densediff-write-shards` command again to finish them")
         if (root / INDEX).is_file():
             index = json.loads((root / INDEX).read_text())
             if split not in index.get("splits", {}):
@@ -248,7 +248,7 @@ def resolve_shards(shards, split: str) -> tuple[list[str], int | None]:
         urls = [u for u in _expand(shards) if os.path.isfile(u)]
     if not urls:
         raise DatasetLayoutError(f"dataset.shards={shards} names no .tar file (expected a folder written by "
-                                 "`python -m densediff.data.shards` or a pattern such as dir/shard-{000000..000009}.tar)")
+                                 "`densediff-write-shards` or a pattern such as dir/shard-{000000..000009}.tar)")
     return urls, None
 
 
@@ -423,41 +423,3 @@ def shard_dataset(shards, split: str, stream: bool, seed: int = 0, shuffle_buffe
     if stream:
         return StreamingShards(urls, count, shuffle_buffer=shuffle_buffer, seed=seed)
     return ShardSamples(urls)
-
-
-# ----------------------------------------------------------------------------- the command
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m densediff.data.shards dataset=<name> [overrides...] output=<dir> [split=train[,val]] [maxcount=N]"""
-    from densediff.run import datasets_to_shard
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(main.__doc__)
-        return 0
-    own = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in ("output", "split", "maxcount")}
-    overrides = [a for a in argv if a.split("=", 1)[0] not in own]
-    try:
-        if not own.get("output"):
-            raise DatasetLayoutError("pass output=<new folder> for the shards")
-        output = Path(own["output"])
-        _check_output(output)  # before the dataset is built (a stopped write is checked again against it)
-        datasets, config, name = datasets_to_shard(overrides, own["split"].split(",") if own.get("split") else None)
-        index = write_shards(datasets, output, config, maxcount=int(own.get("maxcount", 1000)))
-    except (FileNotFoundError, FileExistsError, DataReadError, ValueError) as error:
-        print(f"\nerror: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # an output folder that cannot be written, a full disk
-        from densediff.io import describe_os_error
-        print(f"\nerror: {describe_os_error(error)}", file=sys.stderr)
-        return 1
-    for split, entry in index["splits"].items():
-        print(f"{split}: {entry['count']} samples in {len(entry['shards'])} shards under {output / split}")
-    print(f"index: {output / INDEX}\ntrain from them: python train.py dataset={name} "
-          f"dataset.format=shards dataset.shards={output}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

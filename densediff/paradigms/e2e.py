@@ -6,8 +6,6 @@ by the frozen VAE (gradients flow through the decoder), and the task loss is app
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from densediff.backbones import load_backbone
@@ -19,8 +17,8 @@ from densediff.paradigms.optim import optimizer_with_schedule, schedule_factor
 
 
 # Checkpoints omit the frozen weights on purpose (they come from the backbone folder); on_load_checkpoint checks
-# that every trainable weight is there, so Lightning's list of the omitted keys is noise.
-warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
+# that every trainable weight is there, so Lightning's list of the omitted keys is noise (the commands filter it:
+# densediff/process.py).
 
 
 class E2EFineTune(LatentModel, Paradigm):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import torch
@@ -38,8 +37,6 @@ from densediff.io import write_text
 from densediff.paradigms.base import Paradigm
 from densediff.paradigms.evaluation import LatentModel
 from densediff.paradigms.optim import optimizer_with_schedule, schedule_factor
-
-warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
 
 VARIANTS = {"g": 8, "d": 4}  # the UNet's input channels
 # Lotus' task switcher: v = [a, b] -> [sin a, sin b, cos a, cos b]

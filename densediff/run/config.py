@@ -8,7 +8,6 @@ import importlib.resources
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from hydra import compose as hydra_compose
@@ -26,30 +25,15 @@ from densediff.io import describe_os_error
 
 log = logging.getLogger("densediff")
 
-# The frozen VAE stays in eval mode on purpose; Lightning would warn about it at every fit.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-
-
-# The streamed shards have a length on purpose (exact resume); they split across workers themselves.
-warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-
-
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 CONFIG_PACKAGE = "densediff.conf"  # conf/, installed as package data (pyproject.toml: package-dir)
 
 
-OmegaConf.register_new_resolver("densediff_asset", lambda name: str(ASSETS / name), replace=True)
-
-
 def tiny_geowizard_path(source: str | None = None) -> str:
     from densediff.backbones.geowizard_build import tiny_geowizard_folder
     return str(tiny_geowizard_folder(source=source))
-
-
-# backbone=tiny_geowizard: generated from the shipped tiny backbone into a cache folder on first use (~10 MB)
-OmegaConf.register_new_resolver("densediff_tiny_geowizard", tiny_geowizard_path, replace=True, use_cache=True)
 
 
 class ConfigError(ValueError):

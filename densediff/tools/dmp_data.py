@@ -176,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from densediff.process import prepare_process
+
     args = build_parser().parse_args(argv)
+    prepare_process()  # before torch: thread settings, config resolvers (densediff/process.py)
     try:
         return int(args.func(args) or 0)
     except (ToolError, OSError, ValueError) as error:  # missing / existing paths, bad values: one line, exit 1

@@ -3,7 +3,9 @@ same five starting noises, at guidance 1, 3 and 7.5 (one row per caption and gui
 
     python experiments/prior/caption_grid.py densediff/assets/tiny_sd experiments/prior/tiny_sd_captions.png
 """
-import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+from densediff.process import prepare_process
+
+prepare_process()  # first: the thread and allocator settings go in before torch loads
 
 import sys
 

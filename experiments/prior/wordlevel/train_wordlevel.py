@@ -11,20 +11,25 @@ cut), a fresh tiny CLIP text encoder on that vocabulary trained jointly with the
 
 from __future__ import annotations
 
-import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+from densediff.process import prepare_process
+
+prepare_process()  # first: the thread and allocator settings go in before torch loads
 
 import argparse
 import copy
 import math
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from densediff.backbones import tiny_sd
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))  # the builders: tools/build_tiny_assets.py
+import build_tiny_assets as tiny_sd  # noqa: E402  (densediff/backbones/tiny_sd.py then)
+from build_tiny_assets import word_level_tokenizer  # noqa: E402  shipped since; the same function
+
 from densediff.backbones.tiny import TINY_RANDOM_DIR, tiny_scheduler
-from densediff.backbones.tiny_sd import word_level_tokenizer  # shipped since; the same function
 
 
 def main() -> None:

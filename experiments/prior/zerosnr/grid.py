@@ -5,17 +5,22 @@ predictions for val scenes 0 and 1 from t = 300, 500, 700 and 999 (fixed noise),
 
     python experiments/prior/zerosnr/grid.py FOLDER OUT.png
 """
-import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+from densediff.process import prepare_process
+
+prepare_process()  # first: the thread and allocator settings go in before torch loads
 
 import sys
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
-from diffusers import StableDiffusionPipeline, DDPMScheduler, DDIMScheduler
+
 from densediff.data.procedural import ProceduralScenes
+
 folder, out = sys.argv[1], sys.argv[2]
-pipe = StableDiffusionPipeline.from_pretrained(folder); pipe.set_progress_bar_config(disable=True)
+pipe = StableDiffusionPipeline.from_pretrained(folder)
+pipe.set_progress_bar_config(disable=True)
 val = ProceduralScenes("val", num_scenes=4, height=64, width=80, seed=0, tasks=())
 rows = []
 for sampler in ("ddim", "ddpm"):
@@ -38,8 +43,10 @@ for k in (0, 1):
         emb = pipe.encode_prompt(item["prompt"], "cpu", 1, False)[0]
         tiles = [item["rgb"].permute(1, 2, 0).numpy()]
         for t in (300, 500, 700, 999):
-            n = torch.randn(z.shape, generator=torch.Generator().manual_seed(t)); tt = torch.tensor([t])
-            xt = sch.add_noise(z, n, tt); a = sch.alphas_cumprod[t]
+            n = torch.randn(z.shape, generator=torch.Generator().manual_seed(t))
+            tt = torch.tensor([t])
+            xt = sch.add_noise(z, n, tt)
+            a = sch.alphas_cumprod[t]
             v = unet(xt, tt, encoder_hidden_states=emb).sample
             x0 = a.sqrt() * xt - (1 - a).sqrt() * v
             im = vae.decode(x0 / vae.config.scaling_factor).sample[0].permute(1, 2, 0).numpy() / 2 + 0.5

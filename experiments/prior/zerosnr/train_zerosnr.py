@@ -11,7 +11,9 @@ Arguments: the text path (`word` or `char`), the steps (cosine decay over all of
 (1e-3). Batch 32, 100 warm-up steps, EMA 0.998, caption dropout 0.1, train scenes 0..7999 at 64x80 (their latents
 cached in /tmp/zs/). Every 1000 steps: v- and x0-MSE with the caption and with the empty prompt on val scenes
 0..255 (OUT/evals.json, also printed as EVAL lines) and the EMA folder OUT/sd_<step>."""
-import densediff  # noqa: F401  first: its thread and allocator settings go in before torch loads
+from densediff.process import prepare_process
+
+prepare_process()  # first: the thread and allocator settings go in before torch loads
 
 import copy
 import json
@@ -20,11 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np, torch
+import numpy as np
+import torch
 from diffusers import DDIMScheduler
-from densediff.backbones import tiny_sd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))  # the builders: tools/build_tiny_assets.py
+import build_tiny_assets as tiny_sd  # noqa: E402  (densediff/backbones/tiny_sd.py then)
+from build_tiny_assets import word_level_tokenizer  # noqa: E402  the recipe shipped since (tiny_sd.py)
+
 from densediff.backbones.tiny import TINY_RANDOM_DIR, tiny_scheduler
-from densediff.backbones.tiny_sd import word_level_tokenizer  # the recipe shipped since (tiny_sd.py)
 
 mode, steps, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 zero = "zsnr" in sys.argv
@@ -33,13 +39,15 @@ torch.manual_seed(0)
 vae, text_encoder, tokenizer = tiny_sd.load_frozen_parts(TINY_RANDOM_DIR)
 cache = Path("/tmp/zs/latents.pt")
 if cache.exists():
-    d = torch.load(cache, weights_only=True); means, stds, captions = d["m"], d["s"], d["c"]
+    d = torch.load(cache, weights_only=True)
+    means, stds, captions = d["m"], d["s"], d["c"]
 else:
     means, stds, captions = tiny_sd.procedural_latents(vae, "train", 8000, 64, 80, seed=0, progress=True)
     torch.save({"m": means, "s": stds, "c": captions}, cache)
 vm_cache = Path("/tmp/zs/val.pt")
 if vm_cache.exists():
-    d = torch.load(vm_cache, weights_only=True); vmeans, vcaps = d["m"], d["c"]
+    d = torch.load(vm_cache, weights_only=True)
+    vmeans, vcaps = d["m"], d["c"]
 else:
     vmeans, _, vcaps = tiny_sd.procedural_latents(vae, "val", 256, 64, 80, seed=0)
     torch.save({"m": vmeans, "c": vcaps}, vm_cache)
@@ -63,11 +71,13 @@ g = torch.Generator().manual_seed(0)
 def evaluate(step):
     res = {}
     with torch.no_grad():
-        ctx = ema_t(vids)[0]; emp = ema_t(empty_ids)[0].expand_as(ctx)
+        ctx = ema_t(vids)[0]
+        emp = ema_t(empty_ids)[0].expand_as(ctx)
         for t in (999, 900, 700, 500, 300):
             n = torch.randn(vmeans.shape, generator=torch.Generator().manual_seed(t))
             tt = torch.full((len(vmeans),), t)
-            xt = sched.add_noise(vmeans, n, tt); target = sched.get_velocity(vmeans, n, tt)
+            xt = sched.add_noise(vmeans, n, tt)
+            target = sched.get_velocity(vmeans, n, tt)
             a = sched.alphas_cumprod[t]
             r = {}
             for name, c in (("cap", ctx), ("empty", emp)):
@@ -83,20 +93,25 @@ log = {}
 for step in range(1, steps + 1):
     if pos + bs > len(order):
         order, pos = torch.randperm(len(means), generator=g), 0
-    idx = order[pos:pos + bs]; pos += bs
+    idx = order[pos:pos + bs]
+    pos += bs
     z = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)
     drop = torch.rand(len(idx), generator=g) < 0.1
     bid = torch.where(drop[:, None], empty_ids, ids[idx])
     if mode == "word":
         ctx = text_encoder(bid)[0]
     else:
-        with torch.no_grad(): ctx = text_encoder(bid)[0]
+        with torch.no_grad():
+            ctx = text_encoder(bid)[0]
     noise = torch.randn(z.shape, generator=g)
     t = torch.randint(0, 1000, (len(idx),), generator=g)
     v = unet(sched.add_noise(z, noise, t), t, encoder_hidden_states=ctx).sample
     loss = torch.nn.functional.mse_loss(v, sched.get_velocity(z, noise, t))
-    opt.zero_grad(set_to_none=True); loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sch_lr.step()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sch_lr.step()
     decay = min(0.998, (1 + step) / (10 + step))
     with torch.no_grad():
         for m_, e_ in ((unet, ema_u), (text_encoder, ema_t)):
@@ -104,7 +119,8 @@ for step in range(1, steps + 1):
                 e.lerp_(p, 1 - decay)
     run.append(loss.item())
     if step % 100 == 0:
-        print(f"step {step} loss {np.mean(run):.4f} {time.time() - start:.0f}s", flush=True); run = []
+        print(f"step {step} loss {np.mean(run):.4f} {time.time() - start:.0f}s", flush=True)
+        run = []
     if step % 1000 == 0 or step == steps:
         log[step] = evaluate(step)
         folder = tiny_sd.save_sd_folder(ema_u, vae, ema_t, tokenizer, sched, out / f"sd_{step}")

@@ -1,6 +1,20 @@
-"""tiny_sd: the tiny backbone's prior, a text-to-image latent diffusion model pretrained on procedural scenes.
+"""Build the tiny backbones shipped in densediff/assets/ (tiny_random, tiny_sd, tiny) by training them on procedural
+scenes. A tool, not part of the runtime package: densediff only loads the folders this writes (densediff/backbones/
+tiny.py describes them). Rebuild them in this order, each step reading the previous one's folder (deterministic):
 
-The tiny UNet architecture (densediff.backbones.tiny.tiny_unet) with SD's 4 input channels, trained to denoise the
+    python tools/build_tiny_assets.py vae        # the shared VAE into densediff/assets/tiny_random, ~6-10 min
+    OMP_NUM_THREADS=1 python tools/build_tiny_assets.py prior     # tiny_sd, the prior, ~57 min on one core
+    python tools/build_tiny_assets.py derive     # backbone=tiny; tiny_random gets tiny_sd's text path, seconds
+
+and measure the prior (held-out denoising loss at several timesteps with and without the caption, against the
+random-init UNet, and a grid of samples): `python tools/build_tiny_assets.py prior --evaluate experiments/prior`.
+The first step also writes a character-level text encoder, which the prior's training replaces with its own.
+
+The VAE (`vae`): autoencodes procedural RGB, depth and normal images (what the SD VAE is asked to reconstruct in
+Marigold), on random 32x32 crops.
+
+The prior (`prior`), tiny_sd, a text-to-image latent diffusion model pretrained on procedural scenes: the tiny UNet
+architecture (densediff.backbones.tiny.tiny_unet) with SD's 4 input channels, trained to denoise the
 latents of procedural rooms (the shipped tiny VAE, posterior samples x scaling factor) conditioned on their captions
 (densediff.data.procedural.describe_scene). The objective is SD2's, v-prediction with uniform timesteps and MSE, on the
 tiny backbone's scaled-linear schedule rescaled to zero terminal SNR, so that at t = 999 the input is pure noise and
@@ -19,18 +33,15 @@ scheduler/), so diffusers' own pipeline samples from it (how well: experiments/p
 
 Rebuild it (deterministic: seeded, a fixed set of 8000 training scenes, the shipped vocabulary, single-threaded;
 6000 steps of batch 32 at 64x80: 56.5 minutes on one core of the project's 2-core machine, 73 s rendering and
-encoding the scenes, then 0.55 s per step), then re-derive backbone=tiny from it (`python -m densediff.backbones.tiny
---derive`):
-
-    OMP_NUM_THREADS=1 python -m densediff.backbones.tiny_sd
-
-Measure it (held-out denoising loss at several timesteps with and without the caption, against the random-init UNet,
-and a grid of samples):
-
-    python -m densediff.backbones.tiny_sd --evaluate experiments/prior
+encoding the scenes, then 0.55 s per step), then re-derive backbone=tiny from it (`derive`).
 """
 
 from __future__ import annotations
+
+from densediff.process import prepare_process
+
+if __name__ == "__main__":
+    prepare_process()  # before torch: thread and allocator settings (densediff/process.py)
 
 import argparse
 import json
@@ -42,11 +53,116 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-from densediff.backbones.tiny import (TEXT_DIM, TINY_RANDOM_DIR, TINY_SD_DIR, drop_build_paths, seeded, tiny_scheduler,
-                                      tiny_unet)
+from densediff.backbones.tiny import (
+    TEXT_DIM,
+    TINY_DIR,
+    TINY_RANDOM_DIR,
+    TINY_SD_DIR,
+    get_dummy_components,
+    save_marigold_folder,
+    seeded,
+    tiny_scheduler,
+    tiny_unet,
+)
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900, 999)
 GRID_CAPTION_SCENES = (0, 1, 2, 3)  # the held-out (val split) scenes whose captions the sample grid draws
+
+
+# ----------------------------------------------------------------------------- the VAE (tiny_random)
+
+
+def _vae_training_images(batch: dict) -> torch.Tensor:
+    """RGB, depth (per-image min-max, grey) and normals, all as 3-channel images in [-1, 1]."""
+    rgb = batch["rgb"] * 2 - 1
+    depth = batch["depth"]
+    lo = depth.flatten(1).min(1).values[:, None, None]
+    hi = depth.flatten(1).max(1).values[:, None, None]
+    depth = ((depth - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1)[:, None].expand(-1, 3, -1, -1)
+    return torch.cat([rgb, depth, batch["normals"]])
+
+
+def pretrain_vae(vae: AutoencoderKL, steps: int, batch_size: int, height: int, width: int, lr: float,
+                 kl_weight: float, seed: int, crop: int = 32) -> float:
+    """Autoencode procedural RGB/depth/normal images; return the latent scaling factor (1 / latent std).
+    Trains on random crop x crop windows (4x cheaper than whole 64x80 images; the VAE is convolutional)."""
+    from torch.utils.data import DataLoader
+
+    from densediff.data.procedural import ProceduralScenes
+
+    scenes = ProceduralScenes("train", num_scenes=max(steps * batch_size, 1000), height=height, width=width,
+                              seed=seed, tasks=("depth", "normals"))
+    loader = DataLoader(scenes, batch_size=batch_size, shuffle=True, num_workers=1,
+                        generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
+    vae.train()
+    start, step = time.time(), 0
+    while step < steps:
+        for batch in loader:
+            images = _vae_training_images(batch)
+            top, left = (int(torch.randint(0, n - crop + 1, (1,))) for n in images.shape[-2:])
+            images = images[..., top:top + crop, left:left + crop]
+            posterior = vae.encode(images).latent_dist
+            reconstruction = vae.decode(posterior.sample()).sample
+            l1 = (reconstruction - images).abs().mean()
+            loss = l1 + kl_weight * posterior.kl().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step % 25 == 0 or step == steps:
+                print(f"step {step}/{steps}  l1 {l1.item():.4f}  {time.time() - start:.0f}s", flush=True)
+            if step == steps:
+                break
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(_vae_training_images(b)).latent_dist.mode()
+                             for b, _ in zip(loader, range(8))])
+    return float(1.0 / latents.std())
+
+
+def derive_from_prior(prior: str | Path = TINY_SD_DIR, output: str | Path = TINY_DIR,
+                      layout: str | Path = TINY_RANDOM_DIR, control: str | Path | None = None) -> Path:
+    """Write backbone=tiny: the prior's 4-channel UNet widened to 8 channels the way Marigold widens SD's (tiled and
+    halved, bias kept: with identical halves the layer first computes what it did), in Marigold's layout (`layout`'s
+    model_index.json) with the VAE, scheduler, text encoder and tokenizer that the prior was trained with. A `control`
+    folder (tiny_random) gets the prior's scheduler, text encoder and tokenizer too, so the two differ in the UNet
+    alone."""
+    import shutil
+
+    from densediff.backbones.load import widen_conv_in
+
+    unet = UNet2DConditionModel.from_pretrained(prior, subfolder="unet")
+    if unet.config.in_channels != 4:
+        raise ValueError(f"{prior}: expected a 4-channel (Stable Diffusion layout) UNet, got "
+                         f"{unet.config.in_channels} input channels")
+    widen_conv_in(unet, 8, halve_bias=False)
+    prior, output = Path(prior), Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    # byte for byte the parts the prior was trained with
+    copies = [(part, output) for part in ("vae", "scheduler", "text_encoder", "tokenizer")]
+    copies += [(part, Path(control)) for part in ("scheduler", "text_encoder", "tokenizer")] if control else []
+    for part, folder in copies:
+        shutil.rmtree(folder / part, ignore_errors=True)  # no stale file (another tokenizer's) may remain
+        shutil.copytree(prior / part, folder / part)
+    shutil.copy2(Path(layout) / "model_index.json", output / "model_index.json")
+    unet.save_pretrained(output / "unet")
+    drop_build_paths(output)
+    return output
+
+
+def drop_build_paths(folder: str | Path) -> None:
+    """from_pretrained records in a model's config where it was read from, a path on the building machine, and
+    save_pretrained writes it out: remove it from every part's config.json of a folder that will ship."""
+    for config in Path(folder).glob("*/config.json"):
+        values = json.loads(config.read_text())
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------- the prior (tiny_sd)
 
 
 def tiny_sd_unet(seed: int = 0) -> UNet2DConditionModel:
@@ -328,36 +444,65 @@ class ZeroPredictor(torch.nn.Module):
         return SimpleNamespace(sample=torch.zeros_like(sample))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default=str(TINY_SD_DIR), help="the folder to write (or, with --evaluate, read)")
-    parser.add_argument("--steps", type=int, default=6000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--scenes", type=int, default=8000, help="training scenes (train split 0..N-1), fixed")
-    parser.add_argument("--height", type=int, default=64)
-    parser.add_argument("--width", type=int, default=80)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--caption-dropout", type=float, default=0.1)
-    parser.add_argument("--ema-decay", type=float, default=0.998)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--snapshots", metavar="DIR", help="also write the EMA folder every 1000 steps to "
-                        "DIR/step_<N> (to look at a long rebuild while it runs)")
-    parser.add_argument("--tokenizer", default=str(TINY_SD_DIR / "tokenizer"),
-                        help="the word-level vocabulary, a tokenizer folder (default: the shipped one, which the "
-                        "shipped weights were trained with), or `new` to make one from the training captions")
-    parser.add_argument("--eval-scenes", type=int, default=256, help="held-out (val split) scenes for the losses")
-    parser.add_argument("--evaluate", metavar="DIR", help="measure the folder at --output instead of training: "
-                        "held-out losses (DIR/tiny_sd_losses.json) and a sample grid (DIR/tiny_sd_samples.png)")
-    args = parser.parse_args()
-    if args.evaluate:
+    steps = parser.add_subparsers(dest="step", required=True)
+
+    vae = steps.add_parser("vae", help="pretrain the shared VAE; writes tiny_random (random UNet, char-level text)")
+    vae.add_argument("--output", default=str(TINY_RANDOM_DIR))
+    vae.add_argument("--steps", type=int, default=1200)
+    vae.add_argument("--batch-size", type=int, default=6)
+    vae.add_argument("--height", type=int, default=64)
+    vae.add_argument("--width", type=int, default=80)
+    vae.add_argument("--lr", type=float, default=1e-3)
+    vae.add_argument("--kl-weight", type=float, default=1e-6)
+    vae.add_argument("--crop", type=int, default=32)
+    vae.add_argument("--seed", type=int, default=0)
+
+    prior = steps.add_parser("prior", help="train tiny_sd, the text-to-image prior (or measure it: --evaluate)")
+    prior.add_argument("--output", default=str(TINY_SD_DIR), help="the folder to write (or, with --evaluate, read)")
+    prior.add_argument("--steps", type=int, default=6000)
+    prior.add_argument("--batch-size", type=int, default=32)
+    prior.add_argument("--scenes", type=int, default=8000, help="training scenes (train split 0..N-1), fixed")
+    prior.add_argument("--height", type=int, default=64)
+    prior.add_argument("--width", type=int, default=80)
+    prior.add_argument("--lr", type=float, default=1e-3)
+    prior.add_argument("--warmup", type=int, default=100)
+    prior.add_argument("--caption-dropout", type=float, default=0.1)
+    prior.add_argument("--ema-decay", type=float, default=0.998)
+    prior.add_argument("--seed", type=int, default=0)
+    prior.add_argument("--snapshots", metavar="DIR", help="also write the EMA folder every 1000 steps to "
+                       "DIR/step_<N> (to look at a long rebuild while it runs)")
+    prior.add_argument("--tokenizer", default=str(TINY_SD_DIR / "tokenizer"),
+                       help="the word-level vocabulary, a tokenizer folder (default: the shipped one, which the "
+                       "shipped weights were trained with), or `new` to make one from the training captions")
+    prior.add_argument("--eval-scenes", type=int, default=256, help="held-out (val split) scenes for the losses")
+    prior.add_argument("--evaluate", metavar="DIR", help="measure the folder at --output instead of training: "
+                       "held-out losses (DIR/tiny_sd_losses.json) and a sample grid (DIR/tiny_sd_samples.png)")
+
+    derive = steps.add_parser("derive", help="write backbone=tiny from tiny_sd (its UNet widened, its other parts) "
+                              "and give tiny_random tiny_sd's text encoder, tokenizer and scheduler")
+    derive.add_argument("--output", default=str(TINY_DIR))
+
+    args = parser.parse_args(argv)
+    if args.step == "derive":
+        print(f"wrote {derive_from_prior(output=args.output, control=TINY_RANDOM_DIR)}")
+    elif args.step == "vae":
+        torch.manual_seed(args.seed)
+        components = get_dummy_components(args.seed)
+        scaling = pretrain_vae(components["vae"], args.steps, args.batch_size, args.height, args.width, args.lr,
+                               args.kl_weight, args.seed, args.crop)
+        components["vae"].register_to_config(scaling_factor=scaling)
+        print(f"latent scaling factor {scaling:.5f}")
+        print(f"wrote {save_marigold_folder(components, args.output)}")
+    elif args.evaluate:
         result = evaluate(args.output, args.evaluate, scenes=args.eval_scenes, height=args.height, width=args.width,
                           seed=args.seed)
         print(json.dumps(result, indent=2))
-        return
-    build(args.output, args.steps, args.batch_size, args.scenes, args.height, args.width, args.lr, args.warmup,
-          args.caption_dropout, args.ema_decay, args.seed, args.snapshots,
-          None if args.tokenizer == "new" else args.tokenizer)
+    else:
+        build(args.output, args.steps, args.batch_size, args.scenes, args.height, args.width, args.lr, args.warmup,
+              args.caption_dropout, args.ema_decay, args.seed, args.snapshots,
+              None if args.tokenizer == "new" else args.tokenizer)
 
 
 if __name__ == "__main__":
