@@ -143,8 +143,7 @@ def _build_save_and_load(cfg, tmp_path):
     model = build_model(cfg)
     assert type(model).__name__ == "ToyFineTune" and model.hparams.timestep == 500 and model.hparams.lr == 1e-4
     assert PARADIGMS["toy_plugin"] is type(model)
-    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                  "pytorch-lightning_version": lightning.__version__}
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}  # no Lightning keys
     model.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, tmp_path / "toy.ckpt")
     record = read_record(tmp_path / "toy.ckpt")

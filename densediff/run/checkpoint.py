@@ -87,8 +87,9 @@ class CheckpointRecord:
         read (Lightning's load_from_checkpoint, without reading the file again)."""
         checkpoint = dict(self.contents)
         checkpoint["hyper_parameters"] = {**self.hparams, **overrides}
-        with pl_legacy_patch():
-            checkpoint = _pl_migrate_checkpoint(checkpoint, checkpoint_path=self.path)
+        if "pytorch-lightning_version" in checkpoint:  # Lightning's upgrade of its older formats, as it loads them
+            with pl_legacy_patch():
+                checkpoint = _pl_migrate_checkpoint(checkpoint, checkpoint_path=self.path)
         return _load_state(self.model_class, checkpoint, **overrides)
 
 
