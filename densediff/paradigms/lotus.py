@@ -31,6 +31,7 @@ from diffusers.models.embeddings import TimestepEmbedding
 from densediff.backbones import load_backbone
 from densediff.inference import SingleStepEstimator
 from densediff.inference.predictor import InferenceOptions
+from densediff.latents import add_noise
 from densediff.paradigms.evaluation import LatentModel
 from densediff.paradigms.optim import optimizer_with_schedule, schedule_factor
 
@@ -137,7 +138,7 @@ class LotusX0(LatentModel):
             alpha_bar = self.estimator.alpha_bar.to(target)
             # drawn in logical order (randn_like would follow the VAE output's memory layout)
             noise = torch.randn(target.shape, dtype=target.dtype, device=target.device)
-            noisy = alpha_bar.sqrt() * target + (1 - alpha_bar).sqrt() * noise
+            noisy = add_noise(target, noise, alpha_bar)
             unet_input = torch.cat([condition, noisy], dim=1)
         else:
             unet_input = condition
