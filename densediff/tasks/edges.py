@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from densediff.metrics import EdgeMetrics
+from densediff.tasks.base import Task
 from densediff.tasks.saliency import SaliencyTask, grey
 
 
-class EdgesTask:
+class EdgesTask(Task):
     name = "edges"
     head_only = True  # no VAE codec: trained by objective=multitask's heads
     target_key = "edges"
