@@ -112,3 +112,26 @@ def test_multitask_is_one_task_over_its_heads():
     assert values["depth/abs_rel"] < 1e-6
     assert all(v.dtype == torch.float32 for v in values.values())
     assert values["delta_m"] == pytest.approx((30.0 - float(values["normals/angular_mean"])) / 30.0)
+
+
+@pytest.mark.parametrize("name", ["depth", "normals", "albedo", "segmentation", "human_parts", "saliency", "edges"])
+def test_a_task_reads_back_the_npy_it_writes(name, tmp_path):
+    """evaluate.py predictions=<folder> scores the files predict.py wrote: prediction_from_array(npy) == output
+    (at the same size), and a half-size file is resized to the requested size (ids nearest, never interpolated)."""
+    task = build_task(name)
+    g = torch.Generator().manual_seed(0)
+    output = {"depth": torch.rand(6, 8, generator=g), "saliency": torch.rand(6, 8, generator=g),
+              "edges": torch.rand(6, 8, generator=g), "albedo": torch.rand(3, 6, 8, generator=g),
+              "normals": torch.nn.functional.normalize(torch.randn(3, 6, 8, generator=g), dim=0),
+              "segmentation": torch.randint(0, 150, (6, 8), generator=g),
+              "human_parts": torch.randint(0, 7, (6, 8), generator=g)}[name]
+    paths = output_paths(tmp_path / "a.png", tmp_path, tmp_path / "out", task)
+    write_prediction(task, output, paths)
+    values = torch.from_numpy(np.load(paths["npy"]).astype(np.float32))
+    assert values.dim() == len(task.prediction_layout.split("x"))
+    back = task.prediction_from_array(values, (6, 8))
+    assert back.dtype == output.dtype and torch.allclose(back.float(), output.float(), atol=1e-6)
+    larger = task.prediction_from_array(values, (12, 16))
+    assert larger.shape[-2:] == (12, 16)
+    if not output.is_floating_point():
+        assert torch.equal(larger[::2, ::2], output)

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from densediff.io import atomic_write
+from densediff.resize import resize_to
 
 
 class Task:
@@ -29,6 +30,7 @@ class Task:
     # The files one image's prediction is written as (densediff/inference/predict.py names them): the float (or id)
     # array `npy`, the coloured `png`, and for depth the 16-bit `png16`.
     prediction_files: tuple[str, ...] = ("npy", "png")
+    prediction_layout = "HxWx3"  # the `.npy` array's layout: "HxWx3" (normals, albedo, ...) or "HxW"
 
     @property
     def metric_output(self) -> bool:
@@ -98,6 +100,13 @@ class Task:
         """One image's output -> the `.npy` array: HxW float, or HxWx3 float for a [3,H,W] output."""
         values = prediction.float()
         return values.numpy() if values.dim() == 2 else values.permute(1, 2, 0).numpy()
+
+    def prediction_from_array(self, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """A float32 `.npy` prediction in prediction_layout (made here or elsewhere: evaluate.py predictions=) ->
+        the output at `size`, resized as the protocols do: HxW bilinearly, HxWx3 bilinearly then to_output."""
+        if self.prediction_layout == "HxW":
+            return resize_to(values[None, None], size)[0, 0]
+        return self.to_output(resize_to(values.permute(2, 0, 1)[None], size))[0]
 
     def write_prediction(self, prediction: torch.Tensor, paths: dict[str, Path],
                          full_scale: float | None = None) -> None:

@@ -110,6 +110,7 @@ class DepthTask(Task):
     monitor = "abs_rel"  # the metric that picks the best checkpoint
     monitor_mode = "min"
     prediction_files = ("npy", "png", "png16")
+    prediction_layout = "HxW"
 
     def __init__(self, min_depth: float = 1e-3, max_depth: float = 80.0, quantile: float = 0.02,
                  alignment_max_res: int | None = None, range_mask: bool = True, encoding: str = "affine",

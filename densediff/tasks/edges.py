@@ -21,6 +21,7 @@ class EdgesTask(Task):
     name = "edges"
     head_only = True  # no VAE codec: trained by objective=multitask's heads
     target_key = "edges"
+    prediction_layout = "HxW"
     monitor = "ods_f"
     monitor_mode = "max"
 

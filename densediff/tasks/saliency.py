@@ -28,6 +28,7 @@ class SaliencyTask(Task):
     name = "saliency"
     head_only = True  # no VAE codec: trained by objective=multitask's heads
     target_key = "saliency"
+    prediction_layout = "HxW"
     monitor = "max_f"
     monitor_mode = "max"
 
