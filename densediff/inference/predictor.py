@@ -3,7 +3,7 @@
 Every option of E2E-FT's / Marigold's inference (docs/paradigms.md#inference) is an `InferenceOptions`
 field, set from the `inference` config group. The defaults are E2E-FT's: 1 step, trailing spacing (t = 999), a
 zero target latent, no ensemble, native resolution. With them the prediction is exactly the single-step estimate
-the E2E paradigm trains (`SingleStepEstimator.forward`): both read x0 with densediff.latents.
+the E2E paradigm trains (`LatentEstimator.forward`): both read x0 with densediff.latents.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, LCMScheduler
 
-from densediff.inference.single_step import SingleStepEstimator, pad_to_multiple, resize_to_max_edge
+from densediff.inference.estimator import LatentEstimator, pad_to_multiple, resize_to_max_edge
 from densediff.latents import add_noise, ddim_step
 from densediff.resize import resize_to
 
@@ -127,7 +127,7 @@ def ddim_update(scheduler, output: torch.Tensor, t, latent: torch.Tensor) -> tup
 
 
 @torch.no_grad()
-def denoise(estimator: SingleStepEstimator, rgb: torch.Tensor, options: InferenceOptions,
+def denoise(estimator: LatentEstimator, rgb: torch.Tensor, options: InferenceOptions,
             generator: torch.Generator | None = None, prompts: list[str] | None = None, branches: int = 1,
             conditioning: Callable[[torch.Tensor], dict] | None = None,
             rgb_latent: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -197,7 +197,7 @@ def denoise(estimator: SingleStepEstimator, rgb: torch.Tensor, options: Inferenc
 
 
 @torch.no_grad()
-def image_latents(estimator: SingleStepEstimator, rgb: torch.Tensor, options: InferenceOptions,
+def image_latents(estimator: LatentEstimator, rgb: torch.Tensor, options: InferenceOptions,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Padded RGB [B,3,H,W] in [0,1] -> the image latents of its B x ensemble members (image 0's first), x scaling.
     image_latent=mean: the posterior mean, shared by an image's members. image_latent=sample (DMP's infer encodes
@@ -214,7 +214,7 @@ def image_latents(estimator: SingleStepEstimator, rgb: torch.Tensor, options: In
 
 
 @torch.no_grad()
-def predict(estimator: SingleStepEstimator, task, rgb: torch.Tensor, options: InferenceOptions,
+def predict(estimator: LatentEstimator, task, rgb: torch.Tensor, options: InferenceOptions,
             generator: torch.Generator | None = None, prompts: list[str] | None = None,
             conditioning: Callable[[torch.Tensor], dict] | None = None, with_uncertainty: bool = False):
     """RGB [B,3,H,W] in [0,1] -> the task's prediction at the input's exact size (depth [B,H,W] in [0,1],

@@ -31,7 +31,7 @@ def masked_latent_mse(output: torch.Tensor, target: torch.Tensor, mask: torch.Te
 
 class LatentDenoiser(LatentModel):
     """A UNet trained to denoise target latents conditioned on the image latent. Subclasses set `estimator`
-    (SingleStepEstimator), call use_schedule with their backbone's scheduler, and define training_step; the
+    (LatentEstimator), call use_schedule with their backbone's scheduler, and define training_step; the
     hyperparameters read here are objective.latent, lr, weight_decay, betas, lr_schedule, warmup_steps,
     decay_steps and final_lr_ratio. Training draws its timesteps, noise and posterior samples from step_generator,
     so a resumed run repeats them exactly (densediff/paradigms/noise.py)."""

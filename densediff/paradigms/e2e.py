@@ -11,7 +11,7 @@ import warnings
 import torch
 
 from densediff.backbones import load_backbone
-from densediff.inference import SingleStepEstimator
+from densediff.inference import LatentEstimator
 from densediff.inference.predictor import InferenceOptions
 from densediff.paradigms.evaluation import LatentModel
 from densediff.paradigms.optim import optimizer_with_schedule, schedule_factor
@@ -56,7 +56,7 @@ class E2EFineTune(LatentModel):
                                  halve_conv_in_bias=halve_conv_in_bias, attention=attention,
                                  gradient_checkpointing=gradient_checkpointing)
         self.prepare_backbone(backbone, adapter, adapter_rank, adapter_alpha)
-        self.estimator = SingleStepEstimator(backbone.unet, backbone.vae, backbone.scheduler,
+        self.estimator = LatentEstimator(backbone.unet, backbone.vae, backbone.scheduler,
                                              backbone.empty_text_embedding, timestep=timestep)
         self.inference = InferenceOptions()  # how validation/evaluate/predict predict; run.py sets it from the config
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding
 
 from densediff.backbones import load_backbone
-from densediff.inference import SingleStepEstimator
+from densediff.inference import LatentEstimator
 from densediff.inference.predictor import InferenceOptions
 from densediff.latents import add_noise
 from densediff.paradigms.evaluation import LatentModel
@@ -93,7 +93,7 @@ class LotusX0(LatentModel):
         add_task_switcher(backbone.unet)
         backbone.scheduler.register_to_config(prediction_type="sample")  # Lotus re-registers SD's as "sample"
         self.prepare_backbone(backbone, adapter, adapter_rank, adapter_alpha)
-        self.estimator = SingleStepEstimator(backbone.unet, backbone.vae, backbone.scheduler,
+        self.estimator = LatentEstimator(backbone.unet, backbone.vae, backbone.scheduler,
                                              backbone.empty_text_embedding, timestep=timestep,
                                              conditioning="concat" if variant == "g" else "interpolate")
         self.register_buffer("annotation", torch.tensor(ANNOTATION), persistent=False)

@@ -34,7 +34,7 @@ def resize_to_max_edge(image: torch.Tensor, max_edge: int, mode: str = "bilinear
     return resize_to(image, (int(height * scale), int(width * scale)), mode)
 
 
-class SingleStepEstimator(nn.Module):
+class LatentEstimator(nn.Module):
     """The modules a latent paradigm predicts with, whatever its number of steps: UNet, VAE, the scheduler's config
     (the predictor's samplers), the empty-prompt embedding (or a text encoder for captions) and the image encoding.
     Called, it is E2E-FT's one-step estimate: RGB [B,3,H,W] in [0,1] -> decoded 3-channel prediction image
