@@ -35,7 +35,7 @@ import torch
 from report import machine, write_json
 
 from densediff.backbones import load_backbone
-from densediff.inference import SingleStepEstimator
+from densediff.inference import LatentEstimator
 from densediff.inference.predictor import InferenceOptions, predict
 from densediff.inference.speedup import speed_up
 from densediff.run import ASSETS
@@ -166,7 +166,7 @@ def load_both(folder: Path, device: torch.device, switches: dict, dtype: torch.d
     from diffusers import DDIMScheduler, MarigoldDepthPipeline
 
     backbone = load_backbone(folder)
-    estimator = SingleStepEstimator(backbone.unet.eval(), backbone.vae.eval(), backbone.scheduler,
+    estimator = LatentEstimator(backbone.unet.eval(), backbone.vae.eval(), backbone.scheduler,
                                     backbone.empty_text_embedding).to(device, dtype)
     pipe = MarigoldDepthPipeline.from_pretrained(folder, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -8,7 +8,7 @@ import torch
 from densediff.adapters import apply_adapter, count_parameters
 from densediff.backbones import BackboneNotFoundError, load_backbone
 from densediff.backbones.tiny import TINY_DIR, get_dummy_components, save_marigold_folder
-from densediff.inference import SingleStepEstimator
+from densediff.inference import LatentEstimator
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_load_widens_a_4_channel_unet_and_caches_the_unpadded_empty_prompt(sd_li
 
 def test_single_step_matches_the_computation_done_with_diffusers_components():
     backbone = load_backbone(TINY_DIR)
-    estimator = SingleStepEstimator(backbone.unet, backbone.vae, backbone.scheduler, backbone.empty_text_embedding)
+    estimator = LatentEstimator(backbone.unet, backbone.vae, backbone.scheduler, backbone.empty_text_embedding)
     rgb = torch.rand(1, 3, 30, 38)  # not a multiple of 4: padded, then cropped back
     with torch.no_grad():
         ours = estimator(rgb)

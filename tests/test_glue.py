@@ -158,10 +158,10 @@ def random_backbone():
 
 
 def test_single_step_estimate_feeds_the_rgb_latent_first(random_backbone):
-    from densediff.inference import SingleStepEstimator
+    from densediff.inference import LatentEstimator
 
     b = random_backbone
-    estimator = SingleStepEstimator(b.unet.eval(), b.vae.eval(), b.scheduler, b.empty_text_embedding)
+    estimator = LatentEstimator(b.unet.eval(), b.vae.eval(), b.scheduler, b.empty_text_embedding)
     rgb = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         scaling = b.vae.config.scaling_factor
@@ -179,11 +179,11 @@ def test_single_step_estimate_feeds_the_rgb_latent_first(random_backbone):
 def test_multistep_prediction_matches_diffusers_on_a_backbone_whose_conv_in_halves_differ(random_backbone):
     from diffusers import DDIMScheduler, MarigoldDepthPipeline
 
-    from densediff.inference import SingleStepEstimator
+    from densediff.inference import LatentEstimator
     from densediff.inference.predictor import InferenceOptions, predict
 
     b = random_backbone
-    estimator = SingleStepEstimator(b.unet.eval(), b.vae.eval(), b.scheduler, b.empty_text_embedding)
+    estimator = LatentEstimator(b.unet.eval(), b.vae.eval(), b.scheduler, b.empty_text_embedding)
     rgb = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(1))
     options = InferenceOptions(steps=2, noise="gaussian", final_step="prev_sample")
     ours = predict(estimator, build_task("depth"), rgb, options, torch.Generator().manual_seed(7))

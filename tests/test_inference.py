@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, MarigoldDepthPipeline, MarigoldNormalsPipeline
 
 from densediff.backbones import load_backbone
-from densediff.inference import SingleStepEstimator
+from densediff.inference import LatentEstimator
 from densediff.tasks.ensemble import ensemble_depth, ensemble_normals
 from densediff.inference.predictor import InferenceOptions, predict, pyramid_noise, timesteps
 from densediff.run import ASSETS
@@ -19,7 +19,7 @@ TINY = ASSETS / "tiny"
 @pytest.fixture(scope="module")
 def estimator():
     backbone = load_backbone(TINY)
-    return SingleStepEstimator(backbone.unet.eval(), backbone.vae.eval(), backbone.scheduler,
+    return LatentEstimator(backbone.unet.eval(), backbone.vae.eval(), backbone.scheduler,
                                backbone.empty_text_embedding)
 
 
@@ -212,7 +212,7 @@ def test_a_folder_with_an_lcm_scheduler_is_sampled_as_diffusers_samples_it(lcm_f
     folder, euler = lcm_folder
     backbone = load_backbone(folder)
     assert isinstance(backbone.scheduler, LCMScheduler)
-    lcm = SingleStepEstimator(backbone.unet.eval(), backbone.vae.eval(), backbone.scheduler,
+    lcm = LatentEstimator(backbone.unet.eval(), backbone.vae.eval(), backbone.scheduler,
                               backbone.empty_text_embedding)
     rgb = rgb_batch(n=1)
     # two members: diffusers leaves a single member's depth as decoded, densediff normalises it to [0, 1]
@@ -224,7 +224,7 @@ def test_a_folder_with_an_lcm_scheduler_is_sampled_as_diffusers_samples_it(lcm_f
                   generator=torch.Generator().manual_seed(3), output_type="pt").prediction[:, 0]
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
     if steps > 1:  # and DDIM on the same weights and noise is another function
-        ddim = predict(SingleStepEstimator(backbone.unet.eval(), backbone.vae.eval(), DDIMScheduler.from_pretrained(
+        ddim = predict(LatentEstimator(backbone.unet.eval(), backbone.vae.eval(), DDIMScheduler.from_pretrained(
             TINY, subfolder="scheduler"), backbone.empty_text_embedding), build_task("depth"), rgb, options,
             torch.Generator().manual_seed(3))
         assert (ddim - theirs).abs().max() > 1e-3
@@ -306,7 +306,7 @@ def test_predict_writes_and_evaluate_scores_an_ensembles_uncertainty(tmp_path):
     from densediff.data.procedural import ProceduralScenes
 
     backbone = load_backbone(TINY)
-    estimator = SingleStepEstimator(backbone.unet.eval(), backbone.vae.eval(), backbone.scheduler,
+    estimator = LatentEstimator(backbone.unet.eval(), backbone.vae.eval(), backbone.scheduler,
                                     backbone.empty_text_embedding)
     data = ProceduralScenes("test", num_scenes=2, tasks=["normals"])
     batch = {k: torch.stack([data[i][k] for i in range(2)]) for k in ("rgb", "normals", "valid_mask")}

@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler, UNet2DConditi
 from conftest import FAST, assert_plausible_depth_metrics, read_metrics, run_cli
 from densediff.backbones import load_backbone
 from densediff.backbones.tiny import get_dummy_components, tiny_text_encoder_and_tokenizer
-from densediff.inference import SingleStepEstimator
+from densediff.inference import LatentEstimator
 from densediff.paradigms import E2EFineTune
 
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -72,7 +72,7 @@ def test_sd15_layout_widens_conv_in_and_inverts_epsilon(sd15_folder):
     x = torch.randn(1, 4, 8, 8)
     assert torch.allclose(conv(torch.cat([x, x], 1)), original(x), atol=1e-6)
     assert backbone.scheduler.config.prediction_type == "epsilon"
-    estimator = SingleStepEstimator(backbone.unet, backbone.vae, backbone.scheduler, backbone.empty_text_embedding)
+    estimator = LatentEstimator(backbone.unet, backbone.vae, backbone.scheduler, backbone.empty_text_embedding)
     rgb = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         latent = estimator.encode_rgb(rgb)
@@ -109,7 +109,7 @@ def test_marigold_v1_1_zero_snr_schedule_gives_x0_equal_minus_v(tmp_path):
     folder = save_pipeline_folder(components, tmp_path / "v1-1", class_name="MarigoldDepthPipeline")
     backbone = load_backbone(folder)
     assert float(backbone.scheduler.alphas_cumprod[999]) == pytest.approx(0.0, abs=1e-12)
-    estimator = SingleStepEstimator(backbone.unet, backbone.vae, backbone.scheduler, backbone.empty_text_embedding)
+    estimator = LatentEstimator(backbone.unet, backbone.vae, backbone.scheduler, backbone.empty_text_embedding)
     rgb = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         latent = estimator.encode_rgb(rgb)

@@ -7,7 +7,7 @@ import torch
 
 from densediff.backbones import widen_conv_in
 from densediff.backbones.tiny import tiny_scheduler, tiny_unet
-from densediff.inference.single_step import pad_to_multiple, x0_from_model_output
+from densediff.inference.estimator import pad_to_multiple, x0_from_model_output
 from densediff.paradigms.optim import exponential_schedule
 from densediff.tasks.depth import DepthTask, masked_quantile_clip, scale_shift_invariant_l1
 from densediff.tasks.normals import angular_loss
@@ -159,6 +159,6 @@ def test_normals_task_reports_both_poolings_under_distinct_names():
 @pytest.mark.parametrize("size, res, expected", [((480, 640), 768, (576, 768)), ((4032, 6048), 756, (504, 756)),
                                                   ((375, 1242), 768, (231, 768))])
 def test_processing_resolution_keeps_aspect_with_truncation_like_marigold(size, res, expected):
-    from densediff.inference.single_step import resize_to_max_edge
+    from densediff.inference.estimator import resize_to_max_edge
 
     assert tuple(resize_to_max_edge(torch.zeros(1, 1, *size), res).shape[-2:]) == expected

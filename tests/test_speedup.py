@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT
 from densediff.backbones import load_backbone
-from densediff.inference import SingleStepEstimator
+from densediff.inference import LatentEstimator
 from densediff.tasks.ensemble import median_of_members
 from densediff.inference.predictor import InferenceOptions, predict
 from densediff.inference.speedup import inference_modules, speed_up
@@ -22,7 +22,7 @@ MARIGOLD = InferenceOptions(steps=2, ensemble=3, noise="gaussian", batch_size=3)
 
 def tiny_estimator():
     backbone = load_backbone(ASSETS / "tiny")
-    return SingleStepEstimator(backbone.unet.eval(), backbone.vae.eval(), backbone.scheduler,
+    return LatentEstimator(backbone.unet.eval(), backbone.vae.eval(), backbone.scheduler,
                                backbone.empty_text_embedding)
 
 

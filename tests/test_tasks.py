@@ -361,12 +361,12 @@ def test_segmentation_palette_falls_back_to_ade20k_and_can_be_chosen():
 @pytest.mark.parametrize("name", ["albedo", "shading", "segmentation"])
 def test_new_tasks_run_through_the_predictor_with_ensemble_and_resize(name):
     from densediff.backbones import load_backbone
-    from densediff.inference import SingleStepEstimator
+    from densediff.inference import LatentEstimator
     from densediff.inference.predictor import InferenceOptions, predict
     from densediff.run import ASSETS
 
     backbone = load_backbone(ASSETS / "tiny")
-    estimator = SingleStepEstimator(backbone.unet.eval(), backbone.vae.eval(), backbone.scheduler,
+    estimator = LatentEstimator(backbone.unet.eval(), backbone.vae.eval(), backbone.scheduler,
                                     backbone.empty_text_embedding)
     task = build_task(name, **({"palette": "procedural"} if name == "segmentation" else {}))
     rgb = torch.rand(1, 3, 30, 37, generator=torch.Generator().manual_seed(9))

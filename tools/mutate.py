@@ -63,7 +63,7 @@ COVERAGE = {
     "densediff/heads/bae.py": ["tests/test_glue.py", "tests/test_self_improving.py", "tests/test_bae_reference.py"],
     "densediff/metrics/uncertainty.py": ["tests/test_inference.py"],
     "densediff/paradigms/lotus.py": ["tests/test_lotus.py"],
-    "densediff/inference/single_step.py": ["tests/test_glue.py", "tests/test_inference.py"],
+    "densediff/inference/estimator.py": ["tests/test_glue.py", "tests/test_inference.py"],
     "densediff/inference/predictor.py": [
         "tests/test_glue.py", "tests/test_inference.py",
         "tests/test_diffusion.py::test_prompts_and_classifier_free_guidance_follow_dmp",
@@ -109,7 +109,7 @@ MUTATIONS = [
              "loss = loss + nll_angular(pred, gt, torch.ones_like(ok))",
              ["tests/test_glue.py", "tests/test_self_improving.py"],
              "UG-NLL point terms ignore the validity at the sampled points"),
-    Mutation("densediff/inference/single_step.py", "self.unet(torch.cat([rgb_latent, target_latent], dim=1)",
+    Mutation("densediff/inference/estimator.py", "self.unet(torch.cat([rgb_latent, target_latent], dim=1)",
              "self.unet(torch.cat([target_latent, rgb_latent], dim=1)",
              ["tests/test_glue.py", "tests/test_inference.py"],
              "E2E single step feeds the UNet [target, rgb]"),

@@ -14,9 +14,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from densediff.io import atomic_write
+from densediff.tasks import TASKS, Task
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+# How each kind of prediction file a task writes (Task.prediction_files) is named after the image's stem.
+PREDICTION_FILE_NAMES = {"npy": ".npy", "png": ".png", "png16": "_16bit.png"}
+
+
+def prediction_files(task: str | Task) -> tuple[str, ...]:
+    """The kinds of file a task (or a task's name) writes per image; a name without a task class (e.g. a
+    multi-task model's) writes the default ones."""
+    if isinstance(task, Task):
+        return task.prediction_files
+    return TASKS.get(task, Task).prediction_files
 
 
 def find_images(source: str | Path) -> tuple[Path, list[Path]]:
@@ -32,18 +43,17 @@ def find_images(source: str | Path) -> tuple[Path, list[Path]]:
     raise FileNotFoundError(f"input={source} does not exist (an image file or a folder of images)")
 
 
-def output_paths(image: Path, root: Path, output: Path, task: str, keep_suffix: bool = False,
+def output_paths(image: Path, root: Path, output: Path, task: str | Task, keep_suffix: bool = False,
                  uncertainty: bool = False, pointcloud: bool = False) -> dict[str, Path]:
-    """Where the predictions of `image` go: `<stem>.npy`, `<stem>.png` (and `<stem>_16bit.png` for depth) at its
-    place below `root`, mirrored into `output`. `keep_suffix` names them `<stem>_<ext>...` instead (two inputs that
-    differ only in their extension, `a.png` and `a.jpg`, would otherwise write the same files)."""
+    """Where the predictions of `image` go: the task's prediction_files, `<stem>.npy`, `<stem>.png` (and
+    `<stem>_16bit.png` for depth), at its place below `root`, mirrored into `output`. `keep_suffix` names them
+    `<stem>_<ext>...` instead (two inputs that differ only in their extension, `a.png` and `a.jpg`, would otherwise
+    write the same files)."""
     relative = image.relative_to(root)
     stem = output / relative.with_suffix("")
     if keep_suffix:
         stem = stem.with_name(f"{stem.name}_{image.suffix.lstrip('.').lower()}")
-    paths = {"npy": stem.with_suffix(".npy"), "png": stem.with_name(stem.name + ".png")}
-    if task == "depth":
-        paths["png16"] = stem.with_name(stem.name + "_16bit.png")
+    paths = {kind: stem.with_name(stem.name + PREDICTION_FILE_NAMES[kind]) for kind in prediction_files(task)}
     if uncertainty:  # head=bae's expected angular error in degrees, or an ensemble's disagreement
         paths["uncertainty_npy"] = stem.with_name(stem.name + "_uncertainty.npy")
         paths["uncertainty_png"] = stem.with_name(stem.name + "_uncertainty.png")
@@ -137,12 +147,10 @@ def warn_large_native(images: list[Path], processing_res: int) -> list[str]:
     return large
 
 
-def depth_full_scale(task) -> float:
+def depth_full_scale(task: Task) -> float:
     """Depth value written as 65535 in the 16-bit PNG: 1 for [0,1] depth, target_scale for DMP's metres (DMP's
     preview: (depth / target_scale).clip(0, 1) * 65535)."""
-    if getattr(task, "encoding", "affine") == "float" and getattr(task, "target_scale", -1) > 0:
-        return float(task.target_scale)
-    return 1.0
+    return float(task.target_scale) if task.metric_output else 1.0
 
 
 def predict_images(model, root: Path, images: list[Path], output: str | Path,
@@ -243,26 +251,12 @@ def readable_images(images, skipped: list[str], num_workers: int = 0, progress=N
         yield images[index], rgb
 
 
-def write_prediction(task, prediction: torch.Tensor, paths: dict[str, Path], full_scale: float | None = None) -> None:
-    """One image's files, each written atomically: `.npy` (float, or int64 ids), the coloured `.png`, for depth the
-    16-bit PNG (depth / full scale x 65535; full scale 1, DMP's target_scale, or `full_scale` for metric depth)."""
-    paths["npy"].parent.mkdir(parents=True, exist_ok=True)
-    if task.name == "depth":  # HxW: affine-invariant depth in [0,1], or metres with DMP's float codec
-        array = prediction.float().numpy()
-        full_scale = full_scale or depth_full_scale(task)  # the 16-bit PNG maps [0, full_scale] to [0, 65535]
-        preview = (prediction.float() / full_scale).clamp(0, 1).numpy()
-        with atomic_write(paths["png16"]) as tmp:
-            Image.fromarray((preview * 65535 + 0.5).astype(np.uint16)).save(tmp)
-    elif prediction.dim() == 2 and not prediction.is_floating_point():  # HxW class ids (segmentation, parts)
-        array = prediction.long().numpy()
-    elif prediction.dim() == 2:  # HxW probabilities (saliency, edges)
-        array = prediction.float().numpy()
-    else:  # HxWx3: canonical normals, albedo, shading
-        array = prediction.float().permute(1, 2, 0).numpy()
-    with atomic_write(paths["npy"]) as tmp:
-        np.save(tmp, array)
-    with atomic_write(paths["png"]) as tmp:
-        Image.fromarray(task.colorize(prediction)).save(tmp)
+def write_prediction(task: Task, prediction: torch.Tensor, paths: dict[str, Path],
+                     full_scale: float | None = None) -> None:
+    """One image's files, as the task writes them (Task.write_prediction): `.npy` (float, or int64 ids), the
+    coloured `.png`, for depth the 16-bit PNG (depth / full scale x 65535; full scale 1, DMP's target_scale, or
+    `full_scale` for metric depth)."""
+    task.write_prediction(prediction, paths, full_scale)
 
 
 def check_multitask_outputs(source, output, tasks, overwrite: bool) -> tuple[Path, list[Path]]:
@@ -284,8 +278,8 @@ def predict_multitask_images(model, root: Path, images: list[Path], output: str 
     with tqdm(total=len(images), desc="predict " + ", ".join(model.tasks), unit="image") as progress:
         for image, rgb in readable_images(images, skipped, progress=progress):
             for t, prediction in model.predict(rgb.to(device)).items():
-                task = model.heads[t].task
-                write_prediction(task, prediction[0].cpu(), planned[t][image], getattr(task, "max_depth", None))
+                head = model.heads[t]
+                write_prediction(head.task, prediction[0].cpu(), planned[t][image], head.full_scale)
             written += 1
     return written, skipped
 

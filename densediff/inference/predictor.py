@@ -3,7 +3,7 @@
 Every option of E2E-FT's / Marigold's inference (docs/paradigms.md#inference) is an `InferenceOptions`
 field, set from the `inference` config group. The defaults are E2E-FT's: 1 step, trailing spacing (t = 999), a
 zero target latent, no ensemble, native resolution. With them the prediction is exactly the single-step estimate
-the E2E paradigm trains (`SingleStepEstimator.forward`).
+the E2E paradigm trains (`LatentEstimator.forward`): both read x0 with densediff.latents.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, LCMScheduler
 
-from densediff.inference.single_step import SingleStepEstimator, pad_to_multiple, resize_to_max_edge
+from densediff.inference.estimator import LatentEstimator, pad_to_multiple, resize_to_max_edge
+from densediff.latents import add_noise, ddim_step
 from densediff.resize import resize_to
 
 NOISES = ("zeros", "gaussian", "pyramid")
@@ -110,8 +111,23 @@ def initial_latent(like: torch.Tensor, noise: str, generator: torch.Generator | 
     return drawn.to(device=like.device, dtype=like.dtype)
 
 
+def ddim_update(scheduler, output: torch.Tensor, t, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_prev, x0) of a DDIM step (eta 0) at timestep `t` of a set-up DDIMScheduler: densediff.latents.ddim_step
+    (the arithmetic training uses) on the scheduler's alpha_bar at t and at the previous timestep of its spacing
+    (final_alpha_cumprod below 0), its prediction type and clip_sample. A scheduler configured with dynamic
+    thresholding (no backbone here ships one) takes its own step()."""
+    config = scheduler.config
+    if config.thresholding:
+        step = scheduler.step(output, t, latent)
+        return step.prev_sample, step.pred_original_sample
+    previous = int(t) - config.num_train_timesteps // scheduler.num_inference_steps
+    alpha_bar_prev = scheduler.alphas_cumprod[previous] if previous >= 0 else scheduler.final_alpha_cumprod
+    return ddim_step(output, latent, scheduler.alphas_cumprod[int(t)], alpha_bar_prev, config.prediction_type,
+                     config.clip_sample_range if config.clip_sample else None)
+
+
 @torch.no_grad()
-def denoise(estimator: SingleStepEstimator, rgb: torch.Tensor, options: InferenceOptions,
+def denoise(estimator: LatentEstimator, rgb: torch.Tensor, options: InferenceOptions,
             generator: torch.Generator | None = None, prompts: list[str] | None = None, branches: int = 1,
             conditioning: Callable[[torch.Tensor], dict] | None = None,
             rgb_latent: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,7 +157,7 @@ def denoise(estimator: SingleStepEstimator, rgb: torch.Tensor, options: Inferenc
     if branches > 1:
         rgb_latent, latent = rgb_latent.repeat(branches, 1, 1, 1), latent.repeat(branches, 1, 1, 1)
     scheduler = estimator.sampler(options.timestep_spacing, options.steps, rgb.device)
-    consistency = hasattr(scheduler, "get_scalings_for_boundary_condition")  # LCM: denoised, not x0, ends the loop
+    consistency = isinstance(scheduler, LCMScheduler)  # LCM: denoised, not x0, ends the loop
     if consistency and interpolate and options.ddim == "oracle":
         raise ValueError("inference.ddim=oracle is DDIM's update; this backbone's scheduler is an LCMScheduler")
     guided = prompts is not None and options.guidance != 1
@@ -163,24 +179,25 @@ def denoise(estimator: SingleStepEstimator, rgb: torch.Tensor, options: Inferenc
             output = unconditional + options.guidance * (conditional - unconditional)
         else:
             output = estimator.unet(unet_input, t, **unet_kwargs).sample
-        step = scheduler.step(output, t, latent, generator=generator)
         last = index == len(scheduler.timesteps) - 1
         if consistency:  # LCM: x_prev = denoised + fresh noise, and the last step returns denoised (diffusers)
-            latent = step.prev_sample
-        elif last and options.final_step == "x0":
-            latent = step.pred_original_sample
+            latent = scheduler.step(output, t, latent, generator=generator).prev_sample
+            continue
+        prev_sample, x0 = ddim_update(scheduler, output, t, latent)
+        if last and options.final_step == "x0":
+            latent = x0
         elif interpolate and options.ddim == "oracle":
             previous = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
             a_prev = (scheduler.alphas_cumprod[previous] if previous >= 0 else scheduler.final_alpha_cumprod).to(latent)
-            latent = a_prev.sqrt() * step.pred_original_sample + (1 - a_prev).sqrt() * rgb_latent
+            latent = add_noise(x0, rgb_latent, a_prev)
         else:
-            latent = step.prev_sample
+            latent = prev_sample
     image = estimator.vae.decode(latent / estimator.scaling_factor).sample
     return image[..., :height, :width]
 
 
 @torch.no_grad()
-def image_latents(estimator: SingleStepEstimator, rgb: torch.Tensor, options: InferenceOptions,
+def image_latents(estimator: LatentEstimator, rgb: torch.Tensor, options: InferenceOptions,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Padded RGB [B,3,H,W] in [0,1] -> the image latents of its B x ensemble members (image 0's first), x scaling.
     image_latent=mean: the posterior mean, shared by an image's members. image_latent=sample (DMP's infer encodes
@@ -197,7 +214,7 @@ def image_latents(estimator: SingleStepEstimator, rgb: torch.Tensor, options: In
 
 
 @torch.no_grad()
-def predict(estimator: SingleStepEstimator, task, rgb: torch.Tensor, options: InferenceOptions,
+def predict(estimator: LatentEstimator, task, rgb: torch.Tensor, options: InferenceOptions,
             generator: torch.Generator | None = None, prompts: list[str] | None = None,
             conditioning: Callable[[torch.Tensor], dict] | None = None, with_uncertainty: bool = False):
     """RGB [B,3,H,W] in [0,1] -> the task's prediction at the input's exact size (depth [B,H,W] in [0,1],
@@ -235,9 +252,11 @@ def predict(estimator: SingleStepEstimator, task, rgb: torch.Tensor, options: In
         merged, uncertainty = torch.cat(parts), None
         if options.ensemble > 1:
             grouped = merged.unflatten(0, (rgb.shape[0], options.ensemble))
-            if with_uncertainty and hasattr(branch, "ensemble_uncertainty"):
-                merged, uncertainty = (torch.stack(values) for values in zip(
-                    *(branch.ensemble_uncertainty(group, options.ensemble_reduction) for group in grouped)))
+            if with_uncertainty:  # a task without a measure of disagreement gives None
+                pairs = [branch.ensemble_uncertainty(group, options.ensemble_reduction) for group in grouped]
+                merged = torch.stack([values for values, _ in pairs])
+                spreads = [spread for _, spread in pairs]
+                uncertainty = None if any(s is None for s in spreads) else torch.stack(spreads)
             else:
                 merged = torch.stack([branch.ensemble(group, options.ensemble_reduction) for group in grouped])
         output = branch.to_output(merged)

@@ -39,7 +39,7 @@ def inference_modules(estimator: nn.Module) -> list[nn.Module]:
 
 def speed_up(estimator, device: torch.device, compile: bool = False,  # noqa: A002
              channels_last: bool = False) -> bool:
-    """Apply the switches in place to a SingleStepEstimator (or anything with .unet and .vae, such as a diffusers
+    """Apply the switches in place to a LatentEstimator (or anything with .unet and .vae, such as a diffusers
     pipeline); return whether it is compiled. Without a working compiler `compile` falls back to eager with one
     warning that says why and what to install."""
     if estimator is None:  # a model without a latent estimator (multitask): nothing of this applies

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from densediff.io import atomic_write, write_text
+from densediff.latents import add_noise, ddim_step
 
 MANIFEST = "manifest.json"
 
@@ -34,25 +35,18 @@ def creation_timesteps(creation_timestep: int = 600, steps: int = 50) -> list[in
     return [t + 1 for t in range(0, creation_timestep, stride)][:steps]
 
 
-def model_outputs(output: torch.Tensor, x: torch.Tensor, abar: torch.Tensor, prediction_type: str):
-    """UNet output at x_t -> (eps, x0) for epsilon- or v-prediction models."""
-    a, s = abar.sqrt(), (1 - abar).sqrt()
-    if prediction_type == "epsilon":
-        return output, (x - s * output) / a
-    if prediction_type == "v_prediction":
-        return a * output + s * x, a * x - s * output
-    raise ValueError(f"the backbone's scheduler predicts {prediction_type!r}; creation needs epsilon or v_prediction")
-
-
 @torch.no_grad()
 def ddim_regenerate(unet, alphas_cumprod: torch.Tensor, latent: torch.Tensor, context: torch.Tensor,
                     timesteps: list[int], start: int, prediction_type: str, generator=None, on_last=None):
     """latent (x_0) -> noised to t=`start` -> deterministic DDIM (eta 0) down `timesteps` (ascending, descended).
     The step at timesteps[j] goes to the alpha of timesteps[j-1], the first to alpha_bar[0] (LDM's make_schedule).
     `on_last()` returns a context manager entered around the last UNet pass (to record its features)."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"the backbone's scheduler predicts {prediction_type!r}; creation needs epsilon or "
+                         "v_prediction")
     abar = alphas_cumprod.to(latent)
     noise = torch.randn(latent.shape, generator=generator).to(latent)
-    x = abar[start].sqrt() * latent + (1 - abar[start]).sqrt() * noise
+    x = add_noise(latent, noise, abar[start])
     for j in range(len(timesteps) - 1, -1, -1):
         t = timesteps[j]
         step = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
@@ -61,9 +55,7 @@ def ddim_regenerate(unet, alphas_cumprod: torch.Tensor, latent: torch.Tensor, co
                 output = unet(x, step, encoder_hidden_states=context).sample
         else:
             output = unet(x, step, encoder_hidden_states=context).sample
-        eps, x0 = model_outputs(output, x, abar[t], prediction_type)
-        prev = abar[timesteps[j - 1]] if j > 0 else abar[0]
-        x = prev.sqrt() * x0 + (1 - prev).sqrt() * eps
+        x, _ = ddim_step(output, x, abar[t], abar[timesteps[j - 1]] if j > 0 else abar[0], prediction_type)
     return x
 
 

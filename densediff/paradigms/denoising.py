@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from densediff.latents import add_noise, regression_target
 from densediff.paradigms.evaluation import LatentModel
 from densediff.paradigms.noise import StepRandomness
 from densediff.paradigms.optim import optimizer_with_schedule, schedule_factor
@@ -30,7 +31,7 @@ def masked_latent_mse(output: torch.Tensor, target: torch.Tensor, mask: torch.Te
 
 class LatentDenoiser(LatentModel):
     """A UNet trained to denoise target latents conditioned on the image latent. Subclasses set `estimator`
-    (SingleStepEstimator), call use_schedule with their backbone's scheduler, and define training_step; the
+    (LatentEstimator), call use_schedule with their backbone's scheduler, and define training_step; the
     hyperparameters read here are objective.latent, lr, weight_decay, betas, lr_schedule, warmup_steps,
     decay_steps and final_lr_ratio. Training draws its timesteps, noise and posterior samples from step_generator,
     so a resumed run repeats them exactly (densediff/paradigms/noise.py)."""
@@ -69,10 +70,7 @@ class LatentDenoiser(LatentModel):
                         timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t = sqrt(a) x_0 + sqrt(1 - a) noise, what the UNet regresses: v, the noise or x_0) at `timesteps`."""
         a = self.alphas_cumprod[timesteps].to(clean.dtype)[:, None, None, None]
-        noisy = a.sqrt() * clean + (1 - a).sqrt() * noise
-        if self.prediction_type == "v_prediction":
-            return noisy, a.sqrt() * noise - (1 - a).sqrt() * clean
-        return noisy, noise if self.prediction_type == "epsilon" else clean
+        return add_noise(clean, noise, a), regression_target(clean, noise, a, self.prediction_type)
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

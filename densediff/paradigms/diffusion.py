@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from densediff.backbones import load_backbone
-from densediff.inference import SingleStepEstimator
+from densediff.inference import LatentEstimator
 from densediff.inference.predictor import InferenceOptions, pyramid_noise
 from densediff.paradigms.base import Paradigm
 from densediff.paradigms.denoising import LatentDenoiser, masked_latent_mse
@@ -92,7 +92,7 @@ class DiffusionEstimator(LatentDenoiser, Paradigm):
                                  keep_text_encoder=prompts == "dataset")
         self.prepare_backbone(backbone, adapter, adapter_rank, adapter_alpha)
         backbone.scheduler = self.use_schedule(backbone.scheduler, prediction_type, zero_snr)
-        self.estimator = SingleStepEstimator(backbone.unet, backbone.vae, backbone.scheduler,
+        self.estimator = LatentEstimator(backbone.unet, backbone.vae, backbone.scheduler,
                                              backbone.empty_text_embedding, conditioning=conditioning,
                                              text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer)
         # Marigold-style inference by default: Gaussian start, DDIM, x0 at the last step; DMP: see its experiments.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from densediff.backbones import load_backbone
-from densediff.inference import SingleStepEstimator
+from densediff.inference import LatentEstimator
 from densediff.inference.predictor import InferenceOptions
 from densediff.paradigms.base import Paradigm
 from densediff.paradigms.evaluation import LatentModel
@@ -56,7 +56,7 @@ class E2EFineTune(LatentModel, Paradigm):
                                  halve_conv_in_bias=halve_conv_in_bias, attention=attention,
                                  gradient_checkpointing=gradient_checkpointing)
         self.prepare_backbone(backbone, adapter, adapter_rank, adapter_alpha)
-        self.estimator = SingleStepEstimator(backbone.unet, backbone.vae, backbone.scheduler,
+        self.estimator = LatentEstimator(backbone.unet, backbone.vae, backbone.scheduler,
                                              backbone.empty_text_embedding, timestep=timestep)
         self.inference = InferenceOptions()  # how validation/evaluate/predict predict; run.py sets it from the config
 

@@ -20,8 +20,8 @@ from densediff.adapters import apply_adapter
 from densediff.inference.predictor import InferenceOptions, predict
 from densediff.io import atomic_write
 from densediff.metrics.uncertainty import UncertaintyCorrelation
-from densediff.tasks import build_task
-from densediff.visualize import rgb_to_uint8, save_gallery
+from densediff.tasks import Task, build_task
+from densediff.visualize import rgb_to_uint8, save_gallery, tile_gallery
 
 
 def write_gallery(module: L.LightningModule, rows: list[list[np.ndarray]], stage: str, caption: str) -> Path:
@@ -35,9 +35,18 @@ def write_gallery(module: L.LightningModule, rows: list[list[np.ndarray]], stage
 
 
 class DenseEvaluation(L.LightningModule):
-    def __init__(self, task: str, task_options: dict | None, gallery_size: int):
+    """Validation and test of a model whose `predict_batch` gives the output `self.task` scores: one task's tensor,
+    or, for several tasks (densediff.tasks.multitask.MultiTask), a dict of them."""
+
+    def __init__(self, task: str | Task | None = None, task_options: dict | None = None, gallery_size: int = 4):
         super().__init__()
-        self.task = build_task(task, **(task_options or {}))
+        if task is not None:  # None: the subclass calls evaluate_task once it has built its task
+            self.evaluate_task(task if isinstance(task, Task) else build_task(task, **(task_options or {})),
+                               gallery_size)
+
+    def evaluate_task(self, task: Task, gallery_size: int) -> None:
+        """The task this model is validated and tested on, its metrics, and the gallery's size."""
+        self.task = task
         self.val_metrics = self.task.metrics()
         self.test_metrics = self.task.metrics()
         # ensembles: how well the members' disagreement predicts the error (densediff/metrics/uncertainty.py)
@@ -59,9 +68,10 @@ class DenseEvaluation(L.LightningModule):
     def _evaluate_step(self, batch: dict, batch_idx: int, metrics) -> torch.Tensor:
         output, uncertainty = self.predict_batch_with_uncertainty(batch)
         self.task.update_metrics(metrics, output, batch)
-        if uncertainty is not None and hasattr(self.task, "pixel_errors"):
+        errors = None if uncertainty is None else self.task.pixel_errors(metrics, output, batch)
+        if errors is not None:
             correlation = self.val_uncertainty if metrics is self.val_metrics else self.test_uncertainty
-            correlation.update(uncertainty, *self.task.pixel_errors(metrics, output, batch))
+            correlation.update(uncertainty, *errors)
         if batch_idx == 0 and self.trainer.is_global_zero:
             self._collect_gallery(batch, output)
         return output
@@ -71,8 +81,7 @@ class DenseEvaluation(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         output = self._evaluate_step(batch, batch_idx, self.test_metrics)
-        if hasattr(self.task, "per_image_rows"):
-            self._test_rows += self.task.per_image_rows(self.test_metrics, output, batch)
+        self._test_rows += self.task.per_image_rows(self.test_metrics, output, batch)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, "val")
@@ -115,19 +124,24 @@ class DenseEvaluation(L.LightningModule):
         self.log_dict(scalars, sync_dist=False)
         self._write_gallery(stage)
 
-    def _collect_gallery(self, batch: dict, output: torch.Tensor, task=None) -> None:
-        """Gallery rows input | ground truth | prediction of `task` (default: the model's) for the first samples."""
+    def _collect_gallery(self, batch: dict, output, task: Task | None = None) -> None:
+        """Gallery rows input | ground truth | prediction of `task` (default: the model's; several tasks: each
+        task's pair) for the first samples."""
         task = task or self.task
-        target, valid = batch[task.target_key], batch["valid_mask"]
-        for i in range(min(self.gallery_size, output.shape[0])):
-            self._gallery.append([rgb_to_uint8(batch["rgb"][i]), task.colorize(target[i], valid[i]),
-                                  task.colorize(output[i])])
+        for i in range(min(self.gallery_size, batch["rgb"].shape[0])):
+            self._gallery.append([rgb_to_uint8(batch["rgb"][i]), *task.gallery_cells(batch, output, i)])
 
     def _write_gallery(self, stage: str) -> None:
         if not self._gallery or not self.trainer.is_global_zero:
             self._gallery = []
             return
-        write_gallery(self, self._gallery, stage, "input | ground truth | prediction")
+        write_gallery(self, self._gallery, stage, self.task.gallery_caption)
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):  # and each task's own picture: <stage>/<task>/gallery
+                for name, columns in self.task.gallery_parts().items():
+                    rows = [[row[0], *(row[c] for c in columns)] for row in self._gallery]
+                    logger.log_image(key=f"{stage}/{name}/gallery", images=[tile_gallery(rows)],
+                                     step=self.global_step, caption=[f"input | {name} GT | {name}"])
         self._gallery = []
 
 

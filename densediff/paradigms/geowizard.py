@@ -32,7 +32,7 @@ import torch
 
 from densediff.backbones.geowizard import encode_image_embedding, load_geowizard
 from densediff.backbones.geowizard_unet import DOMAINS, geowizard_class_labels
-from densediff.inference import SingleStepEstimator
+from densediff.inference import LatentEstimator
 from densediff.inference.predictor import InferenceOptions, predict, pyramid_noise
 from densediff.paradigms.base import ModelConfig, Paradigm
 from densediff.paradigms.denoising import LatentDenoiser, masked_latent_mse
@@ -163,7 +163,7 @@ class GeoWizardEstimator(LatentDenoiser, Paradigm):
         # The shared predictor's module bundle; GeoWizard has no text prompt, its context comes from `conditioning`
         # (the empty-prompt slot holds an unused zero token of the cross-attention width).
         placeholder = torch.zeros(1, 1, int(backbone.unet.config.cross_attention_dim))
-        self.estimator = SingleStepEstimator(backbone.unet, backbone.vae, backbone.scheduler, placeholder)
+        self.estimator = LatentEstimator(backbone.unet, backbone.vae, backbone.scheduler, placeholder)
         self.image_encoder = backbone.image_encoder  # frozen: not trainable, so not in checkpoints
         self.feature_extractor = backbone.feature_extractor
         # GeoWizard's run_infer: Gaussian start shared by the branches, DDIM, prev_sample at the last step

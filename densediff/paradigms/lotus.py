@@ -31,9 +31,10 @@ from diffusers.models.embeddings import TimestepEmbedding
 
 from densediff.backbones import load_backbone
 from densediff.backbones.load import resolve_backbone_path
-from densediff.inference import SingleStepEstimator
+from densediff.inference import LatentEstimator
 from densediff.inference.predictor import InferenceOptions
 from densediff.io import write_text
+from densediff.latents import add_noise
 from densediff.paradigms.base import Paradigm
 from densediff.paradigms.evaluation import LatentModel
 from densediff.paradigms.optim import optimizer_with_schedule, schedule_factor
@@ -94,7 +95,7 @@ class LotusX0(LatentModel, Paradigm):
         add_task_switcher(backbone.unet)
         backbone.scheduler.register_to_config(prediction_type="sample")  # Lotus re-registers SD's as "sample"
         self.prepare_backbone(backbone, adapter, adapter_rank, adapter_alpha)
-        self.estimator = SingleStepEstimator(backbone.unet, backbone.vae, backbone.scheduler,
+        self.estimator = LatentEstimator(backbone.unet, backbone.vae, backbone.scheduler,
                                              backbone.empty_text_embedding, timestep=timestep,
                                              conditioning="concat" if variant == "g" else "interpolate")
         self.register_buffer("annotation", torch.tensor(ANNOTATION), persistent=False)
@@ -169,7 +170,7 @@ class LotusX0(LatentModel, Paradigm):
             alpha_bar = self.estimator.alpha_bar.to(target)
             # drawn in logical order (randn_like would follow the VAE output's memory layout)
             noise = torch.randn(target.shape, dtype=target.dtype, device=target.device)
-            noisy = alpha_bar.sqrt() * target + (1 - alpha_bar).sqrt() * noise
+            noisy = add_noise(target, noise, alpha_bar)
             unet_input = torch.cat([condition, noisy], dim=1)
         else:
             unet_input = condition

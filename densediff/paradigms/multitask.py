@@ -20,25 +20,19 @@ its preliminary prediction still conditions the others.
 from __future__ import annotations
 
 import math
-import types
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from densediff.inference.predict import predict_multitask_images
 from densediff.paradigms.base import ModelConfig, Paradigm
-from densediff.paradigms.evaluation import write_gallery
+from densediff.paradigms.evaluation import DenseEvaluation
 from densediff.paradigms.noise import StepRandomness
 from densediff.paradigms.optim import optimizer_with_schedule, poly_schedule
 from densediff.tasks import build_task
 from densediff.tasks.heads import DEFAULT_WEIGHTS, HEAD_TASKS, Head
-from densediff.visualize import rgb_to_uint8, tile_gallery
-
-# Metrics where lower is better (delta_m's sign); every other metric is higher-is-better.
-LOWER_IS_BETTER = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "i_rmse", "silog", "angular_mean",
-                   "angular_median", "angular_rmse"}
+from densediff.tasks.multitask import LOWER_IS_BETTER, MultiTask, delta_m  # noqa: F401  (delta_m: tests, docs)
 
 
 def two_step_schedule(num_timesteps: int = 2, beta_start: float = 1e-3, beta_end: float = 1e-2) -> dict:
@@ -162,17 +156,7 @@ def build_encoder(kind: str, options: dict) -> nn.Module:
     raise ValueError(f"encoder={kind} is unknown: resnet18 or diffusion")
 
 
-def delta_m(values: dict, baselines: dict) -> float:
-    """Mean relative change over the single-task baselines, +1 for each higher-is-better metric (Maninis et al.):
-    (1/K) sum_k (-1)^{lower_k} (M_k - B_k) / B_k, as a fraction (papers print x100)."""
-    terms = []
-    for name, base in baselines.items():
-        sign = -1.0 if name.rsplit("/", 1)[-1] in LOWER_IS_BETTER else 1.0
-        terms.append(sign * (float(values[name]) - float(base)) / float(base))
-    return sum(terms) / len(terms)
-
-
-class MultiTaskDenoising(L.LightningModule, Paradigm):
+class MultiTaskDenoising(DenseEvaluation, Paradigm):
     paradigm = "multitask"  # written into checkpoints so evaluate/predict rebuild this class
     backbone_layout = None  # a diffusion encoder reads the UNet features of any backbone folder
 
@@ -251,7 +235,6 @@ class MultiTaskDenoising(L.LightningModule, Paradigm):
         weights = {**DEFAULT_WEIGHTS, **(task_weights or {})}
         self.tasks = tasks
         self.heads = {t: Head(build_task(t, **(task_options or {}).get(t, {})), weights[t]) for t in tasks}
-        self.task = self._monitor_spec(monitor, monitor_mode)  # what run.py's checkpoint callback reads
         # {"segmentation/miou": 0.6} or {"segmentation": {"miou": 0.6}} (what a Hydra override can write)
         self.baselines = {f"{k}/{m}": v for k, d in (baselines or {}).items() for m, v in d.items()} if any(
             isinstance(v, dict) for v in (baselines or {}).values()) else dict(baselines or {})
@@ -273,22 +256,12 @@ class MultiTaskDenoising(L.LightningModule, Paradigm):
             self.final = nn.ModuleDict({t: nn.Conv2d(d, channels[t], 1) for t in tasks})
         for name, value in two_step_schedule(num_timesteps, beta_start, beta_end).items():
             self.register_buffer(name, value.float(), persistent=False)
-        self.val_metrics = nn.ModuleDict({t: self.heads[t].metrics() for t in tasks})
-        self.test_metrics = nn.ModuleDict({t: self.heads[t].metrics() for t in tasks})
-        self.gallery_size, self._gallery, self._seed, self._generator = gallery_size, [], 0, None
+        # validation and test (DenseEvaluation): every task's metrics as <task>/<metric>, delta_m, the gallery;
+        # `task` also names the checkpoint's monitored metric (run.py's checkpoint callback reads it)
+        self.evaluate_task(MultiTask(self.heads, monitor, monitor_mode, self.baselines), gallery_size)
+        self._seed, self._generator = 0, None
         self.step_randomness = StepRandomness()  # training noise a resumed run repeats (paradigms/noise.py)
         self.strict_loading = all(p.requires_grad for p in self.parameters())  # see on_save_checkpoint
-
-    def _monitor_spec(self, monitor, mode):
-        """`task`-like object with the checkpoint's monitored metric (`<task>/<metric>`, default the first task's)."""
-        first = self.heads[self.tasks[0]].task
-        monitor = monitor or f"{first.name}/{first.monitor}"
-        name, metric = monitor.split("/", 1) if "/" in monitor else ("", monitor)
-        if mode is None:
-            own = self.heads.get(name)
-            mode = own.task.monitor_mode if own and own.task.monitor == metric else (
-                "min" if metric in LOWER_IS_BETTER else "max")
-        return types.SimpleNamespace(name="multitask", monitor=monitor, monitor_mode=mode)
 
     # ---- model ----------------------------------------------------------------------------------------------
     def _noise(self, like: torch.Tensor) -> torch.Tensor:
@@ -385,11 +358,11 @@ class MultiTaskDenoising(L.LightningModule, Paradigm):
 
     def on_validation_epoch_end(self) -> None:
         self._generator = None
-        self._log_metrics(self.val_metrics, "val")
+        super().on_validation_epoch_end()
 
     def on_test_epoch_end(self) -> None:
         self._generator = None
-        self._log_metrics(self.test_metrics, "test")
+        super().on_test_epoch_end()
 
     @torch.no_grad()
     def predict(self, rgb: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -397,43 +370,7 @@ class MultiTaskDenoising(L.LightningModule, Paradigm):
         _, final = self(rgb)
         return {t: self.heads[t].output(final[t]) for t in self.tasks}
 
-    def _evaluate(self, batch: dict, batch_idx: int, metrics: nn.ModuleDict) -> None:
-        outputs = self.predict(batch["rgb"])
-        for t in self.tasks:
-            self.heads[t].task.update_metrics(metrics[t], outputs[t], batch)
-        if batch_idx == 0 and self.trainer.is_global_zero:
-            for i in range(min(self.gallery_size, batch["rgb"].shape[0])):
-                row = [rgb_to_uint8(batch["rgb"][i])]
-                for t in self.tasks:  # ground truth | prediction of every task
-                    task = self.heads[t].task
-                    row += [task.colorize(batch[task.target_key][i], batch["valid_mask"][i]),
-                            task.colorize(outputs[t][i])]
-                self._gallery.append(row)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, self.val_metrics)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, self.test_metrics)
-
-    def _log_metrics(self, metrics: nn.ModuleDict, stage: str) -> None:
-        values = {}
-        for t in self.tasks:
-            values.update({f"{t}/{k}": v for k, v in metrics[t].compute().items() if torch.as_tensor(v).numel() == 1})
-            metrics[t].reset()
-        if self.baselines:
-            values["delta_m"] = torch.tensor(delta_m(values, self.baselines))
-        self.log_dict({f"{stage}/{k}": torch.as_tensor(v, dtype=torch.float32) for k, v in values.items()},
-                      sync_dist=False)
-        if self._gallery and self.trainer.is_global_zero:
-            write_gallery(self, self._gallery, stage, "input | " + " | ".join(f"{t} GT | {t}" for t in self.tasks))
-            for logger in self.loggers:
-                if hasattr(logger, "log_image"):  # and each task's own picture: <stage>/<task>/gallery
-                    for i, t in enumerate(self.tasks):
-                        rows = [[row[0], row[1 + 2 * i], row[2 + 2 * i]] for row in self._gallery]
-                        logger.log_image(key=f"{stage}/{t}/gallery", images=[tile_gallery(rows)],
-                                         step=self.global_step, caption=[f"input | {t} GT | {t}"])
-        self._gallery = []
+    # validation_step, test_step and the metrics, delta_m and gallery they log: DenseEvaluation with self.task
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

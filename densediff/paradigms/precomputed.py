@@ -17,7 +17,6 @@ import torch
 from densediff.data.common import DataReadError
 from densediff.data.depth_benchmarks import marigold_prediction_name
 from densediff.paradigms.evaluation import DenseEvaluation
-from densediff.resize import resize_to
 
 
 def prediction_candidates(folder: Path, relative_path: str, dataset_name: str) -> list[Path]:
@@ -54,19 +53,14 @@ class PrecomputedPredictions(DenseEvaluation):
             values = np.load(path, allow_pickle=False).astype(np.float32)
         except (OSError, ValueError) as error:
             raise DataReadError(f"cannot read prediction {path}: {error}") from error
-        flat = self.task.name in ("depth", "segmentation")  # HxW maps; the rest are HxWx3
-        expected = "HxW" if flat else "HxWx3"
+        expected = self.task.prediction_layout  # HxW maps (depth, class ids) or HxWx3 (normals, albedo, ...)
+        flat = expected == "HxW"
         if values.ndim != len(expected.split("x")) or (not flat and values.shape[-1] != 3):
             raise DataReadError(f"prediction {path} has shape {values.shape}; {self.task.name} predictions are "
                              f"{expected} arrays")
         if not np.isfinite(values).all():
             raise DataReadError(f"prediction {path} holds NaN or infinite values")
         prediction = torch.from_numpy(values)
-        if self.task.name == "segmentation":  # class ids: nearest, never interpolated
-            return resize_to(prediction[None, None], size, "nearest")[0, 0].long()
-        if self.task.name == "depth":
-            return resize_to(prediction[None, None], size)[0, 0]
-        prediction = prediction.permute(2, 0, 1)
-        if self.flip_normals_x:
-            prediction = prediction * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
-        return self.task.to_output(resize_to(prediction[None], size))[0]
+        if self.flip_normals_x and not flat:
+            prediction = prediction * torch.tensor([-1.0, 1.0, 1.0])
+        return self.task.prediction_from_array(prediction, size)

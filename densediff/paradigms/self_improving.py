@@ -30,6 +30,7 @@ from tqdm import tqdm
 from densediff.backbones.encoders import BlockRecorder, bin_by_resolution
 from densediff.heads import build_head
 from densediff.inference.predictor import InferenceOptions
+from densediff.latents import add_noise
 from densediff.paradigms.creation import (SyntheticPairs, creation_timesteps, ddim_regenerate, read_manifest,
                                           write_manifest, write_pair)
 from densediff.paradigms.base import ModelConfig, Paradigm, PredictionFiles
@@ -184,7 +185,7 @@ class SelfImprovingPerception(DenseEvaluation, Paradigm):
         t = int(self.hparams.feature_timestep)
         abar = self.alphas_cumprod[t]
         noise = torch.randn(latent.shape, generator=generator).to(latent)
-        x = abar.sqrt() * latent + (1 - abar).sqrt() * noise
+        x = add_noise(latent, noise, abar)
         context = self.empty.to(latent).expand(latent.shape[0], -1, -1)
         with self.recorder.recording() as maps:
             self.prior["unet"](x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long),

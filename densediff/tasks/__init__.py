@@ -1,6 +1,7 @@
 """Tasks: how a task's values become a 3-channel image for the VAE and back, its loss, metrics and colours."""
 
 from densediff.tasks.albedo import AlbedoTask
+from densediff.tasks.base import Task
 from densediff.tasks.depth import DepthTask
 from densediff.tasks.edges import EdgesTask
 from densediff.tasks.human_parts import HumanPartsTask
@@ -20,4 +21,4 @@ def build_task(name: str, **kwargs):
 
 
 __all__ = ["AlbedoTask", "DepthTask", "EdgesTask", "HumanPartsTask", "NormalsTask", "SaliencyTask", "SegmentationTask",
-           "ShadingTask", "TASKS", "build_task"]
+           "ShadingTask", "TASKS", "Task", "build_task"]

@@ -19,11 +19,12 @@ import torch
 
 from densediff.metrics import IntrinsicMetrics
 from densediff.resize import resize_to
+from densediff.tasks.base import Task
 from densediff.tasks.losses import masked_mse
 from densediff.visualize import rgb_to_uint8
 
 
-class IntrinsicImageTask:
+class IntrinsicImageTask(Task):
     """An image-valued task in [0, 1] with the identity codec x * 2 - 1 (albedo; shading subclasses it)."""
 
     name = "albedo"

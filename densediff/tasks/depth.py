@@ -35,10 +35,14 @@ An image without valid pixels, or whose p2 == p98, encodes as zeros (E2E-FT: zer
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
 
+from densediff.io import atomic_write
 from densediff.metrics import DEPTH_ALIGNMENTS, DepthMetrics
 from densediff.resize import resize_to
+from densediff.tasks.base import Task
 from densediff.tasks.ensemble import ensemble_depth
 from densediff.visualize import colorize_depth
 
@@ -100,11 +104,13 @@ INVALID_FILLS = ("far", "raw")
 ENCODINGS = ("affine", "float", "disparity")
 
 
-class DepthTask:
+class DepthTask(Task):
     name = "depth"
     target_key = "depth"
     monitor = "abs_rel"  # the metric that picks the best checkpoint
     monitor_mode = "min"
+    prediction_files = ("npy", "png", "png16")
+    prediction_layout = "HxW"
 
     def __init__(self, min_depth: float = 1e-3, max_depth: float = 80.0, quantile: float = 0.02,
                  alignment_max_res: int | None = None, range_mask: bool = True, encoding: str = "affine",
@@ -253,3 +259,17 @@ class DepthTask:
     def colorize(self, values: torch.Tensor, valid: torch.Tensor | None = None):
         """Depth map (any units) -> uint8 RGB, normalised over the valid pixels."""
         return colorize_depth(values, valid)
+
+    @property
+    def full_scale(self) -> float:
+        """The depth the 16-bit PNG writes as 65535: 1 for [0, 1] depth, target_scale for DMP's metres (DMP's
+        preview: (depth / target_scale).clip(0, 1) * 65535)."""
+        return self.target_scale if self.metric_output else 1.0
+
+    def write_prediction(self, prediction: torch.Tensor, paths: dict, full_scale: float | None = None) -> None:
+        """The `.npy` depth (HxW float) and the coloured `.png`, and the 16-bit PNG: depth / full scale x 65535
+        (`full_scale`, e.g. a multi-task head's max_depth for metric depth, else the codec's `full_scale`)."""
+        super().write_prediction(prediction, paths)
+        preview = (prediction.float() / (full_scale or self.full_scale)).clamp(0, 1).numpy()
+        with atomic_write(paths["png16"]) as tmp:
+            Image.fromarray((preview * 65535 + 0.5).astype(np.uint16)).save(tmp)

@@ -13,13 +13,15 @@ import numpy as np
 import torch
 
 from densediff.metrics import EdgeMetrics
+from densediff.tasks.base import Task
 from densediff.tasks.saliency import SaliencyTask, grey
 
 
-class EdgesTask:
+class EdgesTask(Task):
     name = "edges"
     head_only = True  # no VAE codec: trained by objective=multitask's heads
     target_key = "edges"
+    prediction_layout = "HxW"
     monitor = "ods_f"
     monitor_mode = "max"
 

@@ -72,6 +72,11 @@ class Head:
         self.task, self.name, self.weight = task, task.name, float(weight)
         self.channels = {"saliency": 2, "edges": 1, "normals": 3, "depth": 1}.get(self.name) or task.num_classes
 
+    @property
+    def full_scale(self) -> float | None:
+        """What a 16-bit prediction file writes as 65535: metric depth's max_depth; None for the other tasks."""
+        return self.task.max_depth if self.name == "depth" else None
+
     def valid(self, batch: dict) -> torch.Tensor:
         if self.name == "normals":
             return batch["valid_mask"] & (batch["normals"].norm(dim=1) > 0.5)  # zero vector = no normal

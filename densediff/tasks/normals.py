@@ -8,6 +8,7 @@ from torchmetrics import MetricCollection
 
 from densediff.metrics import NormalMetrics, angular_error_deg
 from densediff.resize import resize_to
+from densediff.tasks.base import Task
 from densediff.tasks.ensemble import ensemble_normals, normals_uncertainty
 from densediff.visualize import colorize_normals
 
@@ -41,7 +42,7 @@ LOSS_MASKS = ("valid_mask", "nonzero_normal")
 DECODE_ORDERS = ("normalize_clip", "clip_normalize")
 
 
-class NormalsTask:
+class NormalsTask(Task):
     name = "normals"
     target_key = "normals"
     monitor = "angular_mean"

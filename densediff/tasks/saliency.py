@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from densediff.metrics import SaliencyMetrics
+from densediff.tasks.base import Task
 
 
 def grey(values: torch.Tensor, valid: torch.Tensor | None = None) -> np.ndarray:
@@ -23,10 +24,11 @@ def grey(values: torch.Tensor, valid: torch.Tensor | None = None) -> np.ndarray:
     return (v * 255).round().to(torch.uint8)[..., None].expand(-1, -1, 3).numpy()
 
 
-class SaliencyTask:
+class SaliencyTask(Task):
     name = "saliency"
     head_only = True  # no VAE codec: trained by objective=multitask's heads
     target_key = "saliency"
+    prediction_layout = "HxW"
     monitor = "max_f"
     monitor_mode = "max"
 

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from densediff.metrics import SegmentationMetrics
+from densediff.resize import resize_to
+from densediff.tasks.base import Task
 from densediff.tasks.losses import masked_mse
 from densediff.tasks.palettes import IGNORE_COLOUR, palette_info
 
@@ -58,7 +60,7 @@ def majority_vote(members: torch.Tensor) -> torch.Tensor:
     return torch.gather(members, 0, winner[None])[0]
 
 
-class SegmentationTask:
+class SegmentationTask(Task):
     name = "segmentation"
     target_key = "segmentation"
     monitor = "miou"
@@ -125,6 +127,16 @@ class SegmentationTask:
         if tuple(output.shape[-2:]) == tuple(size):
             return output
         return F.interpolate(output[:, None].float(), size=size, mode="nearest-exact")[:, 0].long()
+
+    prediction_layout = "HxW"
+
+    def prediction_array(self, prediction: torch.Tensor) -> np.ndarray:
+        """[H,W] class ids -> the int64 `.npy` array."""
+        return prediction.long().numpy()
+
+    def prediction_from_array(self, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """HxW class ids (as float32) -> [*size] int64 ids: nearest, never interpolated."""
+        return resize_to(values[None, None], size, "nearest")[0, 0].long()
 
     def metrics(self) -> SegmentationMetrics:
         if self.eval_classes is None:

@@ -1,9 +1,10 @@
-"""Single-step estimation (E2E-FT): one UNet call at t = T on a zero target latent, the x0 estimate decoded by the VAE.
+"""The latent estimator: the modules every latent paradigm predicts with, and its single-step estimate (E2E-FT): one
+UNet call at t = T on a zero target latent, the x0 estimate decoded by the VAE.
 
 Conventions (docs/architecture.md#conventions): RGB in [-1, 1], padded right/bottom by edge replication to a
 multiple of the VAE's downsampling (diffusers' Marigold pipeline) and cropped back; RGB latent = posterior mean x
 scaling factor; UNet input = [rgb_latent, target_latent]; the unpadded empty-prompt embedding; x0 from the model
-output by the training schedule's alpha_bar at t.
+output by the training schedule's alpha_bar at t (densediff/latents.py, the arithmetic training uses too).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densediff.latents import x0_from_model_output
 from densediff.resize import resize_to
 
 
@@ -32,20 +34,11 @@ def resize_to_max_edge(image: torch.Tensor, max_edge: int, mode: str = "bilinear
     return resize_to(image, (int(height * scale), int(width * scale)), mode)
 
 
-def x0_from_model_output(output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor,
-                         prediction_type: str) -> torch.Tensor:
-    """Invert the three diffusers parameterisations at one timestep: x0 = sqrt(a) x_t - sqrt(1-a) v, etc."""
-    if prediction_type == "v_prediction":
-        return alpha_bar.sqrt() * sample - (1 - alpha_bar).sqrt() * output
-    if prediction_type == "epsilon":
-        return (sample - (1 - alpha_bar).sqrt() * output) / alpha_bar.sqrt()
-    if prediction_type == "sample":
-        return output
-    raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
-
-
-class SingleStepEstimator(nn.Module):
-    """RGB [B,3,H,W] in [0,1] -> decoded 3-channel prediction image [B,3,H,W] (differentiable w.r.t. the UNet)."""
+class LatentEstimator(nn.Module):
+    """The modules a latent paradigm predicts with, whatever its number of steps: UNet, VAE, the scheduler's config
+    (the predictor's samplers), the empty-prompt embedding (or a text encoder for captions) and the image encoding.
+    Called, it is E2E-FT's one-step estimate: RGB [B,3,H,W] in [0,1] -> decoded 3-channel prediction image
+    [B,3,H,W] (differentiable w.r.t. the UNet)."""
 
     def __init__(self, unet: nn.Module, vae: nn.Module, scheduler, empty_text_embedding: torch.Tensor,
                  timestep: int = 999, conditioning: str = "concat", text_encoder: nn.Module | None = None,
