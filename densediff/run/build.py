@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset
 from densediff import threads
 from densediff.adapters import count_parameters
 from densediff.backbones.load import declared_task
-from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients, Preemption
+from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients, Preemption, why_not_resumable
 from densediff.data.common import DataReadError
 from densediff.data.datamodule import DenseDataModule
 from densediff.inference.predictor import InferenceOptions
@@ -208,6 +208,8 @@ def check_resume(cfg: DictConfig) -> None:
     """A checkpoint resumes only the kind of run that wrote it: same paradigm and adapter (checked before the model
     is built; Lightning would fail on the first missing weight with a traceback)."""
     checkpoint = read_checkpoint(Path(cfg.ckpt_path))
+    if (reason := why_not_resumable(checkpoint)) is not None:  # a best/periodic file: the weights alone
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} {reason}")
     saved = checkpoint.get("hyper_parameters", {})
     paradigm = checkpoint.get("densediff_paradigm", "e2e")
     ours = "geowizard" if cfg.backbone.get("layout") == "geowizard" else getattr(
