@@ -67,7 +67,7 @@ def expected_size(checkpoint: dict) -> int:
         rest = len(pickle.dumps(_without_tensors(checkpoint), protocol=2))
     except Exception:  # an object pickle cannot size here: a generous guess (it is a few kB in practice)
         rest = 1 << 20
-    return sum(storages.values()) + RECORD_OVERHEAD * (len(storages) + 2) + rest
+    return sum(storages.values()) + RECORD_OVERHEAD * (len(storages) + 8) + rest  # + data.pkl, version, ids
 
 
 def format_size(size: int) -> str:
