@@ -306,6 +306,26 @@ def machine() -> dict:
     return {**block, "memory_gb": round(total / 1e9, 1) if total else None}
 
 
+def available_gb() -> float:
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        return float("inf")
+    kb = next((int(line.split()[1]) for line in meminfo.read_text().splitlines() if line.startswith("MemAvailable:")),
+              None)
+    return kb * 1024 / 1e9 if kb is not None else float("inf")
+
+
+def wait_for_memory(least_gb: float) -> None:
+    """A machine shared with other jobs: start the next recipe only when `least_gb` is available."""
+    said = False
+    while available_gb() < least_gb:
+        if not said:
+            print(f"  waiting for {least_gb} GB of memory to be available ({available_gb():.1f} GB now) ...",
+                  flush=True)
+            said = True
+        time.sleep(10)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipes", nargs="+", help="experiment names (default: every recipe)")
@@ -318,6 +338,8 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=None, help="default 160 (40 with --tiny)")
     parser.add_argument("--max-rss-gb", type=float, default=19.0, help="stop a run whose resident memory passes it")
     parser.add_argument("--timeout", type=float, default=1800, help="stop a run after this many seconds")
+    parser.add_argument("--wait-free-gb", type=float, default=0.0,
+                        help="before each recipe, wait until the machine has this much memory available")
     parser.add_argument("--keep", action="store_true", help="keep each run's folder (checkpoints included)")
     parser.add_argument("--build-layout", choices=LAYOUTS, help=argparse.SUPPRESS)
     parser.add_argument("--build-output", type=Path, help=argparse.SUPPRESS)
@@ -341,6 +363,7 @@ def main(argv=None) -> int:
           f"logs in {work}", flush=True)
     rows, host = [], machine()
     for i, name in enumerate(chosen, 1):
+        wait_for_memory(args.wait_free_gb)
         print(f"[{i}/{len(chosen)}] {name} ...", flush=True)
         row = run_recipe(name, args, args.cache, work)
         rows.append(row)
