@@ -1,7 +1,7 @@
 """What train.py checkpoints and how: atomic files, a last.ckpt that is always the newest state, and the gradients
 accumulated since the last optimizer step, so that last.ckpt resumes exactly.
 
-Two kinds of file (docs/architecture.md#checkpoints):
+Two kinds of file (docs/checkpoints.md):
 - resumable: checkpoints/last.ckpt, the whole training state (the trainable weights, the optimizer and schedulers, the
   loops' and the data's place, the callbacks' state, the gradients pending under accumulation);
 - weights: checkpoints/best-step<N>.ckpt (BestCheckpoint) and, when kept, the periodic iter-step<N>.ckpt
@@ -67,7 +67,7 @@ def expected_size(checkpoint: dict) -> int:
         rest = len(pickle.dumps(_without_tensors(checkpoint), protocol=2))
     except Exception:  # an object pickle cannot size here: a generous guess (it is a few kB in practice)
         rest = 1 << 20
-    return sum(storages.values()) + RECORD_OVERHEAD * (len(storages) + 8) + rest  # + data.pkl, version, ids
+    return sum(storages.values()) + RECORD_OVERHEAD * (len(storages) + 6) + rest  # + data.pkl, version, ids
 
 
 def format_size(size: int) -> str:
@@ -168,6 +168,12 @@ class BestCheckpoint(ModelCheckpoint):
                              "save_weights_only=True (a resumable checkpoint keeps full precision)")
         super().__init__(*args, save_weights_only=save_weights_only, **kwargs)
         self.half_precision = bool(half_precision)
+
+    @property
+    def state_key(self) -> str:
+        """Lightning's ModelCheckpoint's key (its class name and triggers): a last.ckpt written when the best was a
+        plain ModelCheckpoint resumes its record of the best files (and without Lightning's warning)."""
+        return ModelCheckpoint.state_key.fget(self).replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         if not self.save_weights_only:

@@ -66,6 +66,15 @@ def test_last_is_resumable_and_best_and_periodic_hold_the_trainable_weights_alon
         assert size[name] <= expected_size(load(folder / name)) < size[name] * 1.05 + 100_000, name
 
 
+def test_the_best_keeps_lightnings_state_key_so_an_older_last_ckpt_resumes_its_record():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from densediff.checkpoints import BestCheckpoint
+    options = dict(dirpath="x", monitor="val/abs_rel", mode="min", save_top_k=2)
+    assert BestCheckpoint(**options).state_key == ModelCheckpoint(**options).state_key
+    assert BestCheckpoint(**options).state_key.startswith("ModelCheckpoint{'monitor': 'val/abs_rel'")
+
+
 def test_best_checkpoint_in_half_precision_when_asked(tmp_path):
     run = tmp_path / "run"
     run_cli("train.py", "experiment=quickstart", "logger=none", *FAST, f"hydra.run.dir={run}",
