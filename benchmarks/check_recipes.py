@@ -18,7 +18,8 @@ its own process, into `--cache` (about 4 GB each) and reused.
 Everything else is the recipe's own: adapter, gradient checkpointing, optimiser and schedule, batch size, precision.
 The check changes only what a 2-step run on a CPU needs: trainer.accumulate_grad_batches=1 (accumulation multiplies
 the time, not the memory), one validation batch of one image with one ensemble member at the rendered size
-(inference.ensemble=1, inference.processing_res=0), no logger, and the checkpoint settings that write each kind once:
+(inference.ensemble=1, inference.processing_res=0; `--validation-steps` caps its denoising steps), no logger, and
+the checkpoint settings that write each kind once:
 checkpoint_every_n_steps=<steps> with callbacks.last_checkpoint.keep_periodic=true and half_precision=true, so a run
 leaves last.ckpt (resumable), best-step<N>.ckpt (weights, float32) and iter-step<N>.ckpt (weights, half precision).
 
@@ -198,6 +199,8 @@ def overrides_for(name: str, cfg, folder: Path | None, layout: str | None, switc
            "trainer.enable_progress_bar=false", "logger=none", "inference.ensemble=1", "inference.processing_res=0",
            f"checkpoint_every_n_steps={args.steps}", "callbacks.last_checkpoint.keep_periodic=true",
            "callbacks.last_checkpoint.half_precision=true"]
+    if args.validation_steps and int(cfg.inference.steps) > args.validation_steps:
+        out.append(f"inference.steps={args.validation_steps}")  # the validations' cost, not the training's
     if folder is not None:
         if switch:
             out.append(f"backbone={SWITCH[layout]}")
@@ -338,6 +341,8 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=None, help="default 160 (40 with --tiny)")
     parser.add_argument("--max-rss-gb", type=float, default=19.0, help="stop a run whose resident memory passes it")
     parser.add_argument("--timeout", type=float, default=1800, help="stop a run after this many seconds")
+    parser.add_argument("--validation-steps", type=int, default=None,
+                        help="cap the denoising steps of the validations (default: each recipe's inference.steps)")
     parser.add_argument("--wait-free-gb", type=float, default=0.0,
                         help="before each recipe, wait until the machine has this much memory available")
     parser.add_argument("--keep", action="store_true", help="keep each run's folder (checkpoints included)")
@@ -374,7 +379,7 @@ def main(argv=None) -> int:
               f"last {gb(c.get('last'))} GB, best {gb(c.get('best'))} GB, periodic half "
               f"{gb(c.get('periodic_half'))} GB, {row.get('wall_s')} s", flush=True)
         report = {"machine": host, "size": size, "steps": args.steps, "height": args.height,
-                  "width": args.width, "recipes": rows}
+                  "width": args.width, "validation_steps": args.validation_steps, "recipes": rows}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_name(f".{args.out.name}.tmp")
         tmp.write_text(json.dumps(report, indent=2) + "\n")  # rewritten after each recipe: a stopped check keeps them

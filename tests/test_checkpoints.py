@@ -66,6 +66,17 @@ def test_last_is_resumable_and_best_and_periodic_hold_the_trainable_weights_alon
         assert size[name] <= expected_size(load(folder / name)) < size[name] * 1.05 + 100_000, name
 
 
+def test_a_lora_runs_checkpoints_hold_its_lora_matrices_alone(tmp_path):
+    run = tmp_path / "run"
+    run_cli("train.py", "experiment=dmp_normal", "backbone=tiny", "dataset=procedural", "logger=none", *FAST,
+            "dataset.height=32", "dataset.width=40", "inference.steps=2", f"hydra.run.dir={run}")
+    (best,) = (run / "checkpoints").glob("best-step*.ckpt")
+    last, best = load(run / "checkpoints" / "last.ckpt"), load(best)
+    assert last["state_dict"] and all(".lora_A." in k or ".lora_B." in k for k in last["state_dict"])
+    assert best["state_dict"].keys() == last["state_dict"].keys() and checkpoint_kind(best) == "weights"
+    assert best["densediff_training_draws"] == last["densediff_training_draws"]  # the paradigm's own keys stay
+
+
 def test_the_best_keeps_lightnings_state_key_so_an_older_last_ckpt_resumes_its_record():
     from lightning.pytorch.callbacks import ModelCheckpoint
 
