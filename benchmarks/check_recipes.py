@@ -284,14 +284,16 @@ def gb(size) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| recipe | layout | adapter | status | step s (1st, 2nd, ...) | peak RSS GB | last.ckpt GB | best GB | "
-            "periodic half GB | wall s |")
-    lines = [head, "|" + "|".join(["---"] * 10) + "|"]
+    head = ("| recipe | layout | adapter | status | batch | grad. ckpt | precision | step s (1st, 2nd, ...) | "
+            "peak RSS GB | last.ckpt GB | best GB | periodic half GB | wall s |")
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
         c = r.get("checkpoints_bytes", {})
         step = r.get("step_s") or []
         status = r["status"] if r["status"] == "pass" else f"FAIL: {r.get('error', '')}"
+        checkpointing = {True: "yes", False: "no"}.get(r.get("gradient_checkpointing"), "-")
         lines.append(f"| {r['recipe']} | {r.get('layout', '-')} | {r.get('adapter', '-')} | {status} | "
+                     f"{r.get('batch_size', '-')} | {checkpointing} | {r.get('precision', '-')} | "
                      f"{', '.join(map(str, step)) or '-'} | {r.get('peak_rss_gb', '-')} | {gb(c.get('last'))} | "
                      f"{gb(c.get('best'))} | {gb(c.get('periodic_half'))} | {r.get('wall_s', '-')} |")
     return "\n".join(lines)
