@@ -80,7 +80,7 @@ def test_check_recipes_smoke_mode_runs_two_recipes_and_reports_each_checkpoint_k
         assert sizes["last"] > 2 * sizes["best"] > 2 * sizes["periodic_half"], sizes
     full = rows["quickstart"]["checkpoints_bytes"]  # large enough for the weights to dominate the pickled rest
     assert 2.9 < full["last"] / full["best"] < 3.1 and 0.49 < full["periodic_half"] / full["best"] < 0.53, full
-    assert rows["quickstart"]["checkpoints_bytes"]["best"] > 50 * rows["dmp_normal"]["checkpoints_bytes"]["best"]
+    assert rows["quickstart"]["checkpoints_bytes"]["best"] > 20 * rows["dmp_normal"]["checkpoints_bytes"]["best"]
     assert not list((tmp_path / "work").glob("*/checkpoints"))  # the runs' folders are removed, the logs kept
     lines = result.stdout.strip().splitlines()
     assert lines[-1].startswith("| dmp_normal | sd15 | lora | pass | 8 | no | 32-true |")
