@@ -39,11 +39,13 @@ def test_last_is_resumable_and_best_and_periodic_hold_the_trainable_weights_alon
     folder = kinds_run / "checkpoints"
     names = sorted(p.name for p in folder.glob("*.ckpt"))
     assert names == ["best-step2.ckpt", "best-step4.ckpt", "iter-step2.ckpt", "iter-step4.ckpt", "last.ckpt"], names
-    last, best, periodic = load(folder / "last.ckpt"), load(folder / "best-step4.ckpt"), load(folder / "iter-step4.ckpt")
-    assert checkpoint_kind(last) == "resumable" and {"optimizer_states", "lr_schedulers", "loops", "callbacks"} <= set(last)
+    last, best = load(folder / "last.ckpt"), load(folder / "best-step4.ckpt")
+    periodic = load(folder / "iter-step4.ckpt")
+    state = {"optimizer_states", "lr_schedulers", "loops", "callbacks"}
+    assert checkpoint_kind(last) == "resumable" and state <= set(last)
     for weights in (best, periodic):
         assert checkpoint_kind(weights) == "weights"
-        assert not {"optimizer_states", "lr_schedulers", "loops", "callbacks"} & set(weights)
+        assert not state & set(weights)
         # what loading needs: the constructor arguments and the keys evaluate/predict/export read
         assert weights["hyper_parameters"] == last["hyper_parameters"]
         assert weights["densediff_paradigm"] == "e2e" and weights["densediff_inference"] == last["densediff_inference"]
@@ -128,7 +130,7 @@ def test_training_resumes_from_last_exactly_and_refuses_a_weights_only_file(kind
     run_cli("train.py", *KINDS, f"hydra.run.dir={run}", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
     straight, resumed = load(kinds_run / "checkpoints" / "last.ckpt"), load(run / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == 4
-    unequal = [k for k in straight["state_dict"] if not torch.equal(straight["state_dict"][k], resumed["state_dict"][k])]
+    unequal = [k for k, v in straight["state_dict"].items() if not torch.equal(v, resumed["state_dict"][k])]
     assert not unequal, f"{len(unequal)} tensors differ after resuming from last.ckpt, e.g. {unequal[0]}"
 
 
