@@ -70,13 +70,19 @@ def test_last_is_resumable_and_best_and_periodic_hold_the_trainable_weights_alon
 
 def test_a_lora_runs_checkpoints_hold_its_lora_matrices_alone(tmp_path):
     run = tmp_path / "run"
-    run_cli("train.py", "experiment=dmp_normal", "backbone=tiny", "dataset=procedural", "logger=none", *FAST,
-            "dataset.height=32", "dataset.width=40", "inference.steps=2", f"hydra.run.dir={run}")
-    (best,) = (run / "checkpoints").glob("best-step*.ckpt")
-    last, best = load(run / "checkpoints" / "last.ckpt"), load(best)
+    small = ["dataset=procedural", "dataset.height=32", "dataset.width=40", "inference.steps=2", "logger=none"]
+    run_cli("train.py", "experiment=dmp_normal", "backbone=tiny", *small, *FAST, f"hydra.run.dir={run}",
+            "callbacks.model_checkpoint.half_precision=true")
+    (path,) = (run / "checkpoints").glob("best-step*.ckpt")
+    last, best = load(run / "checkpoints" / "last.ckpt"), load(path)
     assert last["state_dict"] and all(".lora_A." in k or ".lora_B." in k for k in last["state_dict"])
     assert best["state_dict"].keys() == last["state_dict"].keys() and checkpoint_kind(best) == "weights"
+    assert {v.dtype for v in best["state_dict"].values()} == {torch.float16}
     assert best["densediff_training_draws"] == last["densediff_training_draws"]  # the paradigm's own keys stay
+    # the diffusion paradigm's half-precision LoRA weights load in evaluate.py like the full fine-tune's
+    run_cli("evaluate.py", f"ckpt={path}", "task=normals", *small, "dataset.test.num_scenes=2",
+            "dataset.val_batch_size=2", f"hydra.run.dir={tmp_path / 'evaluate'}")
+    assert "angular_mean" in __import__("json").loads((tmp_path / "evaluate" / "metrics.json").read_text())
 
 
 def test_the_best_keeps_lightnings_state_key_so_an_older_last_ckpt_resumes_its_record():
