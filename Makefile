@@ -11,7 +11,7 @@ PRIOR_RECIPES ?= prior/e2e_depth,prior/marigold_depth,prior/dmp_normal,prior/geo
 PRIOR_METRICS ?= abs_rel,delta1,angular_mean,angular_11_25,segmentation/miou,depth/abs_rel,normals/angular_mean,edges/ods_f
 PRIOR_ARGS ?=  # extra train.py overrides for every job, e.g. PRIOR_ARGS="trainer.max_steps=100"
 
-.PHONY: help install demo prior lint test test-all bench bench-gpu gpu-wheels gpu-check app clean-outputs
+.PHONY: help install demo prior lint test test-all bench bench-gpu gpu-wheels gpu-check app clean-outputs check-recipes
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -55,6 +55,9 @@ mutate: $(STAMP)  ## mutation testing (not in `test`): the named one-line bugs, 
 bench: $(STAMP)  ## benchmarks, JSON in benchmarks/results/
 	@mkdir -p benchmarks/results
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+check-recipes: $(STAMP)  ## every recipe 2 steps at SD size, random weights (CHECK_ARGS="--recipes ... | --tiny"): benchmarks/README.md
+	nice -n 10 $(PY) benchmarks/check_recipes.py $(CHECK_ARGS)
 
 bench-gpu: $(STAMP)  ## CUDA only: SD-sized latency fp16/bf16 (+compile, xformers) vs diffusers, E2E-FT train step
 	@mkdir -p benchmarks/results

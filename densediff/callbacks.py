@@ -85,3 +85,36 @@ class ValidationHistory(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
+
+
+class StepTimes(L.Callback):
+    """The wall time of every optimizer step (from the start of its first micro-batch to the end of its last),
+    rewritten into `path` (JSON: {"steps": [seconds, ...]}) after each one: what benchmarks/check_recipes.py
+    reports. Add it to a run as +callbacks.step_times={_target_: densediff.callbacks.StepTimes, path: <file>}.
+    Runs before the checkpoint callbacks (Lightning orders those last), so a checkpoint write is not counted."""
+
+    def __init__(self, path):
+        self.path = path
+        self.times: list[float] = []
+        self._start = None
+        self._step = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        import time
+
+        if self._start is None:
+            self._start, self._step = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        import time
+
+        if self._start is None or trainer.global_step == self._step:
+            return  # accumulating: the optimizer step is still to come
+        self.times.append(time.perf_counter() - self._start)
+        self._start = None
+        if trainer.is_global_zero:
+            import json
+
+            from densediff.io import write_text
+
+            write_text(self.path, json.dumps({"steps": self.times}) + "\n")

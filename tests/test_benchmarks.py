@@ -56,3 +56,33 @@ def test_folder_benchmark_runs_at_a_toy_size_and_writes_json(tmp_path):
                     ("densediff", "images_per_call=1, num_workers=0"), ("densediff", "images_per_call=2, num_workers=0"),
                     ("densediff", "predict.py's loop with its files, images_per_call=2")]
     assert all(r["images_per_s"] > 0 for r in result["results"]) and result["images"] == 4
+
+
+def test_check_recipes_smoke_mode_runs_two_recipes_and_reports_each_checkpoint_kind(tmp_path):
+    """benchmarks/check_recipes.py --tiny (the tiny backbones): each recipe in its own train.py process, a row per
+    recipe with its step times, peak memory and the size of each checkpoint kind, the JSON written and the table
+    printed last. Two recipes: a full fine-tune (quickstart) and a LoRA one on the SD 1.x layout (dmp_normal)."""
+    out = tmp_path / "recipes.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_recipes.py"), "--tiny", "--recipes",
+                             "quickstart", "dmp_normal", "--work", str(tmp_path / "work"), "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert MACHINE_KEYS <= set(report["machine"]) and report["size"] == "tiny" and report["steps"] == 2
+    rows = {row["recipe"]: row for row in report["recipes"]}
+    assert list(rows) == ["quickstart", "dmp_normal"] and all(r["status"] == "pass" for r in rows.values())
+    assert rows["quickstart"]["layout"] == "marigold" and rows["dmp_normal"]["layout"] == "sd15"
+    assert rows["dmp_normal"]["adapter"] == "lora"
+    for row in rows.values():
+        sizes = row["checkpoints_bytes"]
+        assert len(row["step_s"]) == 2 and all(s > 0 for s in row["step_s"]) and row["peak_rss_gb"] > 0.1
+        assert set(sizes) == {"last", "best", "periodic_half"}
+        assert sizes["last"] > 2 * sizes["best"] > 2 * sizes["periodic_half"], sizes
+    full = rows["quickstart"]["checkpoints_bytes"]  # large enough for the weights to dominate the pickled rest
+    assert 2.9 < full["last"] / full["best"] < 3.1 and 0.49 < full["periodic_half"] / full["best"] < 0.53, full
+    assert rows["quickstart"]["checkpoints_bytes"]["best"] > 20 * rows["dmp_normal"]["checkpoints_bytes"]["best"]
+    assert not list((tmp_path / "work").glob("*/checkpoints"))  # the runs' folders are removed, the logs kept
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith("| dmp_normal | sd15 | lora | pass | 8 | no | 32-true |")
+    assert lines[-2].startswith("| quickstart | marigold | full | pass |")
+    assert "[1/2] quickstart ..." in result.stdout and "[2/2] dmp_normal: pass" in result.stdout

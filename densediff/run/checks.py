@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import IterableDataset
 
 from densediff.backbones.load import declared_task
+from densediff.checkpoints import why_not_resumable
 from densediff.data.common import DataReadError
 from densediff.data.datamodule import DenseDataModule
 from densediff.inference.predictor import InferenceOptions
@@ -69,6 +70,8 @@ def resolve_backbone_task(cfg: DictConfig, training: bool = False) -> None:
 def check_resume(cfg: DictConfig, record: CheckpointRecord, model_class: type) -> None:
     """A checkpoint resumes only the kind of run that wrote it: same paradigm and adapter (checked before the model
     is built; Lightning would fail on the first missing weight with a traceback)."""
+    if (reason := why_not_resumable(record.contents)) is not None:  # a best/periodic file: the weights alone
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} {reason}")
     ours = model_class.paradigm
     if record.paradigm != ours:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} was trained by paradigm {record.paradigm!r}, this run is "
