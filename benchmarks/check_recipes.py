@@ -102,11 +102,11 @@ SWITCH = {"sd15": "sd15", "geowizard": "geowizard"}  # the group a tiny-backbone
 
 def build_folder(layout: str, output: Path) -> None:
     """A diffusers folder in `layout` with random weights (seeded): the UNet and VAE at Stable Diffusion's size."""
-    import densediff  # noqa: F401  (its thread settings)
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    import densediff  # noqa: F401  (its thread settings)
     from densediff.backbones.tiny import save_marigold_folder, tiny_text_encoder_and_tokenizer
 
     torch.manual_seed(0)

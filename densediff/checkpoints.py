@@ -27,7 +27,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from densediff.io import atomic_write, full_disk
 
-
 # ----------------------------------------------------------------------------------------------- sizes and space
 
 RECORD_OVERHEAD = 512  # bytes per tensor in torch.save's zip file (local header, central directory entry, padding)

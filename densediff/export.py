@@ -30,7 +30,6 @@ import sys
 from pathlib import Path
 
 
-
 def _metrics_source(ckpt: Path, metrics: str | Path | None) -> Path | None:
     """The run folder whose metrics.json the card reports: `metrics` (a folder or its metrics.json), else the
     training run that wrote `ckpt` (<run>/checkpoints/<name>.ckpt) when it has one."""

@@ -89,9 +89,9 @@ def test_hub_id_without_network_access_is_one_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_sd", "sd15", "sd2", "marigold_depth", "marigold_normals"])
 def test_every_backbone_config_composes_and_names_its_folder(name):
+    from conftest import ROOT
     from hydra import compose, initialize_config_dir
 
-    from conftest import ROOT
     from densediff.run import ASSETS  # importing densediff.run registers the ${densediff_asset:} resolver
 
     assert TINY_DIR == ASSETS / "tiny"

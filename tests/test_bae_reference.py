@@ -24,7 +24,8 @@ class _Normals:
 def _reference_fusion_state(generator) -> dict:
     """Random weights with the names and shapes of Diff-2-in-1's SNmodule (narrowed widths), incl. an unused key."""
     low, mid, high, s4, s2 = FUSION
-    r = lambda *shape, scale=0.3: scale * torch.randn(*shape, generator=generator, dtype=torch.float64)
+    def r(*shape, scale=0.3):
+        return scale * torch.randn(*shape, generator=generator, dtype=torch.float64)
     state = {"low_feature_conv.0.weight": r(low, BINS[0], 1, 1), "mid_feature_conv.0.weight": r(mid, BINS[1], 1, 1),
              "high_feature_conv.0.weight": r(high, BINS[2], 1, 1),
              "highest_feature_conv.0.weight": r(high, BINS[3], 1, 1), "to_q.weight": r(4, 4)}
@@ -83,7 +84,8 @@ def _seg_block(p, name, x, training):
 
 def _reference_fusion(p, bins, training):
     """SNmodule.forward at its fixed geometry (a 512 image: 16/32/64/64, 128 for the direct path), scaled to 128."""
-    up = lambda x, s: F.interpolate(x, size=s, mode="bilinear", align_corners=False)
+    def up(x, s):
+        return F.interpolate(x, size=s, mode="bilinear", align_corners=False)
     low = F.conv2d(up(bins[0], 4), p["low_feature_conv.0.weight"])
     mid = torch.cat([up(low, 8), F.conv2d(up(bins[1], 8), p["mid_feature_conv.0.weight"])], 1)
     mid = _seg_block(p, "mid_feature_mix_conv", mid, training)
@@ -150,7 +152,8 @@ def test_a_name_the_reference_does_not_have_is_refused():
 # ---- Bae's decoder as Diff-2-in-1 copies it: weight standardisation with eps 1e-10 (item 7) -------------------------
 def _reference_decoder_state(generator) -> dict:
     f, d = FUSION, DECODER
-    r = lambda *shape, scale=0.3: scale * torch.randn(*shape, generator=generator, dtype=torch.float64)
+    def r(*shape, scale=0.3):
+        return scale * torch.randn(*shape, generator=generator, dtype=torch.float64)
     state = {"conv2.weight": r(f[0], f[0], 1, 1), "conv2.bias": r(f[0])}
     for i, (cin, cout) in enumerate(zip([f[0] + f[1], d[0] + f[2], d[1] + f[3], d[2] + f[4]], d), start=1):
         for j, (ci, co) in ((0, (cin, cout)), (3, (cout, cout))):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAST, ROOT, run_cli
+
 from densediff.checkpoints import AtomicCheckpointIO, checkpoint_kind, expected_size
 from densediff.io import describe_os_error
 

@@ -14,12 +14,18 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from conftest import FAST, ROOT, read_metrics, run_cli
-from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients, Preempted, Preemption
-from densediff.run.cluster import PREEMPTED, scontrol_requeue, preemption_signal, requeued_checkpoint, slurm_trainer_shape
+from omegaconf import OmegaConf
 from test_resume import LOADERS, MIXED, Learner, global_step
+
+from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients, Preempted, Preemption
+from densediff.run.cluster import (
+    PREEMPTED,
+    preemption_signal,
+    requeued_checkpoint,
+    scontrol_requeue,
+    slurm_trainer_shape,
+)
 
 # ----------------------------------------------------------------------------- preemption, in process
 

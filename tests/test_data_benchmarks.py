@@ -14,9 +14,9 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, read_metrics, run_cli
 from PIL import Image
 
-from conftest import ROOT, read_metrics, run_cli
 from densediff.data.common import DataReadError, DatasetLayoutError
 from densediff.data.depth_benchmarks import DIODE, ETH3D, KITTI, NYUv2, ScanNet, marigold_prediction_name
 from densediff.data.exr import read_exr, read_exr_with_library

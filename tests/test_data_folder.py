@@ -11,12 +11,12 @@ import shlex
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import ROOT, run_cli
+from PIL import Image
+from test_data_benchmarks import write_exr
+
 from densediff.data.common import DataReadError, DatasetLayoutError
 from densediff.data.folder import FolderDataset
-from test_data_benchmarks import write_exr
 
 
 def readme_commands(section: str) -> list[list[str]]:

@@ -24,7 +24,8 @@ def write_png16_rgb(path, a):
     """A 16-bit-per-channel RGB PNG (PIL cannot write one), as E2E's VKITTI normals are stored."""
     h, w, _ = a.shape
     raw = b"".join(b"\x00" + a[r].astype(">u2").tobytes() for r in range(h))  # filter byte 0 per row, big-endian
-    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
                      + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
@@ -160,7 +161,8 @@ VH, VW, CROP = 10, 20, (6, 16)  # crop: top = 10 - 6 = 4, left = (20 - 16) // 2 
 
 
 def write_vkitti_frame(root, scene, var, cam, frame, depth_cm, rgb=None, normals16=None):
-    base = lambda top, kind: root / top / scene / var / "frames" / kind / cam
+    def base(top, kind):
+        return root / top / scene / var / "frames" / kind / cam
     for d in (base("vkitti_2.0.3_rgb", "rgb"), base("vkitti_2.0.3_depth", "depth")):
         d.mkdir(parents=True, exist_ok=True)
     h, w = depth_cm.shape

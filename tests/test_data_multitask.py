@@ -528,10 +528,9 @@ def test_bedrooms_layout_errors_and_corrupt_values(bedrooms_root, tmp_path):
 
 @pytest.mark.parametrize("name", ["pascal_context", "nyud", "synthetic_bedrooms"])
 def test_dataset_config_composes_and_builds_the_train_split(name, pascal_root, nyud_root, bedrooms_root):
+    from conftest import ROOT
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
-
-    from conftest import ROOT
 
     data_dir = pascal_root.parent
     assert nyud_root.parent == data_dir and bedrooms_root.parent == data_dir

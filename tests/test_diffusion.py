@@ -3,9 +3,9 @@ formulas and diffusers, which weights each adapter trains, DMP's DDIM variants, 
 
 import pytest
 import torch
+from conftest import FAST, read_metrics, run_cli
 from diffusers import DDIMScheduler
 
-from conftest import FAST, read_metrics, run_cli
 from densediff.data.procedural import ProceduralScenes
 from densediff.inference.predictor import InferenceOptions, denoise
 from densediff.paradigms import DiffusionEstimator
@@ -160,7 +160,8 @@ def test_prompts_and_classifier_free_guidance_follow_dmp():
         cond = estimator.encode_prompts(["a bed"])
         uncond = estimator.encode_prompts([""])
         assert cond.shape == (1, 77, 32)  # padded to the tokenizer's length, as DMP tokenises
-        v = lambda context: estimator.unet(x, 1, encoder_hidden_states=context).sample
+        def v(context):
+            return estimator.unet(x, 1, encoder_hidden_states=context).sample
         out = v(uncond) + 2.0 * (v(cond) - v(uncond))
         a = model.alphas_cumprod[1]
         expected = estimator.vae.decode((a.sqrt() * x - (1 - a).sqrt() * out) / estimator.scaling_factor).sample

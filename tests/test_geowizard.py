@@ -280,9 +280,8 @@ def test_a_checkpoint_with_the_wrong_shapes_is_refused(folder, tmp_path):
 
 
 def test_backbone_config_composes_and_names_its_folder():
-    from hydra import compose, initialize_config_dir
-
     from conftest import ROOT
+    from hydra import compose, initialize_config_dir
 
     importlib.import_module("densediff.run")  # registers the ${densediff_asset:} resolver that the defaults use
 

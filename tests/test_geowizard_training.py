@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import FAST, read_metrics, run_cli
 from diffusers import DDPMScheduler
 
-from conftest import FAST, read_metrics, run_cli
 from densediff.backbones.geowizard import load_geowizard
 from densediff.backbones.geowizard_build import tiny_geowizard_folder
 from densediff.inference.predictor import InferenceOptions, denoise, pyramid_noise

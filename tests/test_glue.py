@@ -69,7 +69,8 @@ def test_ug_nll_reads_the_validity_at_the_sampled_points():
     points = torch.cat([unit_vectors(1, 3, 5, seed=6), 0.5 + torch.rand(1, 1, 5, generator=g)], dim=1)
     result = {"maps": [dense], "points": [(points, point_grid(rows, cols, h, w))]}
 
-    cos = lambda a, b: float((a * b).sum() / (a.norm() * b.norm()))
+    def cos(a, b):
+        return float((a * b).sum() / (a.norm() * b.norm()))
     dense_terms = [hand_nll(float(dense[0, 3, i, j]), cos(dense[0, :3, i, j], target[0, :, i, j]))
                    for i in range(h) for j in range(w) if valid[0, i, j]]
     point_terms = [hand_nll(float(points[0, 3, n]), cos(points[0, :3, n], target[0, :, r, c]))
@@ -89,7 +90,8 @@ def test_nll_leaves_out_pixels_whose_cosine_is_outside_plus_minus_0_999():
     target = unit_vectors(1, 3, 1, 4, seed=10)
     pred = torch.cat([unit_vectors(1, 3, 1, 4, seed=11), torch.tensor([1.0, 2.0, 30.0, 40.0]).view(1, 1, 1, 4)], 1)
     pred[0, :3, 0, 2], pred[0, :3, 0, 3] = target[0, :, 0, 2], -target[0, :, 0, 3]
-    cos = lambda j: float((pred[0, :3, 0, j] * target[0, :, 0, j]).sum())
+    def cos(j):
+        return float((pred[0, :3, 0, j] * target[0, :, 0, j]).sum())
     expected = (hand_nll(1.0, cos(0)) + hand_nll(2.0, cos(1))) / 2
     assert nll_angular(pred, target, torch.ones(1, 1, 4, dtype=torch.bool)).item() == pytest.approx(expected, rel=1e-5)
 

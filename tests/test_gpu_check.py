@@ -10,9 +10,8 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
 from conftest import ROOT
+from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402

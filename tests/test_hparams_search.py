@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import FAST, read_metrics, run_cli
 from omegaconf import OmegaConf
 
-from conftest import FAST, read_metrics, run_cli
 from densediff.run import ConfigError, optimized_metric
 
 

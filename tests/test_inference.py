@@ -8,10 +8,10 @@ from diffusers import DDIMScheduler, MarigoldDepthPipeline, MarigoldNormalsPipel
 
 from densediff.backbones import load_backbone
 from densediff.inference import LatentEstimator
-from densediff.tasks.ensemble import ensemble_depth, ensemble_normals
 from densediff.inference.predictor import InferenceOptions, predict, pyramid_noise, timesteps
 from densediff.run import ASSETS
 from densediff.tasks import build_task
+from densediff.tasks.ensemble import ensemble_depth, ensemble_normals
 
 TINY = ASSETS / "tiny"
 
@@ -100,7 +100,8 @@ def test_pyramid_noise_has_unit_std_and_is_seeded():
     assert torch.equal(a, b) and a.std().item() == pytest.approx(1.0, abs=1e-5)
     # coarse levels make neighbouring latents correlated, unlike white noise
     white = torch.randn(2, 4, 24, 32, generator=torch.Generator().manual_seed(1))
-    neighbour = lambda x: torch.corrcoef(torch.stack([x[..., :-1].ravel(), x[..., 1:].ravel()]))[0, 1]
+    def neighbour(x):
+        return torch.corrcoef(torch.stack([x[..., :-1].ravel(), x[..., 1:].ravel()]))[0, 1]
     assert neighbour(a) > neighbour(white) + 0.2
 
 
@@ -150,6 +151,7 @@ def test_evaluate_scores_precomputed_predictions_by_hand(tmp_path):
     import csv
 
     from conftest import read_metrics, run_cli
+
     from densediff.data.procedural import ProceduralScenes
 
     scenes = ProceduralScenes("test", 3, 64, 80, tasks=("depth",))
@@ -279,9 +281,9 @@ def test_predict_writes_and_evaluate_scores_an_ensembles_uncertainty(tmp_path):
     evaluate.py reports uncertainty_error_correlation, recomputed here from its definition on the same members."""
     import json
 
+    from conftest import run_cli
     from PIL import Image
 
-    from conftest import run_cli
     from densediff.metrics.uncertainty import pearson_per_image
 
     (tmp_path / "in").mkdir()

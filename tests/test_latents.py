@@ -8,8 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from densediff.latents import (add_noise, ddim_step, noise_from_model_output, regression_target,
-                               x0_from_model_output)
+from densediff.latents import add_noise, ddim_step, noise_from_model_output, regression_target, x0_from_model_output
 
 TYPES = ("epsilon", "v_prediction", "sample")
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, assert_plausible_depth_metrics, read_metrics, run_cli
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
 
-from conftest import FAST, assert_plausible_depth_metrics, read_metrics, run_cli
 from densediff.backbones import load_backbone
 from densediff.backbones.tiny import get_dummy_components, tiny_text_encoder_and_tokenizer
 from densediff.inference import LatentEstimator

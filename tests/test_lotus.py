@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, run_cli
 from PIL import Image
 
-from conftest import ROOT, run_cli
 from densediff.data.procedural import ProceduralScenes
 from densediff.paradigms.lotus import ANNOTATION, RECONSTRUCTION, LotusX0
 from densediff.run import ASSETS

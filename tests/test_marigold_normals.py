@@ -10,9 +10,9 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from conftest import read_metrics, run_cli
 from PIL import Image
 
-from conftest import read_metrics, run_cli
 from densediff.data.common import DatasetLayoutError
 from densediff.data.marigold_normals import DIODENormals, OASISNormals
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
 import torch
+from conftest import ROOT
 from diffusers import DDPMScheduler
 from hydra import compose, initialize_config_dir
 
-from conftest import ROOT
 from densediff.paradigms import DiffusionEstimator
 from densediff.run import ASSETS
 

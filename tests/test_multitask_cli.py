@@ -3,11 +3,10 @@
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import FAST, read_metrics, run_cli
-from wandb_records import OfflineRun
+from PIL import Image
 from test_data_multitask import pascal_root  # noqa: F401  (the fixture: ATRC's PASCALContext layout, 32x48)
+from wandb_records import OfflineRun
 
 # a tiny network: ResNet-18's layout at width 8-16, an 8-wide neck/denoiser with one cross-attention block
 TINY = ["objective.embed_dim=8", "objective.denoiser_blocks=1", "objective.denoiser_heads=2",

@@ -15,8 +15,8 @@ from pathlib import Path
 import lightning
 import torch
 import yaml
-
 from conftest import ROOT
+
 from densediff.inference.predictor import InferenceOptions
 from densediff.paradigms import PARADIGMS, E2EFineTune, GeoWizardEstimator, paradigm_class
 from densediff.run import ASSETS, compose, load_predictor

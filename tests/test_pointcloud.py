@@ -7,10 +7,10 @@ import math
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 from plyfile import PlyData
 
-from conftest import run_cli
 from densediff.inference.pointcloud import align_to_reference, depth_to_points, intrinsics_for
 
 

@@ -6,10 +6,9 @@ import os
 import subprocess
 import sys
 
+from conftest import ROOT
 from omegaconf import OmegaConf
 from PIL import Image
-
-from conftest import ROOT
 
 RECIPES = ("prior/e2e_depth", "prior/marigold_depth", "prior/dmp_normal", "prior/geowizard", "prior/diff2in1",
            "prior/diffusionmtl")

@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from densediff.data import procedural
-from densediff.data.procedural import (CLASS_NAMES, ProceduralScenes, colour_name, describe_scene, render_scene,
-                                       render_scene_from_params, sample_scene_params)
+from densediff.data.procedural import (
+    CLASS_NAMES,
+    ProceduralScenes,
+    colour_name,
+    describe_scene,
+    render_scene,
+    render_scene_from_params,
+    sample_scene_params,
+)
 
 
 def controlled(position, yaw=0.0, pitch=0.0, roll=0.0, hfov_deg=60.0, room=(4.0, 3.0, 6.0), objects=()):

@@ -15,14 +15,14 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import FAST, ROOT, read_metrics, run_cli
+from PIL import Image
+from wandb_records import OfflineRun
+
 from densediff.backbones.geowizard_build import contents_digest
 from densediff.backbones.tiny import TINY_DIR, tiny_text_encoder_and_tokenizer, tiny_unet, tiny_vae
 from densediff.callbacks import NonFiniteTrainingError, SkipNonFiniteSteps
 from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients, Preempted, Preemption
-from wandb_records import OfflineRun
 
 # A recipe whose validation uses non-default inference (gaussian noise, 2 steps, an ensemble of 2)
 RECIPE_INFERENCE = ["inference.steps=2", "inference.noise=gaussian", "inference.ensemble=2"]
@@ -315,7 +315,7 @@ def test_train_cli_stopped_by_sigterm_exits_non_zero_and_the_same_run_directory_
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 143, err[-3000:]
-    assert "Traceback" not in err and f"error: stopped by SIGTERM after optimizer step" in err, err[-3000:]
+    assert "Traceback" not in err and "error: stopped by SIGTERM after optimizer step" in err, err[-3000:]
     assert f"hydra.run.dir={run}" in err and not (run / "metrics.json").exists()
     stopped_at = global_step(last)
     assert json.loads((run / "preempted.json").read_text())["step"] == stopped_at >= 1

@@ -14,14 +14,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import Dataset
-
 from conftest import FAST, ROOT, run_cli
 from test_multitask_cli import TINY as MULTITASK_TINY
+from torch.utils.data import Dataset
+
 from densediff.checkpoints import AtomicCheckpointIO, LastCheckpoint, PendingGradients
 from densediff.data.datamodule import DenseDataModule
 from densediff.data.mixed import MixedDataset
-from densediff.data.shards import resolve_shards, shard_dataset, write_shards
+from densediff.data.shards import shard_dataset, write_shards
 from densediff.io import atomic_write, remove_temporaries
 
 # ----------------------------------------------------------------------------- exact resume, in process
@@ -116,7 +116,8 @@ LOADERS = {  # 11 batches of 2 an epoch (streamed by 2 workers: 12, a multiple o
     ("mixed", 6, 0), ("mixed", 12, 0), ("mixed", 13, 0), ("mixed", 21, 0), ("mixed", 13, 2),
     ("shuffle", 6, 0), ("shuffle", 13, 0), ("shards", 6, 0), ("shards", 13, 0), ("shards", 13, 2)])
 def test_resume_after_a_crash_gives_the_uninterrupted_weights(loader, crash_before, workers, number_shards, tmp_path):
-    make = lambda: LOADERS[loader](number_shards, workers)
+    def make():
+        return LOADERS[loader](number_shards, workers)
     straight = fit(make(), tmp_path / "straight")
     assert fit(make(), tmp_path / "run", crash_before=crash_before) is None
     resumed = fit(make(), tmp_path / "run", ckpt_path=str(tmp_path / "run" / "last.ckpt"))

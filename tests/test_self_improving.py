@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_cli
 from PIL import Image
 from torch import nn
 from torch.utils.data import default_collate
 
-from conftest import ROOT, run_cli
 from densediff.data.nyu_bae import NYUNormalsBae
 from densediff.data.procedural import ProceduralScenes
 from densediff.heads import build_head, kappa_to_alpha, nll_angular, ug_nll_loss
@@ -87,7 +87,8 @@ def test_nll_angular_and_kappa_to_alpha_against_hand_values():
     theta = math.radians(30)
     target = torch.tensor([[math.sin(theta), math.cos(theta)], [0.0, 0.0], [math.cos(theta), math.sin(theta)]])
     target = target.view(1, 3, 1, 2)  # pixel 0 at 30 deg, pixel 1 at 60 deg
-    hand = lambda k, t: -math.log(k * k + 1) + k * t + math.log(1 + math.exp(-k * math.pi))
+    def hand(k, t):
+        return -math.log(k * k + 1) + k * t + math.log(1 + math.exp(-k * math.pi))
     valid = torch.ones(1, 1, 2, dtype=torch.bool)
     assert nll_angular(pred, target, valid).item() == pytest.approx((hand(2, theta) + hand(2, 2 * theta)) / 2, 1e-5)
     assert nll_angular(pred, target, torch.tensor([[[True, False]]])).item() == pytest.approx(hand(2, theta), 1e-5)

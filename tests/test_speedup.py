@@ -7,15 +7,15 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from densediff.backbones import load_backbone
 from densediff.inference import LatentEstimator
-from densediff.tasks.ensemble import median_of_members
 from densediff.inference.predictor import InferenceOptions, predict
 from densediff.inference.speedup import inference_modules, speed_up
 from densediff.run import ASSETS
 from densediff.tasks import build_task
+from densediff.tasks.ensemble import median_of_members
 
 MARIGOLD = InferenceOptions(steps=2, ensemble=3, noise="gaussian", batch_size=3)
 

@@ -12,8 +12,13 @@ import torch
 
 from densediff.data.procedural import CLASS_NAMES, ProceduralScenes
 from densediff.tasks import TASKS, AlbedoTask, DepthTask, NormalsTask, SegmentationTask, ShadingTask, build_task
-from densediff.tasks.palettes import (ADE20K_CLASSES, ADE20K_PALETTE, BEDROOM_CLASSES, BEDROOM_PALETTE,
-                                      PROCEDURAL_PALETTE)
+from densediff.tasks.palettes import (
+    ADE20K_CLASSES,
+    ADE20K_PALETTE,
+    BEDROOM_CLASSES,
+    BEDROOM_PALETTE,
+    PROCEDURAL_PALETTE,
+)
 from densediff.tasks.segmentation import majority_vote, nearest_colour
 
 
@@ -327,9 +332,9 @@ def test_new_tasks_evaluate_procedural_ground_truth_perfectly(name):
 
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_every_task_builds_from_its_hydra_config(name):
+    from conftest import ROOT
     from hydra import compose, initialize_config_dir
 
-    from conftest import ROOT
     from densediff.run.model import task_options
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
@@ -345,9 +350,9 @@ def test_every_task_builds_from_its_hydra_config(name):
 
 
 def test_segmentation_palette_falls_back_to_ade20k_and_can_be_chosen():
+    from conftest import ROOT
     from hydra import compose, initialize_config_dir
 
-    from conftest import ROOT
     from densediff.run.model import task_options
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
@@ -382,9 +387,8 @@ def test_new_tasks_run_through_the_predictor_with_ensemble_and_resize(name):
 def test_predict_writes_class_ids_for_segmentation_and_images_for_albedo(tmp_path):
     """predict.py saves each task's output in its own form: HxW int64 ids (segmentation), HxWx3 floats (albedo)."""
     import numpy as np
-    from PIL import Image
-
     from conftest import run_cli
+    from PIL import Image
 
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 30, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     for task in ("segmentation", "albedo"):

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST, read_metrics, run_cli
 from wandb_records import OfflineRun
 

@@ -18,8 +18,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from densediff.data.common import (DATA_HELP, DatasetLayoutError, absent, check_tasks, flip_seed, make_sample,
-                                   read_depth_png, read_image, resize, resize_rgb, unit)
+from densediff.data.common import (
+    DATA_HELP,
+    DatasetLayoutError,
+    absent,
+    check_tasks,
+    flip_seed,
+    make_sample,
+    read_depth_png,
+    read_image,
+    resize,
+    resize_rgb,
+    unit,
+)
 
 log = logging.getLogger(__name__)
 

@@ -345,7 +345,8 @@ def render_scene_from_params(params, height, width):
     # ambient + (1 - ambient) * diffuse is in [0, 1], and so is the light colour: shading stays in [0, 1] unclipped
     shading = np.asarray(light["colour"], np.float32)[:, None] * (ambient + (1 - ambient) * diffuse)
 
-    hwc = lambda a: np.ascontiguousarray(a.reshape(3, height, width).transpose(1, 2, 0), dtype=np.float32)
+    def hwc(a):
+        return np.ascontiguousarray(a.reshape(3, height, width).transpose(1, 2, 0), dtype=np.float32)
     instance = instance.reshape(height, width).astype(np.int64)
     depth = depth.reshape(height, width).astype(np.float32)
     albedo, shading = hwc(albedo), hwc(shading)
@@ -488,7 +489,8 @@ class ProceduralScenes(torch.utils.data.Dataset):
             raise IndexError(f"procedural: index {index} out of range for {self.num_scenes} scenes")
         params = sample_scene_params(self.scene_seed(index))
         s = render_scene_from_params(params, self.height, self.width)
-        chw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+        def chw(a):
+            return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
         item = {
             "rgb": chw(s["rgb"]),
             "valid_mask": torch.ones(self.height, self.width, dtype=torch.bool),  # every ray hits something
@@ -527,7 +529,8 @@ def mosaic(scene):
     """2 x 4 uint8 grid: rgb | depth | normals | segmentation / albedo | shading | edges | saliency."""
     palette = np.array([[0.6, 0.6, 0.6], [0.55, 0.35, 0.2], [0.9, 0.9, 0.8], [0.9, 0.2, 0.2], [0.2, 0.5, 0.9],
                         [0.3, 0.8, 0.3]])
-    grey = lambda m: np.repeat(m.astype(np.float32)[..., None], 3, -1)
+    def grey(m):
+        return np.repeat(m.astype(np.float32)[..., None], 3, -1)
     tiles = [scene["rgb"], _colourise(scene["depth"]), (scene["normals"] + 1) / 2, palette[scene["segmentation"]],
              scene["albedo"], scene["shading"], grey(scene["edges"]), grey(scene["saliency"])]
     rows = [np.concatenate(tiles[:4], 1), np.concatenate(tiles[4:], 1)]

@@ -200,7 +200,8 @@ class SyntheticBedrooms(torch.utils.data.Dataset):
             if self.palette is None:
                 raise DataReadError(f"cannot read {where}: a colour-coded segmentation map needs "
                                     f"segmentation_palette (or convert it with DMP's tools/color2cls.py)")
-            code = lambda c: (c[..., 0].astype(np.int64) << 16) | (c[..., 1].astype(np.int64) << 8) | c[..., 2]
+            def code(c):
+                return (c[..., 0].astype(np.int64) << 16) | (c[..., 1].astype(np.int64) << 8) | c[..., 2]
             pal = code(self.palette)
             ids = np.full(a.shape[:2], 255, np.int64)
             c = code(a[..., :3])

@@ -13,8 +13,18 @@ import os
 import numpy as np
 import torch
 
-from densediff.data.common import (DATA_HELP, DataReadError, DatasetLayoutError, absent, check_tasks, flip_seed,
-                                   make_sample, read_depth_png, read_image, unit)
+from densediff.data.common import (
+    DATA_HELP,
+    DataReadError,
+    DatasetLayoutError,
+    absent,
+    check_tasks,
+    flip_seed,
+    make_sample,
+    read_depth_png,
+    read_image,
+    unit,
+)
 
 log = logging.getLogger(__name__)
 

@@ -246,8 +246,9 @@ class BaeDecoder(nn.Module):
         ins = [f[0] + f[1], d[0] + f[2], d[1] + f[3], d[2] + f[4]]
         self.ups = nn.ModuleList(UpSampleGN(i, o, ws_eps) for i, o in zip(ins, d))
         self.out8 = nn.Conv2d(d[1], 4, 3, padding=1)
-        mlp_of = lambda c: nn.Sequential(nn.Conv1d(c + 4, mlp, 1), nn.ReLU(), nn.Conv1d(mlp, mlp, 1), nn.ReLU(),
-                                         nn.Conv1d(mlp, mlp, 1), nn.ReLU(), nn.Conv1d(mlp, 4, 1))
+        def mlp_of(c):
+            return nn.Sequential(nn.Conv1d(c + 4, mlp, 1), nn.ReLU(), nn.Conv1d(mlp, mlp, 1), nn.ReLU(),
+                                                 nn.Conv1d(mlp, mlp, 1), nn.ReLU(), nn.Conv1d(mlp, 4, 1))
         self.mlps = nn.ModuleList([mlp_of(d[1]), mlp_of(d[2]), mlp_of(d[3])])  # strides 4, 2, 1
 
     def forward(self, levels: list[torch.Tensor], size: tuple[int, int], valid: torch.Tensor | None = None,

@@ -15,7 +15,6 @@ from densediff.paradigms.base import Paradigm
 from densediff.paradigms.evaluation import LatentModel
 from densediff.paradigms.optim import optimizer_with_schedule, schedule_factor
 
-
 # Checkpoints omit the frozen weights on purpose (they come from the backbone folder); on_load_checkpoint checks
 # that every trainable weight is there, so Lightning's list of the omitted keys is noise (the commands filter it:
 # densediff/process.py).

@@ -279,7 +279,8 @@ class MultiTaskDenoising(DenseEvaluation, Paradigm):
                                  for m in maps], dim=1))
         feats = {t: self.features[t](x) for t in self.tasks}
         small = {t: self.preliminary[t](feats[t]) for t in self.tasks}
-        up = lambda y: F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        def up(y):
+            return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
         preliminary = {t: up(small[t]) for t in self.tasks}
         if not self.hparams.diffusion:
             return preliminary, preliminary

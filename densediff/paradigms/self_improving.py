@@ -31,9 +31,15 @@ from densediff.backbones.encoders import BlockRecorder, bin_by_resolution
 from densediff.heads import build_head
 from densediff.inference.predictor import InferenceOptions
 from densediff.latents import add_noise
-from densediff.paradigms.creation import (SyntheticPairs, creation_timesteps, ddim_regenerate, read_manifest,
-                                          write_manifest, write_pair)
 from densediff.paradigms.base import ModelConfig, Paradigm, PredictionFiles
+from densediff.paradigms.creation import (
+    SyntheticPairs,
+    creation_timesteps,
+    ddim_regenerate,
+    read_manifest,
+    write_manifest,
+    write_pair,
+)
 from densediff.paradigms.evaluation import DenseEvaluation
 from densediff.paradigms.optim import optimizer_with_schedule
 from densediff.visualize import rgb_to_uint8, save_gallery
@@ -121,8 +127,9 @@ class SelfImprovingPerception(DenseEvaluation, Paradigm):
                  gallery_size: int = 4, widened_generator: bool = False):
         super().__init__(task, task_options, gallery_size)
         self.save_hyperparameters()
-        from densediff.backbones import load_backbone
         from diffusers import UNet2DConditionModel
+
+        from densediff.backbones import load_backbone
 
         for key, value in (("warmup_stage_steps", warmup_stage_steps), ("improve_stage_steps", improve_stage_steps)):
             if value < 0:
@@ -201,7 +208,8 @@ class SelfImprovingPerception(DenseEvaluation, Paradigm):
         padded, inner = pad_batch({"rgb": rgb}, self.multiple)
         result = self.student(self.bins(padded["rgb"], self._generator), padded["rgb"].shape[-2:])
         output, alpha = self.student.output(result), self.student.uncertainty(result)
-        crop = lambda x: None if x is None else x[..., :inner[0], :inner[1]]
+        def crop(x):
+            return None if x is None else x[..., :inner[0], :inner[1]]
         output, alpha = crop(output), crop(alpha)
         if output.shape[-2:] != size:
             output = self.task.resize_output(output, tuple(size))

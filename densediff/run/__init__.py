@@ -12,8 +12,15 @@ from __future__ import annotations
 from densediff.run.checkpoint import checkpoint_identity
 from densediff.run.config import ASSETS, ConfigError, compose, config_dir, user_errors
 from densediff.run.datasets import datasets_to_shard
-from densediff.run.jobs import (build_predictor, evaluate, load_predictor, optimized_metric, predict, train,
-                                training_parts)
+from densediff.run.jobs import (
+                                build_predictor,
+                                evaluate,
+                                load_predictor,
+                                optimized_metric,
+                                predict,
+                                train,
+                                training_parts,
+)
 from densediff.run.rundir import RunDirGuard, run_record
 
 __all__ = ["ASSETS", "ConfigError", "RunDirGuard", "build_predictor", "checkpoint_identity", "compose", "config_dir",

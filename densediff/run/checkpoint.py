@@ -19,6 +19,7 @@ from densediff.paradigms import paradigm_class
 from densediff.paradigms.base import LEGACY_PARADIGM
 from densediff.run.config import ConfigError
 
+
 def check_checkpoint_file(path: str | Path, key: str = "ckpt") -> Path:
     """`key`=`path` must be a train.py checkpoint file: FileNotFoundError saying what the path is instead (absent,
     a diffusers folder, which backbone.path= loads, a run directory, another folder)."""

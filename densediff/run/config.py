@@ -18,8 +18,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from densediff.callbacks import NonFiniteTrainingError
 from densediff.backbones.load import UnsupportedSchedulerError
+from densediff.callbacks import NonFiniteTrainingError
 from densediff.data.common import DataReadError
 from densediff.io import describe_os_error
 

@@ -26,13 +26,28 @@ from densediff.inference.speedup import speed_up
 from densediff.io import remove_temporaries, write_text
 from densediff.paradigms.precomputed import PrecomputedPredictions
 from densediff.run.checkpoint import CheckpointRecord, read_record
-from densediff.run.checks import (backbone_task, check_captions, check_config, check_finite, check_resume,
-                                  check_training_batches, resolve_backbone_task, warn_ignored_options)
+from densediff.run.checks import (
+    backbone_task,
+    check_captions,
+    check_config,
+    check_finite,
+    check_resume,
+    check_training_batches,
+    resolve_backbone_task,
+    warn_ignored_options,
+)
 from densediff.run.cluster import PREEMPTED, requeued_checkpoint, scontrol_requeue
 from densediff.run.config import ConfigError, compose, first_process, group_is_chosen, log, run_dir, to_plain
 from densediff.run.datasets import build_datamodule, build_dataset
-from densediff.run.model import (build_model, inference_options, load_checkpoint_model, model_class, task_options,
-                                 training_steps, use_half_precision)
+from densediff.run.model import (
+    build_model,
+    inference_options,
+    load_checkpoint_model,
+    model_class,
+    task_options,
+    training_steps,
+    use_half_precision,
+)
 from densediff.run.rundir import check_fresh_run_dir, clear_leftovers
 from densediff.run.trainer import build_loggers, build_trainer, log_parameter_counts
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 TASKS = ("depth", "normals", "albedo", "shading", "segmentation")
 
 

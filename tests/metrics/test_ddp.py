@@ -5,8 +5,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from densediff.metrics import (DepthMetrics, EdgeMetrics, IntrinsicMetrics, NormalMetrics, SaliencyMetrics,
-                               SegmentationMetrics)
+from densediff.metrics import (
+    DepthMetrics,
+    EdgeMetrics,
+    IntrinsicMetrics,
+    NormalMetrics,
+    SaliencyMetrics,
+    SegmentationMetrics,
+)
 
 WORLD = 2
 
