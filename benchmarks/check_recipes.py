@@ -63,26 +63,31 @@ def recipes() -> list[str]:
     return sorted(names, key=lambda n: (n.count("/"), n))
 
 
-def compose(name: str):
-    """The recipe's config on the procedural data (unresolved; only plain keys are read)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return hydra_compose("train", overrides=[f"experiment={name}", "dataset=procedural"])
+RECIPE_KEYS = ["backbone.name", "backbone.layout", "backbone.unet_in_channels", "backbone.gradient_checkpointing",
+               "objective.name", "encoder.name", "adapter.kind", "dataset.batch_size", "inference.steps",
+               "trainer.precision"]
 
 
-def layout_of(cfg) -> tuple[str | None, bool]:
+def recipe_settings(name: str) -> dict:
+    """The recipe's settings this script reads (RECIPE_KEYS), on the procedural data, as plain values: composed by
+    densediff's config boundary (densediff/run), which is the one place that reads a config."""
+    from densediff.process import prepare_process
+
+    prepare_process()  # before torch: densediff.run imports it
+    from densediff.run.config import recipe_settings as settings_of
+
+    return settings_of([f"experiment={name}", "dataset=procedural"], RECIPE_KEYS)
+
+
+def layout_of(recipe: dict) -> tuple[str | None, bool]:
     """(the recipe's backbone layout, whether its backbone group must change to carry it): None for a recipe whose
     model reads no diffusion backbone (DiffusionMTL with the ResNet-18 encoder)."""
-    backbone, objective = cfg.backbone, cfg.objective.name
-    if objective == "multitask" and cfg.encoder.name != "diffusion":
+    objective = recipe["objective.name"]
+    if objective == "multitask" and recipe["encoder.name"] != "diffusion":
         return None, False
-    name = str(backbone.name)
+    name = str(recipe["backbone.name"])
     tiny = name in ("tiny", "tiny_random", "tiny_sd")
-    if backbone.get("layout") == "geowizard" or name.endswith("geowizard"):
+    if recipe["backbone.layout"] == "geowizard" or name.endswith("geowizard"):
         return "geowizard", tiny
     if name in ("sd14", "sd15"):
         return "sd15", False
@@ -90,7 +95,7 @@ def layout_of(cfg) -> tuple[str | None, bool]:
         return "sd2", False
     if name.startswith("marigold"):
         return "marigold", False
-    if objective == "self_improving" or int(backbone.get("unet_in_channels", 8)) == 4:
+    if objective == "self_improving" or int(recipe["backbone.unet_in_channels"] or 8) == 4:
         return "sd15", True  # a text-to-image generator (Diff-2-in-1) or DMP's 4-channel UNet: SD 1.x
     return "marigold", False  # the tiny backbone is Marigold's layout
 
@@ -190,8 +195,8 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def overrides_for(name: str, cfg, folder: Path | None, layout: str | None, switch: bool, args) -> list[str]:
-    batch = int(cfg.dataset.batch_size)
+def overrides_for(name: str, recipe: dict, folder: Path | None, layout: str | None, switch: bool, args) -> list[str]:
+    batch = int(recipe["dataset.batch_size"])
     out = [f"experiment={name}", "dataset=procedural", f"dataset.height={args.height}", f"dataset.width={args.width}",
            f"dataset.train.num_scenes={batch}", "dataset.val.num_scenes=1", "dataset.val_batch_size=1",
            f"trainer.max_steps={args.steps}", "trainer.accumulate_grad_batches=1",
@@ -199,7 +204,7 @@ def overrides_for(name: str, cfg, folder: Path | None, layout: str | None, switc
            "trainer.enable_progress_bar=false", "logger=none", "inference.ensemble=1", "inference.processing_res=0",
            f"checkpoint_every_n_steps={args.steps}", "callbacks.last_checkpoint.keep_periodic=true",
            "callbacks.last_checkpoint.half_precision=true"]
-    if args.validation_steps and int(cfg.inference.steps) > args.validation_steps:
+    if args.validation_steps and int(recipe["inference.steps"]) > args.validation_steps:
         out.append(f"inference.steps={args.validation_steps}")  # the validations' cost, not the training's
     if folder is not None:
         if switch:
@@ -226,20 +231,20 @@ def last_error(log: Path) -> str:
 def run_recipe(name: str, args, cache: Path, work: Path) -> dict:
     row = {"recipe": name}
     try:
-        cfg = compose(name)
-        layout, switch = layout_of(cfg)
+        recipe = recipe_settings(name)
+        layout, switch = layout_of(recipe)
         folder = folder_for(layout, cache, args.tiny) if layout else None
     except Exception as error:  # a recipe that does not compose, a folder that cannot be built
         return {**row, "status": "fail", "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
-    row.update(layout=layout or "resnet18 (no diffusion backbone)", adapter=str(cfg.adapter.kind),
-               objective=str(cfg.objective.name), batch_size=int(cfg.dataset.batch_size),
-               gradient_checkpointing=bool(cfg.backbone.get("gradient_checkpointing", False)),
-               precision=str(cfg.trainer.get("precision", "32-true")))
+    row.update(layout=layout or "resnet18 (no diffusion backbone)", adapter=str(recipe["adapter.kind"]),
+               objective=str(recipe["objective.name"]), batch_size=int(recipe["dataset.batch_size"]),
+               gradient_checkpointing=bool(recipe["backbone.gradient_checkpointing"] or False),
+               precision=str(recipe["trainer.precision"] or "32-true"))
     run = work / name.replace("/", "-")
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     times = run / "step_times.json"
-    command = [sys.executable, "train.py", *overrides_for(name, cfg, folder, layout, switch, args),
+    command = [sys.executable, "train.py", *overrides_for(name, recipe, folder, layout, switch, args),
                f"hydra.run.dir={run}", "+callbacks.step_times._target_=densediff.callbacks.StepTimes",
                f"+callbacks.step_times.path={times}"]
     log = work / f"{run.name}.log"

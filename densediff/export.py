@@ -198,10 +198,10 @@ def main(argv: list[str] | None = None) -> int:
 
         from densediff.data.common import DataReadError
 
-        torch.set_grad_enabled(False)
         try:
             metrics = None if options["metrics"] is None else str(options["metrics"])
-            path = export(str(options["ckpt"]), str(options["output"]), metrics)
+            with torch.no_grad():  # not set_grad_enabled: main(argv) also runs inside other processes (tests, tools)
+                path = export(str(options["ckpt"]), str(options["output"]), metrics)
         except (FileNotFoundError, FileExistsError, ValueError, DataReadError, OSError) as error:
             return report(error)
     except CommandLineError as error:

@@ -205,7 +205,8 @@ def test_each_normals_backbone_declares_its_decode_and_the_model_uses_it():
     expected = {"marigold_normals_v1_1": "clip_normalize", "marigold_normals": "normalize_clip",
                 "marigold_e2e_ft_normals": "normalize_clip", "tiny": "normalize_clip", "geowizard": "normalize_clip"}
     for backbone, order in expected.items():
-        cfg = compose("objective=e2e", "task=normals", f"backbone={backbone}")
+        objective = "geowizard" if backbone == "geowizard" else "e2e"  # GeoWizard's layout has its own objective
+        cfg = compose(f"objective={objective}", "task=normals", f"backbone={backbone}")
         assert model_arguments(cfg)["normals_decode"] == order, backbone
     from densediff.paradigms import E2EFineTune
 

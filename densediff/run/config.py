@@ -70,6 +70,14 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def recipe_settings(overrides: list[str], keys: list[str]) -> dict:
+    """The values of the dotted `keys` (e.g. "backbone.name") in conf/train.yaml composed with `overrides`, as plain
+    Python values (None for a key the recipe lacks): what a script reads of a recipe without running it
+    (benchmarks/check_recipes.py). Only these keys are resolved."""
+    cfg = compose("train", overrides)
+    return {key: to_plain(OmegaConf.select(cfg, key, default=None)) for key in keys}
+
+
 def _parsed_overrides() -> list:
     return OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
 
