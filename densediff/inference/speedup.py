@@ -42,7 +42,7 @@ def speed_up(estimator, device: torch.device, compile: bool = False,  # noqa: A0
     """Apply the switches in place to a LatentEstimator (or anything with .unet and .vae, such as a diffusers
     pipeline); return whether it is compiled. Without a working compiler `compile` falls back to eager with one
     warning that says why and what to install."""
-    if estimator is None:  # a model without a latent estimator (multitask): nothing of this applies
+    if estimator is None or not hasattr(estimator, "unet"):  # no latent estimator (multitask, Depth Anything)
         if compile or channels_last:
             warnings.warn("inference.compile / inference.channels_last apply to the latent models only; ignored",
                           stacklevel=2)

@@ -94,7 +94,10 @@ def build_model(cfg: DictConfig) -> L.LightningModule:
 def training_steps(cfg: DictConfig, cls: type) -> None:
     """The paradigm's say on trainer.max_steps (and the objective keys it derives from it), applied to `cfg`."""
     objective = {k: v for k, v in to_plain(cfg.objective).items() if k not in OBJECTIVE_KEYS}
-    changes, max_steps = cls.training_steps(objective, int(cfg.trainer.max_steps), command_line_keys())
+    try:
+        changes, max_steps = cls.training_steps(objective, int(cfg.trainer.max_steps), command_line_keys())
+    except ValueError as error:  # a paradigm that cannot train this way says why
+        raise ConfigError(str(error)) from error
     with open_dict(cfg):
         for key, value in changes.items():
             cfg.objective[key] = value
