@@ -165,7 +165,8 @@ class Paradigm:
     def write_predictions(self, root: Path, images: list[Path], output: str | Path, device: torch.device,
                           **options) -> tuple[int, list[str]]:
         """Predict every image and write its files below `output` (`options`: predict_images' uncertainty, point
-        cloud and batching options); returns (images written, messages of the unreadable ones)."""
+        cloud and batching options, and `planned`: the output paths check_outputs planned); returns (images
+        written, messages of the unreadable ones)."""
         return predict_images(self, root, images, output, device, **options)
 
     # ---- export -------------------------------------------------------------------------------------------------

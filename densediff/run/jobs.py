@@ -333,8 +333,8 @@ def predict(cfg: DictConfig) -> None:
         record.hparams if record else {}, task, options.ensemble)
     if wants_pointcloud and not files.pointcloud:
         raise ConfigError(f"pointcloud=true needs a depth model; this one predicts {task}")
-    root, images = check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite),  # before loading a model
-                                 uncertainty=files.uncertainty, pointcloud=wants_pointcloud)
+    root, images, planned = check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite),  # before the model
+                                          uncertainty=files.uncertainty, pointcloud=wants_pointcloud)
     pointcloud = None
     if wants_pointcloud:
         intrinsics = list(cfg.pointcloud_intrinsics) if cfg.get("pointcloud_intrinsics") is not None else None
@@ -349,7 +349,7 @@ def predict(cfg: DictConfig) -> None:
                                                pointcloud=pointcloud,
                                                uncertainty_full_scale=files.uncertainty_full_scale,
                                                images_per_call=int(cfg.get("images_per_call", 1)),
-                                               num_workers=int(cfg.get("num_workers", 0)))
+                                               num_workers=int(cfg.get("num_workers", 0)), planned=planned)
     if skipped and not written:
         raise DataReadError(f"none of the {len(skipped)} images of input={cfg.input} could be read:\n  "
                             + "\n  ".join(skipped))
@@ -362,10 +362,11 @@ def predict(cfg: DictConfig) -> None:
 def predict_tasks(cfg: DictConfig, record: CheckpointRecord, options) -> None:
     """predict.py with a checkpoint that predicts several tasks at once: each task's files into <output>/<task>/."""
     tasks = record.tasks
+    planned = {}
     for task in tasks:  # before loading the model: no file of any task is written over
-        root, images = check_outputs(cfg.input, Path(cfg.output) / task, task, bool(cfg.overwrite))
+        root, images, planned[task] = check_outputs(cfg.input, Path(cfg.output) / task, task, bool(cfg.overwrite))
     model, device = _predictor(cfg, record, options)
-    written, skipped = model.write_predictions(root, images, cfg.output, device)
+    written, skipped = model.write_predictions(root, images, cfg.output, device, planned=planned)
     print(f"\nwrote {written} predictions of {', '.join(tasks)} to {cfg.output}/<task>/"
           + (f"; skipped {len(skipped)} unreadable:" if skipped else ""))
     for message in skipped:

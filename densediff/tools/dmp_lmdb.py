@@ -167,9 +167,9 @@ def _predict_with_model(args, task: str | None, folder: Path) -> str:
         model, device, _ = load_predictor(overrides, ckpt.resolve() if args.ckpt else None, task_hint="pass --task")
     except HydraException as error:
         raise ToolError(f"cannot build the model config from {overrides}: {str(error).splitlines()[0]}") from error
-    root, images = check_outputs(args.input, folder, model.task.name, overwrite=True)
+    root, images, planned = check_outputs(args.input, folder, model.task.name, overwrite=True)
     with torch.no_grad():
-        written, skipped = predict_images(model, root, images, folder, device)
+        written, skipped = predict_images(model, root, images, folder, device, planned=planned)
     if skipped:
         raise ToolError(f"{len(skipped)} images could not be read, e.g. {skipped[0]}")
     return model.task.name
