@@ -281,12 +281,13 @@ def _predictor(cfg: DictConfig, record: CheckpointRecord | None, options
     return model.eval(), device
 
 
-def load_predictor(overrides: list[str], ckpt: str | Path | None = None, task_hint: str | None = None
-                   ) -> tuple[L.LightningModule, torch.device, str]:
+def load_predictor(overrides: list[str], ckpt: str | Path | None = None, task_hint: str | None = None,
+                   record: CheckpointRecord | None = None) -> tuple[L.LightningModule, torch.device, str]:
     """build_predictor for the commands that run without @hydra.main (the demo app, the DMP data tools): predict.py's
     config composed with command-line `overrides`, and `ckpt` set after composing (not an override, so any path
     works: spaces, commas). `task_hint` (how that command names a task, e.g. "pass --task"): a backbone that predicts
     any task and no task= among the overrides is a ConfigError instead of predict.yaml's default task.
+    `record`: `ckpt` already read (read_record), loaded from without reading the file again.
     Returns (model in eval mode, device, where the model came from: the checkpoint path or backbone=<name>)."""
     cfg = compose("predict", overrides)
     if ckpt is not None:
@@ -296,7 +297,7 @@ def load_predictor(overrides: list[str], ckpt: str | Path | None = None, task_hi
         if declared is None:
             raise ConfigError(f"{source} predicts any task: {task_hint} (depth, normals, albedo, shading or "
                               "segmentation)")
-    model, device = build_predictor(cfg)
+    model, device = build_predictor(cfg, record if ckpt is not None else None)
     return model, device, str(ckpt) if ckpt is not None else f"backbone={cfg.backbone.name}"
 
 
