@@ -118,7 +118,7 @@ def training_rows(folder: Path, device: torch.device, size: tuple[int, int], pre
     rows = []
     for precision in precisions:
         for checkpointing in (False, True):
-            model = E2EFineTune(str(folder), gradient_checkpointing=checkpointing).to(device).train()
+            model = E2EFineTune({"path": str(folder), "gradient_checkpointing": checkpointing}).to(device).train()
             optimizer = model.configure_optimizers()["optimizer"]
             autocast = (torch.autocast(device.type, dtype=DTYPES[precision.split("-")[0]])
                         if precision.endswith("-mixed") else nullcontext())

@@ -52,7 +52,9 @@ def model_card(pipeline_class: str, task: str, paradigm: str, hparams: dict, def
     tag = tag or paradigm
     from huggingface_hub import ModelCard, ModelCardData
 
-    adapter = hparams.get("adapter", "full")
+    saved_adapter = hparams.get("adapter") or {}  # the latent paradigms' adapter dict; none for the others
+    adapter, rank = str(saved_adapter.get("kind", "full")), saved_adapter.get("rank")
+    backbone_path = (hparams.get("backbone") or {}).get("path", hparams.get("backbone_path"))
     tags = ["diffusers", "densediff", "marigold", f"{task}-estimation" if task == "depth" else "normals-estimation",
             tag, *(["lora"] if adapter.startswith("lora") else [])]
     data = ModelCardData(library_name="diffusers", tags=list(dict.fromkeys(tags)),
@@ -61,8 +63,8 @@ def model_card(pipeline_class: str, task: str, paradigm: str, hparams: dict, def
     choices = training.get("choices", {})
     recipe = {
         "experiment": choices.get("experiment"), "objective (paradigm)": training.get("objective", paradigm),
-        "backbone": f"{training.get('backbone', '?')} (`{hparams.get('backbone_path')}`)", "adapter":
-        adapter + (f", rank {hparams.get('adapter_rank')}" if adapter.startswith("lora") else ""),
+        "backbone": f"{training.get('backbone', '?')} (`{backbone_path}`)", "adapter":
+        adapter + (f", rank {rank}" if adapter.startswith("lora") else ""),
         "task": task, "dataset": training.get("dataset"), "optimizer steps": training.get("steps"),
         "learning rate": training.get("lr", hparams.get("lr")), "batch size": training.get("batch_size"),
         "gradient accumulation": training.get("accumulate_grad_batches"), "precision": training.get("precision"),
@@ -151,10 +153,10 @@ def export_marigold(model, output: Path) -> str:
                          "concat-conditioned models (E2E-FT, Marigold-style diffusion) export to Marigold's layout")
     if model.task.name not in ("depth", "normals"):
         raise ValueError(f"diffusers' Marigold pipelines predict depth or normals, not {model.task.name}")
-    source = resolve_backbone_path(model.hparams.backbone_path)
+    source = resolve_backbone_path(model.hparams.backbone["path"])
     unet = estimator.unet
     output.mkdir(parents=True, exist_ok=True)
-    lora = model.hparams.adapter.startswith("lora")
+    lora = model.hparams.adapter["kind"].startswith("lora")
     staging = output.parent / f".{output.name}.lora"
     if lora:  # save the adapter beside the folder first: save_pretrained below clears stray weight files
         unet.save_lora_adapter(staging)

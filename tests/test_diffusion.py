@@ -17,13 +17,13 @@ TINY = str(ASSETS / "tiny")
 
 @pytest.fixture(scope="module")
 def concat_model():
-    return DiffusionEstimator(TINY, task="depth", noise="gaussian")
+    return DiffusionEstimator({"path": TINY}, task="depth", noise="gaussian")
 
 
 @pytest.fixture(scope="module")
 def dmp_model():
-    return DiffusionEstimator(TINY, task="normals", conditioning="interpolate", unet_in_channels=4,
-                              adapter="lora_self_attn", adapter_rank=4, latent="sample")
+    return DiffusionEstimator({"path": TINY, "unet_in_channels": 4}, {"kind": "lora_self_attn", "rank": 4},
+                              task="normals", conditioning="interpolate", latent="sample")
 
 
 def test_v_prediction_target_and_noising_match_diffusers(concat_model):
@@ -149,8 +149,8 @@ def test_dmp_normal_learns_on_tiny(tmp_path):
 def test_prompts_and_classifier_free_guidance_follow_dmp():
     """objective.prompts=dataset keeps the text encoder; inference with prompts and guidance s gives
     uncond + s (cond - uncond) against the padded empty prompt (DMP's target_guidance_scale)."""
-    model = DiffusionEstimator(TINY, task="normals", conditioning="interpolate", unet_in_channels=4,
-                               adapter="lora", adapter_rank=4, prompts="dataset").eval()
+    model = DiffusionEstimator({"path": TINY, "unet_in_channels": 4}, {"kind": "lora", "rank": 4}, task="normals",
+                               conditioning="interpolate", prompts="dataset").eval()
     estimator = model.estimator
     rgb = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0))
     options = InferenceOptions(steps=1, timestep_spacing="leading", guidance=2.0)

@@ -301,3 +301,35 @@ def test_palette_conversions_round_trip(tmp_path):
     # refuses existing outputs and names missing inputs
     assert dmp_data.main(["cls2color", str(index_dir), str(colour_dir)]) == 1
     assert dmp_data.main(["color2cls", str(tmp_path / "nope"), str(tmp_path / "x")]) == 1
+
+
+def test_makedb_from_a_checkpoint_reads_it_once_and_predicts_its_task(tmp_path, monkeypatch, capsys):
+    """makedb --ckpt takes the task and the model from one read of the checkpoint (densediff.run.checkpoint's
+    record), and stores what the checkpoint's model predicts."""
+    import densediff.run.checkpoint as checkpoint_module
+    from densediff.data.multitask import unit
+    from densediff.data.synthetic_bedrooms import SyntheticBedrooms
+    from densediff.run import compose
+    from densediff.run.model import build_model
+
+    model = build_model(compose("train", ["backbone=tiny", "task=normals"]))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    checkpoint = {"state_dict": {k: v for k, v in model.state_dict().items() if k in trainable},
+                  "hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "normals.ckpt")
+    reads = []
+    read = checkpoint_module.read_checkpoint
+    monkeypatch.setattr(checkpoint_module, "read_checkpoint", lambda path: reads.append(path) or read(path))
+    names = ["00000.png", "00001.png"]
+    root = tmp_path / "bedrooms"
+    images = _bedroom_images(root, names, (32, 32))
+    kept = tmp_path / "kept"
+    assert dmp_data.main(["makedb", "--ckpt", str(tmp_path / "normals.ckpt"), "-i", str(images), "-o",
+                          str(root / "normals"), "--keep-predictions", str(kept), "--device", "cpu"]) == 0
+    assert "wrote 2 normals targets" in capsys.readouterr().out
+    assert len(reads) == 1
+    data = SyntheticBedrooms(root, tasks=("normals",), split="val")
+    for i, name in enumerate(names):
+        pred = np.load(kept / name.replace(".png", ".npy"))
+        assert np.abs(data[i]["normals"].permute(1, 2, 0).numpy() - unit(pred)).max() < 0.012

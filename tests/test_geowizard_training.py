@@ -24,7 +24,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(folder):
-    return GeoWizardEstimator(str(folder), task="depth", task_options={"min_depth": 0.1, "max_depth": 20.0})
+    return GeoWizardEstimator({"path": str(folder)}, task="depth", task_options={"min_depth": 0.1, "max_depth": 20.0})
 
 
 def _batch(size=2, height=32, width=40, seed=0):

@@ -217,7 +217,7 @@ def test_a_posterior_sample_latent_is_mean_plus_std_times_the_generators_noise()
     VAE's scaling factor; latent=mean: the posterior mean (Marigold)."""
     from densediff.paradigms import DiffusionEstimator
 
-    model = DiffusionEstimator(str(ASSETS / "tiny"), task="depth", latent="sample")
+    model = DiffusionEstimator({"path": str(ASSETS / "tiny")}, task="depth", latent="sample")
     image = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         posterior = model.estimator.vae.encode(image).latent_dist

@@ -1,6 +1,8 @@
 """The shared predictor (densediff/inference/predictor.py): every inference option against its definition and
 against diffusers' own Marigold pipeline on the same weights."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -345,3 +347,33 @@ def test_uncertainty_error_correlation_by_hand():
     batch = {"depth": target, "valid_mask": torch.ones(1, 8, 9, dtype=torch.bool)}
     error, ok = depth.pixel_errors(depth.metrics(), (target - 1) / 3, batch)
     assert ok.all() and error.max() < 1e-6
+
+
+def test_predict_job_plans_its_output_paths_once_and_writes_them(tmp_path, monkeypatch):
+    """predict.py plans every image's output paths once (check_outputs) and writes exactly those files: the job
+    passes the plan to the writer instead of planning again."""
+    from PIL import Image
+
+    import densediff.inference.predict as writer
+    from densediff.run import compose
+    from densediff.run.jobs import predict as predict_job
+
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "a.jpg"):  # one stem twice: the plan keeps the suffixes apart
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(tmp_path / "in" / name)
+    calls = []
+    plan = writer.plan_outputs
+
+    def counted(*args, **kwargs):
+        calls.append(Path(args[2]))
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "plan_outputs", counted)
+    cfg = compose("predict", [f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", "backbone=tiny",
+                              "inference.ensemble=2", "inference.steps=1", "inference.noise=gaussian"])
+    predict_job(cfg)
+    assert calls == [tmp_path / "out"]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted(f"a_{suffix}{end}" for suffix in ("png", "jpg")
+                             for end in (".npy", ".png", "_16bit.png", "_uncertainty.npy", "_uncertainty.png"))

@@ -125,8 +125,8 @@ def test_e2e_ft_normals_checkpoint_is_read_in_its_x_left_frame(tmp_path):
     folder = e2e_ft_folder(tmp_path / "marigold-e2e-ft-normals")
     # a fixed image, and below predict.py's thread count: a near-zero normal amplifies any rounding difference
     rgb = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0))
-    canonical = E2EFineTune(str(folder), task="normals").eval()
-    x_left = E2EFineTune(str(folder), task="normals", normals_frame="x_left").eval()
+    canonical = E2EFineTune({"path": str(folder)}, task="normals").eval()
+    x_left = E2EFineTune({"path": str(folder), "normals_frame": "x_left"}, task="normals").eval()
     a, b = canonical.predict(rgb), x_left.predict(rgb)
     assert torch.allclose(b, a * torch.tensor([-1.0, 1, 1]).view(1, 3, 1, 1), atol=1e-6)
     # the backbone config carries the frame through predict.py

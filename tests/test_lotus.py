@@ -53,7 +53,7 @@ def test_training_step_is_lotus_arithmetic(batch, variant):
     """The loss of one training step against Lotus' step written out here: posterior samples (RGB twice, then
     [annotation, RGB]), G's noisy target at alpha_bar(999), the UNet at t = 999 with the switcher as class labels,
     MSE(annotation half over its fully valid latent cells) + MSE(reconstruction half)."""
-    model = LotusX0(str(ASSETS / "tiny"), task="depth", task_options={"encoding": "disparity", "min_depth": 0.1,
+    model = LotusX0({"path": str(ASSETS / "tiny")}, task="depth", task_options={"encoding": "disparity", "min_depth": 0.1,
                                                                         "max_depth": 20.0}, variant=variant)
     assert model.estimator.unet.config.in_channels == (8 if variant == "g" else 4)
     assert model.estimator.unet.config.class_embed_type == "projection"

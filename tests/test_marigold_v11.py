@@ -22,8 +22,8 @@ def test_zero_snr_rescales_the_backbone_schedule_as_marigold_v11_trainer(tmp_pat
     config = json.loads(config_path.read_text())
     config.update(rescale_betas_zero_snr=False, timestep_spacing="leading")  # SD2's own schedule
     config_path.write_text(json.dumps(config))
-    plain = DiffusionEstimator(str(folder), task="normals")
-    rescaled = DiffusionEstimator(str(folder), task="normals", zero_snr=True)
+    plain = DiffusionEstimator({"path": str(folder)}, task="normals")
+    rescaled = DiffusionEstimator({"path": str(folder)}, task="normals", zero_snr=True)
     assert plain.alphas_cumprod[999] > 1e-4 and rescaled.alphas_cumprod[999] == 0
     # Marigold: DDPMScheduler.from_config(SD2's, rescale_betas_zero_snr=True, timestep_spacing="trailing")
     reference = DDPMScheduler.from_config(config, rescale_betas_zero_snr=True, timestep_spacing="trailing")

@@ -165,6 +165,18 @@ E2E_HPARAMS = dict(backbone_path=TINY, task="depth", task_options={"min_depth": 
                    warmup_steps=100, decay_steps=20000, final_lr_ratio=0.01, gallery_size=4)
 
 
+def current_arguments(flat: dict) -> dict:
+    """The constructor arguments of today's classes for main's flat ones: the backbone keys as `backbone`, the
+    adapter keys as `adapter` (written out here, not with the code under test)."""
+    rest = dict(flat)
+    backbone = {"path": rest.pop("backbone_path")}
+    for key in ("unet_in_channels", "halve_conv_in_bias", "attention", "gradient_checkpointing", "normals_frame",
+                "normals_decode"):
+        backbone[key] = rest.pop(key)
+    adapter = {"kind": rest.pop("adapter"), "rank": rest.pop("adapter_rank"), "alpha": rest.pop("adapter_alpha")}
+    return {**rest, "backbone": backbone, "adapter": adapter}
+
+
 def old_checkpoint(model, hparams: dict, paradigm: str | None, path: Path) -> Path:
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     checkpoint = {"epoch": 0, "global_step": 2, "pytorch-lightning_version": lightning.__version__,
@@ -181,7 +193,7 @@ def old_checkpoint(model, hparams: dict, paradigm: str | None, path: Path) -> Pa
 @torch.no_grad()
 def test_an_old_e2e_checkpoint_without_its_paradigms_name_loads_and_predicts(tmp_path):
     torch.manual_seed(0)
-    model = E2EFineTune(**E2E_HPARAMS)
+    model = E2EFineTune(**current_arguments(E2E_HPARAMS))
     model.estimator.unet.conv_in.weight.add_(0.05 * torch.randn_like(model.estimator.unet.conv_in.weight))
     path = old_checkpoint(model, E2E_HPARAMS, None, tmp_path / "old_e2e.ckpt")
     loaded, _, _ = load_predictor(["device=cpu"], path)
@@ -189,9 +201,37 @@ def test_an_old_e2e_checkpoint_without_its_paradigms_name_loads_and_predicts(tmp
     rgb = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(1))
     model.eval().inference = loaded.inference
     torch.testing.assert_close(loaded.predict(rgb), model.predict(rgb), atol=1e-5, rtol=0)
-    fresh = E2EFineTune(**E2E_HPARAMS).eval()
+    fresh = E2EFineTune(**current_arguments(E2E_HPARAMS)).eval()
     fresh.inference = loaded.inference
     assert (fresh.predict(rgb) - model.predict(rgb)).abs().max() > 1e-3  # the checkpoint's weights were loaded
+
+
+@torch.no_grad()
+def test_an_old_checkpoints_flat_backbone_and_adapter_keys_load_as_the_dicts(tmp_path):
+    """Main's flat keys with values other than the defaults (a LoRA adapter, the x-left frame, clip-then-normalize):
+    the record and the loaded model hold them as the `backbone` and `adapter` dicts, the task decodes with them and
+    the adapter's weights load."""
+    flat = {**E2E_HPARAMS, "task": "normals", "task_options": {}, "adapter": "lora", "adapter_rank": 4,
+            "adapter_alpha": 4.0, "normals_frame": "x_left", "normals_decode": "clip_normalize"}
+    torch.manual_seed(0)
+    model = E2EFineTune(**current_arguments(flat))
+    lora = [p for name, p in model.estimator.unet.named_parameters() if "lora_B" in name]
+    assert lora and all(p.requires_grad for p in lora)
+    for weight in lora:  # LoRA's B starts at zero: give the adapter an effect
+        weight.add_(0.05 * torch.randn_like(weight))
+    path = old_checkpoint(model, flat, None, tmp_path / "old_lora.ckpt")
+    record = read_record(path)
+    assert record.hparams["backbone"] == {"path": TINY, "unet_in_channels": 8, "halve_conv_in_bias": False,
+                                          "attention": "sdpa", "gradient_checkpointing": False,
+                                          "normals_frame": "x_left", "normals_decode": "clip_normalize"}
+    assert record.hparams["adapter"] == {"kind": "lora", "rank": 4, "alpha": 4.0}
+    assert not {"backbone_path", "adapter_rank", "adapter_alpha", "normals_frame"} & set(record.hparams)
+    loaded, _, _ = load_predictor(["device=cpu", "task=normals"], path)
+    assert loaded.hparams.adapter == record.hparams["adapter"]
+    assert loaded.task.model_frame == "x_left" and loaded.task.decode_order == "clip_normalize"
+    rgb = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(1))
+    model.eval().inference = loaded.inference
+    torch.testing.assert_close(loaded.predict(rgb), model.predict(rgb), atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -208,7 +248,7 @@ def test_an_old_geowizard_checkpoint_loads_as_objective_geowizard_and_predicts_e
                    latent="mean", prompts="empty", zero_snr=False, lr=3e-5, weight_decay=0.01, betas=(0.9, 0.999),
                    lr_schedule="constant", warmup_steps=0, decay_steps=25000, final_lr_ratio=0.01, gallery_size=4)
     torch.manual_seed(0)
-    model = GeoWizardEstimator(**hparams)
+    model = GeoWizardEstimator(**current_arguments(hparams))
     model.estimator.unet.conv_in.weight.add_(0.05 * torch.randn_like(model.estimator.unet.conv_in.weight))
     path = old_checkpoint(model, hparams, "geowizard", tmp_path_factory.mktemp("old") / "old_geowizard.ckpt")
     loaded, _, _ = load_predictor(["device=cpu", "task=normals"], path)

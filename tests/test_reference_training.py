@@ -207,10 +207,10 @@ def test_each_normals_backbone_declares_its_decode_and_the_model_uses_it():
     for backbone, order in expected.items():
         objective = "geowizard" if backbone == "geowizard" else "e2e"  # GeoWizard's layout has its own objective
         cfg = compose(f"objective={objective}", "task=normals", f"backbone={backbone}")
-        assert model_arguments(cfg)["normals_decode"] == order, backbone
+        assert model_arguments(cfg)["backbone"]["normals_decode"] == order, backbone
     from densediff.paradigms import E2EFineTune
 
-    model = E2EFineTune(TINY, task="normals", normals_decode="clip_normalize")
+    model = E2EFineTune({"path": TINY, "normals_decode": "clip_normalize"}, task="normals")
     assert model.task.decode_order == "clip_normalize"
 
 
@@ -221,8 +221,8 @@ def test_each_normals_backbone_declares_its_decode_and_the_model_uses_it():
 def dmp_model():
     from densediff.paradigms import DiffusionEstimator
 
-    return DiffusionEstimator(TINY, task="normals", conditioning="interpolate", unet_in_channels=4,
-                              adapter="lora", adapter_rank=4, adapter_alpha=4, latent="sample").eval()
+    return DiffusionEstimator({"path": TINY, "unet_in_channels": 4}, {"kind": "lora", "rank": 4, "alpha": 4},
+                              task="normals", conditioning="interpolate", latent="sample").eval()
 
 
 def _first_unet_input(model, rgb, options, generator):
@@ -429,7 +429,7 @@ def geowizard_model(tmp_path_factory):
     from densediff.paradigms.geowizard import GeoWizardEstimator
 
     folder = tiny_geowizard_folder(tmp_path_factory.mktemp("geowizard"))
-    return GeoWizardEstimator(str(folder), task="depth", task_options={"min_depth": 0.1, "max_depth": 20.0})
+    return GeoWizardEstimator({"path": str(folder)}, task="depth", task_options={"min_depth": 0.1, "max_depth": 20.0})
 
 
 def test_geowizard_unet_forward_equals_the_references_joint_attention(geowizard_model):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -74,20 +75,30 @@ def plan_outputs(root: Path, images: list[Path], output: str | Path, task: str,
                                 uncertainty=uncertainty, pointcloud=pointcloud) for image in images}
 
 
+class OutputPlan(NamedTuple):
+    """What check_outputs found and checked: the images under `root` and every image's output paths (plan_outputs),
+    planned once per job and passed to the writer."""
+    root: Path
+    images: list[Path]
+    paths: dict[Path, dict[str, Path]]
+
+
 def check_outputs(source: str | Path, output: str | Path, task: str, overwrite: bool,
-                  uncertainty: bool = False, pointcloud: bool = False) -> tuple[Path, list[Path]]:
+                  uncertainty: bool = False, pointcloud: bool = False) -> OutputPlan:
     """Find the images and refuse, before any work, to replace a file that is already there (unless `overwrite`)
-    and, always, to write over an input image (output= equal to input=, whose `<stem>.png` is the input itself)."""
+    and, always, to write over an input image (output= equal to input=, whose `<stem>.png` is the input itself).
+    Returns the plan (root, images, their output paths) that predict_images(planned=...) writes."""
     root, images = find_images(source)
     inputs = {image.resolve() for image in images}
-    for paths in plan_outputs(root, images, output, task, uncertainty, pointcloud).values():
+    planned = plan_outputs(root, images, output, task, uncertainty, pointcloud)
+    for paths in planned.values():
         for path in paths.values():
             if path.resolve() in inputs:
                 raise FileExistsError(f"writing the predictions would replace the input image {path}; choose an "
                                       "output= folder that is not input= (overwrite=true never replaces inputs)")
             if path.exists() and not overwrite:
                 raise FileExistsError(f"{path} exists; choose another output= or pass overwrite=true")
-    return root, images
+    return OutputPlan(root, images, planned)
 
 
 def load_rgb(path: Path) -> torch.Tensor:
@@ -156,17 +167,19 @@ def depth_full_scale(task: Task) -> float:
 def predict_images(model, root: Path, images: list[Path], output: str | Path,
                    device: torch.device, uncertainty: bool = False, pointcloud: dict | None = None,
                    uncertainty_full_scale: float | None = 90.0, images_per_call: int = 1,
-                   num_workers: int = 0) -> tuple[int, list[str]]:
+                   num_workers: int = 0, planned: dict[Path, dict[str, Path]] | None = None) -> tuple[int, list[str]]:
     """Write the predictions of `images` (found and checked by check_outputs) mirrored from `root` into `output`;
     return (written, list of skipped-file messages). With `uncertainty` (a model with predict_with_uncertainty)
     also each prediction's expected angular error; with `pointcloud` ({"fov", "intrinsics", "references": {image:
     reference depth file or None}}, depth only) each prediction's `<stem>.ply`. Up to `images_per_call`
     consecutive images of one size are predicted in one call of the model (the same results as one at a time, up
-    to float rounding); `num_workers` DataLoader workers decode the images ahead of the model."""
+    to float rounding); `num_workers` DataLoader workers decode the images ahead of the model. `planned`: the
+    output paths check_outputs planned for the same images and options (planned here when not given)."""
     task = model.task.name
     output = Path(output)
     model.eval().to(device)
-    planned = plan_outputs(root, images, output, task, uncertainty, pointcloud is not None)
+    if planned is None:
+        planned = plan_outputs(root, images, output, task, uncertainty, pointcloud is not None)
     warn_large_native(images, int(getattr(model.inference, "processing_res", 0) or 0))
     skipped, written = [], 0
     with tqdm(total=len(images), desc=f"predict {task}", unit="image") as progress:  # closed before any error
@@ -259,19 +272,14 @@ def write_prediction(task: Task, prediction: torch.Tensor, paths: dict[str, Path
     task.write_prediction(prediction, paths, full_scale)
 
 
-def check_multitask_outputs(source, output, tasks, overwrite: bool) -> tuple[Path, list[Path]]:
-    """check_outputs for every task's folder `<output>/<task>/`."""
-    for task in tasks:
-        root, images = check_outputs(source, Path(output) / task, task, overwrite)
-    return root, images
-
-
-def predict_multitask_images(model, root: Path, images: list[Path], output: str | Path,
-                             device: torch.device) -> tuple[int, list[str]]:
+def predict_multitask_images(model, root: Path, images: list[Path], output: str | Path, device: torch.device,
+                             planned: dict[str, dict[Path, dict[str, Path]]] | None = None) -> tuple[int, list[str]]:
     """A multi-task model: one forward per image, each task's files into `<output>/<task>/` (as predict_images);
-    metric depth's 16-bit PNG spans [0, max_depth]."""
+    metric depth's 16-bit PNG spans [0, max_depth]. `planned`: each task's output paths as check_outputs planned
+    them for `<output>/<task>/` (planned here when not given)."""
     model.eval().to(device)
-    planned = {t: plan_outputs(root, images, Path(output) / t, t) for t in model.tasks}
+    if planned is None:
+        planned = {t: plan_outputs(root, images, Path(output) / t, t) for t in model.tasks}
     warn_large_native(images, int(getattr(getattr(model, "inference", None), "processing_res", 0) or 0))
     skipped = []
     written = 0

@@ -73,14 +73,16 @@ class ModelConfig:
 
 
 def backbone_arguments(config: ModelConfig) -> dict:
-    """The backbone and adapter keys every latent paradigm's constructor takes (backbone.*, adapter.*)."""
+    """The `backbone` and `adapter` arguments every latent paradigm's constructor takes (backbone.*, adapter.*), as
+    plain dicts."""
     b, a = config.backbone, config.adapter
-    return dict(backbone_path=str(b["path"]), adapter=a["kind"], adapter_rank=int(a["rank"]),
-                adapter_alpha=float(a["alpha"]) if a.get("alpha") else None,
-                unet_in_channels=int(b["unet_in_channels"]), halve_conv_in_bias=bool(b["halve_conv_in_bias"]),
-                attention=b["attention"], gradient_checkpointing=bool(b["gradient_checkpointing"]),
-                normals_frame=str(b.get("normals_frame") or "canonical"),
-                normals_decode=str(b.get("normals_decode") or "normalize_clip"))
+    backbone = dict(path=str(b["path"]), unet_in_channels=int(b["unet_in_channels"]),
+                    halve_conv_in_bias=bool(b["halve_conv_in_bias"]), attention=b["attention"],
+                    gradient_checkpointing=bool(b["gradient_checkpointing"]),
+                    normals_frame=str(b.get("normals_frame") or "canonical"),
+                    normals_decode=str(b.get("normals_decode") or "normalize_clip"))
+    adapter = dict(kind=a["kind"], rank=int(a["rank"]), alpha=float(a["alpha"]) if a.get("alpha") else None)
+    return {"backbone": backbone, "adapter": adapter}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,9 +141,22 @@ class Paradigm:
             overrides["task_options"] = {**(hparams.get("task_options") or {}), **protocol,
                                          **{k: current[k] for k in explicit if k in current}}
         if given & {"backbone.path", "backbone"}:
-            b = backbone_arguments(config)
-            overrides.update({k: b[k] for k in ("backbone_path", "normals_frame", "normals_decode")})
+            overrides.update(cls.backbone_overrides(hparams, config))
         return overrides
+
+    @classmethod
+    def backbone_overrides(cls, hparams: dict, config: ModelConfig) -> dict:
+        """The arguments an explicit backbone= or backbone.path= replaces in a checkpoint's: the backbone's folder
+        and its normals' frame and decode order (the adapter and the UNet's shape stay as trained)."""
+        b = backbone_arguments(config)["backbone"]
+        return {"backbone": {**(hparams.get("backbone") or {}),
+                             **{k: b[k] for k in ("path", "normals_frame", "normals_decode")}}}
+
+    @classmethod
+    def saved_arguments(cls, hparams: dict) -> dict:
+        """A checkpoint's saved constructor arguments in the form this class's constructor takes now (a class whose
+        arguments changed converts the older forms here)."""
+        return dict(hparams)
 
     @classmethod
     def predicted_task(cls, hparams: dict, requested: str) -> str:
@@ -165,7 +180,8 @@ class Paradigm:
     def write_predictions(self, root: Path, images: list[Path], output: str | Path, device: torch.device,
                           **options) -> tuple[int, list[str]]:
         """Predict every image and write its files below `output` (`options`: predict_images' uncertainty, point
-        cloud and batching options); returns (images written, messages of the unreadable ones)."""
+        cloud and batching options, and `planned`: the output paths check_outputs planned); returns (images
+        written, messages of the unreadable ones)."""
         return predict_images(self, root, images, output, device, **options)
 
     # ---- export -------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from densediff.inference import LatentEstimator
 from densediff.inference.predictor import InferenceOptions, pyramid_noise
 from densediff.paradigms.base import Paradigm
 from densediff.paradigms.denoising import LatentDenoiser, masked_latent_mse
+from densediff.paradigms.evaluation import adapter_settings, backbone_settings
 from densediff.paradigms.optim import schedule_error
 
 CONDITIONINGS = ("concat", "interpolate")
@@ -37,18 +38,10 @@ class DiffusionEstimator(LatentDenoiser, Paradigm):
 
     def __init__(
         self,
-        backbone_path: str,
+        backbone: dict,
+        adapter: dict | None = None,
         task: str = "depth",
         task_options: dict | None = None,
-        adapter: str = "full",
-        adapter_rank: int = 8,
-        adapter_alpha: float | None = None,
-        unet_in_channels: int = 8,
-        halve_conv_in_bias: bool = False,
-        attention: str = "sdpa",
-        gradient_checkpointing: bool = False,
-        normals_frame: str = "canonical",
-        normals_decode: str = "normalize_clip",
         conditioning: str = "concat",
         prediction_type: str | None = None,
         noise: str = "gaussian",
@@ -66,6 +59,7 @@ class DiffusionEstimator(LatentDenoiser, Paradigm):
         final_lr_ratio: float = 0.01,
         gallery_size: int = 4,
     ):
+        b, a = backbone, adapter = backbone_settings(backbone), adapter_settings(adapter)
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"objective.conditioning must be one of {', '.join(CONDITIONINGS)}, got {conditioning!r}")
         if prediction_type not in (None, *PREDICTION_TYPES):
@@ -80,17 +74,16 @@ class DiffusionEstimator(LatentDenoiser, Paradigm):
         if schedule_error(lr_schedule):
             raise ValueError(schedule_error(lr_schedule))
         in_channels = 8 if conditioning == "concat" else 4
-        if unet_in_channels != in_channels:
+        if b["unet_in_channels"] != in_channels:
             raise ValueError(f"objective.conditioning={conditioning} needs a {in_channels}-channel UNet; "
-                             f"backbone.unet_in_channels is {unet_in_channels}")
-        frame = {"model_frame": normals_frame, "decode_order": normals_decode} if task == "normals" else {}
-        super().__init__(task, {**(task_options or {}), **frame}, gallery_size)
+                             f"backbone.unet_in_channels is {b['unet_in_channels']}")
+        super().__init__(task, {**(task_options or {}), **self.normals_options(task, b)}, gallery_size)
         self.save_hyperparameters()
-        backbone = load_backbone(backbone_path, unet_in_channels=unet_in_channels,
-                                 halve_conv_in_bias=halve_conv_in_bias, attention=attention,
-                                 gradient_checkpointing=gradient_checkpointing,
+        backbone = load_backbone(b["path"], unet_in_channels=b["unet_in_channels"],
+                                 halve_conv_in_bias=b["halve_conv_in_bias"], attention=b["attention"],
+                                 gradient_checkpointing=b["gradient_checkpointing"],
                                  keep_text_encoder=prompts == "dataset")
-        self.prepare_backbone(backbone, adapter, adapter_rank, adapter_alpha)
+        self.prepare_backbone(backbone, a["kind"], a["rank"], a["alpha"])
         backbone.scheduler = self.use_schedule(backbone.scheduler, prediction_type, zero_snr)
         self.estimator = LatentEstimator(backbone.unet, backbone.vae, backbone.scheduler,
                                              backbone.empty_text_embedding, conditioning=conditioning,

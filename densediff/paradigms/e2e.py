@@ -12,7 +12,7 @@ from densediff.backbones import load_backbone
 from densediff.inference import LatentEstimator
 from densediff.inference.predictor import InferenceOptions
 from densediff.paradigms.base import Paradigm
-from densediff.paradigms.evaluation import LatentModel
+from densediff.paradigms.evaluation import LatentModel, adapter_settings, backbone_settings
 from densediff.paradigms.optim import optimizer_with_schedule, schedule_factor
 
 # Checkpoints omit the frozen weights on purpose (they come from the backbone folder); on_load_checkpoint checks
@@ -26,18 +26,10 @@ class E2EFineTune(LatentModel, Paradigm):
 
     def __init__(
         self,
-        backbone_path: str,
+        backbone: dict,
+        adapter: dict | None = None,
         task: str = "depth",
         task_options: dict | None = None,
-        adapter: str = "full",
-        adapter_rank: int = 8,
-        adapter_alpha: float | None = None,
-        unet_in_channels: int = 8,
-        halve_conv_in_bias: bool = False,
-        attention: str = "sdpa",
-        gradient_checkpointing: bool = False,
-        normals_frame: str = "canonical",
-        normals_decode: str = "normalize_clip",
         timestep: int = 999,
         lr: float = 3e-5,
         weight_decay: float = 0.01,
@@ -47,14 +39,13 @@ class E2EFineTune(LatentModel, Paradigm):
         final_lr_ratio: float = 0.01,
         gallery_size: int = 4,
     ):
-        # the backbone's normal axes and decode order (tasks/normals.py)
-        frame = {"model_frame": normals_frame, "decode_order": normals_decode} if task == "normals" else {}
-        super().__init__(task, {**(task_options or {}), **frame}, gallery_size)
+        b, a = backbone, adapter = backbone_settings(backbone), adapter_settings(adapter)
+        super().__init__(task, {**(task_options or {}), **self.normals_options(task, b)}, gallery_size)
         self.save_hyperparameters()
-        backbone = load_backbone(backbone_path, unet_in_channels=unet_in_channels,
-                                 halve_conv_in_bias=halve_conv_in_bias, attention=attention,
-                                 gradient_checkpointing=gradient_checkpointing)
-        self.prepare_backbone(backbone, adapter, adapter_rank, adapter_alpha)
+        backbone = load_backbone(b["path"], unet_in_channels=b["unet_in_channels"],
+                                 halve_conv_in_bias=b["halve_conv_in_bias"], attention=b["attention"],
+                                 gradient_checkpointing=b["gradient_checkpointing"])
+        self.prepare_backbone(backbone, a["kind"], a["rank"], a["alpha"])
         self.estimator = LatentEstimator(backbone.unet, backbone.vae, backbone.scheduler,
                                              backbone.empty_text_embedding, timestep=timestep)
         self.inference = InferenceOptions()  # how validation/evaluate/predict predict; run.py sets it from the config

@@ -145,6 +145,48 @@ class DenseEvaluation(L.LightningModule):
         self._gallery = []
 
 
+# The backbone and adapter a latent paradigm is built from (its `backbone` and `adapter` constructor arguments,
+# plain dicts as conf/backbone and conf/adapter give them), with their defaults; checkpoints written before
+# issue 26 hold them as flat constructor arguments (FLAT_BACKBONE_KEYS, FLAT_ADAPTER_KEYS), converted on loading.
+BACKBONE_DEFAULTS = {"unet_in_channels": 8, "halve_conv_in_bias": False, "attention": "sdpa",
+                     "gradient_checkpointing": False, "normals_frame": "canonical", "normals_decode": "normalize_clip"}
+ADAPTER_DEFAULTS = {"kind": "full", "rank": 8, "alpha": None}
+FLAT_BACKBONE_KEYS = {"backbone_path": "path", **{key: key for key in BACKBONE_DEFAULTS}}
+FLAT_ADAPTER_KEYS = {"adapter": "kind", "adapter_rank": "rank", "adapter_alpha": "alpha"}
+
+
+def backbone_settings(backbone: dict, **defaults) -> dict:
+    """`backbone` (path, unet_in_channels, halve_conv_in_bias, attention, gradient_checkpointing, normals_frame,
+    normals_decode) with BACKBONE_DEFAULTS (updated by `defaults`) for the keys it lacks; a ValueError names a key
+    it does not know or a missing path."""
+    unknown = sorted(set(backbone) - {"path", *BACKBONE_DEFAULTS})
+    if unknown or not backbone.get("path"):
+        raise ValueError(f"backbone needs a path and takes {', '.join(['path', *BACKBONE_DEFAULTS])}; got "
+                         f"{', '.join(sorted(backbone))}")
+    return {**BACKBONE_DEFAULTS, **defaults, **backbone}
+
+
+def adapter_settings(adapter: dict | None) -> dict:
+    """`adapter` (kind, rank, alpha) with ADAPTER_DEFAULTS for the keys it lacks; a ValueError names an unknown key."""
+    adapter = dict(adapter or {})
+    unknown = sorted(set(adapter) - set(ADAPTER_DEFAULTS))
+    if unknown:
+        raise ValueError(f"adapter takes {', '.join(ADAPTER_DEFAULTS)}; got {', '.join(unknown)}")
+    return {**ADAPTER_DEFAULTS, **adapter}
+
+
+def nest_flat_arguments(hparams: dict) -> dict:
+    """A checkpoint's saved constructor arguments with the flat backbone and adapter keys of the format before
+    issue 26 (backbone_path, adapter, adapter_rank, ...) as the `backbone` and `adapter` dicts; newer ones as
+    they are."""
+    if "backbone_path" not in hparams:
+        return dict(hparams)
+    rest = {k: v for k, v in hparams.items() if k not in FLAT_BACKBONE_KEYS and k not in FLAT_ADAPTER_KEYS}
+    backbone = {new: hparams[old] for old, new in FLAT_BACKBONE_KEYS.items() if old in hparams}
+    adapter = {new: hparams[old] for old, new in FLAT_ADAPTER_KEYS.items() if old in hparams}
+    return {**rest, "backbone": backbone, "adapter": adapter}
+
+
 class LatentModel(DenseEvaluation):
     """What the latent paradigms (E2E, diffusion) share: an `estimator` (UNet, frozen VAE, scheduler, empty-prompt
     embedding), prediction through the shared predictor with `self.inference`, and checkpoints that hold only the
@@ -154,6 +196,17 @@ class LatentModel(DenseEvaluation):
     # The UNet's keyword arguments at prediction, from a chunk of members ([N,3,H,W] RGB), for a paradigm whose UNet
     # needs more than the prompt (Lotus: the task switcher); None: the empty prompt or the batch's captions.
     prediction_conditioning = None
+
+    @classmethod
+    def saved_arguments(cls, hparams: dict) -> dict:
+        """A checkpoint's constructor arguments in this class's current form (nest_flat_arguments)."""
+        return nest_flat_arguments(hparams)
+
+    @staticmethod
+    def normals_options(task: str, backbone: dict) -> dict:
+        """The normals task's options from the backbone: its normal axes and decode order (tasks/normals.py)."""
+        return {"model_frame": backbone["normals_frame"], "decode_order": backbone["normals_decode"]} \
+            if task == "normals" else {}
 
     def prepare_backbone(self, backbone, adapter: str, rank: int, alpha: float | None) -> None:
         """Freeze the VAE, put the UNet in training mode (from_pretrained returns eval mode and Lightning keeps each

@@ -36,6 +36,7 @@ from densediff.inference import LatentEstimator
 from densediff.inference.predictor import InferenceOptions, predict, pyramid_noise
 from densediff.paradigms.base import ModelConfig, Paradigm
 from densediff.paradigms.denoising import LatentDenoiser, masked_latent_mse
+from densediff.paradigms.evaluation import adapter_settings, backbone_settings
 from densediff.paradigms.optim import schedule_error
 from densediff.tasks import build_task
 
@@ -68,7 +69,7 @@ class GeoWizardEstimator(LatentDenoiser, Paradigm):
         arguments = {**super().arguments(config), **cls.geometry_arguments(config)}
         if config.backbone["name"] in ("tiny", "tiny_random"):  # a tiny backbone: it in GeoWizard's layout
             from densediff.backbones.geowizard_build import tiny_geowizard_folder
-            arguments["backbone_path"] = str(tiny_geowizard_folder(source=str(config.backbone["path"])))
+            arguments["backbone"]["path"] = str(tiny_geowizard_folder(source=str(config.backbone["path"])))
         return arguments
 
     @classmethod
@@ -89,21 +90,13 @@ class GeoWizardEstimator(LatentDenoiser, Paradigm):
 
     def __init__(
         self,
-        backbone_path: str,
+        backbone: dict,
+        adapter: dict | None = None,
         task: str = "depth",
         task_options: dict | None = None,
         other_task_options: dict | None = None,
         domain: str = "indoor",
         joint_attention: bool = True,
-        adapter: str = "full",
-        adapter_rank: int = 8,
-        adapter_alpha: float | None = None,
-        unet_in_channels: int = 8,
-        halve_conv_in_bias: bool = False,
-        attention: str = "sdpa",
-        gradient_checkpointing: bool = False,
-        normals_frame: str = "opencv",
-        normals_decode: str = "normalize_clip",
         conditioning: str = "concat",
         prediction_type: str | None = None,
         noise: str = "pyramid",
@@ -124,10 +117,12 @@ class GeoWizardEstimator(LatentDenoiser, Paradigm):
         final_lr_ratio: float = 0.01,
         gallery_size: int = 4,
     ):
+        # GeoWizard's normals are in the OpenCV frame unless the backbone says otherwise
+        b, a = backbone, adapter = backbone_settings(backbone, normals_frame="opencv"), adapter_settings(adapter)
         problems = []
         if task not in GEOMETRY_TASKS:
             problems.append(f"GeoWizard predicts depth and normals: task must be one of {GEOMETRY_TASKS}, got {task!r}")
-        if conditioning != "concat" or latent != "mean" or prompts != "empty" or unet_in_channels != 8:
+        if conditioning != "concat" or latent != "mean" or prompts != "empty" or b["unet_in_channels"] != 8:
             problems.append("GeoWizard conditions by concatenation on an 8-channel UNet with the image latent's "
                             "posterior mean and no prompts (objective.conditioning=concat, latent=mean, "
                             "prompts=empty)")
@@ -145,7 +140,7 @@ class GeoWizardEstimator(LatentDenoiser, Paradigm):
             problems.append(f"backbone.domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
         if problems:
             raise ValueError("; ".join(problems))
-        normal_options = {"model_frame": normals_frame, "decode_order": normals_decode}
+        normal_options = self.normals_options("normals", b)
         primary_options = {**(task_options or {}), **(normal_options if task == "normals" else {})}
         super().__init__(task, primary_options, gallery_size)
         self.save_hyperparameters()
@@ -156,9 +151,9 @@ class GeoWizardEstimator(LatentDenoiser, Paradigm):
         self.other_test_metrics = self.other_task.metrics()
         self._other_updated = {"val": False, "test": False}
 
-        backbone = load_geowizard(backbone_path, attention=attention, joint_attention=joint_attention,
-                                  gradient_checkpointing=gradient_checkpointing)
-        self.prepare_backbone(backbone, adapter, adapter_rank, adapter_alpha)
+        backbone = load_geowizard(b["path"], attention=b["attention"], joint_attention=joint_attention,
+                                  gradient_checkpointing=b["gradient_checkpointing"])
+        self.prepare_backbone(backbone, a["kind"], a["rank"], a["alpha"])
         backbone.scheduler = self.use_schedule(backbone.scheduler, prediction_type, zero_snr)
         # The shared predictor's module bundle; GeoWizard has no text prompt, its context comes from `conditioning`
         # (the empty-prompt slot holds an unused zero token of the cross-attention width).

@@ -36,7 +36,7 @@ from densediff.inference.predictor import InferenceOptions
 from densediff.io import write_text
 from densediff.latents import add_noise
 from densediff.paradigms.base import Paradigm
-from densediff.paradigms.evaluation import LatentModel
+from densediff.paradigms.evaluation import LatentModel, adapter_settings, backbone_settings
 from densediff.paradigms.optim import optimizer_with_schedule, schedule_factor
 
 VARIANTS = {"g": 8, "d": 4}  # the UNet's input channels
@@ -60,18 +60,10 @@ class LotusX0(LatentModel, Paradigm):
 
     def __init__(
         self,
-        backbone_path: str,
+        backbone: dict,  # its unet_in_channels is set by the variant (g: 8, d: 4)
+        adapter: dict | None = None,
         task: str = "depth",
         task_options: dict | None = None,
-        adapter: str = "full",
-        adapter_rank: int = 8,
-        adapter_alpha: float | None = None,
-        unet_in_channels: int = 8,  # set by the variant (g: 8, d: 4); accepted for the shared backbone keys
-        halve_conv_in_bias: bool = False,
-        attention: str = "sdpa",
-        gradient_checkpointing: bool = False,
-        normals_frame: str = "canonical",
-        normals_decode: str = "normalize_clip",
         variant: str = "g",
         timestep: int = 999,
         detail_preserver: bool = True,
@@ -86,15 +78,15 @@ class LotusX0(LatentModel, Paradigm):
                              f"{variant!r}")
         if latent not in ("sample", "mean"):
             raise ValueError(f"objective.latent must be 'sample' (Lotus) or 'mean', got {latent!r}")
-        frame = {"model_frame": normals_frame, "decode_order": normals_decode} if task == "normals" else {}
-        super().__init__(task, {**(task_options or {}), **frame}, gallery_size)
+        b, a = backbone, adapter = backbone_settings(backbone), adapter_settings(adapter)
+        super().__init__(task, {**(task_options or {}), **self.normals_options(task, b)}, gallery_size)
         self.save_hyperparameters()
-        backbone = load_backbone(backbone_path, unet_in_channels=VARIANTS[variant],
-                                 halve_conv_in_bias=halve_conv_in_bias, attention=attention,
-                                 gradient_checkpointing=gradient_checkpointing)
+        backbone = load_backbone(b["path"], unet_in_channels=VARIANTS[variant],
+                                 halve_conv_in_bias=b["halve_conv_in_bias"], attention=b["attention"],
+                                 gradient_checkpointing=b["gradient_checkpointing"])
         add_task_switcher(backbone.unet)
         backbone.scheduler.register_to_config(prediction_type="sample")  # Lotus re-registers SD's as "sample"
-        self.prepare_backbone(backbone, adapter, adapter_rank, adapter_alpha)
+        self.prepare_backbone(backbone, a["kind"], a["rank"], a["alpha"])
         self.estimator = LatentEstimator(backbone.unet, backbone.vae, backbone.scheduler,
                                              backbone.empty_text_embedding, timestep=timestep,
                                              conditioning="concat" if variant == "g" else "interpolate")
@@ -111,9 +103,9 @@ class LotusX0(LatentModel, Paradigm):
         from diffusers import DDIMScheduler, StableDiffusionPipeline
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        if self.hparams.adapter.startswith("lora"):
+        if self.hparams.adapter["kind"].startswith("lora"):
             raise ValueError("a Lotus checkpoint with a LoRA adapter does not export yet; Lotus trains the full UNet")
-        source = resolve_backbone_path(self.hparams.backbone_path)
+        source = resolve_backbone_path(self.hparams.backbone["path"])
         scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", prediction_type="sample",
                                                   timestep_spacing=self.inference.timestep_spacing)
         output.mkdir(parents=True, exist_ok=True)

@@ -192,8 +192,9 @@ class MultiTaskDenoising(DenseEvaluation, Paradigm):
         return list(hparams["tasks"])  # every task's files into <output>/<task>/
 
     def write_predictions(self, root, images, output, device, **options) -> tuple[int, list[str]]:
-        """One forward per image, each task's files into `<output>/<task>/` (predict.py's options do not apply)."""
-        return predict_multitask_images(self, root, images, output, device)
+        """One forward per image, each task's files into `<output>/<task>/` (predict.py's options do not apply but
+        `planned`: each task's output paths as check_outputs planned them)."""
+        return predict_multitask_images(self, root, images, output, device, planned=options.get("planned"))
 
     def __init__(
         self,

@@ -106,11 +106,9 @@ class SelfImprovingPerception(DenseEvaluation, Paradigm):
         return {}, total
 
     @classmethod
-    def checkpoint_arguments(cls, hparams: dict, config: ModelConfig, given: set[str]) -> dict:
-        overrides = super().checkpoint_arguments(hparams, config, given)
-        overrides.pop("normals_frame", None)  # the head's options are its own; the backbone frame does not apply
-        overrides.pop("normals_decode", None)
-        return overrides
+    def backbone_overrides(cls, hparams: dict, config: ModelConfig) -> dict:
+        # the head's options are its own; the backbone's normals frame does not apply
+        return {"backbone_path": str(config.backbone["path"])}
 
     @classmethod
     def prediction_files(cls, hparams: dict, task: str, ensemble: int) -> PredictionFiles:

@@ -104,7 +104,7 @@ def read_record(path: str | Path, key: str = "ckpt") -> CheckpointRecord:
     except KeyError as error:
         raise ConfigError(f"{path} was written by {error.args[0]}") from None
     return CheckpointRecord(path=path, paradigm=paradigm, model_class=model_class,
-                            hparams=dict(contents.get("hyper_parameters") or {}),
+                            hparams=model_class.saved_arguments(dict(contents.get("hyper_parameters") or {})),
                             inference=contents.get("densediff_inference"), contents=contents)
 
 

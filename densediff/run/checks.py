@@ -78,6 +78,7 @@ def check_resume(cfg: DictConfig, record: CheckpointRecord, model_class: type) -
                           f"{ours!r} (objective={cfg.objective.name}); resume with the settings of the run that wrote "
                           "it")
     adapter = record.hparams.get("adapter")
+    adapter = adapter.get("kind") if isinstance(adapter, dict) else adapter
     if adapter not in (None, cfg.adapter.kind):
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} was trained with adapter={adapter}, this run has "
                           f"adapter={cfg.adapter.kind}; resume with adapter={adapter}, or start a new run "

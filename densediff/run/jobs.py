@@ -281,12 +281,13 @@ def _predictor(cfg: DictConfig, record: CheckpointRecord | None, options
     return model.eval(), device
 
 
-def load_predictor(overrides: list[str], ckpt: str | Path | None = None, task_hint: str | None = None
-                   ) -> tuple[L.LightningModule, torch.device, str]:
+def load_predictor(overrides: list[str], ckpt: str | Path | None = None, task_hint: str | None = None,
+                   record: CheckpointRecord | None = None) -> tuple[L.LightningModule, torch.device, str]:
     """build_predictor for the commands that run without @hydra.main (the demo app, the DMP data tools): predict.py's
     config composed with command-line `overrides`, and `ckpt` set after composing (not an override, so any path
     works: spaces, commas). `task_hint` (how that command names a task, e.g. "pass --task"): a backbone that predicts
     any task and no task= among the overrides is a ConfigError instead of predict.yaml's default task.
+    `record`: `ckpt` already read (read_record), loaded from without reading the file again.
     Returns (model in eval mode, device, where the model came from: the checkpoint path or backbone=<name>)."""
     cfg = compose("predict", overrides)
     if ckpt is not None:
@@ -296,7 +297,7 @@ def load_predictor(overrides: list[str], ckpt: str | Path | None = None, task_hi
         if declared is None:
             raise ConfigError(f"{source} predicts any task: {task_hint} (depth, normals, albedo, shading or "
                               "segmentation)")
-    model, device = build_predictor(cfg)
+    model, device = build_predictor(cfg, record if ckpt is not None else None)
     return model, device, str(ckpt) if ckpt is not None else f"backbone={cfg.backbone.name}"
 
 
@@ -333,8 +334,8 @@ def predict(cfg: DictConfig) -> None:
         record.hparams if record else {}, task, options.ensemble)
     if wants_pointcloud and not files.pointcloud:
         raise ConfigError(f"pointcloud=true needs a depth model; this one predicts {task}")
-    root, images = check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite),  # before loading a model
-                                 uncertainty=files.uncertainty, pointcloud=wants_pointcloud)
+    root, images, planned = check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite),  # before the model
+                                          uncertainty=files.uncertainty, pointcloud=wants_pointcloud)
     pointcloud = None
     if wants_pointcloud:
         intrinsics = list(cfg.pointcloud_intrinsics) if cfg.get("pointcloud_intrinsics") is not None else None
@@ -349,7 +350,7 @@ def predict(cfg: DictConfig) -> None:
                                                pointcloud=pointcloud,
                                                uncertainty_full_scale=files.uncertainty_full_scale,
                                                images_per_call=int(cfg.get("images_per_call", 1)),
-                                               num_workers=int(cfg.get("num_workers", 0)))
+                                               num_workers=int(cfg.get("num_workers", 0)), planned=planned)
     if skipped and not written:
         raise DataReadError(f"none of the {len(skipped)} images of input={cfg.input} could be read:\n  "
                             + "\n  ".join(skipped))
@@ -362,10 +363,11 @@ def predict(cfg: DictConfig) -> None:
 def predict_tasks(cfg: DictConfig, record: CheckpointRecord, options) -> None:
     """predict.py with a checkpoint that predicts several tasks at once: each task's files into <output>/<task>/."""
     tasks = record.tasks
+    planned = {}
     for task in tasks:  # before loading the model: no file of any task is written over
-        root, images = check_outputs(cfg.input, Path(cfg.output) / task, task, bool(cfg.overwrite))
+        root, images, planned[task] = check_outputs(cfg.input, Path(cfg.output) / task, task, bool(cfg.overwrite))
     model, device = _predictor(cfg, record, options)
-    written, skipped = model.write_predictions(root, images, cfg.output, device)
+    written, skipped = model.write_predictions(root, images, cfg.output, device, planned=planned)
     print(f"\nwrote {written} predictions of {', '.join(tasks)} to {cfg.output}/<task>/"
           + (f"; skipped {len(skipped)} unreadable:" if skipped else ""))
     for message in skipped:

@@ -150,12 +150,15 @@ def _predict_with_model(args, task: str | None, folder: Path) -> str:
     from hydra.errors import HydraException
 
     from densediff.inference.predict import check_outputs, predict_images
-    from densediff.run import checkpoint_identity, load_predictor  # its ConfigError is a ValueError: main prints it
+    from densediff.run import load_predictor  # its ConfigError is a ValueError: main prints it
+    from densediff.run.checkpoint import read_record
 
     overrides = list(args.set or [])
-    if args.ckpt:
+    record = None
+    if args.ckpt:  # read once: its task here, the model from the same record
         ckpt = existing(args.ckpt, "a checkpoint written by train.py (<run>/checkpoints/last.ckpt)")
-        ckpt_task = checkpoint_identity(ckpt)[1]
+        record = read_record(ckpt.resolve())
+        ckpt_task = record.task
         if task and ckpt_task and task != ckpt_task:
             raise ToolError(f"{ckpt} predicts {ckpt_task}, not --task {task}")
         task = task or ckpt_task
@@ -164,12 +167,13 @@ def _predict_with_model(args, task: str | None, folder: Path) -> str:
     torch_device(args.device)  # a CUDA device that is not there: the tool's own message
     overrides = [*([f"task={task}"] if task else []), f"device={args.device}", *overrides]
     try:  # without --task: the backbone's declared task
-        model, device, _ = load_predictor(overrides, ckpt.resolve() if args.ckpt else None, task_hint="pass --task")
+        model, device, _ = load_predictor(overrides, ckpt.resolve() if args.ckpt else None, task_hint="pass --task",
+                                          record=record)
     except HydraException as error:
         raise ToolError(f"cannot build the model config from {overrides}: {str(error).splitlines()[0]}") from error
-    root, images = check_outputs(args.input, folder, model.task.name, overwrite=True)
+    root, images, planned = check_outputs(args.input, folder, model.task.name, overwrite=True)
     with torch.no_grad():
-        written, skipped = predict_images(model, root, images, folder, device)
+        written, skipped = predict_images(model, root, images, folder, device, planned=planned)
     if skipped:
         raise ToolError(f"{len(skipped)} images could not be read, e.g. {skipped[0]}")
     return model.task.name
