@@ -137,9 +137,11 @@ MIXED = ["experiment=quickstart", "dataset=procedural_mixed", "logger=csv", "dat
 
 
 def global_step(checkpoint: Path) -> int:
-    """The step of a checkpoint another process may be replacing (os.replace: the open file stays whole)."""
+    """The step of a checkpoint another process may be replacing (os.replace: the open file stays whole). Read
+    without mmap: torch.load(mmap=True) opens the path a second time for the mapping, and a replace between the two
+    opens pairs the old file's index with the new file's bytes ("Trying to resize storage that is not resizable")."""
     try:
-        return torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)["global_step"]
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
     except FileNotFoundError:
         return -1
 
