@@ -31,7 +31,7 @@ def test_a_training_run_logs_config_metrics_gallery_parameters_and_checkpoints(s
     assert run.config["seed"] == 1 and run.config["task_name"] == "quickstart"
     assert run.config["task"]["name"] == "depth" and run.config["adapter"]["kind"] == "full"
     assert run.config["trainer"]["max_steps"] == 1 and run.config["logger"]["wandb"]["offline"] is True
-    assert run.config["model"]["task"] == "depth" and run.config["model"]["adapter"] == "full"
+    assert run.config["model"]["task"] == "depth" and run.config["model"]["adapter"]["kind"] == "full"
     # metrics under the names of metrics.json, at every validation (in fit, and the final one)
     validations = run.rows_with("val/abs_rel")
     assert len(validations) == 2
