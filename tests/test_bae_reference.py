@@ -180,8 +180,9 @@ def _finish(x):
     return torch.cat([n, F.elu(x[:, 3:]) + 1.0 + 0.01], 1)
 
 
-def _reference_decoder_test_mode(p, levels):
-    """Bae's Decoder.forward(mode='test') as Diff-2-in-1 has it: dense pixel-wise MLPs at every refinement."""
+def _reference_decoder_trunk(p, levels):
+    """What both modes of Bae's Decoder.forward share: the four up-blocks (upsample, concat the skip, two WS conv +
+    GroupNorm + LeakyReLU) and the coarsest prediction at 1/8."""
     def up_block(i, x, skip):
         x = torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True), skip], 1)
         for j in (0, 3):
@@ -195,6 +196,12 @@ def _reference_decoder_test_mode(p, levels):
         x = up_block(i, x, skip)
         feats.append(x)
     out = _finish(F.conv2d(feats[1], p["out_conv_res8.weight"], p["out_conv_res8.bias"], padding=1))
+    return feats, out
+
+
+def _reference_decoder_test_mode(p, levels):
+    """Bae's Decoder.forward(mode='test') as Diff-2-in-1 has it: dense pixel-wise MLPs at every refinement."""
+    feats, out = _reference_decoder_trunk(p, levels)
     maps = [out]
     for name, feat in zip(("out_conv_res4", "out_conv_res2", "out_conv_res1"), feats[1:]):
         dense = torch.cat([F.interpolate(feat, scale_factor=2, mode="bilinear", align_corners=True),
@@ -230,19 +237,7 @@ def test_decoder_is_diff2in1s_copy_of_bae_with_its_eps(eps, tol):
 def _reference_decoder_train_mode(p, levels, points):
     """Bae's Decoder.forward(mode='train') as Diff-2-in-1 has it, given the sampled (rows, cols) of each refinement:
     coordinates in float32 arithmetic, cast to the features' dtype; the refined points overwrite the upsampled map."""
-    def up_block(i, x, skip):
-        x = torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True), skip], 1)
-        for j in (0, 3):
-            x = _ws_conv(x, p, f"up{i}._net.{j}")
-            x = F.leaky_relu(F.group_norm(x, 8, p[f"up{i}._net.{j + 1}.weight"], p[f"up{i}._net.{j + 1}.bias"]))
-        return x
-
-    x = F.conv2d(levels[0], p["conv2.weight"], p["conv2.bias"])
-    feats = []
-    for i, skip in enumerate(levels[1:], start=1):
-        x = up_block(i, x, skip)
-        feats.append(x)
-    out = _finish(F.conv2d(feats[1], p["out_conv_res8.weight"], p["out_conv_res8.bias"], padding=1))
+    feats, out = _reference_decoder_trunk(p, levels)
     preds, coords = [out], [None]
     for name, feat, (rows, cols) in zip(("out_conv_res4", "out_conv_res2", "out_conv_res1"), feats[1:], points):
         up = F.interpolate(out, scale_factor=2, mode="bilinear", align_corners=True)

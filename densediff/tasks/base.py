@@ -21,6 +21,13 @@ from densediff.io import atomic_write
 from densediff.resize import resize_to
 
 
+def check_choice(key: str, value, choices) -> None:
+    """A task option that must be one of `choices`: a ValueError naming the config key (the run layer reports it as
+    one line)."""
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
 class Task:
     name = ""
     target_key = ""

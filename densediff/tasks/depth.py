@@ -42,7 +42,7 @@ from PIL import Image
 from densediff.io import atomic_write
 from densediff.metrics import DEPTH_ALIGNMENTS, DepthMetrics
 from densediff.resize import resize_to
-from densediff.tasks.base import Task
+from densediff.tasks.base import Task, check_choice
 from densediff.tasks.ensemble import ensemble_depth
 from densediff.visualize import colorize_depth
 
@@ -117,12 +117,9 @@ class DepthTask(Task):
                  target_scale: float = 8.0, invalid_fill: str = "far", alignment: str | None = None):
         if alignment is None:  # the codec's: a disparity model is scored as disparity
             alignment = "least_squares_disparity" if encoding == "disparity" else "least_squares"
-        if alignment not in DEPTH_ALIGNMENTS:
-            raise ValueError(f"task.alignment must be one of {', '.join(DEPTH_ALIGNMENTS)}, got {alignment!r}")
-        if encoding not in ENCODINGS:
-            raise ValueError(f"task.encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
-        if invalid_fill not in INVALID_FILLS:
-            raise ValueError(f"task.invalid_fill must be one of {', '.join(INVALID_FILLS)}, got {invalid_fill!r}")
+        check_choice("task.alignment", alignment, DEPTH_ALIGNMENTS)
+        check_choice("task.encoding", encoding, ENCODINGS)
+        check_choice("task.invalid_fill", invalid_fill, INVALID_FILLS)
         if invalid_fill == "raw" and encoding != "affine":
             raise ValueError("task.invalid_fill=raw (Marigold's normaliser on the raw depth) needs "
                              "task.encoding=affine; the float codec fills invalid pixels with the far end "

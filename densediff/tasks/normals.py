@@ -8,7 +8,7 @@ from torchmetrics import MetricCollection
 
 from densediff.metrics import NormalMetrics, angular_error_deg
 from densediff.resize import resize_to
-from densediff.tasks.base import Task
+from densediff.tasks.base import Task, check_choice
 from densediff.tasks.ensemble import ensemble_normals, normals_uncertainty
 from densediff.visualize import colorize_normals
 
@@ -52,12 +52,9 @@ class NormalsTask(Task):
                  decode_order: str = "normalize_clip"):
         if pooling not in ("pixels", "images"):
             raise ValueError(f"task.pooling must be 'pixels' or 'images', got {pooling!r}")
-        if model_frame not in MODEL_FRAMES:
-            raise ValueError(f"backbone.normals_frame must be one of {', '.join(MODEL_FRAMES)}, got {model_frame!r}")
-        if loss_mask not in LOSS_MASKS:
-            raise ValueError(f"task.loss_mask must be one of {', '.join(LOSS_MASKS)}, got {loss_mask!r}")
-        if decode_order not in DECODE_ORDERS:
-            raise ValueError(f"backbone.normals_decode must be one of {', '.join(DECODE_ORDERS)}, got {decode_order!r}")
+        check_choice("backbone.normals_frame", model_frame, MODEL_FRAMES)
+        check_choice("task.loss_mask", loss_mask, LOSS_MASKS)
+        check_choice("backbone.normals_decode", decode_order, DECODE_ORDERS)
         self.pooling = pooling
         # The angular loss's pixels. valid_mask (E2E-FT's AngularLoss, whose mask is the depth-valid mask): every
         # valid pixel, so a zero ground-truth normal there counts as an angle of pi/2 with no gradient;
