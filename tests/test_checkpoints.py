@@ -197,3 +197,40 @@ def test_train_py_stops_in_one_line_when_the_disk_cannot_hold_a_checkpoint(tmp_p
     assert "MB, the disk has 1.0 MB free" in lines[0], lines[0]
     assert "Traceback" not in result.stderr
     assert not list((run / "checkpoints").iterdir()) if (run / "checkpoints").exists() else True
+
+
+def test_a_checkpoint_replaced_while_it_is_read_is_read_again(tmp_path, monkeypatch):
+    """torch.load(mmap=True) opens the path twice; training replacing last.ckpt in between (os.replace) used to end an
+    evaluate.py on it with "Trying to resize storage". The reader sees the file change and reads the new one."""
+    import os
+
+    import torch
+
+    from densediff.run import checkpoint as checkpoint_module
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(3)}, "global_step": 1}, path)
+    newer = tmp_path / "newer.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(5)}, "global_step": 2}, newer)
+    load, calls = torch.load, []
+
+    def load_while_replaced(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # the writer's os.replace lands between the reader's two opens
+            os.replace(newer, path)
+            raise RuntimeError("Trying to resize storage that is not resizable")
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "load", load_while_replaced)
+    checkpoint = checkpoint_module.read_checkpoint(path)
+    assert len(calls) == 2 and checkpoint["global_step"] == 2 and torch.equal(checkpoint["state_dict"]["w"], torch.ones(5))
+
+
+def test_a_torn_checkpoint_that_does_not_change_is_one_error_naming_it(tmp_path):
+    from densediff.data.common import DataReadError
+    from densediff.run.checkpoint import read_checkpoint
+
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(b"PK\x03\x04 not a whole archive")
+    with pytest.raises(DataReadError, match="cannot read checkpoint .*last.ckpt"):
+        read_checkpoint(path)

@@ -41,16 +41,29 @@ def check_checkpoint_file(path: str | Path, key: str = "ckpt") -> Path:
     raise FileNotFoundError(f"{key}={path} is a folder, not a checkpoint file: {wanted}")
 
 
+def _file_identity(path: Path) -> tuple:
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
 def read_checkpoint(path: Path) -> dict:
-    """A train.py checkpoint, memory-mapped; a file torch cannot read is a DataReadError naming it."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as error:  # torch reports a torn or foreign file in many ways, none naming it
-        cause = torch_load_cause(error)
-        if cause.startswith("it holds pickled"):
-            raise DataReadError(f"refused checkpoint {path}: {cause}") from None
-        raise DataReadError(f"cannot read checkpoint {path}: truncated, corrupt or not a checkpoint of train.py "
-                            f"({cause})") from error
+    """A train.py checkpoint, memory-mapped; a file torch cannot read is a DataReadError naming it. torch.load with
+    mmap opens the path twice (the archive's index, then the mapping), so a run that replaces the file in between
+    (training rewriting last.ckpt) would pair two files: a read the file changed under is read again."""
+    for attempt in range(3):
+        before = _file_identity(path)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as error:  # torch reports a torn or foreign file in many ways, none naming it
+            if attempt < 2 and _file_identity(path) != before:
+                continue
+            cause = torch_load_cause(error)
+            if cause.startswith("it holds pickled"):
+                raise DataReadError(f"refused checkpoint {path}: {cause}") from None
+            raise DataReadError(f"cannot read checkpoint {path}: truncated, corrupt or not a checkpoint of train.py "
+                                f"({cause})") from error
+        if attempt == 2 or _file_identity(path) == before:
+            break
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise DataReadError(f"cannot read checkpoint {path}: it holds no state_dict (not a checkpoint of train.py)")
     return checkpoint
