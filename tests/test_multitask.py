@@ -161,6 +161,25 @@ def test_diffusion_encoder_reads_the_unets_multiscale_features():
     assert not any(p.requires_grad for p in encoder.vae.parameters())
 
 
+def test_diffusion_encoder_feeds_the_unet_the_clean_latent_and_its_noiseless_forward_process():
+    """The UNet input is [z, sqrt(abar_t) z] (z = VAE mean x scaling factor): the forward process at t, noise zero."""
+    from diffusers import DDIMScheduler
+
+    from densediff.backbones.encoders import DiffusionEncoder
+    from densediff.run import ASSETS
+
+    torch.manual_seed(0)
+    encoder = DiffusionEncoder(str(ASSETS / "tiny"), timestep=300)
+    seen = {}
+    encoder.unet.conv_in.register_forward_pre_hook(lambda module, args: seen.update(x=args[0].detach()))
+    rgb = torch.rand(1, 3, 32, 40)
+    encoder(rgb)
+    with torch.no_grad():
+        z = encoder.vae.encode(rgb * 2 - 1).latent_dist.mean * encoder.vae.config.scaling_factor
+    abar = DDIMScheduler.from_pretrained(str(ASSETS / "tiny"), subfolder="scheduler").alphas_cumprod[300]
+    torch.testing.assert_close(seen["x"], torch.cat([z, abar.sqrt() * z], dim=1), rtol=0, atol=1e-6)
+
+
 def test_procedural_scenes_carry_partial_labels():
     from densediff.data.procedural import ProceduralScenes
 

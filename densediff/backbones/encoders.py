@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from densediff.latents import add_noise
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 RESNET18 = dict(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic")
 
@@ -51,8 +53,8 @@ class DiffusionEncoder(nn.Module):
         self.unet, self.vae = backbone.unet, backbone.vae.requires_grad_(False).eval()
         self.unet.requires_grad_(bool(trainable))
         self.register_buffer("empty", backbone.empty_text_embedding.detach().clone(), persistent=False)
-        abar = backbone.scheduler.alphas_cumprod[int(timestep)]
-        self.timestep, self.signal = int(timestep), float(abar.sqrt())
+        self.timestep = int(timestep)
+        self.register_buffer("alpha_bar", backbone.scheduler.alphas_cumprod[self.timestep].clone(), persistent=False)
         self.channels = [block.resnets[-1].out_channels for block in self.unet.up_blocks][::-1]  # finest first
         self._features: list[torch.Tensor] = []
         for block in self.unet.up_blocks:
@@ -70,7 +72,7 @@ class DiffusionEncoder(nn.Module):
         x = torch.nn.functional.pad(rgb * 2 - 1, pad, mode="replicate")
         with torch.no_grad():
             latent = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
-        noisy = latent * self.signal
+        noisy = add_noise(latent, torch.zeros_like(latent), self.alpha_bar)  # t without noise: the signal part alone
         if self.unet.config.in_channels == 2 * latent.shape[1]:
             noisy = torch.cat([latent, noisy], dim=1)
         t = torch.full((rgb.shape[0],), self.timestep, device=rgb.device, dtype=torch.long)

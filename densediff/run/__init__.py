@@ -9,7 +9,6 @@ predict). Below: what the commands, the app and the tools use; anything else is 
 
 from __future__ import annotations
 
-from densediff.run.checkpoint import checkpoint_identity
 from densediff.run.config import ASSETS, ConfigError, compose, config_dir, user_errors
 from densediff.run.datasets import datasets_to_shard
 from densediff.run.jobs import (
@@ -23,6 +22,6 @@ from densediff.run.jobs import (
 )
 from densediff.run.rundir import RunDirGuard, run_record
 
-__all__ = ["ASSETS", "ConfigError", "RunDirGuard", "build_predictor", "checkpoint_identity", "compose", "config_dir",
+__all__ = ["ASSETS", "ConfigError", "RunDirGuard", "build_predictor", "compose", "config_dir",
            "datasets_to_shard", "evaluate", "load_predictor", "optimized_metric", "predict", "run_record", "train",
            "training_parts", "user_errors"]

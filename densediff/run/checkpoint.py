@@ -119,9 +119,3 @@ def read_record(path: str | Path, key: str = "ckpt") -> CheckpointRecord:
     return CheckpointRecord(path=path, paradigm=paradigm, model_class=model_class,
                             hparams=model_class.saved_arguments(dict(contents.get("hyper_parameters") or {})),
                             inference=contents.get("densediff_inference"), contents=contents)
-
-
-def checkpoint_identity(path: Path) -> tuple[str, str | None]:
-    """(paradigm, task) of a train.py checkpoint, read without building the model."""
-    record = read_record(path)
-    return record.paradigm, record.task
