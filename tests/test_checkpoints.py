@@ -5,9 +5,11 @@ evaluate.py, predict.py and export; a write the disk has no room for is refused 
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -234,3 +236,32 @@ def test_a_torn_checkpoint_that_does_not_change_is_one_error_naming_it(tmp_path)
     path.write_bytes(b"PK\x03\x04 not a whole archive")
     with pytest.raises(DataReadError, match="cannot read checkpoint .*last.ckpt"):
         read_checkpoint(path)
+
+
+@pytest.mark.slow
+def test_ddp_a_free_space_refusal_on_rank_zero_ends_every_rank(tmp_path):
+    """Rank 0 alone writes checkpoints: when it refuses one, the other rank must not wait in a collective for ever.
+    A sitecustomize (imported by every interpreter of the run, the spawned rank included) reports a full disk."""
+    patch = tmp_path / "site"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(
+        "import shutil\n_real = shutil.disk_usage\n"
+        "shutil.disk_usage = lambda path: _real(path)._replace(free=1000)\n")
+    run = tmp_path / "ddp"
+    pythonpath = os.pathsep.join([str(patch), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    os.environ["PYTHONPATH"], before = pythonpath, os.environ.get("PYTHONPATH")
+    try:
+        started = time.monotonic()
+        result = run_cli("train.py", "experiment=quickstart", "logger=csv", f"hydra.run.dir={run}", *FAST,
+                         "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu",
+                         expect_ok=False, fresh=True, timeout=300)
+        elapsed = time.monotonic() - started
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = before
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "not enough free space for the checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert elapsed < 240  # ended, not waiting on a collective until a timeout
+    assert not list((run / "checkpoints").glob("*.ckpt"))  # nothing was written

@@ -489,3 +489,27 @@ def test_an_unsafe_checkpoint_is_refused_without_torchs_advice_to_unpickle_it(tm
         assert "pwned" not in result.stdout + result.stderr
     result = run_cli("-m", "densediff.export", f"ckpt={evil}", f"output={tmp_path / 'x'}", expect_ok=False)
     assert result.returncode == 1 and "refused checkpoint" in result.stderr and "weights_only" not in result.stderr
+
+
+def test_a_rank_whose_peer_ended_says_so_in_one_line(monkeypatch, capsys):
+    """Under DDP, rank 0's one-line refusal ends its process; a rank waiting in a collective then fails with the
+    backend's 'closed by peer': it says that in one line too, while the first process's own errors stay untouched."""
+    from densediff.run import user_errors
+
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:8375. This is "
+                        "typically caused by a remote worker crashing.")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        with user_errors():
+            raise gloo
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: rank 1 stopped: another process of this run ended first (its own error says why)"
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # any other failure keeps its traceback
+        with user_errors():
+            raise RuntimeError("shape mismatch")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(RuntimeError, match="closed by peer"):  # the first process: not a follower
+        with user_errors():
+            raise gloo

@@ -142,6 +142,21 @@ def user_errors():
     except OSError as error:  # a folder that cannot be written, a full disk, permissions: the path and the cause
         print(f"\nerror: {describe_os_error(error)}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
+    except RuntimeError as error:  # a DDP rank whose peer ended first (rank 0's refusal above): one line, not a trace
+        if first_process() or not _peer_ended(error):
+            raise
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK")))
+        print(f"\nerror: rank {rank} stopped: another process of this run ended first (its own error says why)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+PEER_ENDED = ("closed by peer", "reset by peer", "remote worker crashing", "communicator was aborted")
+
+
+def _peer_ended(error: RuntimeError) -> bool:
+    """A collective that failed because another rank's process is gone (gloo's and NCCL's wordings)."""
+    return any(phrase in str(error) for phrase in PEER_ENDED)
 
 
 def _own_message(error: BaseException) -> str:
