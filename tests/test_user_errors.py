@@ -513,3 +513,11 @@ def test_a_rank_whose_peer_ended_says_so_in_one_line(monkeypatch, capsys):
     with pytest.raises(RuntimeError, match="closed by peer"):  # the first process: not a follower
         with user_errors():
             raise gloo
+
+
+def test_a_loader_refusing_an_option_is_one_line_naming_the_dataset(tmp_path):
+    """A loader's ValueError (an option it cannot take) reaches the user as the loader's sentence, not Hydra's
+    instantiation wrapper with a traceback."""
+    result = run_cli("train.py", "experiment=quickstart", "dataset.train.height=4", f"hydra.run.dir={tmp_path / 'r'}",
+                     expect_ok=False)
+    assert_one_line_error(result, "dataset=procedural, train split: procedural: height and width must be >= 8, got 4x")

@@ -31,6 +31,8 @@ def build_dataset(cfg: DictConfig, split: str, stream: bool = False):
     except InstantiationException as error:  # Hydra's wrapper around a loader's own message (a missing root, ...)
         if isinstance(error.__cause__, (ConfigError, FileNotFoundError, DataReadError)):
             raise error.__cause__ from None
+        if type(error.__cause__) is ValueError:  # a loader refusing one of its options (tasks, sizes, split)
+            raise ConfigError(f"dataset={cfg.dataset.name}, {split} split: {error.__cause__}") from None
         raise
 
 
