@@ -344,3 +344,66 @@ def test_probability_mix_proportions_streams_and_resume():
         MixedBatchSampler([10, 10], 2, probabilities=[0.5])
     with pytest.raises(ValueError, match="2 datasets but 3 probabilities"):
         MixedDataset([list(range(4)), list(range(4))], probabilities=[0.2, 0.3, 0.5])
+
+
+# ----------------------------------------------------------------------------- the normals recipe on the fixtures
+
+
+def write_normals_mix(root):
+    """<root>/hypersim/processed, interiorverse/scenes_85 and sintel, in Marigold's preprocessed normals layouts."""
+    hyp = root / "hypersim" / "processed"
+    lines = []
+    for f in range(4):
+        rgb, nrm = f"train/{SCENE}/rgb_cam_00_fr{f:04d}.png", f"train/{SCENE}/normal_cam_cam_00_fr{f:04d}.npy"
+        write_png(hyp / rgb, rgb_u8(f))
+        np.save(hyp / nrm, unit_normals(f))
+        lines.append(f"{rgb} {nrm}")
+    (hyp / "hypersim_filtered_all.txt").write_text("\n".join(lines) + "\n")
+    (hyp / "hypersim_filtered_val_100.txt").write_text("\n".join(lines[:2]) + "\n")
+    iv = root / "interiorverse" / "scenes_85"
+    lines = []
+    for f in range(4):
+        write_png(iv / SCENE_IV / f"{f:03d}_img.png", rgb_u8(10 + f))
+        np.save(iv / SCENE_IV / f"{f:03d}_normal.npy", unit_normals(10 + f))
+        lines.append(f"{SCENE_IV}/{f:03d}_img.png {SCENE_IV}/{f:03d}_normal.npy")
+    (root / "interiorverse" / "interiorverse_filtered_all.txt").write_text("\n".join(lines) + "\n")
+    sintel = root / "sintel"
+    for f in range(2):
+        write_png(sintel / "alley_2" / f"frame_{f:04d}_img.png", rgb_u8(20 + f, H, W + 8))
+        np.save(sintel / "alley_2" / f"frame_{f:04d}_normal.npy", unit_normals(20 + f, H, W + 8))
+    (sintel / "sintel_filtered.txt").write_text(
+        "".join(f"alley_2/frame_{f:04d}_img.png alley_2/frame_{f:04d}_normal.npy\n" for f in range(2)))
+
+
+def test_marigold_normals_recipe_trains_two_steps_on_the_mix(tmp_path):
+    """train.py experiment=marigold_normals (its dataset is the probability mix) on the tiny backbone and fixtures of the
+    three real layouts: two steps and a validation."""
+    from conftest import FAST, read_metrics, run_cli
+
+    write_normals_mix(tmp_path / "data")
+    fast = [o for o in FAST if "num_scenes" not in o]
+    sizes = [f"+dataset.train.datasets.0.height={H}", f"+dataset.train.datasets.0.width={W}",
+             f"+dataset.train.datasets.2.height={H}", f"+dataset.train.datasets.2.width={W}",
+             "+dataset.train.datasets.2.crop=4"]  # Sintel's 221 px, scaled to the fixture
+    run = tmp_path / "run"
+    run_cli("train.py", "experiment=marigold_normals", "backbone=tiny", f"dataset.root={tmp_path / 'data'}",
+            "dataset.num_workers=0", "trainer.accumulate_grad_batches=1", "inference.processing_res=0",
+            "logger=csv", f"hydra.run.dir={run}", *fast, *sizes)
+    assert "angular_mean" in read_metrics(run)
+
+
+def test_dataset_configs_build_the_loaders(hypersim_iid_root, interiorverse_root):
+    """conf/dataset/{hypersim_iid,interiorverse}.yaml: the loaders, lists and sizes named above, through the config."""
+    from densediff.run.config import compose
+    from densediff.run.datasets import build_dataset
+
+    cfg = compose("train", ["dataset=hypersim_iid", f"dataset.root={hypersim_iid_root}"])
+    train = build_dataset(cfg, "train")
+    assert isinstance(train, HypersimIID) and train.hflip and (train.height, train.width) == (480, 640)
+    assert train[0]["shading"].shape == (3, 480, 640) and set(train.tasks) == {"albedo", "shading", "residual"}
+    assert build_dataset(cfg, "test")[0]["albedo"].shape == (3, H, W)  # native
+    cfg = compose("train", ["dataset=interiorverse", f"dataset.root={interiorverse_root}"])
+    s = build_dataset(cfg, "train")[0]
+    assert {"albedo", "material", "valid_mask", "albedo_mask", "material_mask"} <= set(s) and "normals" not in s
+    cfg = compose("train", ["dataset=interiorverse", f"dataset.root={interiorverse_root}", "dataset.tasks=[normals]"])
+    assert build_dataset(cfg, "train")[0]["normals"].shape == (3, H, W)
