@@ -355,8 +355,8 @@ def write_normals_mix(root):
     lines = []
     for f in range(4):
         rgb, nrm = f"train/{SCENE}/rgb_cam_00_fr{f:04d}.png", f"train/{SCENE}/normal_cam_cam_00_fr{f:04d}.npy"
-        write_png(hyp / rgb, rgb_u8(f))
-        np.save(hyp / nrm, unit_normals(f))
+        write_png(hyp / rgb, rgb_u8(f, 40, 48))  # big enough for the 33-px blur; resized to HxW for training
+        np.save(hyp / nrm, unit_normals(f, 40, 48))
         lines.append(f"{rgb} {nrm}")
     (hyp / "hypersim_filtered_all.txt").write_text("\n".join(lines) + "\n")
     (hyp / "hypersim_filtered_val_100.txt").write_text("\n".join(lines[:2]) + "\n")
@@ -407,3 +407,98 @@ def test_dataset_configs_build_the_loaders(hypersim_iid_root, interiorverse_root
     assert {"albedo", "material", "valid_mask", "albedo_mask", "material_mask"} <= set(s) and "normals" not in s
     cfg = compose("train", ["dataset=interiorverse", f"dataset.root={interiorverse_root}", "dataset.tasks=[normals]"])
     assert build_dataset(cfg, "train")[0]["normals"].shape == (3, H, W)
+
+
+# ----------------------------------------------------------------------------- Marigold's normals augmentations
+
+
+def test_gaussian_blur_matches_a_separable_reflect_convolution():
+    from densediff.data.augment import gaussian_blur
+
+    img = np.random.default_rng(0).integers(0, 256, (3, 40, 44)).astype(np.float64)
+    sigma = 2.7
+    x = np.arange(-16, 17, dtype=np.float64)
+    g = np.exp(-x ** 2 / (2 * sigma ** 2))
+    g /= g.sum()
+    padded = np.pad(img, ((0, 0), (16, 16), (16, 16)), mode="reflect")  # mirror without repeating the edge
+    rows = sum(g[i] * padded[:, i:i + 40, :] for i in range(33))
+    expect = sum(g[j] * rows[:, :, j:j + 44] for j in range(33))
+    out = gaussian_blur(torch.from_numpy(img).float(), sigma).double().numpy()
+    assert np.abs(out - np.round(expect)).max() <= 1 and (out == np.round(expect)).mean() > 0.99
+    assert (out == np.round(out)).all()
+    with pytest.raises(ValueError, match="too small for Marigold's 33-px Gaussian blur"):
+        gaussian_blur(torch.zeros(3, 16, 40), 1.0)
+
+
+def test_motion_kernel_rotates_the_line_counter_clockwise():
+    from densediff.data.augment import motion_blur, motion_kernel
+
+    k0, k90, k45 = motion_kernel(5, 0.0), motion_kernel(5, 90.0), motion_kernel(5, 45.0)
+    assert (k0 > 0).nonzero().tolist() == [[2, c] for c in range(5)] and torch.allclose(k0[2], torch.full((5,), 0.2))
+    assert torch.equal(k90 > 0, (k0 > 0).T) and torch.allclose(k90.sum(), torch.tensor(1.0))
+    # counter-clockwise on the image (y down): the line runs from bottom-left to top-right; the corners fall outside
+    assert (k45 > 0).nonzero().tolist() == [[1, 3], [2, 2], [3, 1]] and torch.allclose(k45[2, 2], torch.tensor(1 / 3))
+    img = torch.zeros(3, 9, 9)
+    img[:, 4, 4] = 255.0  # a point spreads along the kernel's line, truncated
+    out = motion_blur(img, 3, 0.0)
+    assert out[0, 4, 3:6].tolist() == [85.0, 85.0, 85.0] and out.sum() == 3 * 255
+
+
+def test_color_jitter_adjustments():
+    import colorsys
+
+    from densediff.data.augment import color_jitter
+
+    img = torch.from_numpy(np.random.default_rng(1).uniform(0, 1, (3, 6, 7))).float()
+    grey = 0.2989 * img[0] + 0.587 * img[1] + 0.114 * img[2]
+    assert torch.allclose(color_jitter(img, [0], 1.3, 1, 1, 0), (img * 1.3).clamp(0, 1))
+    assert torch.allclose(color_jitter(img, [1], 1, 0.6, 1, 0), (0.6 * img + 0.4 * grey.mean()).clamp(0, 1))
+    assert torch.allclose(color_jitter(img, [2], 1, 1, 1.4, 0), (1.4 * img - 0.4 * grey).clamp(0, 1))
+    hue = color_jitter(img, [3], 1, 1, 1, 0.17)
+    for y, x in [(0, 0), (2, 3), (5, 6)]:
+        h, s, v = colorsys.rgb_to_hsv(*img[:, y, x].tolist())
+        assert torch.allclose(hue[:, y, x], torch.tensor(colorsys.hsv_to_rgb((h + 0.17) % 1, s, v)), atol=1e-5)
+    red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    assert torch.allclose(color_jitter(red, [3], 1, 1, 1, 1 / 3)[:, 0, 0], torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)
+    # the order matters: brightness then contrast is not contrast then brightness once values clamp
+    assert not torch.allclose(color_jitter(img, [0, 1], 1.5, 0.5, 1, 0), color_jitter(img, [1, 0], 1.5, 0.5, 1, 0))
+
+
+def test_marigold_normals_augment_draws_and_switches():
+    from densediff.data.augment import marigold_normals_augment
+
+    rgb = torch.from_numpy(rgb_u8(7, 40, 48).transpose(2, 0, 1).copy()).float() / 255
+    applied = [marigold_normals_augment(rgb, s, blur=True)[1] for s in range(400)]
+    for key in ("gaussian_blur", "motion_blur", "color_jitter"):  # each with p 0.3: 120 +- 4 sd (9.2)
+        assert abs(sum(key in a for a in applied) - 120) < 37, key
+    assert all(0 <= a["gaussian_blur"] <= 4 for a in applied if "gaussian_blur" in a)
+    assert {a["motion_blur"][0] for a in applied if "motion_blur" in a} == {3, 5, 7, 9, 11}
+    assert not any("blur" in k for s in range(100) for k in marigold_normals_augment(rgb, s, blur=False)[1])
+    out, done = marigold_normals_augment(rgb, 3, True, {"gaussian_blur_p": 1, "motion_blur_p": 1, "color_jitter_p": 1})
+    assert set(done) == {"gaussian_blur", "motion_blur", "color_jitter"}
+    assert torch.equal(out * 255, torch.round(out * 255)) and 0 <= out.min() and out.max() <= 1
+    again, _ = marigold_normals_augment(rgb, 3, True, {"gaussian_blur_p": 1, "motion_blur_p": 1, "color_jitter_p": 1})
+    assert torch.equal(out, again) and not torch.equal(out, rgb)
+    none, nothing = marigold_normals_augment(rgb, 3, True, {"gaussian_blur_p": 0, "motion_blur_p": 0,
+                                                            "color_jitter_p": 0})
+    assert nothing == {} and torch.equal(none, rgb)
+
+
+def test_augment_in_the_normals_loaders(tmp_path, interiorverse_root):
+    root = tmp_path / "hypersim"
+    write_png(root / "train" / SCENE / "rgb_cam_00_fr0000.png", rgb_u8(5, 40, 48))
+    np.save(root / "train" / SCENE / "normal_cam_cam_00_fr0000.npy", unit_normals(5, 40, 48))
+    (root / "hypersim_filtered_all.txt").write_text(
+        f"train/{SCENE}/rgb_cam_00_fr0000.png train/{SCENE}/normal_cam_cam_00_fr0000.npy\n")
+    plain = HypersimNormalsMarigold(root, height=None, width=None)[0]
+    always = {"gaussian_blur_p": 1.0, "color_jitter_p": 0.0, "motion_blur_p": 0.0}
+    blurred = HypersimNormalsMarigold(root, height=None, width=None, augment=always)[0]
+    assert not torch.equal(blurred["rgb"], plain["rgb"]) and torch.equal(blurred["normals"], plain["normals"])
+    assert HypersimNormalsMarigold.blur and not SintelNormalsTrain.blur
+    iv = InteriorVerse(interiorverse_root, "train", tasks=["normals"], augment=always)  # no blur off Hypersim
+    same = InteriorVerse(interiorverse_root, tasks=["normals"])[0]["rgb"]
+    assert not iv.normals.blur and torch.equal(iv[0]["rgb"], same)
+    with pytest.raises(ValueError, match=r"unknown augmentation keys \['blur_p'\]"):
+        HypersimNormalsMarigold(root, augment={"blur_p": 1})
+    with pytest.raises(ValueError, match="IID training flips only"):
+        InteriorVerse(interiorverse_root, "train", augment=True)

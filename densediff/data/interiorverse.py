@@ -64,8 +64,9 @@ class InteriorVerseNormals(MarigoldNormalsList):
               "NNN_normal.npy per line of data_split/interiorverse_normals/*.txt, relative to <root>/scenes_85 (or the "
               "raw NNN_im.exr and NNN_normal.exr beside them)")
 
-    def __init__(self, root, filename_list, height=None, width=None, hflip=False, seed=0):
-        super().__init__(root, filename_list, height, width, min_norm=0.1, renormalise=True, hflip=hflip, seed=seed)
+    def __init__(self, root, filename_list, height=None, width=None, hflip=False, seed=0, augment=None):
+        super().__init__(root, filename_list, height, width, min_norm=0.1, renormalise=True, hflip=hflip, seed=seed,
+                         augment=augment)
 
     def _resolve(self, rgb_rel, normals_rel):
         rgb, normals = os.path.join(self.root, rgb_rel), os.path.join(self.root, normals_rel)
@@ -92,8 +93,8 @@ class InteriorVerse(torch.utils.data.Dataset):
 
     Appearance sample: {"rgb" (3,H,W) sRGB [0,1], "albedo" and/or "material" (3,H,W) [0,1] (material: R roughness,
     G metallicity, B 0; both ^(1/2.2)), "valid_mask" (H,W) bool (the mask), "albedo_mask"/"material_mask" (the same
-    mask), "name", "relative_path"}. Normals sample: as MarigoldNormalsList. Native resolution unless `height`/`width`
-    are given; `hflip` flips with p = 0.5 (normals: x negated)."""
+    mask), "name", "relative_path"}. Normals sample: as MarigoldNormalsList (`augment`: its colour jitter; no blur).
+    Native resolution unless `height`/`width` are given; `hflip` flips with p = 0.5 (normals: x negated)."""
 
     title = "InteriorVerse"
     lists = {"appearance": {"train": "interiorverse_train_scenes_85.txt", "val": "interiorverse_val_scenes_85_small.txt",
@@ -104,8 +105,10 @@ class InteriorVerse(torch.utils.data.Dataset):
               "per line of data_split/interiorverse_iid/*.txt, relative to the root")
 
     def __init__(self, root, split="train", tasks=APPEARANCE_TASKS, filename_list=None, normals_root=None,
-                 height=None, width=None, hflip=False, seed=0):
+                 height=None, width=None, hflip=False, seed=0, augment=None):
         self.tasks = check_tasks(tasks, self.title, APPEARANCE_TASKS + ("normals",))
+        if augment and "normals" not in self.tasks:
+            raise ValueError(f"{self.title}: `augment` is Marigold's normals augmentation; its IID training flips only")
         if "normals" in self.tasks and len(self.tasks) > 1:
             raise ValueError(f"{self.title}: normals and {[t for t in self.tasks if t != 'normals']} come from "
                              f"different lists (interiorverse_normals/ and interiorverse_iid/); ask for one use")
@@ -119,7 +122,7 @@ class InteriorVerse(torch.utils.data.Dataset):
         self.height, self.width, self.hflip, self.seed, self.epoch = height, width, hflip, seed, 0
         if self.use == "normals":
             nroot = os.fspath(normals_root) if normals_root else os.path.join(self.root, "scenes_85")
-            self.normals = InteriorVerseNormals(nroot, self.list_path, height, width, hflip, seed)
+            self.normals = InteriorVerseNormals(nroot, self.list_path, height, width, hflip, seed, augment)
             self.samples = self.normals.samples
             return
         if (height is None) != (width is None):

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from densediff.data.augment import MARIGOLD_NORMALS_AUGMENTATION, augment_seed, marigold_normals_augment
 from densediff.data.common import (
     DATA_HELP,
     DataReadError,
@@ -120,10 +121,10 @@ def resize_mask(m, height, width):
     return F.interpolate(m[None, None].float(), size=(height, width), mode="nearest-exact")[0, 0] > 0.5
 
 
-def flip_and_resize(sample, hflip_seed, height, width, negate_x=()):
+def flip_and_resize(sample, hflip_seed, height, width, negate_x=(), between=None):
     """The training preprocessing of Marigold's loaders, in its order: an h-flip with p = 0.5 drawn from `hflip_seed`
-    (None: no flip; the keys in `negate_x` get their x channel negated), then the resize to (height, width) (None:
-    native): bilinear for float rasters, nearest-exact for bool masks."""
+    (None: no flip; the keys in `negate_x` get their x channel negated), `between(sample)` (the augmentations), then
+    the resize to (height, width) (None: native): bilinear for float rasters, nearest-exact for bool masks."""
     if hflip_seed is not None:
         g = torch.Generator().manual_seed(hflip_seed)
         if torch.rand((), generator=g) < 0.5:
@@ -133,6 +134,8 @@ def flip_and_resize(sample, hflip_seed, height, width, negate_x=()):
             for k in negate_x:
                 if k in sample:
                     sample[k] = sample[k] * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
+    if between is not None:
+        sample = between(sample)
     if height is not None and width is not None:
         for k, v in sample.items():
             if torch.is_tensor(v) and v.ndim >= 2:
@@ -151,14 +154,18 @@ class MarigoldNormalsList(torch.utils.data.Dataset):
     included) to (0, 0, 1), all valid (Sintel's sky); otherwise a NaN is an error naming the file and the valid mask is
     length > 0 (Marigold's evaluation mask). `min_norm` makes any pixel shorter than it an error (InteriorVerse:
     Marigold's preprocessing drops such frames) and `renormalise` divides by the length (InteriorVerse's
-    preprocessing). `height`/`width` (both or neither) resize after the flip, as Marigold's `resize_to_hw`."""
+    preprocessing). `height`/`width` (both or neither) resize after the flip, as Marigold's `resize_to_hw`.
+    `augment` (true, or a dict overriding augment.MARIGOLD_NORMALS_AUGMENTATION) applies Marigold's RGB augmentations
+    after the flip and before the resize: colour jitter, and the two blurs where the class sets `blur` (Hypersim)."""
+
+    blur = False  # Marigold blurs only Hypersim samples (told by their 768 rows)
 
     title = "Marigold normals"
     default_list = None  # the basename of Marigold's list, looked up in the root
     layout = "Marigold's preprocessed normals: <rgb>.png <normals>.npy per list line, relative to the root"
 
     def __init__(self, root, filename_list=None, height=None, width=None, crop=0, fill_invalid=False,
-                 min_norm=None, renormalise=False, hflip=False, seed=0, tasks=("normals",)):
+                 min_norm=None, renormalise=False, hflip=False, seed=0, tasks=("normals",), augment=None):
         self.tasks = check_tasks(tasks, self.title, ("normals",))
         if (height is None) != (width is None):
             raise ValueError(f"{self.title}: give both height and width (or neither), got {height}x{width}")
@@ -167,6 +174,11 @@ class MarigoldNormalsList(torch.utils.data.Dataset):
         self.height, self.width, self.crop = height, width, int(crop)
         self.fill_invalid, self.min_norm, self.renormalise = fill_invalid, min_norm, renormalise
         self.hflip, self.seed, self.epoch = hflip, seed, 0
+        self.augment = (dict(augment) if isinstance(augment, dict) else {}) if augment else None
+        unknown = set(self.augment or ()) - set(MARIGOLD_NORMALS_AUGMENTATION)
+        if unknown:
+            raise ValueError(f"{self.title}: unknown augmentation keys {sorted(unknown)}; known: "
+                             f"{sorted(MARIGOLD_NORMALS_AUGMENTATION)}")
         rows = read_filename_list(self.list_path, 2, self.title, self.layout)
         self.samples = [self._resolve(r[0], r[1]) for r in rows]
         check_files_exist([p for s in self.samples for p in s[1:]], self.title, self.list_path)
@@ -215,7 +227,14 @@ class MarigoldNormalsList(torch.utils.data.Dataset):
             rgb, n, valid = (a[:, self.crop:w - self.crop] for a in (rgb, n, valid))
         sample = {"rgb": chw(rgb), "normals": chw(n), "valid_mask": torch.from_numpy(np.ascontiguousarray(valid))}
         seed = flip_seed(self.seed, self.epoch, index) if self.hflip else None
-        sample = flip_and_resize(sample, seed, self.height, self.width, negate_x=("normals",))
+        between = None
+        if self.augment is not None:
+            aug_seed = augment_seed(self.seed, self.epoch, index)
+
+            def between(s):
+                s["rgb"] = marigold_normals_augment(s["rgb"], aug_seed, self.blur, self.augment)[0]
+                return s
+        sample = flip_and_resize(sample, seed, self.height, self.width, negate_x=("normals",), between=between)
         sample.update(name=name, relative_path=name)
         return sample
 
@@ -229,8 +248,11 @@ class HypersimNormalsMarigold(MarigoldNormalsList):
     layout = ("Marigold's preprocessed Hypersim normals: <split>/<scene>/rgb_<cam>_fr<NNNN>.png "
               "<split>/<scene>/normal_cam_<cam>_fr<NNNN>.npy per line of data_split/hypersim_normals/*.txt")
 
-    def __init__(self, root, filename_list=None, height=480, width=640, hflip=False, seed=0, tasks=("normals",)):
-        super().__init__(root, filename_list, height, width, hflip=hflip, seed=seed, tasks=tasks)
+    blur = True
+
+    def __init__(self, root, filename_list=None, height=480, width=640, hflip=False, seed=0, tasks=("normals",),
+                 augment=None):
+        super().__init__(root, filename_list, height, width, hflip=hflip, seed=seed, tasks=tasks, augment=augment)
 
 
 class SintelNormalsTrain(MarigoldNormalsList):
@@ -243,6 +265,6 @@ class SintelNormalsTrain(MarigoldNormalsList):
               "<seq>/frame_NNNN_normal.npy per line of data_split/sintel_normals/sintel_filtered.txt")
 
     def __init__(self, root, filename_list=None, height=480, width=640, crop=221, hflip=False, seed=0,
-                 tasks=("normals",)):
+                 tasks=("normals",), augment=None):
         super().__init__(root, filename_list, height, width, crop=crop, fill_invalid=True, hflip=hflip, seed=seed,
-                         tasks=tasks)
+                         tasks=tasks, augment=augment)
