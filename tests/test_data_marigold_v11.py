@@ -502,3 +502,18 @@ def test_augment_in_the_normals_loaders(tmp_path, interiorverse_root):
         HypersimNormalsMarigold(root, augment={"blur_p": 1})
     with pytest.raises(ValueError, match="IID training flips only"):
         InteriorVerse(interiorverse_root, "train", augment=True)
+
+
+@pytest.mark.parametrize("dataset, needle", [("marigold_normals_mix", "Hypersim normals (Marigold) root"),
+                                             ("hypersim_iid", "Hypersim IID root"),
+                                             ("interiorverse", "InteriorVerse root")])
+def test_a_missing_root_is_one_line_at_start_up(dataset, needle, tmp_path):
+    from conftest import run_cli
+
+    root = tmp_path / "elsewhere"
+    task = ["task=normals"] if dataset == "marigold_normals_mix" else []  # the mix carries normals only
+    result = run_cli("train.py", "experiment=quickstart", f"dataset={dataset}", f"dataset.root={root}", *task,
+                     f"hydra.run.dir={tmp_path / 'r'}", expect_ok=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    error = result.stderr[result.stderr.index("error: "):]
+    assert needle in error and str(root) in error and "does not exist" in error, error
