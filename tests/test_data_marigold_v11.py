@@ -407,6 +407,16 @@ def test_dataset_configs_build_the_loaders(hypersim_iid_root, interiorverse_root
     assert {"albedo", "material", "valid_mask", "albedo_mask", "material_mask"} <= set(s) and "normals" not in s
     cfg = compose("train", ["dataset=interiorverse", f"dataset.root={interiorverse_root}", "dataset.tasks=[normals]"])
     assert build_dataset(cfg, "train")[0]["normals"].shape == (3, H, W)
+    write_normals_mix(interiorverse_root.parent / "mix")
+    cfg = compose("train", ["dataset=sintel_normals_train", f"dataset.root={interiorverse_root.parent / 'mix/sintel'}",
+                            "task=normals", "+dataset.val.crop=4"])
+    train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    assert train.hflip and train.augment == {} and not val.hflip and val.augment is None and train.crop == 221
+    assert val[0]["normals"].shape == (3, 480, 640)
+    cfg = compose("train", ["experiment=marigold_normals", f"dataset.root={interiorverse_root.parent / 'mix'}"])
+    mix = build_dataset(cfg, "train")
+    assert isinstance(mix, MixedDataset) and mix.probabilities == [0.5, 0.49, 0.01] and mix.lengths == [4, 4, 2]
+    assert [d.augment for d in mix.datasets[::2]] == [{}, {}] and mix.datasets[1].normals.augment == {}
 
 
 # ----------------------------------------------------------------------------- Marigold's normals augmentations
