@@ -174,7 +174,8 @@ class MarigoldNormalsList(torch.utils.data.Dataset):
         self.height, self.width, self.crop = height, width, int(crop)
         self.fill_invalid, self.min_norm, self.renormalise = fill_invalid, min_norm, renormalise
         self.hflip, self.seed, self.epoch = hflip, seed, 0
-        self.augment = (dict(augment) if isinstance(augment, dict) else {}) if augment else None
+        # None/false: flips only; true: Marigold's parameters; a dict (even empty): those, overridden by its keys
+        self.augment = None if augment is None or augment is False else dict(augment) if isinstance(augment, dict) else {}
         unknown = set(self.augment or ()) - set(MARIGOLD_NORMALS_AUGMENTATION)
         if unknown:
             raise ValueError(f"{self.title}: unknown augmentation keys {sorted(unknown)}; known: "
