@@ -42,4 +42,5 @@ def test_marigold_recipes_compose_with_the_published_settings():
     assert (normals.inference.steps, normals.inference.timestep_spacing, normals.inference.processing_res) == (
         4, "trailing", 768)
     assert normals.backbone.normals_decode == "clip_normalize" and normals.task.name == "normals"
+    assert normals.dataset.name == "marigold_normals_mix" and list(normals.dataset.probabilities) == [0.5, 0.49, 0.01]
     assert depth.objective.weight_decay == 0.0  # Marigold trains with torch.optim.Adam, no weight decay

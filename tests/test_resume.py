@@ -104,6 +104,9 @@ LOADERS = {  # 11 batches of 2 an epoch (streamed by 2 workers: 12, a multiple o
     "mixed": lambda shards, workers: DenseDataModule(train=MixedDataset([Numbers(20), Numbers(6, offset=100)]),
                                                      val=Numbers(2), batch_size=2, mix_ratios=[9, 1], seed=3,
                                                      num_workers=workers),
+    "drawn": lambda shards, workers: DenseDataModule(  # Marigold's mix by probability: streams cross epochs
+        train=MixedDataset([Numbers(16), Numbers(6, offset=100)], probabilities=[0.6, 0.4]), val=Numbers(2),
+        batch_size=2, seed=3, num_workers=workers),
     "shards": lambda shards, workers: DenseDataModule(train=shard_dataset(shards, "train", stream=True, seed=3,
                                                                           shuffle_buffer=4),
                                                       val=Numbers(2), batch_size=2, num_workers=workers),
@@ -113,7 +116,8 @@ LOADERS = {  # 11 batches of 2 an epoch (streamed by 2 workers: 12, a multiple o
 # before batch 6: last.ckpt is the validation after batch 4, one batch into an accumulation; 12: the epoch's end;
 # 13: the validation after the first batch of epoch 1; 21: the every-2-steps checkpoint at step 6
 @pytest.mark.parametrize("loader, crash_before, workers", [
-    ("mixed", 6, 0), ("mixed", 12, 0), ("mixed", 13, 0), ("mixed", 21, 0), ("mixed", 13, 2),
+    ("mixed", 6, 0), ("mixed", 12, 0), ("mixed", 13, 0), ("mixed", 21, 0), ("mixed", 13, 2), ("drawn", 13, 0),
+    ("drawn", 21, 2),
     ("shuffle", 6, 0), ("shuffle", 13, 0), ("shards", 6, 0), ("shards", 13, 0), ("shards", 13, 2)])
 def test_resume_after_a_crash_gives_the_uninterrupted_weights(loader, crash_before, workers, number_shards, tmp_path):
     def make():

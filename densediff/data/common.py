@@ -6,6 +6,9 @@ import torch
 from PIL import Image
 
 SUPPORTED_TASKS = ("depth", "normals")
+# the intrinsic-image targets of Marigold v1.1's IID loaders (hypersim_iid.py: lighting; interiorverse.py: appearance)
+LIGHTING_TASKS = ("albedo", "shading", "residual")
+APPEARANCE_TASKS = ("albedo", "material")
 DATA_HELP = "see README 'Real weights and data'"
 
 
@@ -45,11 +48,12 @@ def read_depth_png(path, units_per_metre):
     return a.astype(np.float32) / units_per_metre
 
 
-def check_tasks(tasks, who):
+def check_tasks(tasks, who, supported=SUPPORTED_TASKS):
+    """`tasks` as a tuple; an unknown name is one ValueError naming the dataset and the tasks it provides."""
     tasks = tuple(tasks)
-    unknown = set(tasks) - set(SUPPORTED_TASKS)
+    unknown = set(tasks) - set(supported)
     if unknown:
-        raise ValueError(f"{who}: unknown tasks {sorted(unknown)}; this dataset provides {SUPPORTED_TASKS}")
+        raise ValueError(f"{who}: unknown tasks {sorted(unknown)}; this dataset provides {tuple(supported)}")
     return tasks
 
 

@@ -115,8 +115,9 @@ class DenseDataModule(L.LightningDataModule):
         self.datasets = {"train": train, "val": val, "test": test}
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.mix_ratios, self.seed = num_workers, mix_ratios, seed
-        if isinstance(train, MixedDataset) and not mix_ratios:
-            raise ValueError("a mixed training set needs dataset.mix_ratios (e.g. [9, 1])")
+        if isinstance(train, MixedDataset) and not mix_ratios and train.probabilities is None:
+            raise ValueError("a mixed training set needs dataset.mix_ratios (e.g. [9, 1]) or the MixedDataset's "
+                             "probabilities (e.g. [0.5, 0.49, 0.01])")
 
     @property
     def mixes_batches(self) -> bool:
@@ -136,6 +137,15 @@ class DenseDataModule(L.LightningDataModule):
             dataset = EpochAwareDataset(dataset)
         return loader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0, **kwargs)
 
+    def _mixed_sampler(self, world_size: int, rank: int) -> MixedBatchSampler:
+        """Fixed ratios (dataset.mix_ratios, E2E) or, when the MixedDataset carries probabilities, Marigold's draw."""
+        dataset = self.datasets["train"]
+        if dataset.probabilities is not None:
+            return MixedBatchSampler(dataset.lengths, self.batch_size, seed=self.seed, num_replicas=world_size,
+                                     rank=rank, probabilities=dataset.probabilities)
+        return MixedBatchSampler(dataset.lengths, self.batch_size, ratios=self.mix_ratios, seed=self.seed,
+                                 num_replicas=world_size, rank=rank)
+
     def train_dataloader(self) -> DataLoader:
         trainer, dataset = self.trainer, self.datasets["train"]
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
@@ -147,9 +157,7 @@ class DenseDataModule(L.LightningDataModule):
                 loader.epoch_source = lambda: trainer.current_epoch
             return loader
         if self.mixes_batches:
-            sampler = MixedBatchSampler(dataset.lengths, self.batch_size, ratios=self.mix_ratios, seed=self.seed,
-                                        num_replicas=world_size, rank=rank)
-            return self._loader("train", ResumableLoader, batch_sampler=sampler)
+            return self._loader("train", ResumableLoader, batch_sampler=self._mixed_sampler(world_size, rank))
         sampler = ResumableShuffleSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed)
         return self._loader("train", ResumableLoader, batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
@@ -160,8 +168,7 @@ class DenseDataModule(L.LightningDataModule):
         if dataset is None or self.streams:
             return None
         if self.mixes_batches:
-            return len(MixedBatchSampler(dataset.lengths, self.batch_size, ratios=self.mix_ratios, seed=self.seed,
-                                         num_replicas=world_size, rank=0))
+            return len(self._mixed_sampler(world_size, 0))
         return len(dataset) // world_size // self.batch_size
 
     def _evaluation_loader(self, split: str) -> DataLoader:

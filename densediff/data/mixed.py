@@ -18,6 +18,11 @@ Lightning calls `set_epoch(epoch)` on `loader.batch_sampler.sampler`, which is t
 give the sampler num_replicas/rank and build the Trainer with `use_distributed_sampler=False` (otherwise Lightning
 tries to rebuild this batch sampler around its own DistributedSampler). The indices carry their epoch (EpochIndex), so
 a dataset wrapped in EpochAwareDataset (densediff/data/datamodule.py) flips per epoch even in persistent workers.
+
+Marigold mixes by probability instead (`src/dataset/mixed_sampler.py`, its normals mix [0.5, 0.49, 0.01]): an epoch has
+as many batches as all datasets together (drop_last), each batch's dataset is drawn with replacement with those
+probabilities, and a dataset whose batches run out is reshuffled and continues. `MixedDataset(datasets,
+probabilities=[...])` selects this (see MixedBatchSampler).
 """
 
 from fractions import Fraction
@@ -43,7 +48,15 @@ class EpochIndex(int):
 
 
 class MixedDataset(ConcatDataset):
-    """ConcatDataset that knows its parts' lengths (for MixedBatchSampler) and forwards set_epoch to them."""
+    """ConcatDataset that knows its parts' lengths (for MixedBatchSampler) and forwards set_epoch to them.
+    `probabilities` (one per dataset) asks for Marigold's mixing by probability instead of fixed ratios."""
+
+    def __init__(self, datasets, probabilities=None):
+        super().__init__(datasets)
+        self.probabilities = None if probabilities is None else [float(p) for p in probabilities]
+        if self.probabilities is not None and len(self.probabilities) != len(self.datasets):
+            raise ValueError(f"MixedDataset: {len(self.datasets)} datasets but {len(self.probabilities)} "
+                             f"probabilities {self.probabilities}")
 
     @property
     def lengths(self):
@@ -72,11 +85,27 @@ class MixedBatchSampler(Sampler[list[int]]):
     boolean list). Without shuffle the batches are interleaved evenly instead, in index order.
     DDP: the epoch's batch list is dealt round-robin to `num_replicas` ranks and cut to the same length on each, so the
     shares are disjoint and equally long (at most num_replicas - 1 batches per epoch go unused).
+
+    With `probabilities` (Marigold's MixedBatchSampler; `ratios` is then unused): the epoch has sum_i n_i batches (n_i
+    = dataset i's full batches), each from dataset k ~ multinomial(probabilities), drawn with replacement by a
+    generator seeded by (seed, epoch). Dataset i's batches form one endless stream of passes, pass c a permutation
+    seeded by (seed, i, c) cut into n_i batches; an epoch continues each stream where the previous epochs left it
+    (Marigold keeps its batch lists across epochs and refills an exhausted one), so every sample is seen once before
+    any is seen twice. The stream positions are recomputed from the earlier epochs' draws, so resuming needs no state.
     """
 
     def __init__(self, dataset_lengths, batch_size, ratios=(9, 1), seed=0, shuffle=True, drop_last=True,
-                 num_replicas=1, rank=0):
-        self.lengths, self.ratios = [int(n) for n in dataset_lengths], [Fraction(r) for r in ratios]
+                 num_replicas=1, rank=0, probabilities=None):
+        self.lengths = [int(n) for n in dataset_lengths]
+        self.probabilities = None
+        if probabilities is not None:
+            p = np.asarray(probabilities, np.float64)
+            if p.shape != (len(self.lengths),) or (p < 0).any() or not p.sum() > 0 or not np.isfinite(p).all():
+                raise ValueError(f"MixedBatchSampler: need one probability >= 0 per dataset ({len(self.lengths)}), "
+                                 f"not all 0, got {list(probabilities)}")
+            self.probabilities = p / p.sum()  # torch.multinomial normalises its weights the same way
+            ratios = [1] * len(self.lengths)
+        self.ratios = [Fraction(r) for r in ratios]
         if len(self.lengths) != len(self.ratios):
             raise ValueError(f"MixedBatchSampler: {len(self.lengths)} datasets but {len(self.ratios)} ratios")
         if any(r < 0 for r in self.ratios) or not any(r > 0 for r in self.ratios):
@@ -89,7 +118,15 @@ class MixedBatchSampler(Sampler[list[int]]):
         self.skip = 0  # batches of this rank to skip once, in the epoch being resumed
         self.offsets = np.cumsum([0] + self.lengths[:-1]).tolist()
         full = [n // batch_size if drop_last else -(-n // batch_size) for n in self.lengths]
-        self.counts = batches_per_dataset(full, self.ratios)
+        self.full = full
+        if self.probabilities is not None:
+            empty = [i for i, (n, p) in enumerate(zip(full, self.probabilities)) if p > 0 and n == 0]
+            if empty:
+                raise ValueError(f"MixedBatchSampler: dataset(s) {empty} have a probability > 0 but no full batch of "
+                                 f"{batch_size} (lengths {self.lengths})")
+            self.counts = full  # the epoch's length, as Marigold's n_total_batch; which dataset is drawn per batch
+        else:
+            self.counts = batches_per_dataset(full, self.ratios)
         if len(self) == 0:
             raise ValueError(f"MixedBatchSampler: no batch per rank for dataset lengths {self.lengths}, batch size "
                              f"{batch_size}, ratios {tuple(ratios)}, {num_replicas} replicas")
@@ -105,7 +142,35 @@ class MixedBatchSampler(Sampler[list[int]]):
     def __len__(self):
         return sum(self.counts) // self.num_replicas
 
+    def _draws(self, epoch):
+        """The dataset of each batch of `epoch` (probability mode)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        return rng.choice(len(self.lengths), size=sum(self.counts), replace=True, p=self.probabilities)
+
+    def _pass(self, i, c):
+        """Dataset i's indices in its c-th pass (probability mode)."""
+        n = self.lengths[i]
+        return np.random.default_rng([self.seed, i, c, 1]).permutation(n) if self.shuffle else np.arange(n)
+
+    def _drawn_batches(self):
+        k = len(self.lengths)
+        position = np.zeros(k, np.int64)  # batches each stream gave in the epochs before this one
+        for e in range(self.epoch):
+            position += np.bincount(self._draws(e), minlength=k)
+        batches, passes = [], {}
+        for i in self._draws(self.epoch):
+            c, b = divmod(int(position[i]), self.full[i])
+            position[i] += 1
+            if (i, c) not in passes:
+                passes = {key: v for key, v in passes.items() if key[0] != i}  # one live pass per dataset
+                passes[(i, c)] = self._pass(i, c)
+            idx = passes[(i, c)][b * self.batch_size:(b + 1) * self.batch_size]
+            batches.append((idx + self.offsets[i]).tolist())
+        return batches
+
     def _epoch_batches(self):
+        if self.probabilities is not None:
+            return self._drawn_batches()
         rng = np.random.default_rng([self.seed, self.epoch])
         batches, keys = [], []
         for i, (n, off, count) in enumerate(zip(self.lengths, self.offsets, self.counts)):
