@@ -49,6 +49,14 @@ class Task:
         """[B,H,W] pixels with a usable ground truth (default: the sample's valid_mask)."""
         return batch["valid_mask"]
 
+    # How many 3-channel images `encode` stacks ([B, 3n, H, W]) and `decode` takes: n > 1 is Marigold v1.1's n-target
+    # UNet (task=intrinsics), each image its own latent.
+    latent_targets = 1
+
+    def denoising_mask(self, batch: dict) -> torch.Tensor:
+        """[B,H,W] pixels whose latent footprint the diffusion loss covers (default: the sample's valid_mask)."""
+        return batch["valid_mask"]
+
     def encode(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError(f"task {self.name} has no VAE codec: it trains with objective=multitask's heads")
 
