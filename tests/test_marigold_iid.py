@@ -170,6 +170,31 @@ def test_the_task_scores_each_target_in_its_space_and_names_the_keys_target_metr
                        torch.tensor([0.0, 0.0, 0.5, 1.0]).view(1, 4, 1, 1))
 
 
+def test_lighting_scores_each_target_on_its_own_mask_and_the_loss_mask_follows_the_option():
+    """Samples as the IID loaders give them: targets (3,H,W) in [0, 1], valid_mask (H,W), per-target <target>_mask."""
+    lighting = build_task("intrinsics")
+    h, w = 16, 16
+    batch = {"albedo": torch.full((1, 3, h, w), 0.5), "shading": torch.full((1, 3, h, w), 0.5),
+             "residual": torch.full((1, 3, h, w), 0.5), "valid_mask": torch.ones(1, h, w, dtype=torch.bool),
+             "albedo_mask": torch.ones(1, h, w, dtype=torch.bool)}
+    batch["albedo_mask"][0, :, :4] = False  # an albedo the loader marked invalid there (e.g. all-zero)
+    output = torch.full((1, 9, h, w), 0.5)
+    output[0, :3, :, :4] = 1.0  # wrong only where albedo is invalid
+    output[0, :3, :, 4:] = 0.25
+    metrics = lighting.metrics()
+    lighting.update_metrics(metrics, output, batch)
+    values = metrics.compute()
+    # albedo in sRGB over its own valid pixels only: the 1.0 pixels do not count
+    assert float(values["albedo_psnr"]) == pytest.approx(
+        10 * math.log10(1 / (0.25 ** (1 / 2.2) - 0.5 ** (1 / 2.2)) ** 2), rel=1e-5)
+    # shading and residual: a perfect (up to scale) prediction on valid_mask; psnr inf, as Marigold's arithmetic gives
+    assert math.isinf(float(values["shading_psnr"])) and float(values["shading_ssim"]) == pytest.approx(1.0)
+    assert bool(lighting.denoising_mask(batch).all())  # gt_mask_type null: every latent element
+    masked = build_task("intrinsics", loss_mask="valid_mask")
+    batch["valid_mask"][0, 0, 0] = False
+    assert torch.equal(masked.denoising_mask(batch), batch["valid_mask"])
+
+
 def test_lpips_is_off_by_default_and_skipped_with_one_line_when_unavailable(caplog, monkeypatch):
     assert IIDMetrics({"albedo": "srgb"}).names == ["albedo_psnr", "albedo_ssim"]
     import torchmetrics.image.lpip as lpip
