@@ -386,3 +386,33 @@ def test_export_keeps_the_zero_snr_betas_the_model_was_trained_with(tmp_path):
     pipe = MarigoldIntrinsicsPipeline.from_pretrained(tmp_path / "out")
     assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.n_targets == 2
     assert torch.allclose(pipe.scheduler.alphas_cumprod.float(), model.alphas_cumprod, atol=1e-7)
+
+
+def test_evaluate_scores_per_target_files_in_densediffs_and_marigolds_layouts(tmp_path):
+    """evaluate.py predictions=<folder>: `<stem>_<target>.npy` per target, HxWx3 (predict.py) or 3xHxW (Marigold's
+    script/iid/infer.py), scored as the model's own predictions are."""
+    from densediff.data.procedural import ProceduralScenes
+
+    scenes = ProceduralScenes("test", 2, 64, 80, tasks=["albedo", "shading", "residual"])
+    folder = tmp_path / "predictions"
+    (folder / "test").mkdir(parents=True)
+    outputs = []
+    for i in range(2):
+        sample = scenes[i]
+        albedo, shading = sample["albedo"] * 0.8, (sample["shading"] * 0.5 + 0.1).clamp(0, 1)
+        stem = folder / "test" / f"{i:06d}"
+        np.save(f"{stem}_albedo.npy", albedo.numpy())  # Marigold's layout: 3 x H x W
+        np.save(f"{stem}_shading.npy", shading.permute(1, 2, 0).numpy())  # densediff's: H x W x 3
+        np.save(f"{stem}_residual.npy", np.zeros((64, 80, 3), np.float32))
+        outputs.append(torch.cat([albedo, shading, torch.zeros(3, 64, 80)]))
+    run = tmp_path / "scored"
+    run_cli("evaluate.py", "experiment=marigold_iid_lighting", "dataset=procedural", "dataset.test.num_scenes=2",
+            f"predictions={folder}", f"hydra.run.dir={run}")
+    task = build_task("intrinsics")
+    metrics = task.metrics()
+    batch = {k: torch.stack([scenes[i][k] for i in range(2)]) for k in ("albedo", "shading", "residual",
+                                                                          "valid_mask")}
+    task.update_metrics(metrics, torch.stack(outputs), batch)
+    expected = {k: float(v) for k, v in metrics.compute().items()}
+    assert read_metrics(run) == pytest.approx(expected, rel=1e-5)
+    assert set(expected) == {"albedo_psnr", "albedo_ssim", "shading_psnr", "shading_ssim"}

@@ -116,6 +116,11 @@ class Task:
         values = prediction.float()
         return values.numpy() if values.dim() == 2 else values.permute(1, 2, 0).numpy()
 
+    def prediction_parts(self) -> list[str]:
+        """The name suffixes of the `.npy` files one prediction is read from (evaluate.py predictions=): one file,
+        `<stem>.npy` ([""]); several targets, one file each (`<stem>_<target>.npy`, their channels concatenated)."""
+        return [""]
+
     def prediction_from_array(self, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """A float32 `.npy` prediction in prediction_layout (made here or elsewhere: evaluate.py predictions=) ->
         the output at `size`, resized as the protocols do: HxW bilinearly, HxWx3 bilinearly then to_output."""

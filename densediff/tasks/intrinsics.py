@@ -140,7 +140,10 @@ class IntrinsicsTask(Task):
         return resize_to(output, size, mode).clamp(0, 1)
 
     def colorize(self, values: torch.Tensor, valid: torch.Tensor | None = None) -> np.ndarray:
-        """One target's [3,H,W] map in [0, 1] -> uint8 HxWx3 as it is (invalid pixels black)."""
+        """One target's [3,H,W] map in [0, 1] -> uint8 HxWx3 as it is (invalid pixels black); a whole prediction
+        [3n,H,W] -> its targets side by side, each as `visualize` shows it."""
+        if values.shape[-3] != 3:
+            return np.concatenate([self.visualize(t, v) for t, v in self.split(values).items()], axis=1)
         rgb = rgb_to_uint8(values.detach().float().cpu().clamp(0, 1))
         if valid is not None:
             rgb[~valid.detach().cpu().numpy().astype(bool)] = 0
@@ -192,6 +195,11 @@ class IntrinsicsTask(Task):
     def prediction_array(self, prediction: torch.Tensor) -> np.ndarray:
         """[3n,H,W] -> HxWx3n float (evaluate.py predictions=; predict.py writes one file per target)."""
         return prediction.float().permute(1, 2, 0).numpy()
+
+    def prediction_parts(self) -> list[str]:
+        """evaluate.py predictions= reads `<stem>_<target>.npy` per target (predict.py's files, and Marigold's
+        script/iid/infer.py names, whose arrays are 3xHxW: both layouts are read)."""
+        return [f"_{t}" for t in self.targets]
 
     def write_prediction(self, prediction: torch.Tensor, paths: dict[str, Path],
                          full_scale: float | None = None) -> None:
