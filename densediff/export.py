@@ -4,8 +4,9 @@
     python -m densediff.export ...      (the same command; its root config is conf/export.yaml)
 
 The folder holds the fine-tuned UNet (LoRA merged into it), the backbone's VAE, text encoder and tokenizer, and its
-scheduler with the model's timestep spacing (trailing for E2E-FT); model_index.json names MarigoldDepthPipeline or
-MarigoldNormalsPipeline with the model's inference steps and resolution as defaults (1 step and native resolution for
+scheduler with the model's timestep spacing (trailing for E2E-FT); model_index.json names MarigoldDepthPipeline,
+MarigoldNormalsPipeline or (task=intrinsics, Marigold v1.1's n-target UNet) MarigoldIntrinsicsPipeline with its
+target_properties, with the model's inference steps and resolution as defaults (1 step and native resolution for
 E2E-FT). Either latent paradigm exports when it conditions by concatenation (E2E-FT, Marigold-style diffusion);
 DMP's interpolation has no diffusers pipeline. A model whose normals use the x-left frame (backbone.normals_frame)
 exports as it is: diffusers' pipeline then returns x-left normals. A LoRA run also gets its adapter alone as
@@ -55,8 +56,8 @@ def model_card(pipeline_class: str, task: str, paradigm: str, hparams: dict, def
     saved_adapter = hparams.get("adapter") or {}  # the latent paradigms' adapter dict; none for the others
     adapter, rank = str(saved_adapter.get("kind", "full")), saved_adapter.get("rank")
     backbone_path = (hparams.get("backbone") or {}).get("path", hparams.get("backbone_path"))
-    tags = ["diffusers", "densediff", "marigold", f"{task}-estimation" if task == "depth" else "normals-estimation",
-            tag, *(["lora"] if adapter.startswith("lora") else [])]
+    kind = {"depth": "depth-estimation", "intrinsics": "intrinsic-image-decomposition"}.get(task, "normals-estimation")
+    tags = ["diffusers", "densediff", "marigold", kind, tag, *(["lora"] if adapter.startswith("lora") else [])]
     data = ModelCardData(library_name="diffusers", tags=list(dict.fromkeys(tags)),
                          base_model=training.get("base_model"),
                          pipeline_tag="depth-estimation" if task == "depth" else None)
@@ -69,7 +70,8 @@ def model_card(pipeline_class: str, task: str, paradigm: str, hparams: dict, def
         "learning rate": training.get("lr", hparams.get("lr")), "batch size": training.get("batch_size"),
         "gradient accumulation": training.get("accumulate_grad_batches"), "precision": training.get("precision"),
         "seed": training.get("seed")}
-    lines = [f"# {task} estimation with a diffusion prior ({tag})", "",
+    title = "intrinsic image decomposition" if task == "intrinsics" else f"{task} estimation"
+    lines = [f"# {title} with a diffusion prior ({tag})", "",
              f"Fine-tuned with densediff (dense prediction with diffusion priors) and exported for diffusers' "
              f"`{pipeline_class}`: the "
              f"fine-tuned UNet{' with its LoRA merged' if adapter.startswith('lora') else ''}, the backbone's VAE, "
@@ -78,8 +80,10 @@ def model_card(pipeline_class: str, task: str, paradigm: str, hparams: dict, def
              + (f"processing resolution {defaults['processing_res']}" if defaults["processing_res"] else
                 "the input's own resolution") + ".", "", "## Usage", "", "```python",
              *(usage or usage_example(pipeline_class, folder)), "```", "",
-             "`prediction` is a numpy array (1, H, W, " + ("1), affine-invariant depth in [0, 1]" if task == "depth"
-                                                         else "3), unit normals") + ".", "",
+             "`prediction` is a numpy array " + {
+                 "depth": "(1, H, W, 1), affine-invariant depth in [0, 1]",
+                 "intrinsics": "(targets, H, W, 3), one map in [0, 1] per target in the order of model_index.json's "
+                               "target_properties.target_names"}.get(task, "(1, H, W, 3), unit normals") + ".", "",
              "## Training recipe", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in recipe.items() if v is not None]
     if training.get("overrides"):
@@ -140,7 +144,7 @@ def export(ckpt: str | Path, output: str | Path, metrics: str | Path | None = No
 def export_marigold(model, output: Path) -> str:
     """`model` (a latent model conditioned by concatenation) as a folder in the Marigold layout that diffusers'
     MarigoldDepthPipeline / MarigoldNormalsPipeline load; returns that pipeline's class name."""
-    from diffusers import DDIMScheduler, MarigoldDepthPipeline, MarigoldNormalsPipeline
+    from diffusers import DDIMScheduler, MarigoldDepthPipeline, MarigoldIntrinsicsPipeline, MarigoldNormalsPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from densediff.backbones.load import resolve_backbone_path
@@ -151,8 +155,8 @@ def export_marigold(model, output: Path) -> str:
     if getattr(estimator, "conditioning", "concat") != "concat":
         raise ValueError("this model uses DMP's interpolation conditioning, which no diffusers pipeline runs; only "
                          "concat-conditioned models (E2E-FT, Marigold-style diffusion) export to Marigold's layout")
-    if model.task.name not in ("depth", "normals"):
-        raise ValueError(f"diffusers' Marigold pipelines predict depth or normals, not {model.task.name}")
+    if model.task.name not in ("depth", "normals", "intrinsics"):
+        raise ValueError(f"diffusers' Marigold pipelines predict depth, normals or intrinsics, not {model.task.name}")
     source = resolve_backbone_path(model.hparams.backbone["path"])
     unet = estimator.unet
     output.mkdir(parents=True, exist_ok=True)
@@ -162,11 +166,17 @@ def export_marigold(model, output: Path) -> str:
         unet.save_lora_adapter(staging)
         unet.fuse_lora()
         unet.unload_lora()
-    scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler",
+    # the betas the model was trained and is sampled with: rescaled to zero terminal SNR where objective.zero_snr
+    # rescaled them (Marigold v1.1 from SD2, whose own scheduler is not)
+    zero_snr = bool(estimator.scheduler_config.get("rescale_betas_zero_snr", False))
+    scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", rescale_betas_zero_snr=zero_snr,
                                               timestep_spacing=model.inference.timestep_spacing)
-    depth = model.task.name == "depth"
-    pipeline_class = MarigoldDepthPipeline if depth else MarigoldNormalsPipeline
-    extra = {"scale_invariant": True, "shift_invariant": True} if depth else {"use_full_z_range": True}
+    if model.task.name == "depth":
+        pipeline_class, extra = MarigoldDepthPipeline, {"scale_invariant": True, "shift_invariant": True}
+    elif model.task.name == "normals":
+        pipeline_class, extra = MarigoldNormalsPipeline, {"use_full_z_range": True}
+    else:  # Marigold v1.1 IID: the n-target UNet and each target's metadata (visualize_intrinsics reads it)
+        pipeline_class, extra = MarigoldIntrinsicsPipeline, {"target_properties": model.task.target_properties}
     pipeline = pipeline_class(
         unet=unet, vae=estimator.vae, scheduler=scheduler,
         text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),

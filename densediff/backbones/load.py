@@ -64,7 +64,8 @@ def resolve_backbone_path(path: str | os.PathLike) -> str:
 
 
 # The diffusers pipelines that say what a folder's UNet was trained to predict (model_index.json `_class_name`).
-PIPELINE_TASKS = {"MarigoldDepthPipeline": "depth", "MarigoldNormalsPipeline": "normals"}
+PIPELINE_TASKS = {"MarigoldDepthPipeline": "depth", "MarigoldNormalsPipeline": "normals",
+                  "MarigoldIntrinsicsPipeline": "intrinsics"}
 
 
 def declared_task(path: str | os.PathLike) -> str | None:
@@ -105,6 +106,44 @@ def widen_conv_in(unet: UNet2DConditionModel, in_channels: int = 8, halve_bias: 
     unet.register_to_config(in_channels=in_channels)
 
 
+def widen_for_targets(unet: UNet2DConditionModel, targets: int, halve_bias: bool = False,
+                      latent_channels: int = 4) -> None:
+    """Marigold v1.1's n-target UNet (its IID trainer, `_replace_unet_conv_in_out_multimodal`): one call denoises
+    `targets` latents of c = `latent_channels` channels each, concatenated after the image latent
+    ([rgb, target_1, ..., target_n]).
+
+    conv_in: the c-channel weight tiled (n + 1) times along the inputs and divided by (n + 1), the bias kept
+    (divided by n + 1 with `halve_bias`, as widen_conv_in does for E2E-FT's SD2 variant); conv_out: the weight tiled n
+    times along the outputs and the bias tiled n times, unscaled (each target starts as the one-target prediction).
+    The config then says in_channels = c (n + 1), out_channels = c n. A UNet whose conv_in was already widened for
+    one target (8 channels: a Marigold checkpoint, the tiny backbone) is first folded back to c channels by summing
+    its channel groups (the inverse of the tiling); one that already has the n-target shape is left as it is.
+    """
+    c = latent_channels
+    if targets < 1:
+        raise ValueError(f"a UNet predicts at least one target, got {targets}")
+    if unet.conv_out.out_channels == c * targets and unet.conv_in.in_channels == c * (targets + 1):
+        return  # already this shape (an exported n-target folder)
+    if unet.conv_out.out_channels != c or unet.conv_in.in_channels % c:
+        raise ValueError(f"cannot widen a UNet with {unet.conv_in.in_channels} input and "
+                         f"{unet.conv_out.out_channels} output channels for {targets} targets: Marigold's n-target "
+                         f"UNet starts from a one-target UNet ({c} output channels; {c} or {2 * c} inputs)")
+    old_in = unet.conv_in
+    with torch.no_grad():
+        folded = old_in.weight.unflatten(1, (old_in.in_channels // c, c)).sum(dim=1)
+        new_in = torch.nn.Conv2d(c * (targets + 1), old_in.out_channels, old_in.kernel_size, old_in.stride,
+                                 old_in.padding)
+        new_in.weight.copy_(folded.repeat(1, targets + 1, 1, 1) / (targets + 1))
+        new_in.bias.copy_(old_in.bias / (targets + 1) if halve_bias else old_in.bias)
+        old_out = unet.conv_out
+        new_out = torch.nn.Conv2d(old_out.in_channels, c * targets, old_out.kernel_size, old_out.stride,
+                                  old_out.padding)
+        new_out.weight.copy_(old_out.weight.repeat(targets, 1, 1, 1))
+        new_out.bias.copy_(old_out.bias.repeat(targets))
+    unet.conv_in, unet.conv_out = new_in.to(old_in.weight), new_out.to(old_out.weight)
+    unet.register_to_config(in_channels=c * (targets + 1), out_channels=c * targets)
+
+
 @torch.no_grad()
 def encode_empty_prompt(tokenizer, text_encoder) -> torch.Tensor:
     """CLIP embedding of "" without padding (2 tokens, BOS+EOS): what Marigold and E2E-FT use at inference."""
@@ -143,9 +182,11 @@ def load_backbone(
     attention: str = "sdpa",
     gradient_checkpointing: bool = False,
     keep_text_encoder: bool = False,
+    targets: int = 1,
 ) -> Backbone:
     """Load UNet, VAE, scheduler and the empty-prompt embedding; widen conv_in if the UNet has 4 channels. The text
-    encoder is dropped after the empty prompt is encoded unless `keep_text_encoder` (prompts per sample)."""
+    encoder is dropped after the empty prompt is encoded unless `keep_text_encoder` (prompts per sample). `targets`
+    > 1: Marigold v1.1's n-target UNet (widen_for_targets; `unet_in_channels` must then be 4 (targets + 1))."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = resolve_backbone_path(path)
@@ -164,7 +205,14 @@ def load_backbone(
     if not keep_text_encoder:
         text_encoder = tokenizer = None  # only the cached embedding is needed from here on
 
-    if unet.config.in_channels != unet_in_channels:
+    if targets > 1:
+        latent_channels = int(vae.config.latent_channels)
+        if unet_in_channels != latent_channels * (targets + 1):
+            raise ValueError(f"{targets} targets need a UNet with {latent_channels * (targets + 1)} input channels "
+                             f"(the image latent and one latent per target): set backbone.unet_in_channels="
+                             f"{latent_channels * (targets + 1)}, got {unet_in_channels}")
+        widen_for_targets(unet, targets, halve_bias=halve_conv_in_bias, latent_channels=latent_channels)
+    elif unet.config.in_channels != unet_in_channels:
         widen_conv_in(unet, unet_in_channels, halve_bias=halve_conv_in_bias)
     set_attention_backend(unet, attention)
     if gradient_checkpointing:

@@ -27,7 +27,7 @@ from densediff.tasks.palettes import PROCEDURAL_CLASSES
 CLASS_NAMES = PROCEDURAL_CLASSES  # kept with their palette: the tasks never import the data
 WALL, FLOOR, CEILING, BOX, SPHERE, CYLINDER = range(len(CLASS_NAMES))
 PATTERNS = ("plain", "checker", "stripes", "noise")
-TASKS = ("depth", "normals", "albedo", "shading", "segmentation", "edges", "saliency")
+TASKS = ("depth", "normals", "albedo", "shading", "segmentation", "edges", "saliency", "residual", "material")
 SPLITS = ("train", "val", "test")
 SCENES_PER_SPLIT = 10**7  # seed-space stride between splits; makes split seed ranges disjoint by construction
 
@@ -354,6 +354,10 @@ def render_scene_from_params(params, height, width):
         "rgb": albedo * shading,
         "albedo": albedo,
         "shading": shading,
+        # Marigold's lighting target rgb = albedo x shading + residual: exactly zero here; the appearance target's
+        # material (roughness, metallicity, 0) of these Lambertian, non-metallic surfaces: (1, 0, 0) everywhere
+        "residual": np.zeros_like(albedo),
+        "material": np.broadcast_to(np.array([1, 0, 0], np.float32), albedo.shape).copy(),
         "depth": depth,
         "normals": hwc(R.T @ normal),  # world -> camera frame
         "segmentation": classes[instance].astype(np.int64),

@@ -63,6 +63,21 @@ class LatentEstimator(nn.Module):
         self.register_buffer("alpha_bar", scheduler.alphas_cumprod[self.timestep].detach().clone().float(),
                              persistent=False)
 
+    @property
+    def targets(self) -> int:
+        """How many target latents one UNet call denoises: 1, or n for Marigold v1.1's n-target UNet (its output is
+        the n latents concatenated, out_channels = n x the VAE's latent channels)."""
+        return int(self.unet.config.out_channels) // int(self.vae.config.latent_channels)
+
+    def decode_targets(self, latent: torch.Tensor) -> torch.Tensor:
+        """[B, c n, h, w] target latents -> [B, 3 n, H, W] decoded images, each c-channel slice decoded on its own
+        (Marigold's IID pipelines); one target: the VAE's decoding of the latent."""
+        n = latent.shape[1] // int(self.vae.config.latent_channels)
+        if n == 1:
+            return self.vae.decode(latent / self.scaling_factor).sample
+        slices = latent.unflatten(1, (n, -1)).flatten(0, 1)  # [B n, c, h, w]: image 0's targets first
+        return self.vae.decode(slices / self.scaling_factor).sample.unflatten(0, (-1, n)).flatten(1, 2)
+
     def sampler(self, timestep_spacing: str, steps: int, device: torch.device):
         """The multi-step sampler of the backbone's scheduler for (spacing, steps): DDIM, built once per key
         (from_config costs milliseconds per call, a sizable share of a small model's single step; DDIM's step()

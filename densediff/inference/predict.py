@@ -19,7 +19,8 @@ from densediff.tasks import TASKS, Task
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-# How each kind of prediction file a task writes (Task.prediction_files) is named after the image's stem.
+# How each kind of prediction file a task writes (Task.prediction_files) is named after the image's stem; any other
+# kind names its own suffix: "albedo.npy" -> <stem>_albedo.npy (task=intrinsics, one file per target).
 PREDICTION_FILE_NAMES = {"npy": ".npy", "png": ".png", "png16": "_16bit.png"}
 
 
@@ -54,7 +55,8 @@ def output_paths(image: Path, root: Path, output: Path, task: str | Task, keep_s
     stem = output / relative.with_suffix("")
     if keep_suffix:
         stem = stem.with_name(f"{stem.name}_{image.suffix.lstrip('.').lower()}")
-    paths = {kind: stem.with_name(stem.name + PREDICTION_FILE_NAMES[kind]) for kind in prediction_files(task)}
+    paths = {kind: stem.with_name(stem.name + PREDICTION_FILE_NAMES.get(kind, f"_{kind}"))
+             for kind in prediction_files(task)}
     if uncertainty:  # head=bae's expected angular error in degrees, or an ensemble's disagreement
         paths["uncertainty_npy"] = stem.with_name(stem.name + "_uncertainty.npy")
         paths["uncertainty_png"] = stem.with_name(stem.name + "_uncertainty.png")

@@ -131,7 +131,9 @@ def denoise(estimator: LatentEstimator, rgb: torch.Tensor, options: InferenceOpt
             generator: torch.Generator | None = None, prompts: list[str] | None = None, branches: int = 1,
             conditioning: Callable[[torch.Tensor], dict] | None = None,
             rgb_latent: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """RGB [B,3,H,W] in [0,1] -> the decoded 3-channel prediction image [B,3,H,W] after `options.steps` DDIM steps.
+    """RGB [B,3,H,W] in [0,1] -> the decoded 3-channel prediction image [B,3,H,W] after `options.steps` DDIM steps
+    (an n-target UNet, Marigold v1.1's IID: the n decoded images concatenated, [B,3n,H,W]; its initial latent has
+    4n channels, drawn at once per member as diffusers' MarigoldIntrinsicsPipeline draws it).
 
     concat (Marigold's loop): the UNet sees [rgb_latent, latent], the latent starts from `options.noise`.
     interpolate (DMP): the latent starts as the image latent itself and the UNet sees it alone; with ddim=oracle
@@ -153,7 +155,8 @@ def denoise(estimator: LatentEstimator, rgb: torch.Tensor, options: InferenceOpt
     if interpolate:
         latent = rgb_latent.clone()
     else:
-        latent = noise.to(rgb_latent) if noise is not None else initial_latent(rgb_latent, options.noise, generator)
+        like = rgb_latent if estimator.targets == 1 else rgb_latent.repeat(1, estimator.targets, 1, 1)
+        latent = noise.to(rgb_latent) if noise is not None else initial_latent(like, options.noise, generator)
     if branches > 1:
         rgb_latent, latent = rgb_latent.repeat(branches, 1, 1, 1), latent.repeat(branches, 1, 1, 1)
     scheduler = estimator.sampler(options.timestep_spacing, options.steps, rgb.device)
@@ -192,7 +195,7 @@ def denoise(estimator: LatentEstimator, rgb: torch.Tensor, options: InferenceOpt
             latent = add_noise(x0, rgb_latent, a_prev)
         else:
             latent = prev_sample
-    image = estimator.vae.decode(latent / estimator.scaling_factor).sample
+    image = estimator.decode_targets(latent)  # n targets (Marigold v1.1 IID): [B, 3n, H, W], each decoded alone
     return image[..., :height, :width]
 
 
@@ -236,7 +239,9 @@ def predict(estimator: LatentEstimator, task, rgb: torch.Tensor, options: Infere
     # image's position in the stream only, not on inference.batch_size or the loader's batch size.
     noise = None
     if estimator.conditioning != "interpolate" and options.noise != "zeros":
-        noise = torch.cat([initial_latent(latents[i:i + 1], options.noise, generator) for i in range(len(latents))])
+        targets = estimator.targets  # n-target UNet: one draw of c n channels per member (diffusers' layout)
+        noise = torch.cat([initial_latent(latents[i:i + 1].repeat(1, targets, 1, 1) if targets > 1 else
+                                          latents[i:i + 1], options.noise, generator) for i in range(len(latents))])
     chunk = options.batch_size or members.shape[0]
     member_prompts = None if prompts is None else [p for p in prompts for _ in range(options.ensemble)]
     decoded = [[] for _ in tasks]

@@ -10,7 +10,13 @@ Two ways for the image x to condition it (`conditioning`):
 - `interpolate` (DMP): no Gaussian noise at all; the image latent takes the place of the noise,
   x_t = sqrt(a) y + sqrt(1 - a) x, and the UNet keeps its 4 input channels.
 Loss: MSE between the UNet output and the prediction type's target, over the latent pixels whose whole footprint
-is valid ground truth (Marigold's min-pooled mask), pooled over the batch; a sample without any adds nothing.
+is valid ground truth (Marigold's min-pooled mask of the task's `denoising_mask`), pooled over the batch; a sample
+without any adds nothing.
+Several targets at once (Marigold v1.1's intrinsic image decomposition, task=intrinsics): the task stacks its n
+target images ([B, 3n, H, W]), each is VAE-encoded on its own and the latents concatenated ([B, 4n, h, w]); the UNet
+is Marigold's n-target one (backbones/load.py widen_for_targets: conv_in 4(n + 1), conv_out 4n channels), one
+(multi-resolution) noise covers all 4n channels and the loss all of them; inference decodes each 4-channel slice
+on its own (docs/paradigms.md#marigold-v11-intrinsics).
 Inference (shared predictor, densediff/inference/predictor.py): DDIM from the noise (concat) or from the image
 latent (interpolate; `inference.ddim=oracle` uses the true image latent in the DDIM direction term, DMP's
 oracle DDIM).
@@ -73,16 +79,22 @@ class DiffusionEstimator(LatentDenoiser, Paradigm):
             raise ValueError(f"objective.prompts must be empty or dataset (the samples' captions), got {prompts!r}")
         if schedule_error(lr_schedule):
             raise ValueError(schedule_error(lr_schedule))
-        in_channels = 8 if conditioning == "concat" else 4
-        if b["unet_in_channels"] != in_channels:
-            raise ValueError(f"objective.conditioning={conditioning} needs a {in_channels}-channel UNet; "
-                             f"backbone.unet_in_channels is {b['unet_in_channels']}")
         super().__init__(task, {**(task_options or {}), **self.normals_options(task, b)}, gallery_size)
+        targets = self.task.latent_targets  # Marigold v1.1 IID: n targets denoised in one UNet call
+        if targets > 1 and conditioning != "concat":
+            raise ValueError(f"task={task} denoises {targets} targets at once, which needs objective.conditioning="
+                             f"concat (Marigold v1.1's IID UNet), not {conditioning}")
+        in_channels = 4 * (targets + 1) if conditioning == "concat" else 4
+        if b["unet_in_channels"] != in_channels:
+            needs = f"task={task}'s {targets} targets need" if targets > 1 else \
+                f"objective.conditioning={conditioning} needs"
+            raise ValueError(f"{needs} a {in_channels}-channel UNet; backbone.unet_in_channels is "
+                             f"{b['unet_in_channels']}")
         self.save_hyperparameters()
         backbone = load_backbone(b["path"], unet_in_channels=b["unet_in_channels"],
                                  halve_conv_in_bias=b["halve_conv_in_bias"], attention=b["attention"],
                                  gradient_checkpointing=b["gradient_checkpointing"],
-                                 keep_text_encoder=prompts == "dataset")
+                                 keep_text_encoder=prompts == "dataset", targets=targets)
         self.prepare_backbone(backbone, a["kind"], a["rank"], a["alpha"])
         backbone.scheduler = self.use_schedule(backbone.scheduler, prediction_type, zero_snr)
         self.estimator = LatentEstimator(backbone.unet, backbone.vae, backbone.scheduler,
@@ -113,10 +125,11 @@ class DiffusionEstimator(LatentDenoiser, Paradigm):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         rgb = batch["rgb"]
-        target_image = self.task.encode(batch)
+        target_image = self.task.encode(batch)  # [B, 3n, H, W]: n targets (Marigold v1.1 IID) stack their images
         generator = self.step_generator()
         rgb_latent = self.encode(rgb * 2 - 1, generator)
-        target_latent = self.encode(target_image, generator)
+        # each target's 3-channel image encoded on its own, the latents concatenated: [B, 4n, h, w]
+        target_latent = torch.cat([self.encode(image, generator) for image in target_image.split(3, dim=1)], dim=1)
         timesteps = torch.randint(0, self.num_train_timesteps, (rgb.shape[0],), generator=generator).to(rgb.device)
         unet_input, regression_target = self.noisy_input(target_latent, rgb_latent, timesteps, generator)
         if self.hparams.prompts == "dataset":  # DMP: the sample's caption, padded to 77 tokens
@@ -126,6 +139,6 @@ class DiffusionEstimator(LatentDenoiser, Paradigm):
         else:
             context = self.estimator.empty_text_embedding.to(unet_input.dtype).expand(rgb.shape[0], -1, -1)
         output = self.estimator.unet(unet_input, timesteps, encoder_hidden_states=context).sample
-        loss = masked_latent_mse(output, regression_target, self.latent_valid_mask(batch["valid_mask"]))
+        loss = masked_latent_mse(output, regression_target, self.latent_valid_mask(self.task.denoising_mask(batch)))
         self.log("train/loss", loss, prog_bar=True, batch_size=rgb.shape[0])
         return loss

@@ -4,7 +4,9 @@ One `.npy` per sample at the RGB file's path relative to the dataset root with t
 (what predict.py writes for that folder); Marigold's own `pred_<name>.npy` naming is accepted too. Depth: an HxW
 affine-invariant map (depth, not disparity: the protocol aligns it by least squares in depth space); normals: HxWx3
 unit vectors in the canonical frame (x right, y up, z toward the viewer), or x left with `flip_normals_x`
-(E2E-FT / DSINE outputs); albedo/shading: HxWx3 in [0, 1]; segmentation: HxW class ids. A prediction at another resolution is resized to the GT's, as the protocols do.
+(E2E-FT / DSINE outputs); albedo/shading: HxWx3 in [0, 1]; segmentation: HxW class ids; intrinsics (several
+targets): one `<stem>_<target>.npy` per target, HxWx3 (predict.py) or 3xHxW (Marigold's script/iid/infer.py) in
+[0, 1]. A prediction at another resolution is resized to the GT's, as the protocols do.
 """
 
 from __future__ import annotations
@@ -40,10 +42,20 @@ class PrecomputedPredictions(DenseEvaluation):
         if "relative_path" not in batch:
             raise DataReadError("this dataset's samples carry no relative_path, so predictions cannot be matched to them")
         size = tuple(batch["rgb"].shape[-2:])
-        maps = [self._load(relative_path, size) for relative_path in batch["relative_path"]]
+        maps = [self._load_parts(relative_path, size) for relative_path in batch["relative_path"]]
         return torch.stack(maps).to(batch["rgb"].device)
 
-    def _load(self, relative_path: str, size: tuple[int, int]) -> torch.Tensor:
+    def _load_parts(self, relative_path: str, size: tuple[int, int]) -> torch.Tensor:
+        """One sample's prediction: its one file, or one file per part (task.prediction_parts) concatenated."""
+        parts = self.task.prediction_parts()
+        if parts == [""]:
+            return self._load(relative_path, size)
+        path = Path(relative_path)
+        arrays = [self._load(str(path.with_name(path.stem + part + path.suffix)), size, resize=False)
+                  for part in parts]
+        return self.task.prediction_from_array(torch.cat(arrays, dim=-1), size)
+
+    def _load(self, relative_path: str, size: tuple[int, int], resize: bool = True) -> torch.Tensor:
         candidates = prediction_candidates(self.folder, relative_path, self.dataset_name)
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
@@ -55,6 +67,8 @@ class PrecomputedPredictions(DenseEvaluation):
             raise DataReadError(f"cannot read prediction {path}: {error}") from error
         expected = self.task.prediction_layout  # HxW maps (depth, class ids) or HxWx3 (normals, albedo, ...)
         flat = expected == "HxW"
+        if not resize and values.ndim == 3 and values.shape[0] == 3 and values.shape[-1] != 3:
+            values = values.transpose(1, 2, 0)  # a part in Marigold's 3xHxW layout
         if values.ndim != len(expected.split("x")) or (not flat and values.shape[-1] != 3):
             raise DataReadError(f"prediction {path} has shape {values.shape}; {self.task.name} predictions are "
                              f"{expected} arrays")
@@ -63,4 +77,4 @@ class PrecomputedPredictions(DenseEvaluation):
         prediction = torch.from_numpy(values)
         if self.flip_normals_x and not flat:
             prediction = prediction * torch.tensor([-1.0, 1.0, 1.0])
-        return self.task.prediction_from_array(prediction, size)
+        return self.task.prediction_from_array(prediction, size) if resize else prediction

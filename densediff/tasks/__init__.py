@@ -5,13 +5,15 @@ from densediff.tasks.base import Task
 from densediff.tasks.depth import DepthTask
 from densediff.tasks.edges import EdgesTask
 from densediff.tasks.human_parts import HumanPartsTask
+from densediff.tasks.intrinsics import IntrinsicsTask
 from densediff.tasks.normals import NormalsTask
 from densediff.tasks.saliency import SaliencyTask
 from densediff.tasks.segmentation import SegmentationTask
 from densediff.tasks.shading import ShadingTask
 
 TASKS = {"depth": DepthTask, "normals": NormalsTask, "albedo": AlbedoTask, "shading": ShadingTask,
-         "segmentation": SegmentationTask, "saliency": SaliencyTask, "edges": EdgesTask, "human_parts": HumanPartsTask}
+         "segmentation": SegmentationTask, "saliency": SaliencyTask, "edges": EdgesTask, "human_parts": HumanPartsTask,
+         "intrinsics": IntrinsicsTask}
 
 
 def build_task(name: str, **kwargs):
@@ -20,5 +22,5 @@ def build_task(name: str, **kwargs):
     return TASKS[name](**kwargs)
 
 
-__all__ = ["AlbedoTask", "DepthTask", "EdgesTask", "HumanPartsTask", "NormalsTask", "SaliencyTask", "SegmentationTask",
+__all__ = ["AlbedoTask", "DepthTask", "EdgesTask", "HumanPartsTask", "IntrinsicsTask", "NormalsTask", "SaliencyTask", "SegmentationTask",
            "ShadingTask", "TASKS", "Task", "build_task"]

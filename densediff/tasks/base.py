@@ -49,6 +49,14 @@ class Task:
         """[B,H,W] pixels with a usable ground truth (default: the sample's valid_mask)."""
         return batch["valid_mask"]
 
+    # How many 3-channel images `encode` stacks ([B, 3n, H, W]) and `decode` takes: n > 1 is Marigold v1.1's n-target
+    # UNet (task=intrinsics), each image its own latent.
+    latent_targets = 1
+
+    def denoising_mask(self, batch: dict) -> torch.Tensor:
+        """[B,H,W] pixels whose latent footprint the diffusion loss covers (default: the sample's valid_mask)."""
+        return batch["valid_mask"]
+
     def encode(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError(f"task {self.name} has no VAE codec: it trains with objective=multitask's heads")
 
@@ -107,6 +115,11 @@ class Task:
         """One image's output -> the `.npy` array: HxW float, or HxWx3 float for a [3,H,W] output."""
         values = prediction.float()
         return values.numpy() if values.dim() == 2 else values.permute(1, 2, 0).numpy()
+
+    def prediction_parts(self) -> list[str]:
+        """The name suffixes of the `.npy` files one prediction is read from (evaluate.py predictions=): one file,
+        `<stem>.npy` ([""]); several targets, one file each (`<stem>_<target>.npy`, their channels concatenated)."""
+        return [""]
 
     def prediction_from_array(self, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """A float32 `.npy` prediction in prediction_layout (made here or elsewhere: evaluate.py predictions=) ->
