@@ -125,6 +125,9 @@ def test_latent_reuse_follows_diffusers_marigold_video_recipe():
         our_latents.append(reuse.previous.clone())
     alone = predict(estimator, depth, frames[:1], options, torch.Generator().manual_seed(7))
     assert torch.equal(ours[0], alone)  # the first frame is its image-by-image prediction
+    replay, generator = LatentReuse(0.1), torch.Generator().manual_seed(7)
+    for k in range(len(frames)):  # seeded: the same video gives the same predictions again
+        assert torch.equal(predict(estimator, depth, frames[k:k + 1], options, generator, reuse=replay), ours[k])
 
     pipe = MarigoldDepthPipeline.from_pretrained(ASSETS / "tiny")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
@@ -216,6 +219,8 @@ def bad_inputs(tmp_path):
         for packet in stream.encode():
             container.mux(packet)
     (tmp_path / "empty").mkdir()
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "walk.mp4").write_bytes(corrupt.read_bytes())
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(mixed / "1.png")
@@ -233,6 +238,7 @@ def bad_inputs(tmp_path):
     (["input={root}/mixed", "video.frames=true", "video.latent_reuse=2"], ["video.latent_reuse=2 is not valid"]),
     (["input={root}/mixed/1.png", "video.frames=true"], ["is not a folder"]),
     (["input={root}/mixed", "video.frames=true", "video.fps=0"], ["video.fps=0 is not a frame rate"]),
+    (["input={root}/clips"], ["input={root}/clips holds no images", "it holds videos (walk.mp4)"]),
 ])
 def test_bad_video_inputs_are_one_line_before_any_work(bad_inputs, arguments, needles):
     root = bad_inputs

@@ -25,6 +25,7 @@ from densediff.inference.predict import (
     IMAGE_SUFFIXES,
     LARGE_NATIVE_PIXELS,
     PREDICTION_FILE_NAMES,
+    VIDEO_SUFFIXES,
     load_rgb,
     prediction_files,
     write_prediction,
@@ -33,7 +34,6 @@ from densediff.inference.predict import (
 from densediff.inference.predictor import LatentReuse
 
 log = logging.getLogger(__name__)
-VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")
 
 
 class VideoInputError(DataReadError):
