@@ -86,24 +86,27 @@ def main() -> None:
     parser.add_argument("--reuse", type=float, nargs="+", default=[0.0, 0.1])
     parser.add_argument("--ensemble", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[None], help="inference seeds (seed=); default: the "
+                        "checkpoint's")
     parser.add_argument("--check-cli", action="store_true", help="run predict.py itself on each variant's first path "
                         "and check that it writes the same predictions")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     paths = write_paths(args.work / "frames", args.paths, args.frames, args.height, args.width)
     rows, commands = [], []
-    for ensemble in args.ensemble:
+    for ensemble, seed in [(e, s) for e in args.ensemble for s in args.seeds]:
         # the model predict.py builds for these overrides, built once and re-seeded before every video as a new
         # predict.py process would be (--check-cli compares one path per variant with the real command)
         overrides = [f"inference.steps={args.steps}", f"inference.ensemble={ensemble}"]
+        overrides += [] if seed is None else [f"seed={seed}"]
         model, device, _ = load_predictor(overrides, ckpt=args.ckpt)
         for reuse in args.reuse:
             variant = f"ensemble{ensemble}_reuse{reuse:g}"
-            output = args.work / variant
+            output = args.work / (variant + ("" if seed is None else f"_seed{seed}"))
             for path in paths:
                 command = ["predict.py", f"ckpt={args.ckpt}", f"input={path['frames']}", f"output={output}",
                            "video.frames=true", f"video.latent_reuse={reuse:g}", *overrides, "overwrite=true"]
-                commands.append("python " + " ".join(command))
+                commands.append("python " + " ".join(command).replace(str(ROOT) + "/", ""))
                 model.reseed()
                 source = open_frames(path["frames"], 10)
                 files = video_outputs(output, source.stem, model.task.name, uncertainty=False)
@@ -113,14 +116,15 @@ def main() -> None:
                 predictions = np.stack([np.load(output / path["name"] / f"{k:06d}.npy")
                                         for k in range(args.frames)])
                 if args.check_cli and path is paths[0]:
-                    cli = args.work / "cli" / variant
+                    cli = args.work / "cli" / output.name
                     subprocess.run([sys.executable, str(ROOT / command[0]), *command[1:3], f"output={cli}",
-                                    *command[4:], f"hydra.run.dir={args.work / 'runs' / variant}"],
+                                    *command[4:], f"hydra.run.dir={args.work / 'runs' / output.name}"],
                                    check=True, capture_output=True, text=True, cwd=ROOT)
                     by_cli = np.stack([np.load(cli / path["name"] / f"{k:06d}.npy") for k in range(args.frames)])
                     assert np.array_equal(by_cli, predictions), f"{variant}: predict.py differs from this run"
                     print(f"{variant}: predict.py writes the same predictions", flush=True)
-                row = {"variant": variant, "ensemble": ensemble, "latent_reuse": reuse, "path": path["name"],
+                row = {"variant": variant, "ensemble": ensemble, "latent_reuse": reuse, "seed": seed,
+                       "path": path["name"],
                        "scene_seed": path["seed"], "seconds": round(seconds, 1), **score(predictions, path["depth"])}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -133,9 +137,14 @@ def main() -> None:
         for key in ("flicker_pred", "flicker_gt", "temporal_error", "abs_rel"):
             entry[key] = float(np.mean(entry[key]))
         entry["flicker_ratio"] = entry["flicker_pred"] / entry["flicker_gt"]
+    for name, entry in summary.items():  # abs_rel's spread over the seeds (each seed: the mean over the paths)
+        per_seed = [np.mean([r["abs_rel"] for r in rows if r["variant"] == name and r["seed"] == seed])
+                    for seed in args.seeds]
+        entry["abs_rel_seed_std"] = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"ckpt": str(args.ckpt), "paths": args.paths, "frames": args.frames,
-                                    "size": [args.height, args.width], "steps": args.steps, "summary": summary,
+                                    "size": [args.height, args.width], "steps": args.steps, "seeds": args.seeds,
+                                    "summary": summary,
                                     "rows": rows, "commands": commands}, indent=1) + "\n")
     print("\n| variant | flicker pred (m) | flicker GT (m) | pred / GT | temporal error (m) | abs_rel |")
     print("|---|---|---|---|---|---|")
