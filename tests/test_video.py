@@ -192,6 +192,13 @@ def test_video_file_is_predicted_frame_by_frame_at_its_frame_rate(clip, tmp_path
     Image.fromarray(source[3]).save(tmp_path / "frame3.png")
     run_cli("predict.py", f"input={tmp_path / 'frame3.png'}", f"output={tmp_path / 'one'}", "backbone=tiny")
     assert np.array_equal(np.load(tmp_path / "one" / "frame3.npy"), np.load(tmp_path / "walk" / "000003.npy"))
+    # an ensemble's members each reuse their own latent; each frame also gets the members' disagreement
+    ensemble = run_cli("predict.py", f"input={clip / 'walk.mp4'}", f"output={tmp_path / 'ensemble'}", *MULTI_STEP,
+                       "inference.ensemble=2")
+    assert "0.10 x the previous frame's latent" in ensemble.stdout + ensemble.stderr
+    uncertainty = np.load(tmp_path / "ensemble" / "walk" / "000004_uncertainty.npy")
+    assert uncertainty.shape == (32, 48) and (uncertainty >= 0).all()
+    assert (tmp_path / "ensemble" / "walk" / "000004_uncertainty.png").is_file()
 
 
 def test_frames_are_taken_in_natural_order(tmp_path):
@@ -221,6 +228,9 @@ def bad_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "clips").mkdir()
     (tmp_path / "clips" / "walk.mp4").write_bytes(corrupt.read_bytes())
+    (tmp_path / "broken").mkdir()
+    Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(tmp_path / "broken" / "1.png")
+    (tmp_path / "broken" / "2.png").write_bytes(b"not a picture")
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(mixed / "1.png")
@@ -239,6 +249,7 @@ def bad_inputs(tmp_path):
     (["input={root}/mixed/1.png", "video.frames=true"], ["is not a folder"]),
     (["input={root}/mixed", "video.frames=true", "video.fps=0"], ["video.fps=0 is not a frame rate"]),
     (["input={root}/clips"], ["input={root}/clips holds no images", "it holds videos (walk.mp4)"]),
+    (["input={root}/broken", "video.frames=true"], ["cannot read frame {root}/broken/2.png"]),
 ])
 def test_bad_video_inputs_are_one_line_before_any_work(bad_inputs, arguments, needles):
     root = bad_inputs
