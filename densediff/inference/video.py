@@ -122,6 +122,7 @@ def open_video(path: str | Path) -> VideoSource:
     """A video file, probed with PyAV: its first video stream's frame rate and size. Raises VideoInputError naming
     the file when it cannot be opened or holds no video stream."""
     import av
+    import av.error
 
     path = Path(path)
     if not path.is_file():
@@ -138,7 +139,7 @@ def open_video(path: str | Path) -> VideoSource:
             count = int(stream.frames) or None
     except VideoInputError:
         raise
-    except (av.FFmpegError, OSError, ValueError) as error:
+    except (av.error.FFmpegError, OSError, ValueError) as error:
         raise VideoInputError(f"cannot read video {path}: {error}") from error
     if not width or not height:
         raise VideoInputError(f"cannot read video {path}: its video stream has no frame size (a corrupt file?)")
@@ -150,6 +151,7 @@ def open_video(path: str | Path) -> VideoSource:
 def read_video_frames(path: Path, size: tuple[int, int]) -> Iterator[tuple[int, torch.Tensor]]:
     """(index, [1,3,H,W] RGB in [0,1]) for every frame of the first video stream, decoded by PyAV in order."""
     import av
+    import av.error
 
     index = -1
     try:
@@ -162,7 +164,7 @@ def read_video_frames(path: Path, size: tuple[int, int]) -> Iterator[tuple[int, 
                 yield index, torch.from_numpy(array.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
     except VideoInputError:
         raise
-    except (av.FFmpegError, OSError, ValueError) as error:
+    except (av.error.FFmpegError, OSError, ValueError) as error:
         raise VideoInputError(f"cannot read video {path} after frame {index}: {error}") from error
     if index < 0:
         raise VideoInputError(f"cannot read video {path}: it has no frame that decodes")
