@@ -250,6 +250,7 @@ def bad_inputs(tmp_path):
     (["input={root}/mixed", "video.frames=true", "video.fps=0"], ["video.fps=0 is not a frame rate"]),
     (["input={root}/clips"], ["input={root}/clips holds no images", "it holds videos (walk.mp4)"]),
     (["input={root}/broken", "video.frames=true"], ["cannot read frame {root}/broken/2.png"]),
+    (["input={root}/clips/walk.mp4", "pointcloud=true"], ["pointcloud=true writes one .ply per image"]),
 ])
 def test_bad_video_inputs_are_one_line_before_any_work(bad_inputs, arguments, needles):
     root = bad_inputs

@@ -339,8 +339,8 @@ def predict(cfg: DictConfig) -> None:
     if wants_pointcloud and not files.pointcloud:
         raise ConfigError(f"pointcloud=true needs a depth model; this one predicts {task}")
     video = cfg.get("video") or {}
-    if is_video_input(cfg):
-        check_latent_reuse(video.get("latent_reuse", 0.1))
+    if is_video_input(cfg):  # the video keys before the video is opened
+        check_video_options(cfg)
     source = open_source(cfg.input, bool(video.get("frames", False)), video.get("fps", 10))  # before the model
     if source is not None:
         return predict_video_job(cfg, record, options, source, task, files)
@@ -375,7 +375,12 @@ def is_video_input(cfg: DictConfig) -> bool:
     return bool((cfg.get("video") or {}).get("frames", False)) or is_video_file(str(cfg.input))
 
 
-def check_latent_reuse(reuse) -> float:
+def check_video_options(cfg: DictConfig) -> float:
+    """The options a video run refuses before any work; returns video.latent_reuse."""
+    if cfg.get("pointcloud", False):
+        raise ConfigError(f"pointcloud=true writes one .ply per image; input={cfg.input} is a video (not supported "
+                          "yet: predict its frames as images for point clouds)")
+    reuse = (cfg.get("video") or {}).get("latent_reuse", 0.1)
     if isinstance(reuse, bool) or not isinstance(reuse, (int, float)) or not 0 <= reuse <= 1:
         raise ConfigError(f"video.latent_reuse={reuse} is not valid: the weight of the previous frame's latent, in "
                           "[0, 1] (0: every frame predicted as an image; diffusers' guide uses 0.1)")
@@ -386,10 +391,7 @@ def predict_video_job(cfg: DictConfig, record: CheckpointRecord | None, options,
     """predict.py on a video file or a folder of frames (densediff/inference/video.py): each frame's files under
     <output>/<stem>/, the coloured predictions as <output>/<stem>_<task>.mp4."""
     video = cfg.get("video") or {}
-    reuse = check_latent_reuse(video.get("latent_reuse", 0.1))
-    if cfg.get("pointcloud", False):
-        raise ConfigError(f"pointcloud=true writes one .ply per image; input={cfg.input} is a video (not supported "
-                          "yet: predict its frames as images for point clouds)")
+    reuse = check_video_options(cfg)
     paths = video_outputs(cfg.output, source.stem, task, files.uncertainty, bool(video.get("side_by_side", False)))
     check_video_outputs(source, paths, bool(cfg.overwrite))  # before the model
     model, device = _predictor(cfg, record, options)
