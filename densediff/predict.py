@@ -1,6 +1,6 @@
 """Predict images:
 
-    python predict.py input=<image or folder> output=<dir> ckpt=<run>/checkpoints/last.ckpt    (in a checkout)
+    python predict.py input=<image, folder or video> output=<dir> ckpt=<run>/checkpoints/last.ckpt    (in a checkout)
     densediff-predict ...  or  python -m densediff.predict ...    (anywhere: the same config, conf/predict.yaml)
 
 This module is the command; the checkout's predict.py only runs its main(). Nothing heavy is imported before main()

@@ -373,6 +373,74 @@ def render_scene(seed, height, width):
     return render_scene_from_params(sample_scene_params(seed), height, width)
 
 
+# ----------------------------------------------------------------------------- camera paths (videos)
+
+PATH_WALL_MARGIN = 0.5    # metres between the camera and any wall along a path (sample_scene_params' placement)
+PATH_OBJECT_MARGIN = 0.7  # metres between the camera and an object's footprint (sample_scene_params' clearance)
+
+
+def _footprint(obj):
+    """Radius of an object's footprint on the floor (as sample_scene_params measures it)."""
+    return math.hypot(obj["half"][0], obj["half"][2]) if obj["kind"] == "box" else obj["radius"]
+
+
+def _path_clear(params, xz):
+    """Whether camera positions xz (N, 2) all keep PATH_WALL_MARGIN from the walls and PATH_OBJECT_MARGIN from
+    every object's footprint."""
+    W, _, D = params["room"]
+    inside = (xz >= PATH_WALL_MARGIN).all() and (xz <= np.array([W, D]) - PATH_WALL_MARGIN).all()
+    return bool(inside) and all(
+        (np.linalg.norm(xz - np.asarray(obj["center"])[[0, 2]], axis=1) > _footprint(obj) + PATH_OBJECT_MARGIN).all()
+        for obj in params["objects"])
+
+
+def camera_path(params, num_frames, path_seed=0, length=(0.6, 1.5), turn_deg=25.0, tries=50):
+    """A smooth camera path of `num_frames` cameras through the room of `params` (sample_scene_params): frame 0 is
+    the scene's own camera; the position follows a quadratic Bezier curve to an end point `length` metres away (a
+    random direction, the control point off the straight line) with eased timing (0.5 - 0.5 cos(pi u): starts and
+    stops gently), the yaw turns smoothly by up to `turn_deg` degrees, height, pitch, roll and field of view stay.
+    Every position (checked at 8 points per frame) keeps PATH_WALL_MARGIN from the walls and PATH_OBJECT_MARGIN from
+    the objects; when no end point passes in `tries` draws the camera turns in place. The path's randomness comes
+    from its own generator (`path_seed`), so the scene and every other seed's renders are unchanged."""
+    if num_frames < 1:
+        raise ValueError(f"procedural: a camera path needs at least 1 frame, got {num_frames}")
+    rng = np.random.default_rng([int(path_seed), 0x9A7])  # a stream of its own, apart from the scenes' seeds
+    cam = params["camera"]
+    start = np.asarray(cam["position"], np.float64)
+    start_xz = start[[0, 2]]
+    dense = 0.5 - 0.5 * np.cos(np.pi * np.linspace(0, 1, 8 * max(num_frames, 2)))
+    end_xz, control_xz = start_xz, start_xz
+    for _ in range(tries):
+        angle, distance = rng.uniform(0, 2 * math.pi), _lerp(length, rng.random())
+        end = start_xz + distance * np.array([math.cos(angle), math.sin(angle)])
+        side = np.array([-math.sin(angle), math.cos(angle)]) * distance * rng.uniform(-0.3, 0.3)
+        control = (start_xz + end) / 2 + side
+        curve = ((1 - dense) ** 2)[:, None] * start_xz + (2 * (1 - dense) * dense)[:, None] * control \
+            + (dense ** 2)[:, None] * end
+        if _path_clear(params, curve):
+            end_xz, control_xz = end, control
+            break
+    turn = math.radians(turn_deg) * rng.uniform(-1, 1)
+    cameras = []
+    for k in range(num_frames):
+        u = k / (num_frames - 1) if num_frames > 1 else 0.0
+        s = 0.5 - 0.5 * math.cos(math.pi * u)
+        xz = (1 - s) ** 2 * start_xz + 2 * (1 - s) * s * control_xz + s ** 2 * end_xz
+        cameras.append({**cam, "position": np.array([xz[0], start[1], xz[1]]), "yaw": cam["yaw"] + turn * s})
+    return cameras
+
+
+def render_camera_path(seed, num_frames, height, width, path_seed=None):
+    """Render the room of scene `seed` along camera_path (path_seed defaults to the scene's seed): a dict of
+    stacked frames, `rgb` (N, H, W, 3) and exact planar `depth` (N, H, W) in metres, plus `intrinsics` (3, 3) and the
+    `cameras`. Frame 0 is render_scene(seed) itself."""
+    params = sample_scene_params(seed)
+    cameras = camera_path(params, num_frames, seed if path_seed is None else path_seed)
+    frames = [render_scene_from_params({**params, "camera": camera}, height, width) for camera in cameras]
+    return {"rgb": np.stack([f["rgb"] for f in frames]), "depth": np.stack([f["depth"] for f in frames]),
+            "intrinsics": frames[0]["intrinsics"], "cameras": cameras}
+
+
 # ----------------------------------------------------------------------------- captions
 
 # A small named palette (sRGB in [0, 1]); a material is named by the entry nearest to its base colour in CIELAB with

@@ -19,6 +19,7 @@ from densediff.tasks import TASKS, Task
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")  # predict.py reads these with densediff/inference/video.py
 # How each kind of prediction file a task writes (Task.prediction_files) is named after the image's stem; any other
 # kind names its own suffix: "albedo.npy" -> <stem>_albedo.npy (task=intrinsics, one file per target).
 PREDICTION_FILE_NAMES = {"npy": ".npy", "png": ".png", "png16": "_16bit.png"}
@@ -40,7 +41,9 @@ def find_images(source: str | Path) -> tuple[Path, list[Path]]:
     if source.is_dir():
         images = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not images:
-            raise FileNotFoundError(f"input={source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            videos = sorted(p.name for p in source.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
+            hint = f"; it holds videos ({', '.join(videos[:3])}): give one as input=<file>" if videos else ""
+            raise FileNotFoundError(f"input={source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}){hint}")
         return source, images
     raise FileNotFoundError(f"input={source} does not exist (an image file or a folder of images)")
 

@@ -111,6 +111,29 @@ def initial_latent(like: torch.Tensor, noise: str, generator: torch.Generator | 
     return drawn.to(device=like.device, dtype=like.dtype)
 
 
+class LatentReuse:
+    """Videos: start each frame's denoising from the previous frame's latent (diffusers' Marigold guide, "Frame-by-frame
+    Video Processing with Temporal Consistency"). The first frame draws its initial latent as an image would (from
+    the same generator, so it equals its image-by-image prediction) and that draw is kept as the video's common
+    noise; every later frame starts from (1 - weight) x common noise + weight x the previous frame's final latent
+    (the latent the VAE decodes), diffusers' `0.9 * latents + 0.1 * last_frame_latent` at weight 0.1. Nothing more
+    is drawn after the first frame, so a seeded run is deterministic. One object per video; `predict` reads and
+    updates it."""
+
+    def __init__(self, weight: float = 0.1):
+        if not 0 < weight <= 1:
+            raise ValueError(f"the weight of the previous frame's latent must be in (0, 1], got {weight}")
+        self.weight = float(weight)
+        self.noise: torch.Tensor | None = None     # the first frame's initial latents, one per ensemble member
+        self.previous: torch.Tensor | None = None  # the last frame's final latents (None until a frame ran)
+
+    def start(self) -> torch.Tensor | None:
+        """The initial latents of the next frame; None for the first (it draws them as an image would)."""
+        if self.noise is None or self.previous is None:
+            return None
+        return (1 - self.weight) * self.noise + self.weight * self.previous.to(self.noise)
+
+
 def ddim_update(scheduler, output: torch.Tensor, t, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_prev, x0) of a DDIM step (eta 0) at timestep `t` of a set-up DDIMScheduler: densediff.latents.ddim_step
     (the arithmetic training uses) on the scheduler's alpha_bar at t and at the previous timestep of its spacing
@@ -130,10 +153,12 @@ def ddim_update(scheduler, output: torch.Tensor, t, latent: torch.Tensor) -> tup
 def denoise(estimator: LatentEstimator, rgb: torch.Tensor, options: InferenceOptions,
             generator: torch.Generator | None = None, prompts: list[str] | None = None, branches: int = 1,
             conditioning: Callable[[torch.Tensor], dict] | None = None,
-            rgb_latent: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+            rgb_latent: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+            return_latent: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RGB [B,3,H,W] in [0,1] -> the decoded 3-channel prediction image [B,3,H,W] after `options.steps` DDIM steps
     (an n-target UNet, Marigold v1.1's IID: the n decoded images concatenated, [B,3n,H,W]; its initial latent has
-    4n channels, drawn at once per member as diffusers' MarigoldIntrinsicsPipeline draws it).
+    4n channels, drawn at once per member as diffusers' MarigoldIntrinsicsPipeline draws it). `return_latent`: also
+    the final latent (a video's next frame starts from it).
 
     concat (Marigold's loop): the UNet sees [rgb_latent, latent], the latent starts from `options.noise`.
     interpolate (DMP): the latent starts as the image latent itself and the UNet sees it alone; with ddim=oracle
@@ -145,7 +170,7 @@ def denoise(estimator: LatentEstimator, rgb: torch.Tensor, options: InferenceOpt
     (e.g. [depth_1..depth_B, normal_1..normal_B]), the image latent repeated k times and one initial noise per image
     shared by all its branches; the result is k x B decoded images in that order. `conditioning(rgb)` gives the
     UNet's keyword arguments for that batch (e.g. encoder_hidden_states = CLIP image tokens, class_labels) in place
-    of the empty prompt."""
+    of the empty prompt. `return_latent`: (image, the final latent the VAE decoded, x scaling factor)."""
     height, width = rgb.shape[-2:]
     if rgb_latent is None:  # `predict` encodes each image once and passes its latent to all its ensemble members
         rgb_latent = estimator.encode_rgb(pad_to_multiple(rgb, estimator.downsampling)[0].to(estimator.vae.dtype))
@@ -196,7 +221,7 @@ def denoise(estimator: LatentEstimator, rgb: torch.Tensor, options: InferenceOpt
         else:
             latent = prev_sample
     image = estimator.decode_targets(latent)  # n targets (Marigold v1.1 IID): [B, 3n, H, W], each decoded alone
-    return image[..., :height, :width]
+    return (image[..., :height, :width], latent) if return_latent else image[..., :height, :width]
 
 
 @torch.no_grad()
@@ -219,7 +244,8 @@ def image_latents(estimator: LatentEstimator, rgb: torch.Tensor, options: Infere
 @torch.no_grad()
 def predict(estimator: LatentEstimator, task, rgb: torch.Tensor, options: InferenceOptions,
             generator: torch.Generator | None = None, prompts: list[str] | None = None,
-            conditioning: Callable[[torch.Tensor], dict] | None = None, with_uncertainty: bool = False):
+            conditioning: Callable[[torch.Tensor], dict] | None = None, with_uncertainty: bool = False,
+            reuse: LatentReuse | None = None):
     """RGB [B,3,H,W] in [0,1] -> the task's prediction at the input's exact size (depth [B,H,W] in [0,1],
     normals [B,3,H,W] unit canonical). Resize to processing_res, predict `ensemble` members per image in chunks of
     `batch_size`, merge, resize back (E2E-FT: normalise, resize back, clip).
@@ -227,7 +253,9 @@ def predict(estimator: LatentEstimator, task, rgb: torch.Tensor, options: Infere
     then the list of their predictions is returned, each decoded, ensembled and resized by its own task.
     `with_uncertainty`: (prediction, uncertainty) instead, the uncertainty [B,H,W] at the input's size where the
     ensemble has several members and the task measures their disagreement (depth, normals: task.ensemble_uncertainty,
-    diffusers' formulas), else None."""
+    diffusers' formulas), else None.
+    `reuse` (videos, concat conditioning, one task): the initial latents come from it after the first frame, and it
+    keeps this frame's final latents for the next (LatentReuse)."""
     tasks = list(task) if isinstance(task, (list, tuple)) else [task]
     size = tuple(rgb.shape[-2:])
     if options.processing_res:
@@ -238,20 +266,33 @@ def predict(estimator: LatentEstimator, task, rgb: torch.Tensor, options: Infere
     # Initial noise drawn member by member, in order, before chunking: a prediction then depends on the seed and the
     # image's position in the stream only, not on inference.batch_size or the loader's batch size.
     noise = None
-    if estimator.conditioning != "interpolate" and options.noise != "zeros":
-        targets = estimator.targets  # n-target UNet: one draw of c n channels per member (diffusers' layout)
-        noise = torch.cat([initial_latent(latents[i:i + 1].repeat(1, targets, 1, 1) if targets > 1 else
-                                          latents[i:i + 1], options.noise, generator) for i in range(len(latents))])
+    targets = estimator.targets  # n-target UNet: one draw of 4 n channels per member (diffusers' layout)
+    starts = latents.repeat(1, targets, 1, 1) if targets > 1 else latents
+    reuse = reuse if estimator.conditioning != "interpolate" and len(tasks) == 1 else None  # DMP: no initial noise
+    if reuse is not None and (noise := reuse.start()) is not None:
+        if noise.shape != starts.shape:
+            raise ValueError(f"a video's frames must share one size: this frame's latents are {tuple(starts.shape)}, "
+                             f"the first frame's {tuple(noise.shape)}")
+    elif estimator.conditioning != "interpolate" and (options.noise != "zeros" or reuse is not None):
+        noise = torch.cat([initial_latent(starts[i:i + 1], options.noise, generator) for i in range(len(starts))])
+        if reuse is not None:
+            reuse.noise = noise
     chunk = options.batch_size or members.shape[0]
     member_prompts = None if prompts is None else [p for p in prompts for _ in range(options.ensemble)]
-    decoded = [[] for _ in tasks]
+    decoded, finals = [[] for _ in tasks], []
     for part, i in zip(members.split(chunk), range(0, members.shape[0], chunk)):
         images = denoise(estimator, part, options, generator,
                          None if member_prompts is None else member_prompts[i:i + chunk], branches=len(tasks),
                          conditioning=conditioning, rgb_latent=latents[i:i + chunk],
-                         noise=None if noise is None else noise[i:i + chunk]).float()
+                         noise=None if noise is None else noise[i:i + chunk], return_latent=reuse is not None)
+        if reuse is not None:
+            images, final = images
+            finals.append(final)
+        images = images.float()
         for decoded_task, branch, image in zip(decoded, tasks, images.chunk(len(tasks))):
             decoded_task.append(branch.decode(image))
+    if reuse is not None:
+        reuse.previous = torch.cat(finals)
     outputs, uncertainties = [], []
     for branch, parts in zip(tasks, decoded):
         merged, uncertainty = torch.cat(parts), None

@@ -196,6 +196,9 @@ class LatentModel(DenseEvaluation):
     # The UNet's keyword arguments at prediction, from a chunk of members ([N,3,H,W] RGB), for a paradigm whose UNet
     # needs more than the prompt (Lotus: the task switcher); None: the empty prompt or the batch's captions.
     prediction_conditioning = None
+    # Videos (predict.py on a video): a LatentReuse that starts each frame from the previous frame's latent, set for
+    # the length of one video (densediff/inference/video.py); None: every call predicts on its own.
+    latent_reuse = None
 
     @classmethod
     def saved_arguments(cls, hparams: dict) -> dict:
@@ -249,7 +252,7 @@ class LatentModel(DenseEvaluation):
         """The user-facing prediction at the input's size (affine-invariant depth in [0,1], unit canonical normals,
         ...), made by the shared predictor with `self.inference` (steps, ensemble, processing_res, ...)."""
         return predict(self.estimator, self.task, rgb, self.inference, self._generator, prompts,
-                       conditioning=self.prediction_conditioning)
+                       conditioning=self.prediction_conditioning, reuse=self.latent_reuse)
 
     def predict_batch(self, batch: dict) -> torch.Tensor:
         prompts = batch.get("prompt") if self.estimator.text_encoder is not None else None
@@ -260,7 +263,7 @@ class LatentModel(DenseEvaluation):
         """(prediction, the ensemble's per-pixel uncertainty [B,H,W], or None with one member or a task without
         one): the members' disagreement, diffusers' formulas (densediff/tasks/ensemble.py)."""
         return predict(self.estimator, self.task, rgb, self.inference, self._generator, prompts,
-                       conditioning=self.prediction_conditioning, with_uncertainty=True)
+                       conditioning=self.prediction_conditioning, with_uncertainty=True, reuse=self.latent_reuse)
 
     def predict_batch_with_uncertainty(self, batch: dict):
         if self.inference.ensemble == 1:

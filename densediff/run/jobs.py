@@ -23,6 +23,7 @@ from densediff.data.common import DataReadError
 from densediff.inference.pointcloud import intrinsics_for
 from densediff.inference.predict import check_outputs, pointcloud_references
 from densediff.inference.speedup import speed_up
+from densediff.inference.video import check_video_outputs, is_video_file, open_source, predict_video, video_outputs
 from densediff.io import remove_temporaries, write_text
 from densediff.paradigms.precomputed import PrecomputedPredictions
 from densediff.run.checkpoint import CheckpointRecord, read_record
@@ -324,6 +325,9 @@ def predict(cfg: DictConfig) -> None:
     options = inference_options(cfg, "predict", record.inference if record else None)
     wants_pointcloud = bool(cfg.get("pointcloud", False))
     if record is not None and record.tasks:  # every task's files into <output>/<task>/
+        if is_video_input(cfg):
+            raise ConfigError(f"input={cfg.input} is a video; this checkpoint predicts {', '.join(record.tasks)} at "
+                              "once, and videos are predicted by models of one task")
         if wants_pointcloud:
             raise ConfigError(f"pointcloud=true writes the point clouds of a depth model; this checkpoint predicts "
                               f"{', '.join(record.tasks)} at once and writes <output>/<task>/<stem>.npy, not yet a "
@@ -334,6 +338,12 @@ def predict(cfg: DictConfig) -> None:
         record.hparams if record else {}, task, options.ensemble)
     if wants_pointcloud and not files.pointcloud:
         raise ConfigError(f"pointcloud=true needs a depth model; this one predicts {task}")
+    video = cfg.get("video") or {}
+    if is_video_input(cfg):  # the video keys before the video is opened
+        check_video_options(cfg)
+    source = open_source(cfg.input, bool(video.get("frames", False)), video.get("fps", 10))  # before the model
+    if source is not None:
+        return predict_video_job(cfg, record, options, source, task, files)
     root, images, planned = check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite),  # before the model
                                           uncertainty=files.uncertainty, pointcloud=wants_pointcloud)
     pointcloud = None
@@ -358,6 +368,37 @@ def predict(cfg: DictConfig) -> None:
           + (f"; skipped {len(skipped)} unreadable:" if skipped else ""))
     for message in skipped:
         print(f"  {message}")
+
+
+def is_video_input(cfg: DictConfig) -> bool:
+    """Whether predict.py's input= is a video: a file with a video suffix, or a folder given with video.frames=true."""
+    return bool((cfg.get("video") or {}).get("frames", False)) or is_video_file(str(cfg.input))
+
+
+def check_video_options(cfg: DictConfig) -> float:
+    """The options a video run refuses before any work; returns video.latent_reuse."""
+    if cfg.get("pointcloud", False):
+        raise ConfigError(f"pointcloud=true writes one .ply per image; input={cfg.input} is a video (not supported "
+                          "yet: predict its frames as images for point clouds)")
+    reuse = (cfg.get("video") or {}).get("latent_reuse", 0.1)
+    if isinstance(reuse, bool) or not isinstance(reuse, (int, float)) or not 0 <= reuse <= 1:
+        raise ConfigError(f"video.latent_reuse={reuse} is not valid: the weight of the previous frame's latent, in "
+                          "[0, 1] (0: every frame predicted as an image; diffusers' guide uses 0.1)")
+    return float(reuse)
+
+
+def predict_video_job(cfg: DictConfig, record: CheckpointRecord | None, options, source, task: str, files) -> None:
+    """predict.py on a video file or a folder of frames (densediff/inference/video.py): each frame's files under
+    <output>/<stem>/, the coloured predictions as <output>/<stem>_<task>.mp4."""
+    video = cfg.get("video") or {}
+    reuse = check_video_options(cfg)
+    paths = video_outputs(cfg.output, source.stem, task, files.uncertainty, bool(video.get("side_by_side", False)))
+    check_video_outputs(source, paths, bool(cfg.overwrite))  # before the model
+    model, device = _predictor(cfg, record, options)
+    written = predict_video(model, source, paths, device, reuse, uncertainty=files.uncertainty,
+                            uncertainty_full_scale=files.uncertainty_full_scale)
+    print(f"\nwrote {written} frames' predictions to {paths['frames']} and {paths['mp4']}"
+          + (f" and {paths['side_by_side']}" if "side_by_side" in paths else ""))
 
 
 def predict_tasks(cfg: DictConfig, record: CheckpointRecord, options) -> None:
