@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RUN ?= outputs/quickstart/demo-$(shell date +%Y-%m-%d_%H-%M-%S)
 DEMO_ARGS ?=   # extra train.py overrides, e.g. make demo DEMO_ARGS="trainer.max_steps=100"
 PRIOR_DIR ?= outputs/prior/$(shell date +%Y-%m-%d_%H-%M-%S)
-PRIOR_RECIPES ?= prior/e2e_depth,prior/marigold_depth,prior/dmp_normal,prior/geowizard,prior/diff2in1,prior/diffusionmtl
+PRIOR_RECIPES ?= prior/e2e_depth,prior/marigold_depth,prior/dmp_normal,prior/geowizard,prior/diff2in1,prior/diffusionmtl,prior/lotus_depth,prior/lotus_depth_d
 PRIOR_METRICS ?= abs_rel,delta1,angular_mean,angular_11_25,segmentation/miou,depth/abs_rel,normals/angular_mean,edges/ods_f
 PRIOR_ARGS ?=  # extra train.py overrides for every job, e.g. PRIOR_ARGS="trainer.max_steps=100"
 

@@ -128,3 +128,15 @@ def test_lotus_normals_recipe_composes_with_lotus_d():
     assert cfg.dataset.batch_size * cfg.trainer.accumulate_grad_batches == 128  # Lotus: 16 x 8 GPUs
     assert cfg.dataset.train.datasets[0].height == 576 and cfg.dataset.train.datasets[1].scenes == ["02", "06", "18",
                                                                                                      "20"]
+
+
+def test_lotus_schedule_is_constant_with_an_optional_linear_warmup():
+    """Lotus: AdamW at a constant lr from the first step (warmup 0); objective.warmup_steps (the tiny prior recipes:
+    20) ramps it linearly first, then holds it."""
+    lotus = LotusX0({"path": str(ASSETS / "tiny")}, task="depth", lr=1e-3)
+    warm = LotusX0({"path": str(ASSETS / "tiny")}, task="depth", lr=1e-3, warmup_steps=20)
+    for model, expected in ((lotus, [1.0, 1.0, 1.0, 1.0]), (warm, [0.0, 0.5, 1.0, 1.0])):
+        optim = model.configure_optimizers()
+        factor = optim["lr_scheduler"]["scheduler"].lr_lambdas[0]
+        assert [factor(step) for step in (0, 10, 20, 299)] == pytest.approx(expected)
+        assert optim["optimizer"].defaults["weight_decay"] == 1e-2

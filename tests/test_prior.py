@@ -6,14 +6,16 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+import pytest
+from conftest import ROOT, run_cli
 from omegaconf import OmegaConf
 from PIL import Image
 
 RECIPES = ("prior/e2e_depth", "prior/marigold_depth", "prior/dmp_normal", "prior/geowizard", "prior/diff2in1",
-           "prior/diffusionmtl")
+           "prior/diffusionmtl", "prior/lotus_depth", "prior/lotus_depth_d")
 HEADLINE = {"prior/e2e_depth": "abs_rel", "prior/marigold_depth": "abs_rel", "prior/dmp_normal": "angular_mean",
-            "prior/geowizard": "abs_rel", "prior/diff2in1": "angular_mean", "prior/diffusionmtl": "normals/angular_mean"}
+            "prior/geowizard": "abs_rel", "prior/diff2in1": "angular_mean", "prior/diffusionmtl": "normals/angular_mean",
+            "prior/lotus_depth": "abs_rel", "prior/lotus_depth_d": "abs_rel"}
 # (DiffusionMTL's monitored mIoU can be the same on both backbones after 2 steps, when both still predict one class
 # everywhere: a continuous metric of the same runs tells the two start points apart)
 
@@ -52,3 +54,28 @@ def test_make_prior_runs_every_recipe_on_both_backbones_and_writes_one_table_and
         # two different start points, both scored (after 2 steps a random UNet's mIoU can be a true 0.0)
         assert tiny >= 0 and random >= 0 and tiny != random, row
     assert Image.open(sweep / "curves.png").size[0] > 400
+
+
+@pytest.mark.parametrize("recipe, variant", [("prior/lotus_depth", "g"), ("prior/lotus_depth_d", "d")])
+def test_lotus_prior_recipes_compose_at_the_budget_and_train_two_steps(tmp_path, recipe, variant):
+    """The Lotus rows of `make prior`: Lotus' recipe (x0 at t = 999, detail preserver, disparity target) on the
+    embedded default at the shared budget, fp32 without gradient checkpointing (the SD recipe's 16-mixed and
+    checkpointing do not belong on a CPU), the tiny runs' lr with a 20-step warm-up, then 2 steps through train.py."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("train", overrides=[f"experiment={recipe}", "backbone=tiny_random"])
+    assert cfg.objective.name == "lotus" and cfg.objective.variant == variant and cfg.task.encoding == "disparity"
+    assert cfg.backbone.name == "tiny_random" and cfg.dataset.name == "procedural"
+    assert (cfg.trainer.max_steps, cfg.dataset.batch_size, cfg.trainer.accumulate_grad_batches) == (300, 8, 1)
+    assert cfg.trainer.precision == "32-true" and cfg.backbone.gradient_checkpointing is False
+    assert cfg.objective.lr == 1e-3 and cfg.objective.warmup_steps == 20 and cfg.objective.detail_preserver
+    assert cfg.inference.steps == 1 and cfg.inference.noise == ("gaussian" if variant == "g" else "zeros")
+    run = tmp_path / "run"
+    run_cli("train.py", f"experiment={recipe}", "backbone=tiny", "trainer.max_steps=2", "trainer.val_check_interval=2",
+            "dataset.batch_size=2", "dataset.val_batch_size=2", "dataset.val.num_scenes=2",
+            "dataset.train.num_scenes=4", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 < metrics["abs_rel"] < 2 and 0 <= metrics["delta1"] <= 1
+    saved = OmegaConf.load(run / ".hydra" / "config.yaml")
+    assert saved.objective.variant == variant and saved.trainer.precision == "32-true"

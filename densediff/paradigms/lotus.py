@@ -71,6 +71,7 @@ class LotusX0(LatentModel, Paradigm):
         lr: float = 3e-5,
         weight_decay: float = 1e-2,
         betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
         gallery_size: int = 4,
     ):
         if variant not in VARIANTS:
@@ -181,7 +182,7 @@ class LotusX0(LatentModel, Paradigm):
         return loss
 
     def configure_optimizers(self):
-        hp = self.hparams  # Lotus: AdamW at a constant learning rate, no warm-up
-        factor = schedule_factor("constant", 0, 1, 1.0)
+        hp = self.hparams  # Lotus: AdamW at a constant learning rate, no warm-up (warmup_steps: a linear one)
+        factor = schedule_factor("constant", int(hp.get("warmup_steps", 0)), 1, 1.0)
         return optimizer_with_schedule([p for p in self.parameters() if p.requires_grad], hp.lr, factor,
                                        weight_decay=hp.weight_decay, betas=hp.betas)
