@@ -61,11 +61,12 @@ def align_least_squares(pred, target, mask, max_res=None):
     return pred.double() * s[:, None, None] + t[:, None, None]
 
 
-def align_least_squares_disparity(pred, target, mask, max_res=None):
+def align_least_squares_disparity(pred, target, mask, max_res=None, with_scale: bool = False):
     """MG `least_square_disparity`: the prediction is fitted to GT disparity 1/gt over the valid pixels where
-    gt > 0 and pred > 0, the fitted disparity is clipped at >= 1e-3 and inverted back to depth."""
+    gt > 0 and pred > 0, the fitted disparity is clipped at >= 1e-3 and inverted back to depth.
+    `with_scale`: (depth, the fitted scale per image), whose sign says whether the prediction was inverted."""
     gt_disp = torch.where(target > 0, 1.0 / target.double().clamp_min(1e-300), 0.0)
     fit_mask = mask & (target > 0) & (pred > 0)
     s, t = fit_scale_shift(pred, gt_disp, fit_mask, max_res)
     disp = (pred.double() * s[:, None, None] + t[:, None, None]).clamp_min(1e-3)
-    return 1.0 / disp
+    return (1.0 / disp, s) if with_scale else 1.0 / disp

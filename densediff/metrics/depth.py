@@ -33,9 +33,10 @@ class DepthMetrics(Metric):
     Units: `silog` is sqrt(mean(d^2) - mean(d)^2) with d = ln p - ln g, in natural log units. Marigold's
     `silog_rmse` is 100x this value (we keep natural units like every other key). All others: metres or fractions.
     Images without a valid pixel are skipped (counted in the `skipped` state) instead of producing NaN.
-    Marigold's alignment accepts a negative scale, which turns inverted depth into a good score; `compute` reports
-    the fraction of images whose fit needed one as `negative_scale` (0 for a model that predicts depth, 1 for one
-    that predicts inverted depth), next to the metrics, so a run that learnt the sign flip says so.
+    Marigold's alignments (depth and disparity space) accept a negative scale, which turns an inverted prediction
+    into a good score; `compute` reports the fraction of images whose fit needed one as `negative_scale` (0 for a
+    model that predicts the right way round, 1 for an inverted one), next to the metrics, so a run that learnt the
+    sign flip says so.
     """
 
     is_differentiable = False
@@ -69,7 +70,8 @@ class DepthMetrics(Metric):
             p = pred.double() * scale[:, None, None] + shift[:, None, None]
             negative = scale < 0
         elif self.alignment == "least_squares_disparity":
-            p = align_least_squares_disparity(pred, target, valid, self.alignment_max_res)
+            p, scale = align_least_squares_disparity(pred, target, valid, self.alignment_max_res, with_scale=True)
+            negative = scale < 0
         else:
             p = pred.double()
         return p.clamp(self.min_depth, self.max_depth).clamp_min(1e-6), valid, negative
@@ -119,6 +121,6 @@ class DepthMetrics(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         values = {key: (getattr(self, f"sum_{key}") / self.images).float() for key in DEPTH_KEYS}
-        if self.alignment == "least_squares":
+        if self.alignment != "none":  # a fit that can flip the sign: how often it did
             values["negative_scale"] = (self.negative_scale / self.images.clamp_min(1)).float()
         return values

@@ -71,7 +71,7 @@ def print_summary(title: str, metrics: dict, directory: Path, checkpoints: Path 
     lines += [f"  checkpoints:   {checkpoints}"] if checkpoints else []
     if metrics.get("negative_scale", 0) > 0:  # the alignment turned inverted depth into a score: say so
         lines.append(f"  warning: {metrics['negative_scale']:.0%} of the images needed a negative scale to align: "
-                     "the model predicts (partly) inverted depth, which the metrics above do not show")
+                     "the model predicts (partly) inverted depth or disparity, which the metrics above do not show")
     log.info("\n".join(lines))  # the console and the run's log file (Hydra's job logging)
 
 

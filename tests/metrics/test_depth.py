@@ -74,6 +74,17 @@ def test_disparity_alignment_recovers_inverse_depth():
     target = torch.tensor([[[1.0, 2.0, 4.0], [5.0, 8.0, 2.5]]])
     r = _metrics(0.5 / target + 0.1, target, alignment="least_squares_disparity")
     assert r["abs_rel"] == pytest.approx(0.0, abs=1e-6)
+    assert r["negative_scale"] == 0.0
+
+
+def test_disparity_alignment_says_when_the_prediction_is_inverted():
+    """An inverted disparity (large where GT is far) still aligns with a negative scale: reported, not hidden."""
+    target = torch.stack([torch.tensor([[1.0, 2.0, 4.0], [5.0, 8.0, 2.5]]),
+                          torch.tensor([[1.5, 3.0, 6.0], [2.0, 9.0, 4.0]])])
+    inverted = torch.stack([3.0 - 0.5 / target[0], 0.5 / target[1]])  # image 0 inverted (and > 0), image 1 right
+    r = _metrics(inverted, target, alignment="least_squares_disparity")
+    assert r["abs_rel"] == pytest.approx(0.0, abs=1e-6)  # the score alone cannot tell
+    assert r["negative_scale"] == 0.5
 
 
 def test_mask_and_depth_range_are_honoured():
