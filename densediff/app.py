@@ -1,5 +1,6 @@
 """A Gradio demo: upload an image, pick the task and the steps, see the coloured prediction, download the float .npy
-(and the 16-bit PNG for depth).
+(and the 16-bit PNG for depth). A model of several maps (task=intrinsics, Marigold v1.1 IID) is one entry per map in
+the task selector ("intrinsics: albedo", "intrinsics: shading", ...), each with its own .npy and uncertainty.
 
     densediff-app ckpt=<run>/checkpoints/last.ckpt          # or python -m densediff.app ..., make app APP_ARGS=...
     densediff-app ckpt=[<depth.ckpt>,<normals.ckpt>]          # several tasks, one model per task
@@ -80,12 +81,17 @@ class Demo:
 
     def __init__(self, models: dict, sources: dict, device, workdir: str | Path):
         self.models, self.sources, self.device = models, sources, device
+        # what the task selector lists: {label: (task, view)}, one view per map a model's prediction is shown as
+        # (Task.views): the task's name for a one-map task, "<task>: <target>" for each target of intrinsics
+        self.views = {task if view == "" else f"{task}: {view}": (task, view)
+                      for task, model in models.items() for view in model.task.views()}
         self.workdir = Path(workdir)
         self._lock = threading.Lock()
         self._requests: deque[Path] = deque()
 
     def defaults(self, task: str) -> tuple[int, int]:
-        options = self.models[task].inference
+        """(steps, ensemble) of the model behind a task or one of its views."""
+        options = self.models[self.views.get(task, (task,))[0]].inference
         return int(options.steps), int(options.ensemble)
 
     def _request_dir(self) -> Path:
@@ -97,16 +103,18 @@ class Demo:
 
     def predict(self, image: str | Path | None, task: str, steps: int, ensemble: int,
                 name: str | None = None) -> tuple[str, str, str | None, str | None]:
-        """(coloured PNG, float .npy, 16-bit PNG or None, uncertainty PNG or None) for the image file `image`, written
-        by predict.py's own writer into a fresh temporary folder; the uncertainty is an ensemble's (more than one
-        member, depth or normals: the members' disagreement, diffusers' formulas). Errors a user can fix raise
-        UserError with a readable message."""
+        """(coloured PNG, float .npy, 16-bit PNG or None, uncertainty PNG or None) for the image file `image` and the
+        task selector's entry `task` (a task, or one map of it: "intrinsics: albedo"), written by predict.py's own
+        writer into a fresh temporary folder; the uncertainty is what predict.py writes with this ensemble (more than
+        one member, depth, normals or each target of intrinsics: the members' disagreement, diffusers' formulas).
+        Errors a user can fix raise UserError with a readable message."""
         from densediff.inference.predict import output_paths, predict_images
 
         if image is None:
             raise UserError("upload an image first")
-        if task not in self.models:
-            raise UserError(f"no model for task {task!r}; loaded: {', '.join(self.models)}")
+        if task not in self.views:
+            raise UserError(f"no model for task {task!r}; loaded: {', '.join(self.views)}")
+        task, view = self.views[task]
         model = self.models[task]
         options = model.inference
         steps, ensemble = _count("steps", steps, MAX_STEPS), _count("ensemble", ensemble, MAX_ENSEMBLE)
@@ -123,19 +131,23 @@ class Demo:
         inputs.mkdir()
         local = inputs / f"{stem or 'image'}{source.suffix.lower() or '.png'}"
         shutil.copyfile(source, local)
-        uncertain = ensemble > 1 and task in ("depth", "normals") and hasattr(model, "predict_with_uncertainty")
+        # what predict.py writes next to the prediction with this ensemble (the paradigm's hook): an ensemble's
+        # disagreement, or a head's own uncertainty (Bae's expected angular error, white at 90 degrees)
+        files = type(model).prediction_files(dict(getattr(model, "hparams", None) or {}), task, ensemble)
+        uncertain = files.uncertainty and hasattr(model, "predict_with_uncertainty")
         with self._lock:  # one model object per task: its options are set for this request only
             try:
                 model.inference = request
                 _, skipped = predict_images(model, inputs, [local], outputs, self.device, uncertainty=uncertain,
-                                            uncertainty_full_scale=None)
+                                            uncertainty_full_scale=files.uncertainty_full_scale)
             finally:
                 model.inference = options
         if skipped:
             raise UserError(skipped[0].replace(str(local), local.name))
-        paths = output_paths(local, inputs, outputs, task, uncertainty=uncertain)
-        png16, spread = paths.get("png16"), paths.get("uncertainty_png")
-        return (str(paths["png"]), str(paths["npy"]), str(png16) if png16 else None,
+        paths = output_paths(local, inputs, outputs, model.task, uncertainty=uncertain)
+        kinds = model.task.views()[view]
+        png16, spread = paths.get(kinds.get("png16")), paths.get(kinds.get("uncertainty"))
+        return (str(paths[kinds["png"]]), str(paths[kinds["npy"]]), str(png16) if png16 else None,
                 str(spread) if spread is not None and spread.is_file() else None)
 
 
@@ -200,7 +212,7 @@ def build_ui(demo: Demo):
     run-button, prediction, prediction-npy, prediction-png16, prediction-uncertainty."""
     import gradio as gr
 
-    tasks = list(demo.models)
+    tasks = list(demo.views)  # a task, or one map of it ("intrinsics: albedo")
     steps0, ensemble0 = demo.defaults(tasks[0])
 
     def run(image, task, steps, ensemble):
@@ -220,7 +232,7 @@ def build_ui(demo: Demo):
         return gr.update(value=steps), gr.update(value=ensemble)
 
     loaded = "\n".join(f"- **{task}**: {demo.sources[task]} (inference.steps={demo.defaults(task)[0]})"
-                       for task in tasks)
+                       for task in demo.models)
     with gr.Blocks(title="densediff", delete_cache=(3600, 3600)) as blocks:
         gr.Markdown(f"# densediff: dense prediction with diffusion priors\nModels on {demo.device}:\n{loaded}")
         with gr.Row():

@@ -255,3 +255,48 @@ def test_demo_serves_one_model_per_task(tmp_path):
         assert picture.size == (40, 24)
     assert demo.models["normals"].inference.ensemble == 1  # the request's options do not stick
     build_ui(demo)  # the page builds with both tasks in the selector
+
+
+def test_demo_shows_each_target_of_an_iid_checkpoint_with_its_uncertainty(tmp_path):
+    """A Marigold v1.1 IID checkpoint (the lighting recipe trained 2 steps on the tiny backbone): one entry per target
+    in the task selector, each serving that target's PNG (as predict.py shows it), its HxWx3 .npy and, with an
+    ensemble, its own uncertainty (diffusers' per-channel spread, written beside it)."""
+    import torch
+    from conftest import run_cli
+    from test_marigold_iid import SMALL
+
+    from densediff.app import Demo, build_ui, load_models
+
+    run = tmp_path / "lighting"
+    run_cli("train.py", "experiment=marigold_iid_lighting", *SMALL, f"hydra.run.dir={run}")
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    models, sources, device = load_models([ckpt], [])
+    demo = Demo(models, sources, device, tmp_path / "work")
+    (tmp_path / "work").mkdir()
+    assert list(demo.views) == ["intrinsics: albedo", "intrinsics: shading", "intrinsics: residual"]
+    assert demo.defaults("intrinsics: shading") == (4, 1)  # the recipe's validation settings
+    image = tmp_path / "room.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(image)
+
+    coloured, npy, png16, uncertainty = demo.predict(image, "intrinsics: shading", 2, 3)
+
+    assert png16 is None and Path(npy).name == "room_shading.npy" and Path(coloured).name == "room_shading.png"
+    shading = np.load(npy)
+    assert shading.shape == (24, 40, 3) and 0 <= shading.min() <= shading.max() <= 1
+    task = demo.models["intrinsics"].task
+    with Image.open(coloured) as picture:  # up to scale and linear: over its maximum, then gamma 1/2.2
+        np.testing.assert_array_equal(np.asarray(picture), task.visualize("shading", torch.from_numpy(
+            shading).permute(2, 0, 1)))
+    assert Path(uncertainty).name == "room_shading_uncertainty.png"
+    spread = np.load(Path(uncertainty).with_suffix(".npy"))
+    assert spread.shape == (24, 40, 3) and spread.max() > 0
+    with Image.open(uncertainty) as picture:
+        assert picture.size == (40, 24) and picture.mode == "RGB"
+    # another target's entry with the same settings: its own files, of the same decomposition (the model's seed)
+    _, albedo, _, albedo_spread = demo.predict(image, "intrinsics: albedo", 2, 3)
+    assert Path(albedo).name == "room_albedo.npy" and Path(albedo_spread).name == "room_albedo_uncertainty.png"
+    np.testing.assert_array_equal(np.load(Path(albedo).with_name("room_shading.npy")), shading)
+    assert demo.predict(image, "intrinsics: albedo", 2, 1)[3] is None  # one member: nothing to disagree
+    with pytest.raises(ValueError, match="no model for task 'intrinsics'; loaded: intrinsics: albedo"):
+        demo.predict(image, "intrinsics", 1, 1)
+    build_ui(demo)  # the page builds with one selector entry per target

@@ -338,15 +338,22 @@ def test_predict_writes_one_npy_and_png_per_target(lighting_run, tmp_path):
     assert albedo.shape == (64, 80, 3) and albedo.dtype == np.float32 and 0 <= albedo.min() <= albedo.max() <= 1
 
 
-def test_export_loads_in_diffusers_intrinsics_pipeline_and_matches_our_prediction(lighting_run, tmp_path):
+@pytest.fixture(scope="module")
+def exported(lighting_run, tmp_path_factory):
+    """The lighting checkpoint exported as a diffusers MarigoldIntrinsicsPipeline folder (densediff.export)."""
+    folder = tmp_path_factory.mktemp("iid_export") / "exported"
+    run_cli("-m", "densediff.export", f"ckpt={lighting_run / 'checkpoints' / 'last.ckpt'}", f"output={folder}")
+    return folder
+
+
+def test_export_loads_in_diffusers_intrinsics_pipeline_and_matches_our_prediction(lighting_run, exported):
     from diffusers import MarigoldIntrinsicsPipeline
 
     from densediff.data.procedural import ProceduralScenes
     from densediff.inference.predictor import InferenceOptions
     from densediff.paradigms import DiffusionEstimator
 
-    ckpt, folder = lighting_run / "checkpoints" / "last.ckpt", tmp_path / "exported"
-    run_cli("-m", "densediff.export", f"ckpt={ckpt}", f"output={folder}")
+    ckpt, folder = lighting_run / "checkpoints" / "last.ckpt", exported
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "MarigoldIntrinsicsPipeline" and index["prediction_type"] == "intrinsics"
     assert index["target_properties"] == {  # Marigold's config/train_marigold_iid_lighting.yaml pipeline kwargs
@@ -365,6 +372,81 @@ def test_export_loads_in_diffusers_intrinsics_pipeline_and_matches_our_predictio
                   output_type="pt").prediction  # [3, 3, H, W]
     assert ours.shape == (1, 9, 64, 80) and theirs.shape == (3, 3, 64, 80)
     assert torch.allclose(ours.view(3, 3, 64, 80), theirs, atol=1e-5)
+
+
+def test_predict_writes_each_targets_ensemble_uncertainty_as_diffusers_computes_it(lighting_run, exported, tmp_path):
+    """predict.py inference.ensemble=3: `<stem>_<target>_uncertainty.npy` (HxWx3) and `.png` next to each target's
+    files, equal to the `uncertainty` of diffusers' MarigoldIntrinsicsPipeline (output_uncertainty=True: per pixel
+    and channel, the median of |member - median|) on the exported weights with the same seed; its prediction too."""
+    from diffusers import MarigoldIntrinsicsPipeline
+    from PIL import Image
+
+    from densediff.data.procedural import ProceduralScenes
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    rgb = ProceduralScenes("test", 1, 64, 80)[0]["rgb"]
+    picture = (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(picture).save(images / "a.png")
+    run_cli("predict.py", f"ckpt={lighting_run / 'checkpoints' / 'last.ckpt'}", f"input={images}", f"output={out}",
+            "inference.ensemble=3", "inference.seed=7", f"hydra.run.dir={tmp_path / 'r'}")
+    targets = ("albedo", "residual", "shading")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"a_{t}.{kind}" for t in targets for kind in ("npy", "png")]
+        + [f"a_{t}_uncertainty.{kind}" for t in targets for kind in ("npy", "png")])
+    pipe = MarigoldIntrinsicsPipeline.from_pretrained(exported)
+    theirs = pipe(torch.from_numpy(picture).permute(2, 0, 1)[None].float() / 255, num_inference_steps=4,
+                  ensemble_size=3, processing_resolution=0, output_uncertainty=True,
+                  generator=torch.Generator().manual_seed(7), output_type="np")  # [3, H, W, 3] each
+    for i, target in enumerate(("albedo", "shading", "residual")):  # the pipeline's order: the model's targets
+        spread = np.load(out / f"a_{target}_uncertainty.npy")
+        assert spread.shape == (64, 80, 3) and spread.dtype == np.float32
+        np.testing.assert_allclose(spread, theirs.uncertainty[i], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.load(out / f"a_{target}.npy"), theirs.prediction[i], rtol=0, atol=1e-5)
+        with Image.open(out / f"a_{target}_uncertainty.png") as shown:
+            assert shown.mode == "RGB" and shown.size == (80, 64)
+    assert theirs.uncertainty.max() > 0  # the members disagree: the comparison is not of zeros
+
+
+def test_mean_ensemble_uncertainty_at_a_processing_resolution_is_diffusers(lighting_run, exported):
+    """inference.ensemble_reduction=mean (the members' standard deviation) at processing_res=40: the per-target
+    maps are predicted at 32 x 40 and resized back to the input's size as diffusers resizes them."""
+    from diffusers import MarigoldIntrinsicsPipeline
+
+    from densediff.data.procedural import ProceduralScenes
+    from densediff.inference.predictor import InferenceOptions
+    from densediff.paradigms import DiffusionEstimator
+
+    model = DiffusionEstimator.load_from_checkpoint(lighting_run / "checkpoints" / "last.ckpt", map_location="cpu",
+                                                    weights_only=True).eval()
+    model.inference = InferenceOptions(steps=2, ensemble=3, ensemble_reduction="mean", noise="gaussian",
+                                       final_step="prev_sample", processing_res=40, seed=3)
+    rgb = ProceduralScenes("test", 1, 64, 80)[0]["rgb"][None]
+    ours, spread = model.predict_with_uncertainty(rgb)  # [1, 9, H, W] each
+    pipe = MarigoldIntrinsicsPipeline.from_pretrained(exported)
+    theirs = pipe(rgb, num_inference_steps=2, ensemble_size=3, processing_resolution=40, output_uncertainty=True,
+                  ensembling_kwargs={"reduction": "mean"}, generator=torch.Generator().manual_seed(3),
+                  output_type="pt")
+    assert spread.shape == (1, 9, 64, 80) and theirs.uncertainty.shape == (3, 3, 64, 80)
+    assert torch.allclose(spread.view(3, 3, 64, 80), theirs.uncertainty, atol=1e-5)
+    assert torch.allclose(ours.view(3, 3, 64, 80), theirs.prediction, atol=1e-5)
+
+
+def test_a_video_is_refused_in_one_line_for_an_iid_checkpoint(lighting_run, tmp_path):
+    """A video shows one map per frame; task=intrinsics writes several per image: one line, before the model."""
+    from PIL import Image
+    from test_user_errors import assert_one_line_error
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((16, 24, 3), 40 * i, np.uint8)).save(frames / f"{i}.png")
+    result = run_cli("predict.py", f"ckpt={lighting_run / 'checkpoints' / 'last.ckpt'}", f"input={frames}",
+                     "video.frames=true", f"output={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'r'}",
+                     expect_ok=False)
+    assert_one_line_error(result, "task=intrinsics predicts several maps per image",
+                          "predict the frames as images")
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_keeps_the_zero_snr_betas_the_model_was_trained_with(tmp_path):

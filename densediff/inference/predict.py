@@ -14,15 +14,16 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from densediff.io import atomic_write
 from densediff.tasks import TASKS, Task
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")  # predict.py reads these with densediff/inference/video.py
-# How each kind of prediction file a task writes (Task.prediction_files) is named after the image's stem; any other
-# kind names its own suffix: "albedo.npy" -> <stem>_albedo.npy (task=intrinsics, one file per target).
-PREDICTION_FILE_NAMES = {"npy": ".npy", "png": ".png", "png16": "_16bit.png"}
+# How each kind of prediction file a task writes (Task.prediction_files, Task.uncertainty_files) is named after the
+# image's stem; any other kind names its own suffix: "albedo.npy" -> <stem>_albedo.npy, "albedo_uncertainty.npy" ->
+# <stem>_albedo_uncertainty.npy (task=intrinsics, one file per target).
+PREDICTION_FILE_NAMES = {"npy": ".npy", "png": ".png", "png16": "_16bit.png", "uncertainty_npy": "_uncertainty.npy",
+                         "uncertainty_png": "_uncertainty.png"}
 
 
 def prediction_files(task: str | Task) -> tuple[str, ...]:
@@ -31,6 +32,18 @@ def prediction_files(task: str | Task) -> tuple[str, ...]:
     if isinstance(task, Task):
         return task.prediction_files
     return TASKS.get(task, Task).prediction_files
+
+
+def uncertainty_files(task: str | Task) -> tuple[str, ...]:
+    """The kinds of file a task (or a task's name) writes an uncertainty as, next to its prediction files."""
+    if isinstance(task, Task):
+        return task.uncertainty_files
+    return TASKS.get(task, Task).uncertainty_files
+
+
+def file_name(stem: str, kind: str) -> str:
+    """The name of the file of `kind` (PREDICTION_FILE_NAMES, else `_<kind>`) for an image of stem `stem`."""
+    return stem + PREDICTION_FILE_NAMES.get(kind, f"_{kind}")
 
 
 def find_images(source: str | Path) -> tuple[Path, list[Path]]:
@@ -51,18 +64,17 @@ def find_images(source: str | Path) -> tuple[Path, list[Path]]:
 def output_paths(image: Path, root: Path, output: Path, task: str | Task, keep_suffix: bool = False,
                  uncertainty: bool = False, pointcloud: bool = False) -> dict[str, Path]:
     """Where the predictions of `image` go: the task's prediction_files, `<stem>.npy`, `<stem>.png` (and
-    `<stem>_16bit.png` for depth), at its place below `root`, mirrored into `output`. `keep_suffix` names them
+    `<stem>_16bit.png` for depth; with `uncertainty` its uncertainty_files, `<stem>_uncertainty.npy` and `.png`, or
+    `<stem>_<target>_uncertainty.*` per target), at its place below `root`, mirrored into `output`. `keep_suffix` names them
     `<stem>_<ext>...` instead (two inputs that differ only in their extension, `a.png` and `a.jpg`, would otherwise
     write the same files)."""
     relative = image.relative_to(root)
     stem = output / relative.with_suffix("")
     if keep_suffix:
         stem = stem.with_name(f"{stem.name}_{image.suffix.lstrip('.').lower()}")
-    paths = {kind: stem.with_name(stem.name + PREDICTION_FILE_NAMES.get(kind, f"_{kind}"))
-             for kind in prediction_files(task)}
-    if uncertainty:  # head=bae's expected angular error in degrees, or an ensemble's disagreement
-        paths["uncertainty_npy"] = stem.with_name(stem.name + "_uncertainty.npy")
-        paths["uncertainty_png"] = stem.with_name(stem.name + "_uncertainty.png")
+    kinds = prediction_files(task) + (uncertainty_files(task) if uncertainty else ())
+    # uncertainty: head=bae's expected angular error in degrees, or an ensemble's disagreement (per target for IID)
+    paths = {kind: stem.with_name(file_name(stem.name, kind)) for kind in kinds}
     if pointcloud:  # depth: the coloured points (densediff/inference/pointcloud.py)
         paths["ply"] = stem.with_name(stem.name + ".ply")
     return paths
@@ -197,7 +209,7 @@ def predict_images(model, root: Path, images: list[Path], output: str | Path,
                 predictions = model.predict(rgb)
             for k, (image, image_rgb) in enumerate(batch):
                 if alphas is not None:
-                    write_uncertainty(alphas[k].cpu(), planned[image], uncertainty_full_scale)
+                    write_uncertainty(model.task, alphas[k].cpu(), planned[image], uncertainty_full_scale)
                 write_prediction(model.task, predictions[k].cpu(), planned[image])
                 if pointcloud is not None:
                     from densediff.inference.pointcloud import write_pointcloud
@@ -223,17 +235,12 @@ def same_size_batches(stream, images_per_call: int):
         yield batch
 
 
-def write_uncertainty(alpha: torch.Tensor, paths: dict[str, Path], full_scale: float | None = 90.0) -> None:
-    """HxW uncertainty: float32 `.npy` and a grey PNG, black at 0 and white at `full_scale` or above (Bae's expected
-    angular error: 90 degrees); None: white at the image's 95th percentile (diffusers' visualize_uncertainty, for an
+def write_uncertainty(task: Task, alpha: torch.Tensor, paths: dict[str, Path], full_scale: float | None = 90.0) -> None:
+    """One image's uncertainty as the task writes it (Task.write_uncertainty): HxW float32 `.npy` and a grey PNG
+    (per target, HxWx3 and RGB, for intrinsics), black at 0 and white at `full_scale` or above (Bae's expected
+    angular error: 90 degrees); None: white at the map's 95th percentile (diffusers' visualize_uncertainty, for an
     ensemble's disagreement)."""
-    array = alpha.float().numpy()
-    paths["uncertainty_npy"].parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(paths["uncertainty_npy"]) as tmp:
-        np.save(tmp, array)
-    white = full_scale if full_scale is not None else max(float(np.percentile(array, 95)), 1e-12)
-    with atomic_write(paths["uncertainty_png"]) as tmp:
-        Image.fromarray((np.clip(array / white, 0, 1) * 255 + 0.5).astype(np.uint8)).save(tmp)
+    task.write_uncertainty(alpha, paths, full_scale)
 
 
 class ImageFiles(torch.utils.data.Dataset):

@@ -251,9 +251,9 @@ def predict(estimator: LatentEstimator, task, rgb: torch.Tensor, options: Infere
     `batch_size`, merge, resize back (E2E-FT: normalise, resize back, clip).
     `task` may be a list of tasks, one per branch of a joint model (GeoWizard: [depth, normals]; see `denoise`):
     then the list of their predictions is returned, each decoded, ensembled and resized by its own task.
-    `with_uncertainty`: (prediction, uncertainty) instead, the uncertainty [B,H,W] at the input's size where the
-    ensemble has several members and the task measures their disagreement (depth, normals: task.ensemble_uncertainty,
-    diffusers' formulas), else None.
+    `with_uncertainty`: (prediction, uncertainty) instead, the uncertainty [B,H,W] (intrinsics: [B,3n,H,W], per
+    channel) at the input's size where the ensemble has several members and the task measures their disagreement
+    (depth, normals, intrinsics: task.ensemble_uncertainty, diffusers' formulas), else None.
     `reuse` (videos, concat conditioning, one task): the initial latents come from it after the first frame, and it
     keeps this frame's final latents for the next (LatentReuse)."""
     tasks = list(task) if isinstance(task, (list, tuple)) else [task]
@@ -308,8 +308,10 @@ def predict(estimator: LatentEstimator, task, rgb: torch.Tensor, options: Infere
         output = branch.to_output(merged)
         if output.shape[-2:] != size:
             output = branch.resize_output(output, size, options.resample)
-        if uncertainty is not None and uncertainty.shape[-2:] != size:
-            uncertainty = resize_to(uncertainty[:, None], size, options.resample)[:, 0].clamp_min(0)
+        if uncertainty is not None and uncertainty.shape[-2:] != size:  # [B,H,W], or [B,C,H,W] per channel (IID)
+            flat = uncertainty.dim() == 3
+            maps = resize_to(uncertainty[:, None] if flat else uncertainty, size, options.resample)
+            uncertainty = (maps[:, 0] if flat else maps).clamp_min(0)
         outputs.append(output)
         uncertainties.append(uncertainty)
     if isinstance(task, (list, tuple)):

@@ -24,14 +24,16 @@ from densediff.data.common import DataReadError
 from densediff.inference.predict import (
     IMAGE_SUFFIXES,
     LARGE_NATIVE_PIXELS,
-    PREDICTION_FILE_NAMES,
     VIDEO_SUFFIXES,
+    file_name,
     load_rgb,
     prediction_files,
+    uncertainty_files,
     write_prediction,
     write_uncertainty,
 )
 from densediff.inference.predictor import LatentReuse
+from densediff.tasks import TASKS, Task
 
 log = logging.getLogger(__name__)
 
@@ -226,19 +228,23 @@ class Mp4Writer:
 def video_outputs(output: str | Path, stem: str, task: str, uncertainty: bool = False,
                   side_by_side: bool = False) -> dict:
     """Where one video's predictions go: the frames' folder `<output>/<stem>/`, the mp4 `<output>/<stem>_<task>.mp4`
-    and, with `side_by_side`, `<output>/<stem>_<task>_side_by_side.mp4`."""
+    and, with `side_by_side`, `<output>/<stem>_<task>_side_by_side.mp4`. A task whose images are several maps
+    (Task.video false: intrinsics) is refused with one line."""
+    if not TASKS.get(task, Task).video:
+        raise VideoInputError(f"task={task} predicts several maps per image ({', '.join(prediction_files(task))}) and "
+                              "a video shows one map per frame: predict the frames as images (a folder of them as "
+                              "input=, without video.frames=true)")
     output = Path(output)
     paths = {"frames": output / stem, "mp4": output / f"{stem}_{task}.mp4"}
     if side_by_side:
         paths["side_by_side"] = output / f"{stem}_{task}_side_by_side.mp4"
-    paths["kinds"] = list(prediction_files(task)) + (["uncertainty_npy", "uncertainty_png"] if uncertainty else [])
+    paths["kinds"] = list(prediction_files(task)) + (list(uncertainty_files(task)) if uncertainty else [])
     return paths
 
 
 def frame_paths(folder: Path, index: int, kinds: list[str]) -> dict[str, Path]:
     """Frame `index`'s files in `folder`: `<index:06d>.npy`, `.png`, ... (predict.py's names for an image)."""
-    names = {**PREDICTION_FILE_NAMES, "uncertainty_npy": "_uncertainty.npy", "uncertainty_png": "_uncertainty.png"}
-    return {kind: folder / f"{index:06d}{names[kind]}" for kind in kinds}
+    return {kind: folder / file_name(f"{index:06d}", kind) for kind in kinds}
 
 
 def check_video_outputs(source: VideoSource, paths: dict, overwrite: bool) -> None:
@@ -307,7 +313,7 @@ def predict_video(model, source: VideoSource, paths: dict, device: torch.device,
                     predictions = model.predict(rgb)
                 files = frame_paths(paths["frames"], index, paths["kinds"])
                 if alphas is not None:
-                    write_uncertainty(alphas[0].cpu(), files, uncertainty_full_scale)
+                    write_uncertainty(task, alphas[0].cpu(), files, uncertainty_full_scale)
                 prediction = predictions[0].cpu()
                 write_prediction(task, prediction, files)
                 coloured = np.asarray(task.colorize(prediction))

@@ -37,8 +37,9 @@ DATASET_PROTOCOL_KEYS = ("min_depth", "max_depth", "alignment_max_res", "range_m
 # Tasks only a head on several tasks' features predicts (task=multitask lists them; saliency and edges need a head).
 HEAD_ONLY_TASKS = ("multitask", "saliency", "edges")
 
-# Tasks whose ensemble members' disagreement is written as an uncertainty map at predict time (diffusers' formulas).
-ENSEMBLE_UNCERTAINTY_TASKS = ("depth", "normals")
+# Tasks whose ensemble members' disagreement is written as an uncertainty map at predict time (diffusers' formulas;
+# intrinsics: one per target).
+ENSEMBLE_UNCERTAINTY_TASKS = ("depth", "normals", "intrinsics")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +173,7 @@ class Paradigm:
     @classmethod
     def prediction_files(cls, hparams: dict, task: str, ensemble: int) -> PredictionFiles:
         """What predict.py writes besides the prediction: an ensemble's members' disagreement as uncertainty (depth,
-        normals), point clouds for depth."""
+        normals; intrinsics per target), point clouds for depth."""
         return PredictionFiles(uncertainty=ensemble > 1 and task in ENSEMBLE_UNCERTAINTY_TASKS,
                                pointcloud=task == "depth")
 

@@ -38,6 +38,11 @@ class Task:
     # array `npy`, the coloured `png`, and for depth the 16-bit `png16`.
     prediction_files: tuple[str, ...] = ("npy", "png")
     prediction_layout = "HxWx3"  # the `.npy` array's layout: "HxWx3" (normals, albedo, ...) or "HxW"
+    # The files an uncertainty map is written as next to the prediction (an ensemble's disagreement, a head's expected
+    # error): `<stem>_uncertainty.npy` and `.png` (write_uncertainty).
+    uncertainty_files: tuple[str, ...] = ("uncertainty_npy", "uncertainty_png")
+    # Whether predict.py can write a video of it (densediff/inference/video.py: one coloured map per frame)
+    video = True
 
     @property
     def metric_output(self) -> bool:
@@ -75,7 +80,8 @@ class Task:
         raise NotImplementedError(f"task {self.name} cannot merge ensemble members (inference.ensemble=1)")
 
     def ensemble_uncertainty(self, members: torch.Tensor, reduction: str = "median"):
-        """(ensemble(members), the members' per-pixel disagreement [H,W]), or None for a task without a measure."""
+        """(ensemble(members), the members' per-pixel disagreement: [H,W], or [C,H,W] per channel (intrinsics)), the
+        disagreement None for a task without a measure."""
         return self.ensemble(members, reduction), None
 
     def resize_output(self, output: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
@@ -116,6 +122,13 @@ class Task:
         values = prediction.float()
         return values.numpy() if values.dim() == 2 else values.permute(1, 2, 0).numpy()
 
+    def views(self) -> dict[str, dict[str, str]]:
+        """The maps the demo (densediff/app.py) shows one prediction as: {view name ("" for the prediction itself):
+        the kinds of its files ("png", "npy", optionally "png16" and "uncertainty", from prediction_files and
+        uncertainty_files)}."""
+        kinds = {"png": "png", "npy": "npy", "uncertainty": "uncertainty_png"}
+        return {"": {**kinds, "png16": "png16"} if "png16" in self.prediction_files else kinds}
+
     def prediction_parts(self) -> list[str]:
         """The name suffixes of the `.npy` files one prediction is read from (evaluate.py predictions=): one file,
         `<stem>.npy` ([""]); several targets, one file each (`<stem>_<target>.npy`, their channels concatenated)."""
@@ -137,3 +150,22 @@ class Task:
             np.save(tmp, self.prediction_array(prediction))
         with atomic_write(paths["png"]) as tmp:
             Image.fromarray(self.colorize(prediction)).save(tmp)
+
+    def write_uncertainty(self, uncertainty: torch.Tensor, paths: dict[str, Path],
+                          full_scale: float | None = None) -> None:
+        """One image's [H,W] uncertainty as `uncertainty_files` (write_uncertainty_map)."""
+        write_uncertainty_map(uncertainty.float().numpy(), paths["uncertainty_npy"], paths["uncertainty_png"],
+                              full_scale)
+
+
+def write_uncertainty_map(array: np.ndarray, npy: Path, png: Path, full_scale: float | None = None) -> None:
+    """An HxW (or HxWx3) uncertainty as float32 `.npy` and a grey (RGB) PNG, black at 0 and white at `full_scale` or
+    above (Bae's expected angular error: 90 degrees); None: white at the map's 95th percentile (diffusers'
+    visualize_uncertainty, for an ensemble's disagreement)."""
+    array = np.asarray(array, dtype=np.float32)
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(npy) as tmp:
+        np.save(tmp, array)
+    white = full_scale if full_scale is not None else max(float(np.percentile(array, 95)), 1e-12)
+    with atomic_write(png) as tmp:
+        Image.fromarray((np.clip(array / white, 0, 1) * 255 + 0.5).astype(np.uint8)).save(tmp)

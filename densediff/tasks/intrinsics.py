@@ -23,7 +23,10 @@
 - Ensemble: per pixel and channel median (or mean), diffusers' ensemble_intrinsics; no alignment across members.
 - Prediction files: `<stem>_<target>.npy` (HxWx3 float in [0, 1]) and `<stem>_<target>.png` (the map as an 8-bit
   image, linear targets shown with gamma 1/2.2 and up-to-scale ones divided by their maximum first, as diffusers'
-  visualize_intrinsics shows them; a stack as its three channels).
+  visualize_intrinsics shows them; a stack as its three channels). An ensemble's uncertainty per target:
+  `<stem>_<target>_uncertainty.npy` (HxWx3 float, the per-channel spread above) and `.png` (RGB, white at the map's
+  95th percentile, as diffusers' visualize_uncertainty shows it).
+- Videos: not written (a video shows one map per frame); predict the frames as images.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 from densediff.io import atomic_write
 from densediff.metrics.iid import IIDMetrics
 from densediff.resize import resize_to
-from densediff.tasks.base import Task, check_choice
+from densediff.tasks.base import Task, check_choice, write_uncertainty_map
 from densediff.visualize import rgb_to_uint8
 
 KNOWN_TARGETS = ("albedo", "shading", "residual", "material")
@@ -78,6 +81,8 @@ class IntrinsicsTask(Task):
     monitor_mode = "max"  # Marigold's configs say minimize: a bug (PSNR is higher-is-better)
     # predict.py plans these files (before the model, so for every target a model may have); each model writes its own
     prediction_files = tuple(f"{t}.{kind}" for t in KNOWN_TARGETS for kind in ("npy", "png"))
+    uncertainty_files = tuple(f"{t}_uncertainty.{kind}" for t in KNOWN_TARGETS for kind in ("npy", "png"))
+    video = False  # several maps per image; predict.py's videos show one map per frame
 
     def __init__(self, targets=("albedo", "shading", "residual"), target_properties: dict | None = None,
                  eval_mask: bool = True, loss_mask: str = "none", lpips: bool = False):
@@ -99,6 +104,7 @@ class IntrinsicsTask(Task):
         self.target_key = targets[0]
         self.monitor = f"{targets[0]}_psnr"
         self.prediction_files = tuple(f"{t}.{kind}" for t in targets for kind in ("npy", "png"))
+        self.uncertainty_files = tuple(f"{t}_uncertainty.{kind}" for t in targets for kind in ("npy", "png"))
         self.gallery_caption = "input | " + " | ".join(f"{t} GT | {t}" for t in targets)
 
     # ---- codec ---------------------------------------------------------------------------------------------------
@@ -135,6 +141,11 @@ class IntrinsicsTask(Task):
 
     def ensemble(self, members: torch.Tensor, reduction: str = "median") -> torch.Tensor:
         return ensemble_intrinsics(members, reduction)[0]
+
+    def ensemble_uncertainty(self, members: torch.Tensor, reduction: str = "median"):
+        """[E, 3n, H, W] members -> (merged [3n,H,W], uncertainty [3n,H,W]): per pixel and channel (diffusers'
+        ensemble_intrinsics with output_uncertainty)."""
+        return ensemble_intrinsics(members, reduction)
 
     def resize_output(self, output: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
         return resize_to(output, size, mode).clamp(0, 1)
@@ -196,6 +207,11 @@ class IntrinsicsTask(Task):
         """[3n,H,W] -> HxWx3n float (evaluate.py predictions=; predict.py writes one file per target)."""
         return prediction.float().permute(1, 2, 0).numpy()
 
+    def views(self) -> dict[str, dict[str, str]]:
+        """One view per target in the demo: its PNG, its .npy and its ensemble uncertainty."""
+        return {t: {"png": f"{t}.png", "npy": f"{t}.npy", "uncertainty": f"{t}_uncertainty.png"}
+                for t in self.targets}
+
     def prediction_parts(self) -> list[str]:
         """evaluate.py predictions= reads `<stem>_<target>.npy` per target (predict.py's files, and Marigold's
         script/iid/infer.py names, whose arrays are 3xHxW: both layouts are read)."""
@@ -212,6 +228,13 @@ class IntrinsicsTask(Task):
 
             with atomic_write(paths[f"{target}.png"]) as tmp:
                 Image.fromarray(self.visualize(target, values)).save(tmp)
+
+    def write_uncertainty(self, uncertainty: torch.Tensor, paths: dict[str, Path],
+                          full_scale: float | None = None) -> None:
+        """[3n,H,W] -> per target `<stem>_<target>_uncertainty.npy` (HxWx3 float) and `.png` (RGB)."""
+        for target, values in self.split(uncertainty.float()).items():
+            write_uncertainty_map(values.permute(1, 2, 0).numpy(), paths[f"{target}_uncertainty.npy"],
+                                  paths[f"{target}_uncertainty.png"], full_scale)
 
 
 def ensemble_intrinsics(members: torch.Tensor, reduction: str = "median") -> tuple[torch.Tensor, torch.Tensor]:
