@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 MACHINE_KEYS = {"platform", "processor", "cores", "threads", "torch", "cuda", "gpu"}
@@ -58,6 +59,7 @@ def test_folder_benchmark_runs_at_a_toy_size_and_writes_json(tmp_path):
     assert all(r["images_per_s"] > 0 for r in result["results"]) and result["images"] == 4
 
 
+@pytest.mark.slow  # a tool's smoke run (tens of seconds): `make test-all`
 def test_check_recipes_smoke_mode_runs_two_recipes_and_reports_each_checkpoint_kind(tmp_path):
     """benchmarks/check_recipes.py --tiny (the tiny backbones): each recipe in its own train.py process, a row per
     recipe with its step times, peak memory and the size of each checkpoint kind, the JSON written and the table

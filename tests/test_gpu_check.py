@@ -36,6 +36,7 @@ def test_every_recipe_of_the_check_composes_with_its_overrides(name, tmp_path):
         assert cfg.objective.warmup_stage_steps + cfg.objective.improve_stage_steps == 20
 
 
+@pytest.mark.slow  # a tool's smoke run (tens of seconds): `make test-all`
 def test_gpu_check_refuses_without_cuda_and_runs_every_part_on_cpu_at_toy_size(tmp_path):
     if not torch.cuda.is_available():
         refused = run_check("--out", tmp_path / "refused")

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import FAST, ROOT, run_cli
 
 from densediff import threads
@@ -123,6 +124,7 @@ def test_entry_points_log_the_settings_in_force(tmp_path):
     assert result.returncode == 0
 
 
+@pytest.mark.slow  # a tool's smoke run (tens of seconds): `make test-all`
 def test_thread_benchmark_runs_at_a_toy_size_and_writes_json(tmp_path):
     out = tmp_path / "threads.json"
     # densediff's defaults only (--quick, no spin-count rows): each row is two train.py runs, quiet and contended
