@@ -187,7 +187,22 @@ def nest_flat_arguments(hparams: dict) -> dict:
     return {**rest, "backbone": backbone, "adapter": adapter}
 
 
-class LatentModel(DenseEvaluation):
+class SeededInference:
+    """`inference` as a property: setting the options (configure_inference, an app request) restarts the noise
+    generator from their seed, so the same options give the same noise for the same images in the same order."""
+
+    @property
+    def inference(self) -> InferenceOptions:
+        return self._inference
+
+    @inference.setter
+    def inference(self, options: InferenceOptions) -> None:
+        self._inference = options
+        # One generator per options: a seeded run draws the same noise for the same images in the same order.
+        self._generator = None if options.seed is None else torch.Generator().manual_seed(int(options.seed))
+
+
+class LatentModel(SeededInference, DenseEvaluation):
     """What the latent paradigms (E2E, diffusion) share: an `estimator` (UNet, frozen VAE, scheduler, empty-prompt
     embedding), prediction through the shared predictor with `self.inference`, and checkpoints that hold only the
     trainable weights (the frozen rest comes from the backbone folder)."""
@@ -219,16 +234,6 @@ class LatentModel(DenseEvaluation):
         backbone.unet.train()
         apply_adapter(backbone.unet, adapter, rank=rank, alpha=alpha)
         self.strict_loading = False
-
-    @property
-    def inference(self) -> InferenceOptions:
-        return self._inference
-
-    @inference.setter
-    def inference(self, options: InferenceOptions) -> None:
-        self._inference = options
-        # One generator per options: a seeded run draws the same noise for the same images in the same order.
-        self._generator = None if options.seed is None else torch.Generator().manual_seed(int(options.seed))
 
     def configure_inference(self, options: InferenceOptions) -> None:
         """The entry points' options (run.py resolves them from the config and the checkpoint): they stay in force

@@ -40,7 +40,7 @@ from densediff.paradigms.creation import (
     write_manifest,
     write_pair,
 )
-from densediff.paradigms.evaluation import DenseEvaluation
+from densediff.paradigms.evaluation import DenseEvaluation, SeededInference
 from densediff.paradigms.optim import optimizer_with_schedule
 from densediff.visualize import rgb_to_uint8, save_gallery
 
@@ -67,7 +67,7 @@ def pad_batch(batch: dict, multiple: int) -> tuple[dict, tuple[int, int]]:
     return out, (h, w)
 
 
-class SelfImprovingPerception(DenseEvaluation, Paradigm):
+class SelfImprovingPerception(SeededInference, DenseEvaluation, Paradigm):
     paradigm = "self_improving"  # written into checkpoints so evaluate/predict rebuild this class
 
     # ---- hooks of the run layer (paradigms/base.py) ------------------------------------------------------------
@@ -159,8 +159,7 @@ class SelfImprovingPerception(DenseEvaluation, Paradigm):
         self.teacher = ema_teacher(self.student, ema_decay)
         self.synthetic, self.synthetic_dir, self._saved_synthetic = None, None, None
         self.strict_loading = False  # the frozen prior comes from backbone_path (on_save_checkpoint)
-        self.inference = InferenceOptions()
-        self._generator = None
+        self.inference = InferenceOptions()  # and a generator from its seed (SeededInference)
 
     # ---- features -----------------------------------------------------------------------------------------------
     @torch.no_grad()
