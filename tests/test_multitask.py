@@ -64,6 +64,21 @@ def test_two_step_schedule_constants():
     assert s["posterior_variance"][1].item() == pytest.approx(9.099e-4, rel=1e-3)
 
 
+def test_predict_draws_the_chains_noise_from_the_inference_seed_whatever_ran_before():
+    from densediff.inference.predictor import InferenceOptions
+
+    model = MultiTaskDenoising(["segmentation", "saliency"], {"segmentation": {"palette": "procedural"}}, **TINY)
+    model.eval().configure_inference(InferenceOptions(seed=7))
+    rgb = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    first = model.predict(rgb)
+    torch.rand(5)  # the global RNG moves on (another image, another request)
+    again = model.predict(rgb)
+    for task in first:
+        assert torch.equal(first[task], again[task])
+    model.configure_inference(InferenceOptions(seed=8))
+    assert not torch.equal(model.predict(rgb)["saliency"], first["saliency"])  # the noise matters: the seed shows
+
+
 def test_loss_scales_each_sample_by_tasks_over_labelled():
     model = MultiTaskDenoising(["segmentation", "saliency"], {"segmentation": {"palette": "procedural"}}, **TINY)
     for head in model.heads.values():

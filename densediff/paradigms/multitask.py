@@ -368,8 +368,17 @@ class MultiTaskDenoising(DenseEvaluation, Paradigm):
 
     @torch.no_grad()
     def predict(self, rgb: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every task's output at the input size (ids, probabilities, unit normals, metres)."""
-        _, final = self(rgb)
+        """Every task's output at the input size (ids, probabilities, unit normals, metres). Outside validation and
+        test (predict.py, the app) the chain's noise comes from the inference seed, restarted for each call: the same
+        image and seed give the same prediction whatever ran before (the global RNG would not)."""
+        own = self._generator is None
+        if own:
+            self._generator = torch.Generator().manual_seed(self._seed)
+        try:
+            _, final = self(rgb)
+        finally:
+            if own:
+                self._generator = None
         return {t: self.heads[t].output(final[t]) for t in self.tasks}
 
     # validation_step, test_step and the metrics, delta_m and gallery they log: DenseEvaluation with self.task
