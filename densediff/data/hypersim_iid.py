@@ -30,11 +30,10 @@ import torch
 
 from densediff.data.common import LIGHTING_TASKS, DataReadError, check_tasks, flip_seed
 from densediff.data.marigold_train import (
-    check_files_exist,
     check_root,
     chw,
     flip_and_resize,
-    read_filename_list,
+    listed_samples,
     read_npy_hw3,
     read_rgb_u8,
     same_size,
@@ -100,9 +99,7 @@ class HypersimIID(torch.utils.data.Dataset):
                              f"name one with filename_list")
         self.list_path = os.fspath(filename_list) if filename_list else os.path.join(self.root, self.lists[split])
         self.height, self.width, self.hflip, self.seed, self.epoch = height, width, hflip, seed, 0
-        rows = read_filename_list(self.list_path, 4, self.title, self.layout)
-        self.samples = [(r[0], *(os.path.join(self.root, p) for p in r[:4])) for r in rows]
-        check_files_exist([p for s in self.samples for p in s[1:]], self.title, self.list_path)
+        self.samples = listed_samples(self.list_path, self.root, 4, self.title, self.layout)
 
     def __len__(self):
         return len(self.samples)

@@ -37,11 +37,10 @@ from densediff.data.common import APPEARANCE_TASKS, DataReadError, check_tasks, 
 from densediff.data.exr import read_exr_rgb
 from densediff.data.marigold_train import (
     MarigoldNormalsList,
-    check_files_exist,
     check_root,
     chw,
     flip_and_resize,
-    read_filename_list,
+    listed_samples,
 )
 
 GAMMA = 1.0 / 2.2
@@ -127,9 +126,7 @@ class InteriorVerse(torch.utils.data.Dataset):
             return
         if (height is None) != (width is None):
             raise ValueError(f"{self.title}: give both height and width (or neither), got {height}x{width}")
-        rows = read_filename_list(self.list_path, 4, self.title, self.layout)
-        self.samples = [(r[0], *(os.path.join(self.root, p) for p in r[:4])) for r in rows]
-        check_files_exist([p for s in self.samples for p in s[1:]], self.title, self.list_path)
+        self.samples = listed_samples(self.list_path, self.root, 4, self.title, self.layout)
 
     def __len__(self):
         return len(self.samples)

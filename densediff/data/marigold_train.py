@@ -62,6 +62,15 @@ def read_filename_list(path, columns, who, layout):
     return rows
 
 
+def listed_samples(list_path, root, columns, who, layout):
+    """A list of `columns` paths per line, relative to `root` -> [(name: the first path as listed, *the paths under
+    root)], every file checked to exist (read_filename_list, check_files_exist)."""
+    rows = read_filename_list(list_path, columns, who, layout)
+    samples = [(r[0], *(os.path.join(root, p) for p in r[:columns])) for r in rows]
+    check_files_exist([p for s in samples for p in s[1:]], who, list_path)
+    return samples
+
+
 def check_root(root, who, layout):
     root = os.fspath(root)
     if not os.path.isdir(root):

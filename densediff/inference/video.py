@@ -34,6 +34,7 @@ from densediff.inference.predict import (
 )
 from densediff.inference.predictor import LatentReuse
 from densediff.tasks import TASKS, Task
+from densediff.visualize import rgb_to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -319,8 +320,7 @@ def predict_video(model, source: VideoSource, paths: dict, device: torch.device,
                 coloured = np.asarray(task.colorize(prediction))
                 writers["mp4"].write(coloured)
                 if "side_by_side" in writers:
-                    picture = (rgb[0].permute(1, 2, 0).cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
-                    writers["side_by_side"].write(np.concatenate([picture, coloured], axis=1))
+                    writers["side_by_side"].write(np.concatenate([rgb_to_uint8(rgb[0].cpu()), coloured], axis=1))
                 if index == 0 and reuse is not None and reuse.previous is None:
                     log.info("video.latent_reuse=%g: this model (%s) starts from no latent that could be reused; "
                              "every frame is predicted on its own", latent_reuse, type(model).__name__)

@@ -338,12 +338,11 @@ def predict(cfg: DictConfig) -> None:
         record.hparams if record else {}, task, options.ensemble)
     if wants_pointcloud and not files.pointcloud:
         raise ConfigError(f"pointcloud=true needs a depth model; this one predicts {task}")
-    video = cfg.get("video") or {}
-    if is_video_input(cfg):  # the video keys before the video is opened
-        check_video_options(cfg)
-    source = open_source(cfg.input, bool(video.get("frames", False)), video.get("fps", 10))  # before the model
-    if source is not None:
-        return predict_video_job(cfg, record, options, source, task, files)
+    if is_video_input(cfg):  # the video keys, then the video itself, before the model
+        reuse = check_video_options(cfg)
+        video = cfg.get("video") or {}
+        source = open_source(cfg.input, bool(video.get("frames", False)), video.get("fps", 10))
+        return predict_video_job(cfg, record, options, source, task, files, reuse)
     root, images, planned = check_outputs(cfg.input, cfg.output, task, bool(cfg.overwrite),  # before the model
                                           uncertainty=files.uncertainty, pointcloud=wants_pointcloud)
     pointcloud = None
@@ -387,11 +386,11 @@ def check_video_options(cfg: DictConfig) -> float:
     return float(reuse)
 
 
-def predict_video_job(cfg: DictConfig, record: CheckpointRecord | None, options, source, task: str, files) -> None:
+def predict_video_job(cfg: DictConfig, record: CheckpointRecord | None, options, source, task: str, files,
+                      reuse: float) -> None:
     """predict.py on a video file or a folder of frames (densediff/inference/video.py): each frame's files under
-    <output>/<stem>/, the coloured predictions as <output>/<stem>_<task>.mp4."""
+    <output>/<stem>/, the coloured predictions as <output>/<stem>_<task>.mp4; `reuse` is video.latent_reuse."""
     video = cfg.get("video") or {}
-    reuse = check_video_options(cfg)
     paths = video_outputs(cfg.output, source.stem, task, files.uncertainty, bool(video.get("side_by_side", False)))
     check_video_outputs(source, paths, bool(cfg.overwrite))  # before the model
     model, device = _predictor(cfg, record, options)

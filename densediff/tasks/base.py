@@ -145,11 +145,8 @@ class Task:
                          full_scale: float | None = None) -> None:
         """One image's files (`paths` maps each of prediction_files to its path), each written atomically: the
         `.npy` array and the coloured `.png`. `full_scale`: what a 16-bit map writes as 65535 (depth only)."""
-        paths["npy"].parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(paths["npy"]) as tmp:
-            np.save(tmp, self.prediction_array(prediction))
-        with atomic_write(paths["png"]) as tmp:
-            Image.fromarray(self.colorize(prediction)).save(tmp)
+        write_array_and_image(self.prediction_array(prediction), self.colorize(prediction), paths["npy"],
+                              paths["png"])
 
     def write_uncertainty(self, uncertainty: torch.Tensor, paths: dict[str, Path],
                           full_scale: float | None = None) -> None:
@@ -158,14 +155,19 @@ class Task:
                               full_scale)
 
 
+def write_array_and_image(array: np.ndarray, image: np.ndarray, npy: Path, png: Path) -> None:
+    """A prediction's two files, each written atomically: the float array as `.npy`, the uint8 image as `.png`."""
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(npy) as tmp:
+        np.save(tmp, array)
+    with atomic_write(png) as tmp:
+        Image.fromarray(image).save(tmp)
+
+
 def write_uncertainty_map(array: np.ndarray, npy: Path, png: Path, full_scale: float | None = None) -> None:
     """An HxW (or HxWx3) uncertainty as float32 `.npy` and a grey (RGB) PNG, black at 0 and white at `full_scale` or
     above (Bae's expected angular error: 90 degrees); None: white at the map's 95th percentile (diffusers'
     visualize_uncertainty, for an ensemble's disagreement)."""
     array = np.asarray(array, dtype=np.float32)
-    npy.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(npy) as tmp:
-        np.save(tmp, array)
     white = full_scale if full_scale is not None else max(float(np.percentile(array, 95)), 1e-12)
-    with atomic_write(png) as tmp:
-        Image.fromarray((np.clip(array / white, 0, 1) * 255 + 0.5).astype(np.uint8)).save(tmp)
+    write_array_and_image(array, (np.clip(array / white, 0, 1) * 255 + 0.5).astype(np.uint8), npy, png)

@@ -36,10 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from densediff.io import atomic_write
 from densediff.metrics.iid import IIDMetrics
 from densediff.resize import resize_to
-from densediff.tasks.base import Task, check_choice, write_uncertainty_map
+from densediff.tasks.base import Task, check_choice, write_array_and_image, write_uncertainty_map
 from densediff.visualize import rgb_to_uint8
 
 KNOWN_TARGETS = ("albedo", "shading", "residual", "material")
@@ -221,13 +220,8 @@ class IntrinsicsTask(Task):
                          full_scale: float | None = None) -> None:
         """`<stem>_<target>.npy` (HxWx3 float in [0, 1]) and `<stem>_<target>.png` (visualize) per target."""
         for target, values in self.split(prediction.float()).items():
-            paths[f"{target}.npy"].parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(paths[f"{target}.npy"]) as tmp:
-                np.save(tmp, values.permute(1, 2, 0).numpy())
-            from PIL import Image
-
-            with atomic_write(paths[f"{target}.png"]) as tmp:
-                Image.fromarray(self.visualize(target, values)).save(tmp)
+            write_array_and_image(values.permute(1, 2, 0).numpy(), self.visualize(target, values),
+                                  paths[f"{target}.npy"], paths[f"{target}.png"])
 
     def write_uncertainty(self, uncertainty: torch.Tensor, paths: dict[str, Path],
                           full_scale: float | None = None) -> None:
